@@ -1,0 +1,3 @@
+from hopformer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""The ``hopformer`` command: one verb per job; each verb lives beside the code it drives.
+
+Verb modules are imported only when their verb runs, so ``hopformer --help`` stays fast.
+Each verb module defines ``configure(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module that implements it, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("hopformer.train.cli_train", "train a model on a task (ListOps by default)"),
+    "eval": ("hopformer.train.cli_eval", "evaluate a saved run on a data file"),
+    "bench": ("hopformer.bench.cli", "time and measure memory of the attention kernels"),
+    "graph": ("hopformer.analysis.cli", "analyse attention graphs: density, spectral gap, NIP, pictures"),
+    "data": ("hopformer.data.cli", "generate task data (ListOps, Pathfinder) in the released LRA layout"),
+    "lra": ("hopformer.train.cli_lra", "run or collect a grid of LRA runs and write one results table"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hopformer",
+        description="Transformers on long sequences: Diffuser, Routing, Combiner, Hypercube and baselines.",
+    )
+    from hopformer import __version__
+
+    parser.add_argument("--version", action="version", version=f"hopformer {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (_, help_text) in VERBS.items():
+        verbs.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv or argv[0] not in VERBS:
+        parser.parse_args(argv)  # prints help / errors / version
+        parser.print_help()
+        return 0 if not argv else 2
+    name = argv[0]
+    module_name, help_text = VERBS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name == module_name:
+            print(f"hopformer {name}: this verb is not available in this build", file=sys.stderr)
+            return 2
+        raise
+    sub = argparse.ArgumentParser(prog=f"hopformer {name}", description=help_text)
+    module.configure(sub)
+    args = sub.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""Task data: generators (ListOps, Pathfinder) and loaders for every released LRA format.
+
+Names are resolved lazily so that ``import hopformer.data`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    # ListOps generator, TSV writer and loader (hopformer/data/listops.py)
+    "LISTOPS_VOCAB": "listops",
+    "generate_listops": "listops",
+    "write_listops_tsv": "listops",
+    "load_listops_tsv": "listops",
+    "evaluate_listops": "listops",
+    # batching of examples into padded tensors (hopformer/data/batching.py)
+    "collate": "batching",
+    # every LRA task behind one call (hopformer/data/lra.py)
+    "load_lra": "lra",
+    "LRA_TASKS": "lra",
+    # Pathfinder generator (hopformer/data/pathfinder.py)
+    "generate_pathfinder": "pathfinder",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hopformer.data' has no attribute {name!r}")
+    module = importlib.import_module(f"hopformer.data.{_EXPORTS[name]}")
+    return getattr(module, name)
