@@ -1,0 +1,99 @@
+"""The shared shape of every attention module, and full (dense) attention.
+
+An attention module maps ``(batch, seq, dim) -> (batch, seq, dim)`` with
+``forward(x, attention_mask=None)``; ``attention_mask`` is HF-style (1 / True = real token).
+Subclasses implement :meth:`AttentionModule.attend` on ``(batch, heads, seq, head_dim)`` tensors
+with a boolean ``key_padding_mask`` (True = real token), the convention of :mod:`hopformer.ops`.
+
+Auxiliary losses (routing's commitment loss) are left in ``self.aux_loss`` by ``forward``; the
+trainer adds every module's ``aux_loss`` to the task loss (see ``hopformer.models.aux_loss``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hopformer.attention.registry import register
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """HF-style ``attention_mask`` (1 = real) -> bool ``(batch, seq)``, or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    batch, seq = x.shape[:2]
+    if attention_mask.shape != (batch, seq):
+        raise ValueError(
+            f"attention_mask must have shape (batch, seq) = {(batch, seq)}, got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.bool()
+    return None if bool(mask.all()) else mask
+
+
+class AttentionModule(nn.Module):
+    """Q/K/V and output projections around an ``attend(q, k, v, key_padding_mask)`` core.
+
+    Args:
+        dim: model width; must be divisible by ``heads``.
+        heads: number of attention heads.
+        dropout: attention-probability dropout (where the core supports it).
+        bias: whether the projections have biases.
+    """
+
+    def __init__(self, dim: int, heads: int, *, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if not isinstance(heads, int) or heads <= 0 or dim % heads:
+            raise ValueError(f"heads must be a positive integer dividing dim={dim}, got {heads!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.dim, self.heads, self.head_dim, self.dropout = dim, heads, dim // heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
+        padding = key_padding_mask(attention_mask, x)
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = self.attend(q, k, v, padding)
+        return self.out(y.transpose(1, 2).reshape(batch, seq, self.dim))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}, dropout={self.dropout}"
+
+
+@register("full")
+class FullAttention(AttentionModule):
+    """Dense softmax attention through ``scaled_dot_product_attention`` (cuDNN / Flash on GPU).
+
+    Args:
+        causal: attend only to keys at or before the query.
+    """
+
+    def __init__(self, dim: int, heads: int, *, dropout: float = 0.0, causal: bool = False, bias: bool = True):
+        super().__init__(dim, heads, dropout=dropout, bias=bias)
+        self.causal = causal
+
+    def attend(self, q, k, v, key_padding_mask):
+        dropout = self.dropout if self.training else 0.0
+        if key_padding_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
+        # A sequence with no real token would make every row -inf; let it attend to all, then zero it.
+        has_real = key_padding_mask.any(dim=1)
+        keys = key_padding_mask | ~has_real[:, None]
+        mask = keys[:, None, None, :]
+        if self.causal:
+            seq = q.shape[-2]
+            mask = mask & torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return out * (key_padding_mask & has_real[:, None])[:, None, :, None].to(out.dtype)

@@ -1,0 +1,274 @@
+"""Pattern constructors: each returns a :class:`BlockGraph`.
+
+All take ``seq_len`` and ``block_size``; counts (``window``, ``num_global``, ``num_random``) are in
+blocks and do not depend on ``seq_len`` (the Diffuser reference crops a 4096-grid graph instead, so
+its budgets silently shrink on short inputs; see ``specs/diffuser.md`` section 8). Random parts are a
+pure function of ``(seed, seq_len, block_size)``, so every rank and every call builds the same graph.
+
+``window`` is the number of blocks in the sliding band centred on the query block (odd: 3 means the
+own block and one on each side, as in BigBird's ``num_sliding_blocks``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from hopformer.graphs.block_graph import BlockGraph, _check_positive_int
+
+
+def full(seq_len: int, block_size: int = 64, *, causal: bool = False) -> BlockGraph:
+    """Every query attends to every key (dense attention as a graph)."""
+    num_blocks = _num_blocks(seq_len, block_size)
+    return BlockGraph.from_row_chunks(
+        seq_len,
+        block_size,
+        lambda start, stop: torch.ones(stop - start, num_blocks, dtype=torch.bool),
+        causal=causal,
+        name="full",
+    )
+
+
+def local(seq_len: int, block_size: int = 64, *, window: int = 3, causal: bool = False) -> BlockGraph:
+    """Sliding window of ``window`` blocks centred on the query block."""
+    num_blocks = _num_blocks(seq_len, block_size)
+    radius = _check_window(window, num_blocks, seq_len, block_size)
+    return BlockGraph.from_row_chunks(
+        seq_len,
+        block_size,
+        lambda start, stop: _band(start, stop, num_blocks, radius),
+        causal=causal,
+        name=f"local(w={window})",
+    )
+
+
+def longformer(
+    seq_len: int, block_size: int = 64, *, window: int = 3, num_global: int = 1, causal: bool = False
+) -> BlockGraph:
+    """Sliding window plus ``num_global`` global blocks at the start (they see and are seen by all)."""
+    num_blocks = _num_blocks(seq_len, block_size)
+    radius = _check_window(window, num_blocks, seq_len, block_size)
+    global_blocks = torch.arange(_check_count("num_global", num_global, num_blocks))
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        return _band(start, stop, num_blocks, radius) | _global(start, stop, num_blocks, global_blocks)
+
+    return BlockGraph.from_row_chunks(
+        seq_len, block_size, rows, causal=causal, name=f"longformer(w={window}, g={num_global})"
+    )
+
+
+def bigbird(
+    seq_len: int,
+    block_size: int = 64,
+    *,
+    window: int = 3,
+    num_global: int = 2,
+    num_random: int = 3,
+    seed: int = 0,
+    causal: bool = False,
+) -> BlockGraph:
+    """BigBird (ITC): sliding window, ``num_global`` global blocks at the start, and ``num_random``
+    random key blocks per query block, drawn without replacement from the blocks not already
+    attended (seeded). With ``causal=True`` random blocks are drawn from earlier blocks only."""
+    num_blocks = _num_blocks(seq_len, block_size)
+    radius = _check_window(window, num_blocks, seq_len, block_size)
+    global_blocks = torch.arange(_check_count("num_global", num_global, num_blocks))
+    _check_count("num_random", num_random, num_blocks)
+    generator = _generator(seed)
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        fixed = _band(start, stop, num_blocks, radius) | _global(start, stop, num_blocks, global_blocks)
+        return fixed | _random(start, stop, num_blocks, num_random, fixed, causal, generator)
+
+    name = f"bigbird(w={window}, g={num_global}, r={num_random})"
+    return BlockGraph.from_row_chunks(seq_len, block_size, rows, causal=causal, name=name)
+
+
+def diffuser(
+    seq_len: int,
+    block_size: int = 64,
+    *,
+    window: int = 3,
+    num_global: int = 2,
+    num_random: int = 3,
+    seed: int = 0,
+    random_granularity: str = "block",
+    global_blocks: list[int] | None = None,
+    causal: bool = False,
+) -> BlockGraph:
+    """The Diffuser reference pattern (``specs/diffuser.md`` section 1) at block granularity.
+
+    - local: a blocked window of ``window`` blocks. With ``block_size=32, window=3`` this is exactly the
+      reference's 64-wide blocks at stride 32 (a token sees its own half-block and both neighbours).
+    - global: ``num_global`` global blocks scattered through the sequence (the reference scatters its
+      global tokens and never makes the first token global), drawn with ``seed`` from blocks ``1..``;
+      or pass ``global_blocks`` explicitly.
+    - random: ``num_random`` random key blocks per query block, directed (not symmetrised).
+
+    ``random_granularity="token"`` keeps the same random budget (``num_random * block_size`` keys per
+    query) but draws single tokens, as the paper's figure does. That graph is returned at
+    ``block_size=1``: exact on the ``dense`` and ``gather`` backends, but effectively dense under the
+    128-token tiles of the ``flex`` backend (``specs/gpu_and_kernels.md`` section 1), so the default is
+    ``"block"``, a documented deviation from the paper.
+    """
+    num_blocks = _num_blocks(seq_len, block_size)
+    radius = _check_window(window, num_blocks, seq_len, block_size)
+    _check_count("num_random", num_random, num_blocks)
+    if random_granularity not in ("block", "token"):
+        raise ValueError(f"random_granularity must be 'block' or 'token', got {random_granularity!r}")
+    generator = _generator(seed)
+    if global_blocks is None:
+        _check_count("num_global", num_global, max(num_blocks - 1, 0))
+        scattered = 1 + torch.randperm(num_blocks - 1, generator=generator)[:num_global]
+        global_ids = scattered.sort().values
+    else:
+        global_ids = torch.as_tensor(sorted(set(global_blocks)), dtype=torch.int64)
+        if len(global_ids) and (global_ids.min() < 0 or global_ids.max() >= num_blocks):
+            raise ValueError(f"global_blocks must lie in 0..{num_blocks - 1}, got {global_blocks}")
+    name = f"diffuser(w={window}, g={len(global_ids)}, r={num_random}{', token-random' if random_granularity == 'token' else ''})"
+
+    if random_granularity == "block":
+
+        def rows(start: int, stop: int) -> torch.Tensor:
+            fixed = _band(start, stop, num_blocks, radius) | _global(start, stop, num_blocks, global_ids)
+            return fixed | _random(start, stop, num_blocks, num_random, fixed, causal, generator)
+
+        return BlockGraph.from_row_chunks(seq_len, block_size, rows, causal=causal, name=name)
+
+    # Token granularity: every token is its own block; the window and globals keep their block shape.
+    token_block = torch.arange(seq_len) // block_size
+    is_global_token = torch.zeros(num_blocks, dtype=torch.bool)
+    is_global_token[global_ids] = True
+    is_global_token = is_global_token[token_block]
+
+    def token_rows(start: int, stop: int) -> torch.Tensor:
+        query_block = token_block[start:stop, None]
+        fixed = (token_block[None, :] - query_block).abs() <= radius
+        fixed |= is_global_token[None, :] | is_global_token[start:stop, None]
+        return fixed | _random(start, stop, seq_len, num_random * block_size, fixed, causal, generator)
+
+    return BlockGraph.from_row_chunks(seq_len, 1, token_rows, causal=causal, name=name)
+
+
+def hypercube(seq_len: int, block_size: int = 16, *, causal: bool = False) -> BlockGraph:
+    """Hypercube attention (``specs/hypercube_nip.md`` section 3) over blocks.
+
+    Block ``p`` holds hypercube vertex ``g(p)`` (Gray-code placement), so its neighbours are the
+    mirror images ``p ^ (2**(j+1) - 1)`` for ``j < k = ceil(log2(num_blocks))``, plus a self-loop;
+    neighbours past the last block are dropped (the reference's behaviour without padding). Degree
+    is ``k + 1`` and the diameter ``k`` when ``num_blocks`` is a power of two. The reference uses
+    ``block_size=16``; 128 is the fast variant on GPU (16-token blocks make partial 128-token tiles).
+    """
+    num_blocks = _num_blocks(seq_len, block_size)
+    k = max(0, math.ceil(math.log2(num_blocks))) if num_blocks > 1 else 0
+    masks = torch.tensor([(1 << (j + 1)) - 1 for j in range(k)], dtype=torch.int64)
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        positions = torch.arange(start, stop)
+        out = torch.zeros(stop - start, num_blocks, dtype=torch.bool)
+        out[torch.arange(stop - start), positions] = True
+        if k:
+            neighbours = positions[:, None] ^ masks[None, :]
+            valid = neighbours < num_blocks
+            row_ids = torch.arange(stop - start)[:, None].expand_as(neighbours)
+            out[row_ids[valid], neighbours[valid]] = True
+        return out
+
+    return BlockGraph.from_row_chunks(seq_len, block_size, rows, causal=causal, name=f"hypercube(k={k})")
+
+
+PATTERNS = {
+    "full": full,
+    "local": local,
+    "longformer": longformer,
+    "bigbird": bigbird,
+    "diffuser": diffuser,
+    "hypercube": hypercube,
+}
+
+
+def build_graph(pattern: str, seq_len: int, block_size: int | None = None, **options: Any) -> BlockGraph:
+    """Build a pattern by name (``"full"``, ``"local"``, ``"longformer"``, ``"bigbird"``, ``"diffuser"``,
+    ``"hypercube"``) with its keyword options; ``block_size=None`` takes the pattern's default."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern={pattern!r} is not known; choose one of {sorted(PATTERNS)}")
+    if block_size is not None:
+        options["block_size"] = block_size
+    return PATTERNS[pattern](seq_len, **options)
+
+
+# ------------------------------------------------------------------------------------------ parts
+def _band(start: int, stop: int, num_blocks: int, radius: int) -> torch.Tensor:
+    rows = torch.arange(start, stop)[:, None]
+    return (torch.arange(num_blocks)[None, :] - rows).abs() <= radius
+
+
+def _global(start: int, stop: int, num_blocks: int, global_blocks: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(stop - start, num_blocks, dtype=torch.bool)
+    out[:, global_blocks] = True  # everyone attends to the global blocks
+    inside = global_blocks[(global_blocks >= start) & (global_blocks < stop)]
+    out[inside - start] = True  # and the global blocks attend to everyone
+    return out
+
+
+def _random(
+    start: int,
+    stop: int,
+    num_blocks: int,
+    count: int,
+    taken: torch.Tensor,
+    causal: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``count`` distinct random columns per row among those not ``taken`` (and not in the future
+    when causal); rows with fewer candidates get all of them."""
+    out = torch.zeros(stop - start, num_blocks, dtype=torch.bool)
+    if count == 0:
+        return out
+    allowed = ~taken
+    if causal:
+        allowed &= torch.arange(num_blocks)[None, :] <= torch.arange(start, stop)[:, None]
+    scores = torch.rand(stop - start, num_blocks, generator=generator)
+    scores[~allowed] = 2.0  # never chosen while an allowed column is left
+    chosen = scores.topk(min(count, num_blocks), dim=1, largest=False)
+    rows = torch.arange(stop - start)[:, None].expand_as(chosen.indices)
+    keep = chosen.values < 2.0
+    out[rows[keep], chosen.indices[keep]] = True
+    return out
+
+
+# ------------------------------------------------------------------------------------ validation
+def _num_blocks(seq_len: int, block_size: int) -> int:
+    _check_positive_int("seq_len", seq_len)
+    _check_positive_int("block_size", block_size)
+    return math.ceil(seq_len / block_size)
+
+
+def _check_window(window: Any, num_blocks: int, seq_len: int, block_size: int) -> int:
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd number of blocks (3 = own block +-1), got {window!r}")
+    if window > 2 * num_blocks - 1:
+        raise ValueError(
+            f"window={window} blocks is larger than the sequence: seq_len={seq_len} at block_size={block_size} "
+            f"has {num_blocks} blocks, so a centred window reaches past both ends beyond {2 * num_blocks - 1}"
+        )
+    return window // 2
+
+
+def _check_count(name: str, value: Any, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if value > limit:
+        raise ValueError(f"{name}={value} exceeds the {limit} blocks available")
+    return value
+
+
+def _generator(seed: Any) -> torch.Generator:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    generator = torch.Generator()
+    generator.manual_seed(seed % (2**63))
+    return generator
