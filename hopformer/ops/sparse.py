@@ -1,0 +1,217 @@
+"""Sparse attention and attention diffusion on a :class:`~hopformer.graphs.BlockGraph`.
+
+Backends:
+
+- ``"dense"``: the reference. Materialises the token mask and the full score matrix; for tests and
+  small inputs.
+- ``"gather"``: pure PyTorch with autograd on any device (:mod:`hopformer.ops.gather`); the CPU
+  training path. Memory ``O(seq * keys_per_query)``.
+- ``"flex"``: compiled FlexAttention with a BlockMask built from the block lists
+  (:mod:`hopformer.ops.flex`); CUDA only; no attention dropout (PyTorch has none for it).
+- ``"auto"``: ``flex`` on CUDA, ``gather`` elsewhere.
+
+Conventions (``specs``/DESIGN.md): q, k, v are ``(batch, heads, seq, head_dim)``; scores are
+``q k^T * scale`` with ``scale = head_dim ** -0.5`` by default; ``key_padding_mask`` is bool
+``(batch, seq)`` with True = real token. Padded keys are never attended; the output at padded query
+positions is zero, and a query with no allowed key gets zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hopformer.graphs import BlockGraph
+from hopformer.ops import flex as flex_backend
+from hopformer.ops.coefficients import check_diffusion_args, diffusion_coefficients, mixing_weights
+from hopformer.ops.gather import GatherOperator
+
+BACKENDS = ("auto", "dense", "gather", "flex")
+EDGE_DROPOUT = ("once", "per_hop")
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    graph: BlockGraph,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    *,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    kernel_options: dict | None = None,
+) -> torch.Tensor:
+    """Softmax attention restricted to the edges of ``graph``.
+
+    Args:
+        q, k, v: ``(batch, heads, seq, head_dim)``; ``v`` may have its own last dimension.
+        graph: the attention pattern; ``graph.seq_len`` must equal ``seq``.
+        key_padding_mask: bool ``(batch, seq)``, True = real token.
+        backend: ``"auto"``, ``"dense"``, ``"gather"`` or ``"flex"`` (see module docstring).
+        dropout_p: dropout on the attention probabilities (applied whenever > 0: pass 0 in eval).
+            Not available on ``flex``, which raises.
+        scale: score scale, default ``head_dim ** -0.5``.
+        kernel_options: passed to FlexAttention (tile sizes, warps) on the ``flex`` backend.
+
+    Returns:
+        ``(batch, heads, seq, v.shape[-1])``.
+    """
+    backend, scale = _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale)
+    if backend == "flex":
+        mask = flex_backend.block_mask(graph, key_padding_mask, q.device)
+        return flex_backend.flex_apply(q, k, v, mask, scale, kernel_options)
+    operator = _operator(q, k, graph, key_padding_mask, backend, scale)
+    if dropout_p > 0:
+        operator = operator.dropped(dropout_p)
+    return operator.apply(v)
+
+
+def diffuse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    graph: BlockGraph,
+    hops: int = 5,
+    alpha: float = 0.1,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    *,
+    kernel: str = "ppr",
+    heat_time: float = 1.0,
+    remainder: str = "keep",
+    dropout_p: float = 0.0,
+    edge_dropout: str = "once",
+    hop_dropout_p: float = 0.0,
+    scale: float | None = None,
+    kernel_options: dict | None = None,
+) -> torch.Tensor:
+    """Multi-hop attention diffusion (Diffuser): ``sum_k c_k A^k V`` over the graph's attention ``A``.
+
+    With the defaults this is the Diffuser reference power iteration
+    ``Z_0 = V, Z_{t+1} = (1 - alpha) A Z_t + alpha V`` for ``hops`` steps, where ``A`` is the row
+    softmax of ``q k^T * scale`` on the graph's edges, computed once and reused by every hop
+    (``gather``/``dense``; ``flex`` reuses the BlockMask and recomputes scores per hop).
+
+    Args:
+        hops: number of diffusion steps (0 returns ``v``).
+        alpha: PPR teleport probability in (0, 1]; ``alpha=1`` returns ``v``.
+        kernel: ``"ppr"`` (``c_k = alpha (1-alpha)^k``) or ``"heat"`` (``c_k = e^-t t^k / k!``).
+        heat_time: ``t`` of the heat kernel (> 0).
+        remainder: ``"keep"`` puts the truncated tail mass on ``A^hops`` (the reference), or
+            ``"renormalize"`` drops it and rescales (see :mod:`hopformer.ops.coefficients`).
+        dropout_p: dropout on the edge weights ``A`` (pass 0 in eval); ``edge_dropout="once"`` samples
+            one mask reused by every hop (the reference), ``"per_hop"`` a fresh one per hop (MAGNA).
+            Not available on ``flex``.
+        hop_dropout_p: feature dropout on every hop's state, after the alpha-mix (the reference).
+        Other arguments as in :func:`sparse_attention`.
+    """
+    backend, scale = _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale)
+    check_diffusion_args(hops, alpha, kernel, heat_time, remainder)
+    if edge_dropout not in EDGE_DROPOUT:
+        raise ValueError(f"edge_dropout must be one of {EDGE_DROPOUT}, got {edge_dropout!r}")
+    if not 0.0 <= hop_dropout_p < 1.0:
+        raise ValueError(f"hop_dropout_p must be in [0, 1), got {hop_dropout_p!r}")
+    steps = mixing_weights(diffusion_coefficients(hops, alpha, kernel=kernel, heat_time=heat_time, remainder=remainder))
+    if all(a == 1.0 for a in steps):
+        return v  # hops=0 or alpha=1: the operator is the identity
+
+    if backend == "flex":
+        mask = flex_backend.block_mask(graph, key_padding_mask, q.device)
+
+        def attend(z: torch.Tensor) -> torch.Tensor:
+            return flex_backend.flex_apply(q, k, z, mask, scale, kernel_options)
+
+    else:
+        operator = _operator(q, k, graph, key_padding_mask, backend, scale)
+        if dropout_p > 0 and edge_dropout == "once":
+            operator = operator.dropped(dropout_p)
+
+        def attend(z: torch.Tensor) -> torch.Tensor:
+            if dropout_p > 0 and edge_dropout == "per_hop":
+                return operator.dropped(dropout_p).apply(z)
+            return operator.apply(z)
+
+    z = v
+    for a in steps:
+        if a < 1.0:  # a == 1 (renormalised last step) would discard A z: skip computing it
+            z = torch.lerp(attend(z), v, a)  # (1 - a) A z + a v
+        else:
+            z = v
+        if hop_dropout_p > 0:
+            z = F.dropout(z, hop_dropout_p)
+    if key_padding_mask is not None:
+        z = z * key_padding_mask[:, None, :, None].to(z.dtype)
+    return z
+
+
+# ------------------------------------------------------------------------------------ internals
+class _DenseOperator:
+    """Reference: the full ``(batch, heads, seq, seq)`` attention matrix on the graph's edges."""
+
+    def __init__(self, q, k, graph: BlockGraph, key_padding_mask, scale: float) -> None:
+        mask = graph.to_dense(q.device)[None, None]
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask[:, None, None, :] & key_padding_mask[:, None, :, None]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        self.matrix = torch.softmax(scores, dim=-1) * mask
+
+    def dropped(self, p: float) -> _DenseOperator:
+        other = object.__new__(_DenseOperator)
+        other.matrix = F.dropout(self.matrix, p)
+        return other
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.matrix, z)
+
+
+def _operator(q, k, graph, key_padding_mask, backend: str, scale: float) -> Any:
+    if backend == "dense":
+        return _DenseOperator(q, k, graph, key_padding_mask, scale)
+    return GatherOperator(q, k, graph, key_padding_mask, scale)
+
+
+def _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale) -> tuple[str, float]:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{name} must be a 4-d tensor (batch, heads, seq, head_dim), got {shape}")
+    if q.shape != k.shape[:3] + (q.shape[3],) or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k must have the same shape, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must match k in (batch, heads, seq), got v {tuple(v.shape)} and k {tuple(k.shape)}")
+    if not isinstance(graph, BlockGraph):
+        raise TypeError(f"graph must be a hopformer.graphs.BlockGraph, got {type(graph).__name__}")
+    if graph.seq_len != q.shape[2]:
+        raise ValueError(f"graph.seq_len={graph.seq_len} does not match the input length seq={q.shape[2]}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (True = real token)")
+        if key_padding_mask.shape != (q.shape[0], q.shape[2]):
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, seq) = {(q.shape[0], q.shape[2])}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "flex" if q.is_cuda else "gather"
+    if backend == "flex":
+        if not q.is_cuda:
+            raise ValueError(f"backend='flex' needs CUDA tensors, got device {q.device}; use 'gather' or 'auto'")
+        flex_backend.check_flex_graph(graph)
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0 and backend == "flex":
+        raise ValueError(
+            "backend='flex' has no attention dropout (FlexAttention offers none); use dropout_p=0 "
+            "(e.g. hop_dropout_p for diffusion) or backend='gather'"
+        )
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return backend, float(scale)
