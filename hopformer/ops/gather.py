@@ -5,11 +5,13 @@ Rows whose degree is close to the number of blocks (global rows) would make that
 dense attention, so they are split out and computed against all keys with a block mask ("wide"
 rows). Memory is ``O(seq * keys_per_query)``, never ``O(seq^2)`` for sparse graphs.
 
-The normalised attention ``A`` is computed once (:func:`attention_operator`) and then applied to any
-number of value tensors (:meth:`GatherOperator.apply`): one application is sparse attention, ``hops``
-applications are diffusion. Two custom autograd functions keep the gathered key/value copies out of
-the autograd graph (they are recomputed in backward), so a diffusion saves ``A`` once plus one
-``(batch, heads, seq, dim)`` state per hop.
+The normalised attention ``A`` is computed once and applied ``hops`` times (one application is
+sparse attention). The whole computation is one autograd function (:func:`gather_diffusion`) whose
+backward runs the adjoint recurrence ``u <- A^T u`` and forms the score gradient slot by slot, so
+it never stores gathered key/value copies nor the gradient of ``A``: memory is ``A`` once plus one
+``(batch, heads, seq, dim)`` state per hop. Attention is laid out ``(batch, heads, rows, slot,
+query, key)``, one ``block x block`` tile per (row, key-block slot), so every step is a batched
+matmul over tiles and the softmax runs in place.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class GatherPlan:
 
     narrow_rows: torch.Tensor  # (n,) query blocks computed by gathering
     narrow_keys: torch.Tensor  # (n, d) key blocks per narrow row (padded slots point at block 0)
-    narrow_mask: torch.Tensor  # (n, block, d * block) token-level edges inside the gathered problem
+    narrow_mask: torch.Tensor  # (n, d, block, block) token-level edges of each gathered tile
     wide_rows: torch.Tensor  # (w,) query blocks computed against all keys
     wide_mask: torch.Tensor  # (w, block, padded_len) token-level edges of the wide rows
     restore: torch.Tensor | None  # permutation putting [narrow, wide] back in block order (None: identity)
@@ -72,6 +74,7 @@ def _build_plan(graph: BlockGraph, device: torch.device) -> GatherPlan:
     narrow_mask = key_ok[:, None, :].expand(-1, bs, -1)
     if graph.is_causal:
         narrow_mask = narrow_mask & (key_pos[:, None, :] <= positions[narrow_rows][:, :, None])
+    narrow_mask = narrow_mask.reshape(len(narrow_rows), bs, width, bs).transpose(1, 2)
 
     # wide rows: a token mask over all keys
     adjacency = torch.zeros(len(wide_rows), nb, dtype=torch.bool)
@@ -79,7 +82,9 @@ def _build_plan(graph: BlockGraph, device: torch.device) -> GatherPlan:
         adjacency[i, graph.indices[graph.indptr[row] : graph.indptr[row + 1]]] = True
     wide_mask = (adjacency.repeat_interleave(bs, dim=1) & key_real)[:, None, :].expand(-1, bs, -1)
     if graph.is_causal:
-        wide_mask = wide_mask & (torch.arange(graph.padded_len)[None, None, :] <= positions[wide_rows][:, :, None])
+        wide_mask = wide_mask & (
+            torch.arange(graph.padded_len)[None, None, :] <= positions[wide_rows][:, :, None]
+        )
 
     everything = torch.cat([narrow_rows, wide_rows])
     restore = None if torch.equal(everything, torch.arange(nb)) else torch.argsort(everything)
@@ -93,137 +98,244 @@ def _build_plan(graph: BlockGraph, device: torch.device) -> GatherPlan:
     )
 
 
-class _BlockProbs(torch.autograd.Function):
-    """Masked softmax attention of gathered query blocks over their gathered key blocks.
+def _fill_softmax_(scores: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """In-place masked softmax over ``dims``; rows with no allowed key become zero (never NaN)."""
+    scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    scores.sub_(scores.amax(dim=dims, keepdim=True)).exp_()
+    scores.div_(scores.sum(dim=dims, keepdim=True))
+    return scores.mul_(mask)
 
-    ``q_rows (B,H,n,bs,D)``, ``k_blocks (B,H,nb,bs,D)``, ``keys (n,d)``, ``mask (B|1,1|H,n,bs,d*bs)``
-    -> probabilities ``(B,H,n,bs,d*bs)``, zero where masked (and on rows with no allowed key).
-    Saves only ``q_rows``, ``k_blocks`` and the probabilities; the gathered keys are recomputed.
+
+class _Attention:
+    """The attention ``A`` of one call, split into gathered (narrow) and dense (wide) rows.
+
+    ``narrow``: probabilities ``(B, H, n, d, bs, bs)``; ``wide``: ``(B, H, w * bs, padded_len)``.
+    ``edge_masks`` (optional, per application) hold dropout keep-masks of the same shapes.
     """
 
-    @staticmethod
-    def forward(ctx, q_rows, k_blocks, keys, mask, scale: float):
-        gathered = _gather_blocks(k_blocks, keys)
-        scores = torch.matmul(q_rows, gathered.transpose(-1, -2))
-        del gathered
-        scores.mul_(scale).masked_fill_(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1)
-        del scores
-        probs.mul_(mask)  # rows with no allowed key were uniform over nothing: make them zero
-        ctx.scale = scale
-        ctx.save_for_backward(q_rows, k_blocks, keys, probs)
-        return probs
+    def __init__(self, plan: GatherPlan, graph: BlockGraph, q_blocks, k_blocks, real, scale: float) -> None:
+        self.plan, self.graph = plan, graph
+        self.narrow = self.wide = None
+        self.q_narrow = self.q_wide = None
+        self.narrow_mask = self.wide_mask = None
+        if len(plan.narrow_rows):
+            keys = plan.narrow_keys
+            mask = plan.narrow_mask[None, None]
+            q_rows = q_blocks if plan.restore is None else q_blocks[:, :, plan.narrow_rows]
+            if real is not None:
+                keys_real = real[:, keys]  # (B, n, d, bs)
+                rows_real = real[:, plan.narrow_rows]  # (B, n, bs)
+                mask = mask & keys_real[:, None, :, :, None, :] & rows_real[:, None, :, None, :, None]
+            batch, heads, n, bs, _ = q_rows.shape
+            scores = q_rows.new_empty(batch, heads, n, keys.shape[1], bs, bs)
+            for slot in range(keys.shape[1]):
+                scores[:, :, :, slot] = torch.matmul(q_rows, k_blocks[:, :, keys[:, slot]].transpose(-1, -2))
+            self.narrow = _fill_softmax_(scores.mul_(scale), mask, (3, 5))
+            self.q_narrow, self.narrow_mask = q_rows, mask
+        if len(plan.wide_rows):
+            q_rows = q_blocks[:, :, plan.wide_rows].flatten(2, 3)  # (B, H, w*bs, D)
+            k_all = k_blocks.flatten(2, 3)
+            mask = plan.wide_mask.flatten(0, 1)[None, None]
+            if real is not None:
+                mask = (
+                    mask
+                    & real.flatten(1)[:, None, None, :]
+                    & real[:, plan.wide_rows].flatten(1)[:, None, :, None]
+                )
+            scores = torch.matmul(q_rows, k_all.transpose(-1, -2)).mul_(scale)
+            self.wide = _fill_softmax_(scores, mask, (3,))
+            self.q_wide, self.wide_mask = q_rows, mask
+
+    def dropout_masks(self, p: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Fresh keep-masks for edge dropout."""
+        narrow = None if self.narrow is None else torch.rand_like(self.narrow) >= p
+        wide = None if self.wide is None else torch.rand_like(self.wide) >= p
+        return narrow, wide
 
     @staticmethod
-    def backward(ctx, grad_probs):
-        q_rows, k_blocks, keys, probs = ctx.saved_tensors
-        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
-        grad_scores.mul_(ctx.scale)
-        gathered = _gather_blocks(k_blocks, keys)
-        grad_q = torch.matmul(grad_scores, gathered) if ctx.needs_input_grad[0] else None
-        grad_k = None
-        if ctx.needs_input_grad[1]:
-            grad_gathered = torch.matmul(grad_scores.transpose(-1, -2), q_rows)
-            grad_k = _scatter_blocks(grad_gathered, keys, k_blocks)
-        return grad_q, grad_k, None, None, None
+    def _effective(probs, keep, p):
+        return probs if keep is None else probs * keep / (1 - p)
+
+    def apply(self, z_blocks: torch.Tensor, keep=(None, None), p: float = 0.0) -> torch.Tensor:
+        """``A @ z`` on blocks ``(B, H, nb, bs, D)`` -> ``(B, H, nb, bs, D)``."""
+        plan = self.plan
+        out = torch.zeros_like(z_blocks)
+        if self.narrow is not None:
+            probs = self._effective(self.narrow, keep[0], p)
+            keys = plan.narrow_keys
+            rows = torch.zeros_like(z_blocks[:, :, : len(plan.narrow_rows)])
+            for slot in range(keys.shape[1]):
+                rows += torch.matmul(probs[:, :, :, slot], z_blocks[:, :, keys[:, slot]])
+            out[:, :, plan.narrow_rows] = rows
+        if self.wide is not None:
+            probs = self._effective(self.wide, keep[1], p)
+            wide = torch.matmul(probs, z_blocks.flatten(2, 3))
+            out[:, :, plan.wide_rows] = wide.unflatten(2, (len(plan.wide_rows), z_blocks.shape[3]))
+        return out
+
+    def apply_transposed(self, w_blocks: torch.Tensor, keep=(None, None), p: float = 0.0) -> torch.Tensor:
+        """``A^T @ w`` on blocks."""
+        plan = self.plan
+        out = torch.zeros_like(w_blocks)
+        if self.narrow is not None:
+            probs = self._effective(self.narrow, keep[0], p)
+            keys, w_rows = plan.narrow_keys, w_blocks[:, :, plan.narrow_rows]
+            for slot in range(keys.shape[1]):
+                out.index_add_(2, keys[:, slot], torch.matmul(probs[:, :, :, slot].transpose(-1, -2), w_rows))
+        if self.wide is not None:
+            probs = self._effective(self.wide, keep[1], p)
+            w_rows = w_blocks[:, :, plan.wide_rows].flatten(2, 3)
+            out += torch.matmul(probs.transpose(-1, -2), w_rows).view_as(out)
+        return out
 
 
-class _BlockApply(torch.autograd.Function):
-    """``out[n] = probs[n] @ concat(z_blocks[keys[n, s]] for s)``: block-sparse matrix times values."""
+class _GatherDiffusion(torch.autograd.Function):
+    """``z <- lerp(A z, v, a_t)`` for each step weight ``a_t``, starting from ``z = v`` (see
+    :func:`hopformer.ops.coefficients.mixing_weights`), with optional edge and hop dropout."""
 
     @staticmethod
-    def forward(ctx, probs, z_blocks, keys):
-        ctx.save_for_backward(probs, z_blocks, keys)
-        return torch.matmul(probs, _gather_blocks(z_blocks, keys))
+    def forward(ctx, q, k, v, graph, key_padding_mask, steps, scale, edge_p, edge_mode, hop_p):
+        plan = gather_plan(graph, q.device)
+        batch, heads, seq, dim = q.shape
+        nb, bs, pad = graph.num_blocks, graph.block_size, graph.padded_len - seq
+        q_blocks = F.pad(q, (0, 0, 0, pad)).view(batch, heads, nb, bs, dim)
+        k_blocks = F.pad(k, (0, 0, 0, pad)).view(batch, heads, nb, bs, dim)
+        v_blocks = F.pad(v, (0, 0, 0, pad)).view(batch, heads, nb, bs, v.shape[-1])
+        real = None if key_padding_mask is None else F.pad(key_padding_mask, (0, pad)).view(batch, nb, bs)
+        attention = _Attention(plan, graph, q_blocks, k_blocks, real, scale)
+
+        keeps, hop_keeps, applied = [], [], []  # per step: edge keep-masks, hop keep-mask, A z
+        shared = attention.dropout_masks(edge_p) if edge_p > 0 and edge_mode == "once" else (None, None)
+        z = v_blocks
+        for a in steps:
+            keep = attention.dropout_masks(edge_p) if edge_p > 0 and edge_mode == "per_hop" else shared
+            y = attention.apply(z, keep, edge_p) if a < 1.0 else None
+            z = v_blocks if y is None else torch.lerp(y, v_blocks, a)
+            hop_keep = None
+            if hop_p > 0:
+                hop_keep = torch.rand_like(z) >= hop_p
+                z = z * hop_keep / (1 - hop_p)
+            keeps.append(keep)
+            hop_keeps.append(hop_keep)
+            applied.append(y)
+
+        ctx.attention, ctx.steps, ctx.scale = attention, steps, scale
+        ctx.keeps, ctx.hop_keeps, ctx.edge_p, ctx.hop_p = keeps, hop_keeps, edge_p, hop_p
+        ctx.shape = (seq, pad)
+        ctx.save_for_backward(k_blocks, v_blocks, *[y for y in applied if y is not None])
+        return z.flatten(2, 3)[:, :, :seq]
 
     @staticmethod
     def backward(ctx, grad_out):
-        probs, z_blocks, keys = ctx.saved_tensors
-        grad_probs = grad_z = None
-        if ctx.needs_input_grad[0]:
-            grad_probs = torch.matmul(grad_out, _gather_blocks(z_blocks, keys).transpose(-1, -2))
-        if ctx.needs_input_grad[1]:
-            grad_z = _scatter_blocks(torch.matmul(probs.transpose(-1, -2), grad_out), keys, z_blocks)
-        return grad_probs, grad_z, None
+        attention, steps, scale = ctx.attention, ctx.steps, ctx.scale
+        plan = attention.plan
+        k_blocks, v_blocks, *stored = ctx.saved_tensors
+        seq, pad = ctx.shape
+        batch, heads, nb, bs, _ = v_blocks.shape
+        applied = iter(stored)
+        applied = [next(applied) if a < 1.0 else None for a in steps]
+        # inputs of each application: z_{t-1}, rebuilt from the stored outputs A z
+        inputs, z = [], v_blocks
+        for a, y, hop_keep in zip(steps, applied, ctx.hop_keeps):
+            inputs.append(z)
+            z = v_blocks if y is None else torch.lerp(y, v_blocks, a)
+            if hop_keep is not None:
+                z = z * hop_keep / (1 - ctx.hop_p)
+
+        # adjoint sweep: u = dL/dz_t, w_t = dL/d(A z_{t-1})
+        u = F.pad(grad_out, (0, 0, 0, pad)).view_as(v_blocks)
+        grad_v = torch.zeros_like(v_blocks)
+        adjoints = [None] * len(steps)
+        for t in reversed(range(len(steps))):
+            if ctx.hop_keeps[t] is not None:
+                u = u * ctx.hop_keeps[t] / (1 - ctx.hop_p)
+            a = steps[t]
+            grad_v += a * u
+            if a < 1.0:
+                adjoints[t] = (1 - a) * u
+                u = attention.apply_transposed(adjoints[t], ctx.keeps[t], ctx.edge_p)
+            else:
+                u = torch.zeros_like(u)
+        grad_v += u
+
+        # score gradient: dS = P * (dP - r), dP = sum_t w_t z_{t-1}^T on the edges, r_i = sum_t w_t,i . (A z_{t-1})_i
+        terms = [
+            (w, z_in, y, keep)
+            for w, z_in, y, keep in zip(adjoints, inputs, applied, ctx.keeps)
+            if w is not None
+        ]
+        r = sum((w * y).sum(-1) for w, _, y, _ in terms)  # (B, H, nb, bs)
+        grad_q_blocks = torch.zeros(
+            batch, heads, nb, bs, k_blocks.shape[-1], dtype=k_blocks.dtype, device=k_blocks.device
+        )
+        grad_k_blocks = torch.zeros_like(k_blocks)
+        p = ctx.edge_p
+        if attention.narrow is not None:
+            keys, rows = plan.narrow_keys, plan.narrow_rows
+            q_rows, probs = attention.q_narrow, attention.narrow
+            r_rows = r[:, :, rows][..., None]
+            grad_q_rows = torch.zeros_like(q_rows)
+            for slot in range(keys.shape[1]):
+                p_slot = probs[:, :, :, slot]
+                grad_slot = -p_slot * r_rows
+                for w, z_in, _, keep in terms:
+                    weighted = torch.matmul(w[:, :, rows], z_in[:, :, keys[:, slot]].transpose(-1, -2))
+                    if keep[0] is not None:
+                        weighted = weighted * keep[0][:, :, :, slot] / (1 - p)
+                    grad_slot += p_slot * weighted
+                grad_slot *= scale
+                grad_q_rows += torch.matmul(grad_slot, k_blocks[:, :, keys[:, slot]])
+                grad_k_blocks.index_add_(2, keys[:, slot], torch.matmul(grad_slot.transpose(-1, -2), q_rows))
+            grad_q_blocks[:, :, rows] = grad_q_rows
+        if attention.wide is not None:
+            rows, probs, q_rows = plan.wide_rows, attention.wide, attention.q_wide
+            grad_scores = -probs * r[:, :, rows].flatten(2)[..., None]
+            for w, z_in, _, keep in terms:
+                weighted = torch.matmul(w[:, :, rows].flatten(2, 3), z_in.flatten(2, 3).transpose(-1, -2))
+                if keep[1] is not None:
+                    weighted = weighted * keep[1] / (1 - p)
+                grad_scores += probs * weighted
+            grad_scores *= scale
+            grad_q_blocks[:, :, rows] = torch.matmul(grad_scores, k_blocks.flatten(2, 3)).unflatten(
+                2, (len(rows), bs)
+            )
+            grad_k_blocks += torch.matmul(grad_scores.transpose(-1, -2), q_rows).view_as(grad_k_blocks)
+
+        def unpad(blocks):
+            return blocks.flatten(2, 3)[:, :, :seq]
+
+        return (
+            unpad(grad_q_blocks),
+            unpad(grad_k_blocks),
+            unpad(grad_v),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def _gather_blocks(blocks: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``(B,H,nb,bs,D)`` indexed by ``keys (n,d)`` -> ``(B,H,n,d*bs,D)``."""
-    b, h, _, bs, dim = blocks.shape
-    n, d = keys.shape
-    return blocks[:, :, keys].reshape(b, h, n, d * bs, dim)
+def gather_diffusion(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    graph: BlockGraph,
+    key_padding_mask: torch.Tensor | None,
+    steps: list[float],
+    scale: float,
+    edge_dropout_p: float = 0.0,
+    edge_dropout: str = "once",
+    hop_dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Apply ``z <- lerp(A z, v, a)`` for each ``a`` in ``steps`` from ``z = v`` on the gather backend.
 
-
-def _scatter_blocks(grad_gathered: torch.Tensor, keys: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Adjoint of :func:`_gather_blocks`: sum ``(B,H,n,d*bs,D)`` back into ``(B,H,nb,bs,D)``."""
-    b, h, nb, bs, dim = like.shape
-    n, d = keys.shape
-    out = torch.zeros_like(like)
-    return out.index_add_(2, keys.reshape(-1), grad_gathered.reshape(b, h, n * d, bs, dim))
-
-
-class GatherOperator:
-    """The normalised attention ``A`` of one (q, k, graph, padding), ready to apply to values."""
-
-    def __init__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        graph: BlockGraph,
-        key_padding_mask: torch.Tensor | None,
-        scale: float,
-    ) -> None:
-        self.plan = plan = gather_plan(graph, q.device)
-        self.graph, self.seq_len = graph, graph.seq_len
-        bs, nb, pad = graph.block_size, graph.num_blocks, graph.padded_len - graph.seq_len
-        batch, heads, _, dim = q.shape
-        q_blocks = F.pad(q, (0, 0, 0, pad)).view(batch, heads, nb, bs, dim)
-        k_padded = F.pad(k, (0, 0, 0, pad))
-        k_blocks = k_padded.view(batch, heads, nb, bs, dim)
-        real = None
-        if key_padding_mask is not None:
-            real = F.pad(key_padding_mask, (0, pad)).view(batch, nb, bs)
-
-        self.narrow = self.wide = None
-        if len(plan.narrow_rows):
-            rows = plan.narrow_rows
-            q_rows = q_blocks if plan.restore is None else q_blocks[:, :, rows]
-            mask = plan.narrow_mask[None, None]
-            if real is not None:
-                keys_real = real[:, plan.narrow_keys].flatten(2)  # (B, n, d*bs)
-                mask = mask & keys_real[:, None, :, None, :] & real[:, rows][:, None, :, :, None]
-            self.narrow = _BlockProbs.apply(q_rows, k_blocks, plan.narrow_keys, mask, scale)
-        if len(plan.wide_rows):
-            rows = plan.wide_rows
-            q_rows = q_blocks[:, :, rows].flatten(2, 3)  # (B,H,w*bs,D)
-            scores = torch.matmul(q_rows, k_padded.transpose(-1, -2)) * scale
-            mask = plan.wide_mask.flatten(0, 1)[None, None]
-            if real is not None:
-                mask = mask & real.flatten(1)[:, None, None, :] & real[:, rows].flatten(1)[:, None, :, None]
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            self.wide = torch.softmax(scores, dim=-1) * mask
-
-    def dropped(self, p: float) -> GatherOperator:
-        """A copy whose attention probabilities went through dropout (training only)."""
-        other = object.__new__(GatherOperator)
-        other.__dict__.update(self.__dict__)
-        other.narrow = None if self.narrow is None else F.dropout(self.narrow, p)
-        other.wide = None if self.wide is None else F.dropout(self.wide, p)
-        return other
-
-    def apply(self, z: torch.Tensor) -> torch.Tensor:
-        """``A @ z`` for ``z`` of shape ``(batch, heads, seq_len, dim)``."""
-        plan, graph = self.plan, self.graph
-        batch, heads, _, dim = z.shape
-        z_padded = F.pad(z, (0, 0, 0, graph.padded_len - graph.seq_len))
-        parts = []
-        if self.narrow is not None:
-            z_blocks = z_padded.view(batch, heads, graph.num_blocks, graph.block_size, dim)
-            parts.append(_BlockApply.apply(self.narrow, z_blocks, plan.narrow_keys))
-        if self.wide is not None:
-            wide = torch.matmul(self.wide, z_padded)
-            parts.append(wide.view(batch, heads, len(plan.wide_rows), graph.block_size, dim))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        if plan.restore is not None:
-            out = out[:, :, plan.restore]
-        return out.reshape(batch, heads, graph.padded_len, dim)[:, :, : self.seq_len]
+    ``steps=[0.0]`` is sparse attention (``A v``). Edge dropout keep-masks are sampled once
+    (``edge_dropout="once"``) or per application (``"per_hop"``); ``hop_dropout_p`` drops features of
+    every state after the mix. ``q``/``k`` and ``v`` may differ in their last dimension.
+    """
+    return _GatherDiffusion.apply(
+        q, k, v, graph, key_padding_mask, tuple(steps), scale, edge_dropout_p, edge_dropout, hop_dropout_p
+    )

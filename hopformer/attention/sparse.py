@@ -1,0 +1,161 @@
+"""Graph attention modules: sparse patterns (local, Longformer, BigBird, hypercube) and Diffuser.
+
+Graphs are built once per (pattern, options, sequence length) and shared by every layer and call
+(:func:`cached_graph`), so device-side layouts cached on the graph (gather plans, FlexAttention block
+masks) are built once too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from hopformer.attention.base import AttentionModule
+from hopformer.attention.registry import register
+from hopformer.graphs import PATTERNS, BlockGraph, build_graph
+from hopformer.ops import diffuse, sparse_attention
+from hopformer.ops.coefficients import check_diffusion_args
+
+
+@functools.lru_cache(maxsize=256)
+def _graph(pattern: str, seq_len: int, options: tuple[tuple[str, Any], ...]) -> BlockGraph:
+    return build_graph(pattern, seq_len, **dict(options))
+
+
+def cached_graph(pattern: str, seq_len: int, **options: Any) -> BlockGraph:
+    """The graph of ``pattern`` at ``seq_len``, built on first use and shared afterwards."""
+    return _graph(pattern, seq_len, tuple(sorted(options.items())))
+
+
+class GraphAttention(AttentionModule):
+    """Attention on a graph pattern; subclasses choose what runs on it (one hop or diffusion).
+
+    Args:
+        dim, heads, dropout, bias: as :class:`~hopformer.attention.base.AttentionModule`; ``dropout``
+            is attention (edge) dropout, which the ``flex`` backend cannot do: it raises.
+        pattern: graph pattern name (``"local"``, ``"longformer"``, ``"bigbird"``, ``"diffuser"``,
+            ``"hypercube"``, ``"full"``).
+        backend: ``"auto"`` (flex on CUDA, gather elsewhere), ``"gather"``, ``"flex"`` or ``"dense"``.
+        causal: keep only keys at or before the query.
+        **graph_options: the pattern's keyword arguments (``block_size``, ``window``, ``num_global``,
+            ``num_random``, ``seed``, ...).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        pattern: str,
+        dropout: float = 0.0,
+        backend: str = "auto",
+        causal: bool = False,
+        bias: bool = True,
+        **graph_options: Any,
+    ) -> None:
+        super().__init__(dim, heads, dropout=dropout, bias=bias)
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern={pattern!r} is not known; choose one of {sorted(PATTERNS)}")
+        if backend == "flex" and dropout > 0:
+            raise ValueError("backend='flex' has no attention dropout; set dropout=0 or use backend='gather'")
+        self.pattern, self.backend, self.causal = pattern, backend, causal
+        self.graph_options = dict(graph_options, causal=causal)
+        cached_graph(pattern, 4 * 1024, **self.graph_options)  # fail now, not mid-training, on bad options
+
+    def graph(self, seq_len: int) -> BlockGraph:
+        return cached_graph(self.pattern, seq_len, **self.graph_options)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pattern={self.pattern!r}, backend={self.backend!r}, {self.graph_options}"
+
+    def _dropout_p(self, q) -> float:
+        p = self.dropout if self.training else 0.0
+        if p > 0 and self.backend == "auto" and q.is_cuda:
+            raise ValueError(
+                f"attention dropout={self.dropout} is not available on the flex backend that 'auto' picks on CUDA; "
+                "set dropout=0 (use hop or hidden dropout instead) or backend='gather'"
+            )
+        return p
+
+
+class SparseAttention(GraphAttention):
+    """Softmax attention on the edges of a graph pattern (one hop)."""
+
+    def attend(self, q, k, v, key_padding_mask):
+        graph = self.graph(q.shape[2])
+        return sparse_attention(q, k, v, graph, key_padding_mask, self.backend, dropout_p=self._dropout_p(q))
+
+
+def _sparse(pattern: str):
+    def __init__(self, dim: int, heads: int, **options: Any) -> None:
+        SparseAttention.__init__(self, dim, heads, pattern=pattern, **options)
+
+    cls = type(
+        f"{pattern.capitalize()}Attention",
+        (SparseAttention,),
+        {"__init__": __init__, "__doc__": f"Sparse attention on the ``{pattern}`` pattern ({SparseAttention.__doc__})"},
+    )
+    return register(pattern)(cls)
+
+
+LocalAttention = _sparse("local")
+LongformerAttention = _sparse("longformer")
+BigBirdAttention = _sparse("bigbird")
+HypercubeAttention = _sparse("hypercube")
+
+
+@register("diffuser")
+class DiffuserAttention(GraphAttention):
+    """Diffuser: attention on the Diffuser graph, diffused over ``hops`` steps (``hopformer.ops.diffuse``).
+
+    Args:
+        hops, alpha, kernel, heat_time, remainder: the diffusion (defaults: the reference's 5 hops of
+            PPR with alpha 0.1, remainder kept).
+        edge_dropout: ``"once"`` (one mask for all hops, the reference) or ``"per_hop"``; the rate is
+            ``dropout``.
+        hop_dropout: feature dropout on every hop's state.
+        pattern: the graph, ``"diffuser"`` by default; any pattern name works.
+        Other arguments as :class:`GraphAttention`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        hops: int = 5,
+        alpha: float = 0.1,
+        kernel: str = "ppr",
+        heat_time: float = 1.0,
+        remainder: str = "keep",
+        edge_dropout: str = "once",
+        hop_dropout: float = 0.0,
+        pattern: str = "diffuser",
+        **options: Any,
+    ) -> None:
+        super().__init__(dim, heads, pattern=pattern, **options)
+        check_diffusion_args(hops, alpha, kernel, heat_time, remainder)
+        self.hops, self.alpha, self.kernel, self.heat_time, self.remainder = hops, alpha, kernel, heat_time, remainder
+        self.edge_dropout, self.hop_dropout = edge_dropout, hop_dropout
+
+    def attend(self, q, k, v, key_padding_mask):
+        graph = self.graph(q.shape[2])
+        return diffuse(
+            q,
+            k,
+            v,
+            graph,
+            self.hops,
+            self.alpha,
+            key_padding_mask,
+            self.backend,
+            kernel=self.kernel,
+            heat_time=self.heat_time,
+            remainder=self.remainder,
+            dropout_p=self._dropout_p(q),
+            edge_dropout=self.edge_dropout,
+            hop_dropout_p=self.hop_dropout if self.training else 0.0,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, hops={self.hops}, alpha={self.alpha}, kernel={self.kernel!r}"
