@@ -1,7 +1,7 @@
 """Pattern constructors: each returns a :class:`BlockGraph`.
 
 All take ``seq_len`` and ``block_size``; counts (``window``, ``num_global``, ``num_random``) are in
-blocks and do not depend on ``seq_len`` (the Diffuser reference crops a 4096-grid graph instead, so
+blocks and do not depend on ``seq_len`` (a sequence with fewer blocks gets all it has) (the Diffuser reference crops a 4096-grid graph instead, so
 its budgets silently shrink on short inputs; see ``specs/diffuser.md`` section 8). Random parts are a
 pure function of ``(seed, seq_len, block_size)``, so every rank and every call builds the same graph.
 
@@ -121,8 +121,8 @@ def diffuser(
         raise ValueError(f"random_granularity must be 'block' or 'token', got {random_granularity!r}")
     generator = _generator(seed)
     if global_blocks is None:
-        _check_count("num_global", num_global, max(num_blocks - 1, 0))
-        scattered = 1 + torch.randperm(num_blocks - 1, generator=generator)[:num_global]
+        count = _check_count("num_global", num_global, max(num_blocks - 1, 0))
+        scattered = 1 + torch.randperm(num_blocks - 1, generator=generator)[:count]
         global_ids = scattered.sort().values
     else:
         global_ids = torch.as_tensor(sorted(set(global_blocks)), dtype=torch.int64)
@@ -259,11 +259,10 @@ def _check_window(window: Any, num_blocks: int, seq_len: int, block_size: int) -
 
 
 def _check_count(name: str, value: Any, limit: int) -> int:
+    """Validate a non-negative block count; short sequences get at most the ``limit`` blocks they have."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    if value > limit:
-        raise ValueError(f"{name}={value} exceeds the {limit} blocks available")
-    return value
+    return min(value, limit)
 
 
 def _generator(seed: Any) -> torch.Generator:

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from hopformer.graphs import BlockGraph
 
 TILE = 128  # FlexAttention's sparse block size
+# Dynamo keeps one cache for every compiled flex_attention in the process; tests, benchmarks and models
+# with several lengths easily pass the default of 8 variants. Raised only around hopformer's own calls.
+RECOMPILE_LIMIT = 64
 
 
 def check_flex_graph(graph: BlockGraph) -> None:
@@ -141,14 +144,119 @@ def flex_apply(
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     try:
-        out = _compiled_flex()(q, k, v, block_mask=mask, scale=scale, kernel_options=kernel_options)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            out = _compiled_flex()(q, k, v, block_mask=mask, scale=scale, kernel_options=kernel_options)
     except Exception as error:  # turn Dynamo's recompile-limit error into advice
         if "recompile" in str(error).lower() or "cache_size_limit" in str(error):
             raise RuntimeError(
                 "FlexAttention hit torch.compile's recompile limit (too many distinct input shapes, dtypes "
                 "or requires_grad settings). hopformer refuses the silent eager fallback, which would "
                 "materialise every score. Bucket sequence lengths and batch sizes to a few values, or raise "
-                "torch._dynamo.config.recompile_limit."
+                "hopformer.ops.flex.RECOMPILE_LIMIT."
             ) from error
         raise
     return out[:, :, :seq] if pad else out
+
+
+def transposed_mask(mask: Any) -> Any:
+    """The BlockMask of the transposed pattern (keys as queries), for ``A^T`` products."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    inner = mask.mask_mod
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return inner(b, h, kv_idx, q_idx)
+
+    return BlockMask.from_kv_blocks(
+        mask.q_num_blocks,
+        mask.q_indices,
+        mask.full_q_num_blocks,
+        mask.full_q_indices,
+        BLOCK_SIZE=TILE,
+        mask_mod=mask_mod,
+        seq_lengths=mask.seq_lengths[::-1],
+    )
+
+
+@functools.cache
+def _compiled_flex_lse():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def attend(q, k, v, block_mask, scale, kernel_options):
+        return flex_attention(
+            q, k, v, block_mask=block_mask, scale=scale, kernel_options=kernel_options, return_lse=True
+        )
+
+    return torch.compile(attend, dynamic=False, fullgraph=True)
+
+
+@functools.cache
+def _compiled_flex_transposed():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def attend_transposed(k, q, w, lse, block_mask, scale, kernel_options):
+        # sum_i exp(s_ij - lse_i) w_i  =  softmax-normalised output * exp(its own lse)
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score - lse[b, h, kv_idx]
+
+        out, column_lse = flex_attention(
+            k,
+            q,
+            w,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=scale,
+            kernel_options=kernel_options,
+            return_lse=True,
+        )
+        return out * column_lse.exp().unsqueeze(-1).to(out.dtype)
+
+    return torch.compile(attend_transposed, dynamic=False, fullgraph=True)
+
+
+class _FlexDiffusion(torch.autograd.Function):
+    """Diffusion on flex with an adjoint backward: ``hops`` forward passes, ``hops`` transposed passes
+    (``u <- A^T u`` through FlexAttention with the forward's log-sum-exp), and one gradient pass for q and
+    k over the hop states concatenated along the feature axis (``dA = sum_t w_t z_t^T``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, steps, scale, kernel_options):
+        seq = q.shape[-2]
+        pad = mask.seq_lengths[0] - seq
+        qp, kp, vp = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
+        inputs, z, lse = [], vp, None
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            for a in steps:
+                inputs.append(z)
+                y, lse = _compiled_flex_lse()(qp, kp, z, mask, scale, kernel_options)
+                z = torch.lerp(y, vp, a)
+        ctx.save_for_backward(qp, kp, lse, *inputs)
+        ctx.mask, ctx.steps, ctx.scale, ctx.kernel_options, ctx.seq = mask, steps, scale, kernel_options, seq
+        return z[:, :, :seq] if pad else z
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qp, kp, lse, *inputs = ctx.saved_tensors
+        seq, scale, options = ctx.seq, ctx.scale, ctx.kernel_options
+        u = F.pad(grad_out, (0, 0, 0, qp.shape[-2] - seq)) if qp.shape[-2] != seq else grad_out
+        transposed = transposed_mask(ctx.mask)
+        grad_v = torch.zeros_like(u)
+        adjoints = [None] * len(ctx.steps)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            for t in reversed(range(len(ctx.steps))):
+                a = ctx.steps[t]
+                grad_v += a * u
+                adjoints[t] = (1 - a) * u
+                u = _compiled_flex_transposed()(kp, qp, adjoints[t].contiguous(), lse, transposed, scale, options)
+            grad_v += u
+            with torch.enable_grad():
+                q_, k_ = qp.detach().requires_grad_(), kp.detach().requires_grad_()
+                values = torch.cat(inputs, dim=-1)
+                out = _compiled_flex()(q_, k_, values, block_mask=ctx.mask, scale=scale, kernel_options=options)
+                grad_q, grad_k = torch.autograd.grad(out, (q_, k_), torch.cat(adjoints, dim=-1))
+        return grad_q[:, :, :seq], grad_k[:, :, :seq], grad_v[:, :, :seq], None, None, None, None
+
+
+def flex_diffusion(q, k, v, mask, steps, scale, kernel_options=None):
+    """``z <- lerp(A z, v, a)`` for each ``a`` in ``steps`` on flex, with the adjoint backward."""
+    return _FlexDiffusion.apply(q, k, v, mask, tuple(steps), scale, kernel_options)

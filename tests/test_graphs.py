@@ -1,0 +1,187 @@
+"""BlockGraph and the pattern constructors."""
+
+import math
+
+import pytest
+import torch
+
+import hopformer.graphs as G
+
+LENGTHS = [1, 63, 64, 65, 200, 513]
+
+
+def _dense_from_blocks(graph):
+    """Token mask rebuilt independently from the block lists."""
+    dense = torch.zeros(graph.seq_len, graph.seq_len, dtype=torch.bool)
+    bs = graph.block_size
+    for qb, keys in enumerate(graph.block_lists()):
+        for kb in keys:
+            dense[qb * bs : (qb + 1) * bs, kb * bs : (kb + 1) * bs] = True
+    return dense.tril() if graph.is_causal else dense
+
+
+def _all_patterns(seq_len, block_size=16):
+    nb = math.ceil(seq_len / block_size)
+    window = 3 if nb >= 2 else 1
+    return [
+        G.full(seq_len, block_size),
+        G.local(seq_len, block_size, window=window),
+        G.longformer(seq_len, block_size, window=window, num_global=min(1, nb)),
+        G.bigbird(seq_len, block_size, window=window, num_global=min(2, nb), num_random=2, seed=3),
+        G.diffuser(seq_len, block_size, window=window, num_global=min(2, nb - 1), num_random=2, seed=3),
+        G.hypercube(seq_len, block_size),
+    ]
+
+
+@pytest.mark.parametrize("seq_len", LENGTHS)
+def test_block_lists_sorted_and_dense_consistent(seq_len):
+    for graph in _all_patterns(seq_len):
+        lists = graph.block_lists()
+        assert len(lists) == graph.num_blocks == math.ceil(seq_len / graph.block_size)
+        for keys in lists:
+            assert keys == sorted(set(keys))
+            assert all(0 <= kb < graph.num_blocks for kb in keys)
+        dense = graph.to_dense()
+        assert dense.shape == (seq_len, seq_len) and dense.dtype == torch.bool
+        assert torch.equal(dense, _dense_from_blocks(graph))
+        assert graph.num_edges == int(dense.sum())
+        assert graph.density == pytest.approx(dense.float().mean().item())
+        assert torch.equal(graph.keys_per_query(), dense.sum(1))
+
+
+@pytest.mark.parametrize("seq_len", [70, 200])
+def test_causal_keeps_only_past(seq_len):
+    for graph in _all_patterns(seq_len):
+        causal = graph.causal()
+        assert causal.is_causal
+        assert torch.equal(causal.to_dense(), graph.to_dense().tril())
+        assert torch.equal(causal.keys_per_query(), causal.to_dense().sum(1))
+
+
+def test_union_and_equality():
+    a = G.local(300, 16, window=3)
+    b = G.longformer(300, 16, window=1, num_global=2)
+    u = a | b
+    assert torch.equal(u.to_dense(), a.to_dense() | b.to_dense())
+    assert a | a == a
+    with pytest.raises(ValueError, match="block_size"):
+        a | G.local(300, 32)
+    with pytest.raises(ValueError, match="is_causal"):
+        a | a.causal()
+
+
+def test_full_and_local_shapes():
+    g = G.full(100, 16)
+    assert g.density == 1.0 and g.to_dense().all()
+    loc = G.local(160, 16, window=3).to_dense()
+    i, j = torch.meshgrid(torch.arange(160), torch.arange(160), indexing="ij")
+    assert torch.equal(loc, (i // 16 - j // 16).abs() <= 1)
+
+
+def test_bigbird_random_blocks_counts_and_seed():
+    g = G.bigbird(2048, 64, window=3, num_global=2, num_random=3, seed=7)
+    nb = g.num_blocks
+    for qb, keys in enumerate(g.block_lists()):
+        if qb < 2:
+            assert keys == list(range(nb))  # global rows
+            continue
+        fixed = {0, 1} | {b for b in (qb - 1, qb, qb + 1) if 0 <= b < nb}
+        assert fixed <= set(keys)
+        assert len(set(keys) - fixed) == 3  # exactly num_random extra blocks
+    same = G.bigbird(2048, 64, window=3, num_global=2, num_random=3, seed=7)
+    other = G.bigbird(2048, 64, window=3, num_global=2, num_random=3, seed=8)
+    assert g == same and g != other
+
+
+def test_bigbird_causal_random_from_past_only():
+    g = G.bigbird(1024, 32, num_random=3, seed=1, causal=True)
+    for qb, keys in enumerate(g.block_lists()):
+        assert max(keys) <= qb
+
+
+def test_diffuser_pattern_properties():
+    g = G.diffuser(4096, 64, window=3, num_global=4, num_random=3, seed=0)
+    dense = g.to_dense()
+    idx = torch.arange(4095)
+    assert dense[idx, idx + 1].all() and dense[idx + 1, idx].all(), "i<->i+1 edges (universal approximation)"
+    assert dense.diagonal().all(), "self-loops"
+    nb = g.num_blocks
+    full_rows = [qb for qb, keys in enumerate(g.block_lists()) if len(keys) == nb]
+    assert len(full_rows) == 4 and 0 not in full_rows  # scattered globals, never the first block
+    # token granularity keeps the random budget per query
+    t = G.diffuser(300, 16, num_global=1, num_random=2, random_granularity="token", seed=0)
+    assert t.block_size == 1
+    block = G.diffuser(300, 16, num_global=1, num_random=0, seed=0)
+    extra = t.keys_per_query() - block.keys_per_query()
+    assert (extra <= 32).all() and (extra >= 30).float().mean() > 0.9
+
+
+def test_diffuser_reference_window():
+    # block 32, window 3 = the reference's 64-wide blocks at stride 32: ~96 keys, 64 at the ends
+    g = G.diffuser(1024, 32, window=3, num_global=0, num_random=0)
+    keys = g.keys_per_query()
+    assert keys[0] == 64 and keys[-1] == 64 and keys[500] == 96
+
+
+def test_hypercube_matches_gray_code_construction():
+    for n in (8, 16, 64):
+        k = int(math.log2(n))
+        labels = [0, 1]
+        while len(labels) < n:
+            labels = labels + labels[::-1]
+            labels = [x << 1 for x in labels]
+            half = len(labels) // 2
+            labels = labels[:half] + [x | 1 for x in labels[half:]]
+        position = {label: p for p, label in enumerate(labels)}
+        g = G.hypercube(n * 16, 16)
+        for p, keys in enumerate(g.block_lists()):
+            expected = {p} | {position[labels[p] ^ (1 << j)] for j in range(k)}
+            assert set(keys) == expected
+        if n == 8:
+            assert labels == [0, 4, 6, 2, 3, 7, 5, 1]
+        assert g.degree_stats()["blocks_max"] == k + 1
+
+
+def test_hypercube_symmetric():
+    adj = G.hypercube(4096, 16).block_adjacency()
+    assert torch.equal(adj, adj.T)
+
+
+def test_partial_last_block_never_leaks():
+    g = G.bigbird(100, 64, window=1, num_global=1, num_random=0)
+    assert g.num_blocks == 2 and g.padded_len == 128
+    assert g.to_dense().shape == (100, 100)
+    assert g.keys_per_query().max() == 100
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: G.local(100, 0), "block_size"),
+        (lambda: G.local(100, -4), "block_size"),
+        (lambda: G.local(0, 16), "seq_len"),
+        (lambda: G.local(100, 16, window=20), "window"),
+        (lambda: G.local(100, 16, window=2), "window"),
+        (lambda: G.bigbird(100, 16, num_random=-1), "num_random"),
+        (lambda: G.bigbird(100, 16, num_global=-2), "num_global"),
+        (lambda: G.bigbird(100, 16, seed=1.5), "seed"),
+        (lambda: G.bigbird(100, 16, seed="0"), "seed"),
+        (lambda: G.diffuser(100, 16, random_granularity="edge"), "random_granularity"),
+        (lambda: G.build_graph("star", 100), "pattern"),
+    ],
+)
+def test_bad_arguments_name_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "g.png"
+    G.bigbird(1024, 64).plot(str(path))
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_million_token_graph_is_cheap():
+    g = G.bigbird(1 << 20, 128)
+    assert g.num_blocks == 8192 and g.indices.numel() < 20 * 8192
