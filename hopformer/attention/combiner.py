@@ -1,0 +1,57 @@
+"""Combiner attention module (``build("combiner", dim, heads, variant=..., causal=...)``)."""
+
+from __future__ import annotations
+
+import torch
+
+from hopformer.attention.base import AttentionModule
+from hopformer.attention.registry import register
+from hopformer.ops.combiner import VARIANTS, combiner
+
+
+@register("combiner")
+class CombinerAttention(AttentionModule):
+    """Full-support attention factorised into direct keys plus region summaries.
+
+    See :mod:`hopformer.ops.combiner` for the variants and their partitions.
+
+    Args:
+        dim, heads, dropout, bias: as :class:`~hopformer.attention.base.AttentionModule`.
+        variant: ``"fixed"``, ``"logsparse"``, ``"axial"`` (= ``"axial_vertical"``),
+            ``"axial_horizontal"`` or ``"mixture"`` (average of the vertical and horizontal plans).
+        block_size: block size (``fixed``, ``logsparse``) or row length (axial forms, ``mixture``);
+            ``None`` picks ``ceil(sqrt(seq))`` per input (``logsparse``: 2); a fixed value larger
+            than an input's length raises ``ValueError`` in ``forward``.
+        causal: every query sees only positions up to itself.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        variant: str = "fixed",
+        block_size: int | None = None,
+        causal: bool = False,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(dim, heads, dropout=dropout, bias=bias)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r} is not known; choose one of {list(VARIANTS)}")
+        if block_size is not None and (
+            isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
+        ):
+            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.variant, self.block_size, self.causal = variant, block_size, causal
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        return combiner(q, k, v, self.variant, self.block_size, self.causal, key_padding_mask, dropout_p=dropout)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, variant={self.variant!r}, block_size={self.block_size}, causal={self.causal}"

@@ -1,0 +1,487 @@
+"""Combiner attention: full-support attention at sparse cost (Ren et al., NeurIPS 2021).
+
+For each query ``i`` the support ``Omega_i`` (all positions, or ``[0, i]`` when causal) is split into
+a *direct set*, whose keys are attended one by one, and *regions*, each attended through one summary
+token. A region ``R`` has
+
+- key ``k_R = max_{j in R} k_j`` (element-wise max-pool),
+- query ``q_R = max_{j in R} q_j`` (element-wise max-pool of the region's queries),
+- value ``v_R = sum_{j in R} p(j|R) v_j`` with ``p(j|R) = softmax_{j in R}(q_R . k_j * scale)``,
+
+and one softmax over ``[direct logits || region logits]`` gives the weights, so the implied attention
+matrix ``P`` puts ``p(R|i) * p(j|R) > 0`` on every position of every region (see
+``specs/combiner.md``). Scores are ``q k^T * scale`` with ``scale = head_dim ** -0.5`` by default.
+
+Variants (``variant=``), each bidirectional or causal:
+
+- ``"fixed"``: blocks of ``block_size``; the own block is direct (causal: up to ``i``), every other
+  (causal: earlier) block is a region. ``O(L (s + L/s))``.
+- ``"logsparse"``: blocks of ``block_size`` (default 2, the paper's form: ``{i}`` plus ``{i-1}`` when
+  ``i`` is odd, counting from 0); the own block is direct, and at each level ``b`` of a binary tree
+  over the blocks the query's *sibling* span of ``2**b`` blocks is a region (causal: only left
+  siblings, i.e. the dyadic decomposition of ``[0, block_start)``). ``O(L log L)``.
+- ``"axial_vertical"`` (alias ``"axial"``) and ``"axial_horizontal"``: the sequence is a grid of rows
+  of length ``block_size`` (default ``ceil(sqrt(L))``). Direct set: own row (causal: up to ``i``)
+  plus own column (causal: rows above; bidirectional: other rows). The rest, the off-axis set
+  ``{(r', c') : r' != r (causal: r' < r), c' != c}``, is split into regions by column (vertical:
+  one region per other column, summaries are prefix/cumulative maxes down each column) or by row
+  (horizontal: one region per other row, each without the query's column). ``O(L sqrt(L))``.
+- ``"mixture"``: the paper's Combiner-Mixture, ``(A_vertical + A_horizontal) / 2``, each component
+  normalised on its own (rows of each component sum to 1).
+
+Padding (``key_padding_mask``, True = real): padded keys are in no direct set and in no region's
+pooling or distribution; a region without real tokens contributes nothing. Padded query positions
+output zeros. Lengths that are not a multiple of the block (row) size are padded internally with
+positions that neither send nor receive.
+
+:func:`combiner_partition` lists the partition of every query straight from these definitions and
+:func:`combiner_reference` builds the dense ``P`` from it (float64, small ``L``) for the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("fixed", "logsparse", "axial", "axial_vertical", "axial_horizontal", "mixture")
+
+Partition = list[tuple[list[int], list[list[int]]]]  # per query: (direct set, regions)
+
+
+def combiner(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    variant: str = "fixed",
+    block_size: int | None = None,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Combiner attention on ``(batch, heads, seq, head_dim)`` tensors.
+
+    Args:
+        q, k, v: ``(batch, heads, seq, head_dim)``; ``v`` may have its own last dimension.
+        variant: one of :data:`VARIANTS` (see the module docstring).
+        block_size: block size for ``fixed`` / ``logsparse``, row length for the axial forms and
+            ``mixture``. ``None`` picks ``ceil(sqrt(seq))`` (``logsparse``: 2). At most ``seq``.
+        causal: restrict every set to positions ``<= i``.
+        key_padding_mask: bool ``(batch, seq)``, True = real token.
+        scale: score scale, default ``head_dim ** -0.5``.
+        dropout_p: dropout on the attention probabilities (pass 0 in eval).
+
+    Returns:
+        ``(batch, heads, seq, v.shape[-1])``; zeros at padded query positions.
+    """
+    block_size = _check_inputs(q, k, v, variant, block_size, causal, key_padding_mask, dropout_p)
+    batch, _, seq, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    real = key_padding_mask
+    if real is None:
+        real = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
+
+    # Pad to whole blocks (rows); the pads are marked not-real, so they neither send nor receive.
+    padded = -(-seq // block_size) * block_size
+    if padded != seq:
+        q, k, v = (F.pad(x, (0, 0, 0, padded - seq)) for x in (q, k, v))
+        real = F.pad(real, (0, padded - seq), value=False)
+
+    if variant == "fixed":
+        out = _fixed(q, k, v, block_size, causal, real, scale, dropout_p)
+    elif variant == "logsparse":
+        out = _logsparse(q, k, v, block_size, causal, real, scale, dropout_p)
+    else:
+        forms = {"axial": ("vertical",), "axial_vertical": ("vertical",)}.get(variant)
+        forms = forms or {"axial_horizontal": ("horizontal",), "mixture": ("vertical", "horizontal")}[variant]
+        out = _axial(q, k, v, block_size, causal, real, scale, dropout_p, forms)
+    return (out * real[:, None, :, None].to(out.dtype))[:, :, :seq]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _region_summaries(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summaries of regions laid out along dim -2: ``q, k, v (..., n, d)``, ``real (..., n)``.
+
+    Returns ``(key, value, nonempty)`` with shapes ``(..., d)``, ``(..., dv)``, ``(...)``. A region
+    without real tokens gets a zero key and value and ``nonempty = False``.
+    """
+    nonempty = real.any(-1)
+    pad = ~real[..., None]
+    key = torch.where(nonempty[..., None], k.masked_fill(pad, -math.inf).amax(-2), 0.0)
+    query = torch.where(nonempty[..., None], q.masked_fill(pad, -math.inf).amax(-2), 0.0)
+    logits = torch.einsum("...nd,...d->...n", k, query) * scale
+    weights = _masked_softmax(logits, real)
+    value = torch.einsum("...n,...nd->...d", weights, v)
+    return key, value, nonempty
+
+
+def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # The most negative finite value rather than -inf: excluded entries get exactly 0 and a row with
+    # nothing allowed stays finite (uniform); callers give such rows zero weight.
+    return logits.masked_fill(~mask, torch.finfo(logits.dtype).min).softmax(-1)
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, dropout_p: float
+) -> torch.Tensor:
+    """Batched attention of query groups on their own keys through SDPA.
+
+    ``q (B, H, G, Q, d)``, ``k, v (B, H, G, K, d)``, ``mask`` bool broadcastable to ``(B, G, Q, K)``
+    (True = attend; shared by all heads). Rows with no allowed key output zeros.
+    """
+    batch, heads, groups, queries, _ = q.shape
+    keys = k.shape[-2]
+    mask = mask.expand(batch, groups, queries, keys)
+    ok = mask.any(-1)
+    mask = mask | ~ok[..., None]  # SDPA must not see an empty row
+
+    def fold(x: torch.Tensor) -> torch.Tensor:  # groups into the batch so the mask broadcasts over heads
+        return x.transpose(1, 2).reshape(batch * groups, heads, x.shape[-2], x.shape[-1])
+
+    out = F.scaled_dot_product_attention(
+        fold(q), fold(k), fold(v), attn_mask=mask.reshape(batch * groups, 1, queries, keys),
+        dropout_p=dropout_p, scale=scale,
+    )  # fmt: skip
+    out = out.view(batch, groups, heads, queries, -1).transpose(1, 2)
+    return out * ok[:, None, :, :, None].to(out.dtype)
+
+
+def _exclusive_max(x: torch.Tensor, dim: int, both_sides: bool) -> torch.Tensor:
+    """Max over the entries strictly before each position along ``dim`` (``both_sides``: all others).
+
+    Empty sets give ``-inf``. Uses ``cummax`` (never a cumulative sum, spec pitfall).
+    """
+    size = x.shape[dim]
+    fill = torch.full_like(x.narrow(dim, 0, 1), -math.inf)
+    before = torch.cat([fill, x.cummax(dim).values.narrow(dim, 0, size - 1)], dim)
+    if not both_sides:
+        return before
+    after = x.flip(dim).cummax(dim).values.flip(dim)
+    after = torch.cat([after.narrow(dim, 1, size - 1), fill], dim)
+    return torch.maximum(before, after)
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants (all tensors here are already padded to whole blocks / rows)
+
+
+def _fixed(q, k, v, block, causal, real, scale, dropout_p):
+    batch, heads, seq, dim = q.shape
+    blocks = seq // block
+    qb, kb, vb = (x.view(batch, heads, blocks, block, x.shape[-1]) for x in (q, k, v))
+    rb = real.view(batch, blocks, block)
+    key_s, value_s, nonempty = _region_summaries(qb, kb, vb, rb[:, None], scale)  # (B, H, nb, d)
+    nonempty = nonempty[:, 0]  # (B, nb)
+
+    # Keys of query block t: its own block, then one summary per block (own / later ones masked).
+    keys = torch.cat([kb, key_s[:, :, None].expand(-1, -1, blocks, -1, -1)], dim=3)
+    values = torch.cat([vb, value_s[:, :, None].expand(-1, -1, blocks, -1, -1)], dim=3)
+    direct = rb[:, :, None, :]
+    if causal:
+        direct = direct & torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+    index = torch.arange(blocks, device=q.device)
+    region = index[None, :] < index[:, None] if causal else index[None, :] != index[:, None]
+    region = (nonempty[:, None, :] & region)[:, :, None, :]  # (B, t, 1, u)
+    mask = torch.cat([direct.expand(batch, blocks, block, block), region.expand(-1, -1, block, -1)], -1)
+    out = grouped_attention(qb, keys, values, mask, scale, dropout_p)
+    return out.reshape(batch, heads, seq, -1)
+
+
+def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
+    batch, heads, seq, dim = q.shape
+    blocks = seq // block
+    levels = (blocks - 1).bit_length()  # tree over next_pow2(blocks) leaves
+    tree = block << levels
+    # The tree needs a power-of-two number of blocks: extra blocks are padding (empty regions).
+    qp, kp, vp = (F.pad(x, (0, 0, 0, tree - seq)) for x in (q, k, v))
+    rp = F.pad(real, (0, tree - seq), value=False)
+
+    # Summaries of every aligned span of 2**b blocks, b = 0 .. levels-1, stacked level after level.
+    keys_s, values_s, nonempty_s, offsets = [], [], [], []
+    for level in range(levels):  # O(log L) levels, each O(L) work
+        span, count = block << level, (tree // block) >> level
+        key, value, nonempty = _region_summaries(
+            *(x.view(batch, heads, count, span, x.shape[-1]) for x in (qp, kp, vp)),
+            rp.view(batch, 1, count, span),
+            scale,
+        )
+        offsets.append(sum(x.shape[2] for x in keys_s))
+        keys_s.append(key)
+        values_s.append(value)
+        nonempty_s.append(nonempty[:, 0])
+
+    qb, kb, vb = (x.view(batch, heads, blocks, block, x.shape[-1]) for x in (q, k, v))
+    rb = real.view(batch, blocks, block)
+    direct = rb[:, :, None, :]
+    if causal:
+        direct = direct & torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+    direct = direct.expand(batch, blocks, block, block)
+    if levels == 0:
+        return grouped_attention(qb, kb, vb, direct, scale, dropout_p).reshape(batch, heads, seq, -1)
+
+    # Query block t uses, at every level, the span that is its sibling in the tree; the siblings
+    # tile everything outside block t (causal: only left siblings, tiling [0, t)).
+    t = torch.arange(blocks, device=q.device)[:, None]
+    level = torch.arange(levels, device=q.device)[None, :]
+    index = torch.tensor(offsets, device=q.device)[None, :] + ((t >> level) ^ 1)  # (nb, levels)
+    used = torch.cat(nonempty_s, dim=1)[:, index]  # (B, nb, levels)
+    if causal:
+        used = used & ((t >> level) & 1).bool()
+    keys = torch.cat([kb, torch.cat(keys_s, dim=2)[:, :, index]], dim=3)
+    values = torch.cat([vb, torch.cat(values_s, dim=2)[:, :, index]], dim=3)
+    mask = torch.cat([direct, used[:, :, None, :].expand(-1, -1, block, -1)], dim=-1)
+    return grouped_attention(qb, keys, values, mask, scale, dropout_p).reshape(batch, heads, seq, -1)
+
+
+def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
+    """Axial Combiner on a (rows x width) grid; ``forms`` is a subset of {vertical, horizontal}."""
+    batch, heads, seq, dim = q.shape
+    rows = seq // width
+    qg, kg, vg = (x.view(batch, heads, rows, width, x.shape[-1]) for x in (q, k, v))
+    rg = real.view(batch, rows, width)
+    r_idx = torch.arange(rows, device=q.device)
+    c_idx = torch.arange(width, device=q.device)
+    # other_row[r, t]: may query row r use row t off its own axis (causal: t above r)?
+    other_row = r_idx[None, :] < r_idx[:, None] if causal else r_idx[None, :] != r_idx[:, None]
+    other_col = c_idx[None, :] != c_idx[:, None]
+
+    # Direct logits, laid out per query (r, c): own row (keys (r, e)) and own column (keys (t, c)).
+    row_logits = torch.einsum("bhrcd,bhred->bhrce", qg, kg) * scale
+    row_mask = rg[:, None, :, None, :]
+    if causal:
+        row_mask = row_mask & torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
+    col_logits = torch.einsum("bhrcd,bhtcd->bhrct", qg, kg) * scale
+    col_mask = rg.transpose(1, 2)[:, None, None, :, :] & other_row[None, None, :, None, :]
+
+    out = 0.0
+    for form in forms:
+        if form == "vertical":
+            key_s, value_s, nonempty = _column_summaries(qg, kg, vg, rg, scale, causal)
+            sum_logits = torch.einsum("bhrcd,bhred->bhrce", qg, key_s) * scale  # summary (r, e)
+            sum_mask = nonempty[:, None, :, None, :] & other_col
+            sum_eq = "bhrce,bhred->bhrcd"
+        else:
+            key_s, value_s, nonempty = _row_summaries(qg, kg, vg, rg, scale)
+            sum_logits = torch.einsum("bhrcd,bhtcd->bhrct", qg, key_s) * scale  # summary (t, c)
+            sum_mask = nonempty.transpose(1, 2)[:, None, None, :, :] & other_row[None, None, :, None, :]
+            sum_eq = "bhrct,bhtcd->bhrcd"
+        # One softmax over [own row || own column || summaries]: one partition function per query.
+        logits = torch.cat([row_logits, col_logits, sum_logits], dim=-1)
+        mask = torch.cat([x.expand(batch, 1, rows, width, -1) for x in (row_mask, col_mask, sum_mask)], -1)
+        probs = _masked_softmax(logits, mask)
+        if dropout_p > 0:
+            probs = F.dropout(probs, dropout_p)
+        p_row, p_col, p_sum = probs.split([width, rows, sum_logits.shape[-1]], dim=-1)
+        out = out + (
+            torch.einsum("bhrce,bhred->bhrcd", p_row, vg)
+            + torch.einsum("bhrct,bhtcd->bhrcd", p_col, vg)
+            + torch.einsum(sum_eq, p_sum, value_s)
+        )
+    out = out / len(forms)  # Combiner-Mixture: the 1/M average of separately normalised plans
+    return out.reshape(batch, heads, seq, -1)
+
+
+def _column_summaries(qg, kg, vg, rg, scale, causal):
+    """Vertical regions: column ``e`` over the rows above ``r`` (bidirectional: all rows but ``r``).
+
+    Returns key and value summaries indexed ``[..., r, e, :]`` and ``nonempty (B, r, e)``.
+    """
+    rows = qg.shape[2]
+    pad = ~rg[:, None, :, :, None]
+    key = _exclusive_max(kg.masked_fill(pad, -math.inf), dim=2, both_sides=not causal)
+    query = _exclusive_max(qg.masked_fill(pad, -math.inf), dim=2, both_sides=not causal)
+    counts = rg.long().cumsum(1) - rg.long()  # real tokens strictly above
+    if not causal:
+        counts = rg.long().sum(1, keepdim=True) - rg.long()
+    nonempty = counts > 0
+    key = torch.where(nonempty[:, None, ..., None], key, 0.0)
+    query = torch.where(nonempty[:, None, ..., None], query, 0.0)
+    # Within-region distribution: per column, region query (r, e) attends to keys (t, e), t in R(r).
+    r_idx = torch.arange(rows, device=qg.device)
+    inside = r_idx[None, :] < r_idx[:, None] if causal else r_idx[None, :] != r_idx[:, None]
+    mask = rg.transpose(1, 2)[:, :, None, :] & inside  # (B, e, r, t)
+    value = grouped_attention(
+        *(x.transpose(2, 3) for x in (query, kg, vg)), mask, scale, 0.0
+    ).transpose(2, 3)  # fmt: skip
+    return key, value, nonempty
+
+
+def _row_summaries(qg, kg, vg, rg, scale):
+    """Horizontal regions: row ``t`` without column ``c`` (rows are complete, causal or not).
+
+    Returns key and value summaries indexed ``[..., t, c, :]`` and ``nonempty (B, t, c)``.
+    """
+    width = qg.shape[3]
+    pad = ~rg[:, None, :, :, None]
+    key = _exclusive_max(kg.masked_fill(pad, -math.inf), dim=3, both_sides=True)
+    query = _exclusive_max(qg.masked_fill(pad, -math.inf), dim=3, both_sides=True)
+    nonempty = (rg.long().sum(2, keepdim=True) - rg.long()) > 0
+    key = torch.where(nonempty[:, None, ..., None], key, 0.0)
+    query = torch.where(nonempty[:, None, ..., None], query, 0.0)
+    c_idx = torch.arange(width, device=qg.device)
+    mask = rg[:, :, None, :] & (c_idx[None, :] != c_idx[:, None])  # (B, t, c, c')
+    value = grouped_attention(query, kg, vg, mask, scale, 0.0)
+    return key, value, nonempty
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_inputs(q, k, v, variant, block_size, causal, key_padding_mask, dropout_p) -> int:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a (batch, heads, seq, head_dim) tensor, got {_shape(x)}")
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q, k, v must agree on (batch, heads, seq) and q, k on head_dim; got q {_shape(q)}, "
+            f"k {_shape(k)}, v {_shape(v)}"
+        )
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not known; choose one of {list(VARIANTS)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    batch, _, seq, _ = q.shape
+    if key_padding_mask is not None and (
+        key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq)
+    ):
+        raise ValueError(
+            f"key_padding_mask must be a bool tensor of shape (batch, seq) = {(batch, seq)}, got "
+            f"{key_padding_mask.dtype} {_shape(key_padding_mask)}"
+        )
+    return resolve_block_size(variant, block_size, seq)
+
+
+def resolve_block_size(variant: str, block_size: int | None, seq: int) -> int:
+    """The block size (row length) ``combiner`` uses; raises ``ValueError`` for a bad one."""
+    if block_size is None:
+        return min(2, seq) if variant == "logsparse" else max(1, math.ceil(math.sqrt(seq)))
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 0 < block_size <= seq:
+        raise ValueError(f"block_size must be an integer in [1, seq={seq}], got {block_size!r}")
+    return block_size
+
+
+def _shape(x) -> object:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense reference (tests): partitions listed from the definitions, P built with loops, small L
+
+
+def combiner_partition(variant: str, seq_len: int, block_size: int, causal: bool) -> list[Partition]:
+    """Per plan (two for ``mixture``), per position of the padded sequence: (direct set, regions).
+
+    Positions run over ``ceil(seq_len / block_size) * block_size``; positions ``>= seq_len`` are
+    internal padding (the caller treats them as not real). Written from the definitions with plain
+    loops, independently of the fast path.
+    """
+    if variant == "mixture":
+        return [
+            combiner_partition(form, seq_len, block_size, causal)[0] for form in ("axial_vertical", "axial_horizontal")
+        ]
+    s = block_size
+    n = -(-seq_len // s) * s
+    plan: Partition = []
+    for i in range(n):
+        last = i if causal else n - 1  # the support is [0, last]
+        if variant == "fixed":
+            t = i // s
+            direct = [j for j in range(t * s, t * s + s) if j <= last]
+            others = [u for u in range(n // s) if (u < t if causal else u != t)]
+            regions = [list(range(u * s, u * s + s)) for u in others]
+        elif variant == "logsparse":
+            t, blocks = i // s, n // s
+            direct = [j for j in range(t * s, t * s + s) if j <= last]
+            regions = []
+            lo, hi = 0, 1 << (blocks - 1).bit_length()  # descend the binary tree to leaf t
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if t < mid:
+                    if not causal:
+                        regions.append(list(range(mid * s, min(hi, blocks) * s)))
+                    hi = mid
+                else:
+                    regions.append(list(range(lo * s, mid * s)))
+                    lo = mid
+            regions = [r for r in regions if r]
+        else:  # axial: grid position (r, c), rows of length s
+            r, c = divmod(i, s)
+            rows = n // s
+            off_row = [t for t in range(rows) if (t < r if causal else t != r)]
+            direct = [r * s + e for e in range(s) if r * s + e <= last] + [t * s + c for t in off_row]
+            if variant in ("axial", "axial_vertical"):
+                regions = [[t * s + e for t in off_row] for e in range(s) if e != c]
+            else:
+                regions = [[t * s + e for e in range(s) if e != c] for t in off_row]
+            regions = [x for x in regions if x]
+        plan.append((direct, regions))
+    return [plan]
+
+
+def combiner_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    variant: str = "fixed",
+    block_size: int | None = None,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense Combiner: returns ``(P @ v, P)`` with ``P`` the implied ``(batch, heads, seq, seq)``.
+
+    Built from :func:`combiner_partition` one query and one region at a time (slow; small ``L``).
+    ``mixture`` averages the two plans' matrices.
+    """
+    block_size = _check_inputs(q, k, v, variant, block_size, causal, key_padding_mask, 0.0)
+    batch, heads, seq, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    plans = combiner_partition(variant, seq, block_size, causal)
+    real = [
+        [j < seq and (key_padding_mask is None or bool(key_padding_mask[b, j])) for j in range(len(plans[0]))]
+        for b in range(batch)
+    ]
+    rows = []
+    for b in range(batch):
+        for h in range(heads):
+            qq, kk = q[b, h], k[b, h]
+            for i in range(seq):
+                row = q.new_zeros(seq)
+                for plan in plans:
+                    if real[b][i]:
+                        row = row + _reference_row(qq, kk, i, plan[i], real[b], seq, scale) / len(plans)
+                rows.append(row)
+    p = torch.stack(rows).view(batch, heads, seq, seq)
+    return p @ v, p
+
+
+def _reference_row(q, k, i, parts, real, seq, scale) -> torch.Tensor:
+    direct, regions = parts
+    direct = [j for j in direct if real[j]]
+    regions = [[j for j in region if real[j]] for region in regions]
+    regions = [region for region in regions if region]
+    logits, inner = [], []
+    for j in direct:
+        logits.append(q[i] @ k[j] * scale)
+    for region in regions:
+        k_region = k[region].amax(0)
+        q_region = q[region].amax(0)
+        logits.append(q[i] @ k_region * scale)
+        inner.append(torch.softmax(k[region] @ q_region * scale, 0))
+    weights = torch.softmax(torch.stack(logits), 0)
+    row = q.new_zeros(seq).index_add(0, torch.tensor(direct, dtype=torch.long), weights[: len(direct)])
+    for w, region, p in zip(weights[len(direct) :], regions, inner):
+        row = row.index_add(0, torch.tensor(region), w * p)
+    return row

@@ -1,0 +1,277 @@
+"""Routing attention: content-based sparse attention through balanced clusters (Roy et al., TACL 2021).
+
+Each centroid ``mu_c`` (``centroids (heads, clusters, head_dim)``) takes the ``window`` tokens whose
+*normalised* vectors are most similar to it (top-w: every cluster has exactly ``window`` members; a
+token may be in several clusters or in none). Inside each cluster, queries attend densely to the
+cluster's keys with scores ``q k^T * scale`` (raw q, k; ``scale = head_dim ** -0.5`` by default;
+normalisation only decides membership). A token's output is the mean of its outputs over the
+clusters that selected it as a query (``sum / (count + 1e-5)``); a token no cluster selected gets 0.
+
+Fast path: gather the members into ``(batch, heads, clusters, window, head_dim)``, run batched SDPA
+(no mask at all for the bidirectional, unshared, unpadded case), scatter back with ``index_add``.
+Memory ``O(clusters * window^2)`` for scores, never ``O(seq^2)``.
+
+Membership (``shared_qk=False``): queries are ranked by q-similarity and keys by k-similarity, two
+index sets. ``shared_qk=True`` (``k`` is the query projection): one index set, ranked by q, and a
+token never attends to itself unless it is its only allowed key (q . q would dominate, as in
+Reformer).
+
+Causal (``specs/routing.md`` section 5b): a query at position ``i`` keeps only cluster keys at
+positions ``<= i``. A query membership with no allowed key (possible without shared QK) outputs
+zero and is not counted in the mean; no learned null key is used here.
+
+**Not strictly causal.** Top-w selection ranks all positions, so future tokens compete for cluster
+slots and can change which past keys a query sees (a discrete, zero-gradient dependence). The
+gradient of output ``i`` with respect to any input ``j > i`` is zero for fixed centroids, but
+perturbing future tokens can change past outputs, and step-by-step decoding can differ from
+teacher-forced training.
+
+Padding (``key_padding_mask``, True = real): padded tokens get similarity ``-inf`` before the top-w,
+so they are chosen only when a cluster has more slots than there are real tokens; such picks are
+masked as keys and produce nothing as queries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+QK_NORMS = ("layernorm", "layernorm_noaffine", "l2")
+SCATTER_EPS = 1e-5
+
+
+def routing(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    centroids: torch.Tensor,
+    window: int,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    shared_qk: bool = False,
+    qk_norm: str = "layernorm",
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Routing attention with fixed centroids on ``(batch, heads, seq, head_dim)`` tensors.
+
+    Args:
+        q, k, v: ``(batch, heads, seq, head_dim)``; ``v`` may have its own last dimension.
+        centroids: ``(heads, clusters, head_dim)``, compared with the normalised q / k.
+        window: members per cluster, ``1 <= window <= seq``.
+        causal: keep only keys at positions ``<= `` the query's (see the module docstring caveat).
+        key_padding_mask: bool ``(batch, seq)``, True = real token.
+        shared_qk: one membership per cluster for queries and keys, and no attention to oneself
+            unless it is the only allowed key.
+        qk_norm: ``"layernorm"`` (no affine; alias ``"layernorm_noaffine"``) or ``"l2"``, used to
+            rank tokens against the centroids.
+        scale: score scale, default ``head_dim ** -0.5``.
+        dropout_p: dropout on the attention probabilities (pass 0 in eval).
+
+    Returns:
+        ``(batch, heads, seq, v.shape[-1])``.
+    """
+    _check_inputs(q, k, v, centroids, window, causal, key_padding_mask, qk_norm, dropout_p)
+    query_idx, key_idx = memberships(q, k, centroids, window, key_padding_mask, shared_qk=shared_qk, qk_norm=qk_norm)
+    return clustered_attention(
+        q, k, v, query_idx, key_idx, causal, key_padding_mask,
+        shared_qk=shared_qk, scale=scale, dropout_p=dropout_p,
+    )  # fmt: skip
+
+
+def normalise(x: torch.Tensor, qk_norm: str = "layernorm") -> torch.Tensor:
+    """The vectors routing clusters: LayerNorm without affine (norm ``sqrt(d)``) or unit L2 norm."""
+    if qk_norm == "l2":
+        return F.normalize(x, dim=-1)
+    if qk_norm in ("layernorm", "layernorm_noaffine"):
+        return F.layer_norm(x, x.shape[-1:])
+    raise ValueError(f"qk_norm={qk_norm!r} is not known; choose one of {list(QK_NORMS)}")
+
+
+def top_window(similarity: torch.Tensor, window: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Balanced membership: per centroid the ``window`` most similar tokens, sorted by position.
+
+    ``similarity (batch, heads, clusters, seq)`` -> indices ``(batch, heads, clusters, window)``.
+    Padded tokens are ranked last (``-inf``).
+    """
+    if key_padding_mask is not None:
+        similarity = similarity.masked_fill(~key_padding_mask[:, None, None, :], -torch.inf)
+    # Sorting by position keeps gathers local and makes the causal mask of shared QK lower-triangular.
+    return similarity.topk(window, dim=-1).indices.sort(dim=-1).values
+
+
+def memberships(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    centroids: torch.Tensor,
+    window: int,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    shared_qk: bool = False,
+    qk_norm: str = "layernorm",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key members of every cluster, ``(batch, heads, clusters, window)`` each.
+
+    With ``shared_qk`` both are the same index set, ranked by the normalised q.
+    """
+    with torch.no_grad():  # membership is discrete: no gradient through the ranking
+        query_idx = top_window(_similarity(normalise(q, qk_norm), centroids), window, key_padding_mask)
+        if shared_qk:
+            return query_idx, query_idx
+        key_idx = top_window(_similarity(normalise(k, qk_norm), centroids), window, key_padding_mask)
+    return query_idx, key_idx
+
+
+def _similarity(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bhld,hcd->bhcl", x, centroids.to(x.dtype))
+
+
+def clustered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_idx: torch.Tensor,
+    key_idx: torch.Tensor,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    shared_qk: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Dense attention inside given clusters, scattered back as a mean over memberships.
+
+    ``query_idx``, ``key_idx``: ``(batch, heads, clusters, window)`` token positions, each row sorted
+    (as :func:`memberships` returns them); with ``shared_qk`` they must be equal.
+    """
+    batch, heads, seq, head_dim = q.shape
+    clusters, window = query_idx.shape[-2:]
+    scale = head_dim**-0.5 if scale is None else float(scale)
+
+    def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        flat = index.reshape(batch, heads, clusters * window, 1).expand(-1, -1, -1, x.shape[-1])
+        return x.gather(2, flat).view(batch, heads * clusters, window, x.shape[-1])
+
+    qc, kc, vc = gather(q, query_idx), gather(k, key_idx), gather(v, key_idx)
+    mask = _cluster_mask(query_idx, key_idx, causal, key_padding_mask, shared_qk)
+    valid = None  # (B, H*C, w): memberships that produce an output
+    if mask is not None:
+        row_ok = mask.any(-1, keepdim=True)  # keeps the mask's broadcast shape
+        mask = mask | ~row_ok  # SDPA must not see an empty row; its output is dropped below
+        valid = row_ok.squeeze(-1).expand(batch, heads * clusters, window)
+    if key_padding_mask is not None:
+        query_real = key_padding_mask.gather(1, query_idx.reshape(batch, -1))
+        query_real = query_real.view(batch, heads * clusters, window)
+        valid = query_real if valid is None else valid & query_real
+    out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+    # Scatter-mean back to positions: one index_add over all (batch, head) rows at once.
+    offsets = torch.arange(batch * heads, device=q.device).view(batch, heads, 1, 1) * seq
+    index = (query_idx + offsets).reshape(-1)
+    if valid is None:
+        counts = torch.ones(index.shape, dtype=out.dtype, device=q.device)
+    else:
+        counts = valid.reshape(-1).to(out.dtype)
+        out = out * valid[..., None].to(out.dtype)
+    sums = out.new_zeros(batch * heads * seq, out.shape[-1]).index_add(0, index, out.reshape(-1, out.shape[-1]))
+    total = out.new_zeros(batch * heads * seq).index_add(0, index, counts)
+    return (sums / (total[:, None] + SCATTER_EPS)).view(batch, heads, seq, -1)
+
+
+def _cluster_mask(query_idx, key_idx, causal, key_padding_mask, shared_qk) -> torch.Tensor | None:
+    """Bool ``(B, H*C, w, w)`` (or a broadcastable ``(w, w)``) mask, or None when all is allowed."""
+    batch, heads, clusters, window = query_idx.shape
+    device = query_idx.device
+    allowed = None
+    if shared_qk:
+        # Sorted and equal index sets: positions are distinct and in order, so masks are static.
+        if causal:
+            allowed = torch.ones(window, window, dtype=torch.bool, device=device).tril()
+    elif causal:
+        q_pos = query_idx.view(batch, heads * clusters, window, 1)
+        allowed = q_pos >= key_idx.view(batch, heads * clusters, 1, window)
+    if key_padding_mask is not None:
+        key_real = key_padding_mask.gather(1, key_idx.reshape(batch, -1))
+        key_real = key_real.view(batch, heads * clusters, 1, window)
+        allowed = key_real if allowed is None else allowed & key_real
+    if not shared_qk:
+        return allowed
+    if allowed is None:
+        allowed = torch.ones(window, window, dtype=torch.bool, device=device)
+    # No attention to oneself unless it is the only allowed key.
+    self_ = torch.eye(window, dtype=torch.bool, device=device)
+    others = allowed & ~self_
+    return others | (allowed & self_ & ~others.any(-1, keepdim=True))
+
+
+def routing_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_idx: torch.Tensor,
+    key_idx: torch.Tensor,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    shared_qk: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense routing attention from given memberships: one ``(seq, seq)`` mask per cluster (tests)."""
+    batch, heads, seq, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    positions = torch.arange(seq, device=q.device)
+    real = torch.ones(batch, seq, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    scores = q @ k.transpose(-1, -2) * scale
+    sums = torch.zeros(batch, heads, seq, v.shape[-1], dtype=q.dtype)
+    counts = torch.zeros(batch, heads, seq, dtype=q.dtype)
+    for c in range(query_idx.shape[2]):
+        is_query = F.one_hot(query_idx[:, :, c], seq).sum(-2).bool()  # (B, H, L)
+        is_key = F.one_hot(key_idx[:, :, c], seq).sum(-2).bool()
+        mask = is_query[..., :, None] & is_key[..., None, :] & real[:, None, None, :]
+        if causal:
+            mask = mask & (positions[:, None] >= positions[None, :])
+        if shared_qk:
+            eye = torch.eye(seq, dtype=torch.bool)
+            others = mask & ~eye
+            mask = others | (mask & eye & ~others.any(-1, keepdim=True))
+        row_ok = mask.any(-1) & real[:, None, :]
+        probs = scores.masked_fill(~mask, -torch.inf).softmax(-1).nan_to_num(0.0)
+        sums = sums + (probs @ v) * row_ok[..., None]
+        counts = counts + row_ok.to(q.dtype)
+    return sums / (counts[..., None] + SCATTER_EPS)
+
+
+def _check_inputs(q, k, v, centroids, window, causal, key_padding_mask, qk_norm, dropout_p) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a (batch, heads, seq, head_dim) tensor, got {_shape(x)}")
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q, k, v must agree on (batch, heads, seq) and q, k on head_dim; got q {_shape(q)}, "
+            f"k {_shape(k)}, v {_shape(v)}"
+        )
+    batch, heads, seq, head_dim = q.shape
+    if not isinstance(centroids, torch.Tensor) or centroids.dim() != 3 or centroids.shape[0] != heads:
+        raise ValueError(f"centroids must be (heads={heads}, clusters, head_dim), got {_shape(centroids)}")
+    if centroids.shape[1] < 1 or centroids.shape[2] != head_dim:
+        raise ValueError(f"centroids must have at least one cluster and head_dim={head_dim}, got {_shape(centroids)}")
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= seq:
+        raise ValueError(f"window must be an integer in [1, seq={seq}], got {window!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if qk_norm not in QK_NORMS:
+        raise ValueError(f"qk_norm={qk_norm!r} is not known; choose one of {list(QK_NORMS)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if key_padding_mask is not None and (
+        key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq)
+    ):
+        raise ValueError(
+            f"key_padding_mask must be a bool tensor of shape (batch, seq) = {(batch, seq)}, got "
+            f"{key_padding_mask.dtype} {_shape(key_padding_mask)}"
+        )
+
+
+def _shape(x) -> object:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

@@ -1,0 +1,203 @@
+"""Combiner: fast path against the dense reference P, the spec's invariants, and the module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hopformer.attention import build
+from hopformer.ops.combiner import combiner, combiner_partition, combiner_reference
+
+CAUSAL = [False, True]
+# (variant, seq, block_size): lengths that are not multiples of the block, and ones that are.
+CASES = [
+    ("fixed", 13, 4),
+    ("fixed", 16, 4),
+    ("logsparse", 13, 2),
+    ("logsparse", 11, 3),
+    ("axial", 13, 4),
+    ("axial_horizontal", 11, 3),
+    ("mixture", 13, 4),
+]
+VARIANTS = ["fixed", "logsparse", "axial", "axial_horizontal", "mixture"]
+
+
+def _inputs(seq, batch=3, heads=2, dim=5, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, seq, dim, generator=g, dtype=torch.float64) for _ in range(3))
+    return [x.requires_grad_(grad) for x in (q, k, v)]
+
+
+def _padding(batch, seq, block):
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[0, -3:] = False  # trailing padding
+    mask[1, 1] = False
+    mask[1, block : 2 * block] = False  # a whole block / row padded: an empty region
+    if batch > 2:
+        mask[2] = False  # a fully padded sequence
+    return mask
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("variant,seq,block", CASES)
+def test_matches_dense_reference_forward_and_gradients(variant, seq, block, causal, padded):
+    q, k, v = _inputs(seq, grad=True, seed=seq + block)
+    mask = _padding(3, seq, block) if padded else None
+    out = combiner(q, k, v, variant, block, causal, mask)
+    ref, _ = combiner_reference(q, k, v, variant, block, causal, mask)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn_like(out)
+    fast = torch.autograd.grad(out, (q, k, v), upstream)
+    slow = torch.autograd.grad(ref, (q, k, v), upstream)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    if padded:
+        assert out[2].abs().max() == 0  # fully padded sequence: zeros, not NaN
+        assert out[0, :, -3:].abs().max() == 0
+
+
+@pytest.mark.parametrize("variant,causal", [("fixed", True), ("logsparse", False), ("mixture", True)])
+def test_gradcheck_tiny(variant, causal):
+    q, k, v = _inputs(7, batch=1, heads=1, dim=3, seed=1, grad=True)
+    mask = torch.tensor([[True, True, True, False, True, True, True]])
+    fn = lambda q, k, v: combiner(q, k, v, variant, 2, causal, mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("variant,seq,block", CASES)
+def test_full_support_rows_sum_to_one(variant, seq, block, causal):
+    q, k, v = _inputs(seq, seed=3)
+    mask = _padding(3, seq, block)
+    _, p = combiner_reference(q, k, v, variant, block, causal, mask)
+    i = torch.arange(seq)
+    support = mask[:, None, None, :] & mask[:, None, :, None]  # real query, real key
+    if causal:
+        support = support & (i[None, :] <= i[:, None])
+    support = support.expand_as(p)
+    assert (p[support] > 0).all(), "every allowed key gets positive weight"
+    assert (p[~support] == 0).all(), "no weight outside the support (causal: none on j > i)"
+    sums = p.sum(-1)
+    real_rows = mask[:, None, :].expand_as(sums)
+    torch.testing.assert_close(sums[real_rows], torch.ones_like(sums[real_rows]))
+    assert (sums[~real_rows] == 0).all()
+
+
+def test_partition_is_disjoint_and_covers_the_support():
+    for variant, seq, block in CASES:
+        for causal in CAUSAL:
+            for plan in combiner_partition(variant, seq, block, causal):
+                n = len(plan)
+                for i, (direct, regions) in enumerate(plan):
+                    members = direct + [j for region in regions for j in region]
+                    assert len(members) == len(set(members)), (variant, causal, i)  # no double count
+                    assert set(members) == set(range(i + 1 if causal else n)), (variant, causal, i)
+                    assert i in direct
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("variant", ["fixed", "logsparse", "axial_vertical", "axial_horizontal"])
+def test_region_blocks_have_rank_one(variant, causal):
+    seq, block = 16, 4
+    q, k, v = _inputs(seq, batch=1, heads=2, seed=4)
+    _, p = combiner_reference(q, k, v, variant, block, causal)
+    users: dict[tuple[int, ...], list[int]] = {}
+    for i, (_, regions) in enumerate(combiner_partition(variant, seq, block, causal)[0]):
+        for region in regions:
+            users.setdefault(tuple(region), []).append(i)
+    checked = 0
+    for region, queries in users.items():
+        if len(region) < 2 or len(queries) < 2:
+            continue
+        for h in range(2):
+            sigma = torch.linalg.svdvals(p[0, h][queries][:, list(region)])
+            assert sigma[1] / sigma[0] < 1e-5, (region, queries)
+            checked += 1
+    assert checked > 0
+
+
+def test_mixture_is_the_average_of_two_separately_normalised_plans():
+    q, k, v = _inputs(13, seed=5)
+    mask = _padding(3, 13, 4)
+    for causal in CAUSAL:
+        mix = combiner(q, k, v, "mixture", 4, causal, mask)
+        vertical = combiner(q, k, v, "axial_vertical", 4, causal, mask)
+        horizontal = combiner(q, k, v, "axial_horizontal", 4, causal, mask)
+        torch.testing.assert_close(mix, (vertical + horizontal) / 2)
+        _, p_mix = combiner_reference(q, k, v, "mixture", 4, causal, mask)
+        _, p_v = combiner_reference(q, k, v, "axial_vertical", 4, causal, mask)
+        _, p_h = combiner_reference(q, k, v, "axial_horizontal", 4, causal, mask)
+        torch.testing.assert_close(p_mix, (p_v + p_h) / 2)
+        for p in (p_v, p_h):  # each component sums to 1 on its own
+            sums = p.sum(-1)[mask[:, None].expand(-1, 2, -1)]
+            torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_single_token_regions_give_full_attention(causal):
+    q, k, v = _inputs(11, seed=6)
+    mask = _padding(2, 11, 1)[:2]
+    q, k, v = q[:2], k[:2], v[:2]
+    out = combiner(q, k, v, "fixed", 1, causal, mask)
+    allowed = mask[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(11, 11, dtype=torch.bool).tril()
+    full = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed) * mask[:, None, :, None]
+    torch.testing.assert_close(out, full)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal_has_no_future_gradient(variant):
+    seq = 13
+    q, k, v = _inputs(seq, batch=1, seed=7, grad=True)
+    out = combiner(q, k, v, variant, 3, True)
+    for i in range(seq):
+        grads = torch.autograd.grad(out[:, :, i].sum(), (q, k, v), retain_graph=True)
+        for name, g in zip("qkv", grads):
+            assert (g[:, :, i + 1 :] == 0).all(), f"d out_{i} / d {name}_j != 0 for some j > {i}"
+
+
+def test_bad_configuration_raises_value_error_naming_the_argument():
+    q, k, v = _inputs(8, batch=1)
+    with pytest.raises(ValueError, match="variant"):
+        combiner(q, k, v, "nope", 2)
+    for bad in (0, -1, 9, 2.5):
+        with pytest.raises(ValueError, match="block_size"):
+            combiner(q, k, v, "fixed", bad)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        combiner(q, k, v, "fixed", 2, key_padding_mask=torch.ones(1, 8))
+    with pytest.raises(ValueError, match="variant"):
+        build("combiner", 16, 2, variant="nope")
+    with pytest.raises(ValueError, match="block_size"):
+        build("combiner", 16, 2, block_size=0)
+    with pytest.raises(ValueError, match="block_size"):
+        build("combiner", 16, 2, block_size=16)(torch.randn(1, 8, 16))
+
+
+def test_default_block_size_any_length():
+    for seq in (1, 2, 5, 30):
+        q, k, v = _inputs(seq, batch=1, seed=seq)
+        for variant in VARIANTS:
+            ref, _ = combiner_reference(q, k, v, variant)
+            torch.testing.assert_close(combiner(q, k, v, variant), ref)
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_module_shapes_and_padding_invariance(variant, causal):
+    torch.manual_seed(0)
+    module = build("combiner", 16, 2, variant=variant, block_size=3, causal=causal).double()
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    attention_mask = torch.ones(2, 10)
+    attention_mask[1, 7:] = 0
+    y = module(x, attention_mask)
+    assert y.shape == x.shape
+    # Extra padded tokens (random content) change nothing on the real tokens.
+    longer = torch.cat([x, torch.randn(2, 5, 16, dtype=torch.float64)], dim=1)
+    longer_mask = torch.cat([attention_mask, torch.zeros(2, 5)], dim=1)
+    y_long = module(longer, longer_mask)
+    torch.testing.assert_close(y_long[0, :10], y[0])
+    torch.testing.assert_close(y_long[1, :7], y[1, :7])

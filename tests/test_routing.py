@@ -1,0 +1,289 @@
+"""Routing: the op against a dense per-cluster reference, membership, causality, k-means, module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from hopformer.attention import build
+from hopformer.attention.routing import local_attention
+from hopformer.ops.routing import clustered_attention, memberships, normalise, routing, routing_reference
+
+
+def _inputs(batch=2, heads=3, seq=17, dim=4, clusters=4, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, seq, dim, generator=g, dtype=torch.float64) for _ in range(3))
+    centroids = normalise(torch.randn(heads, clusters, dim, generator=g, dtype=torch.float64))
+    return [x.requires_grad_(grad) for x in (q, k, v)] + [centroids]
+
+
+def _padding(batch, seq):
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[0, -4:] = False
+    mask[1, :12] = False  # fewer real tokens than the window: pads get picked and must be inert
+    return mask
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shared_qk", [False, True])
+@pytest.mark.parametrize("qk_norm", ["layernorm", "l2"])
+def test_matches_dense_reference_forward_and_gradients(shared_qk, causal, padded, qk_norm):
+    q, k, v, centroids = _inputs(grad=True, seed=int(causal) + 2 * int(padded))
+    mask = _padding(2, 17) if padded else None
+    keys = q if shared_qk else k
+    out = routing(q, keys, v, centroids, 6, causal, mask, shared_qk=shared_qk, qk_norm=qk_norm)
+    query_idx, key_idx = memberships(q, keys, centroids, 6, mask, shared_qk=shared_qk, qk_norm=qk_norm)
+    ref = routing_reference(q, keys, v, query_idx, key_idx, causal, mask, shared_qk=shared_qk)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn_like(out)
+    inputs = (q, v) if shared_qk else (q, k, v)
+    for a, b in zip(torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(ref, inputs, upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    if padded:
+        assert (out[0, :, -4:] == 0).all() and (out[1, :, :12] == 0).all()
+
+
+def test_gradcheck_tiny():
+    q, k, v, centroids = _inputs(batch=1, heads=1, seq=6, dim=3, clusters=2, grad=True)
+    mask = torch.tensor([[True, True, False, True, True, True]])
+    fn = lambda q, k, v: routing(q, k, v, centroids, 3, True, mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_clusters_are_balanced_top_window():
+    q, k, _, centroids = _inputs(seq=19, clusters=5)
+    mask = torch.ones(2, 19, dtype=torch.bool)
+    mask[0, 3] = mask[0, 10] = False
+    query_idx, key_idx = memberships(q, k, centroids, 7, mask)
+    for idx, x in ((query_idx, q), (key_idx, k)):
+        assert idx.shape == (2, 3, 5, 7)
+        assert (idx.diff(dim=-1) > 0).all(), "exactly window distinct members, sorted by position"
+        assert mask.gather(1, idx.reshape(2, -1)).all(), "padding is never selected"
+        sim = torch.einsum("bhld,hcd->bhcl", normalise(x), centroids).masked_fill(~mask[:, None, None], -1e9)
+        chosen = sim.gather(-1, idx)
+        others = sim.scatter(-1, idx, -1e9)
+        assert (chosen.min(-1).values >= others.max(-1).values).all(), "members are the most similar tokens"
+    shared_q, shared_k = memberships(q, k, centroids, 7, mask, shared_qk=True)
+    assert torch.equal(shared_q, shared_k)
+
+
+def test_scatter_mean_hand_made():
+    # Zero queries: uniform attention inside each cluster, so each cluster output is a mean of values.
+    v = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64).view(1, 1, 4, 1)
+    q = torch.zeros(1, 1, 4, 1, dtype=torch.float64)
+    idx = torch.tensor([[[[0, 1], [1, 2]]]])  # cluster 0 = {0, 1}, cluster 1 = {1, 2}; token 3 in none
+    out = clustered_attention(q, q, v, idx, idx).flatten()
+    eps = 1e-5
+    expected = torch.tensor([1.5 / (1 + eps), (1.5 + 3.0) / (2 + eps), 3.0 / (1 + eps), 0.0], dtype=torch.float64)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_causal_no_future_gradient_for_fixed_centroids(shared_qk):
+    seq = 15
+    q, k, v, centroids = _inputs(batch=1, seq=seq, clusters=3, grad=True, seed=5)
+    keys = q if shared_qk else k
+    out = routing(q, keys, v, centroids, 6, True, shared_qk=shared_qk)
+    for i in range(seq):
+        grads = torch.autograd.grad(out[:, :, i].sum(), (q, k, v), retain_graph=True, allow_unused=True)
+        for name, g in zip("qkv", grads):
+            if g is not None:
+                assert (g[:, :, i + 1 :] == 0).all(), f"d out_{i} / d {name}_j != 0 for some j > {i}"
+
+
+def test_shared_qk_suppresses_self_unless_only_key():
+    q, _, v, centroids = _inputs(batch=1, heads=1, seq=8, clusters=1)
+    out = routing(q, q, v, centroids, 8, True, shared_qk=True)
+    # Position 0 has only itself; position 1 has only position 0 once itself is suppressed.
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 0] / (1 + 1e-5))
+    torch.testing.assert_close(out[0, 0, 1], v[0, 0, 0] / (1 + 1e-5))
+
+
+def test_bad_arguments_raise_value_error_naming_them():
+    q, k, v, centroids = _inputs(seq=8)
+    with pytest.raises(ValueError, match="window"):
+        routing(q, k, v, centroids, 9)
+    with pytest.raises(ValueError, match="window"):
+        routing(q, k, v, centroids, 0)
+    with pytest.raises(ValueError, match="centroids"):
+        routing(q, k, v, centroids[:, :0], 2)
+    with pytest.raises(ValueError, match="qk_norm"):
+        routing(q, k, v, centroids, 2, qk_norm="rms")
+    with pytest.raises(ValueError, match="clusters"):
+        build("routing", 16, 2, clusters=0)
+    with pytest.raises(ValueError, match="local_heads"):
+        build("routing", 16, 2, local_heads=3)
+    with pytest.raises(ValueError, match="window"):
+        build("routing", 16, 2, clusters=2, window=9)(torch.randn(1, 8, 16))
+
+
+# --------------------------------------------------------------------------------------------
+# Local heads
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_attention_matches_dense_mask(causal):
+    q, k, v, _ = _inputs(seq=13, seed=8)
+    mask = _padding(2, 13)
+    out = local_attention(q, k, v, 4, causal, mask)
+    i = torch.arange(13)
+    block = i // 4
+    allowed = (block[None, :] - block[:, None]).abs() <= 1
+    if causal:
+        allowed = allowed & (i[None, :] <= i[:, None])
+    allowed = allowed & mask[:, None, None, :]
+    ok = allowed.any(-1, keepdim=True)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~ok) * (ok & mask[:, None, :, None])
+    torch.testing.assert_close(out, dense)
+
+
+# --------------------------------------------------------------------------------------------
+# Module and k-means
+
+
+def _module(**options):
+    torch.manual_seed(0)
+    defaults = dict(clusters=3, local_heads=1, local_window=4)
+    return build("routing", 16, 4, **{**defaults, **options})
+
+
+def test_module_shapes_and_mixed_heads():
+    x = torch.randn(2, 11, 16)
+    mask = torch.ones(2, 11)
+    mask[1, 6:] = 0
+    for local_heads in (0, 2, 4):
+        for causal in (False, True):
+            module = _module(local_heads=local_heads, causal=causal)
+            y = module(x, mask)
+            assert y.shape == x.shape and torch.isfinite(y).all()
+            assert (module.aux_loss is not None) == (local_heads < 4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_invariance_with_one_cluster_over_the_whole_sequence(causal):
+    module = _module(clusters=1, causal=causal).double().eval()
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    mask = torch.ones(2, 10)
+    mask[1, 7:] = 0
+    y = module(x, mask)
+    longer = torch.cat([x, torch.randn(2, 5, 16, dtype=torch.float64)], dim=1)
+    y_long = module(longer, torch.cat([mask, torch.zeros(2, 5)], dim=1))
+    torch.testing.assert_close(y_long[0, :10], y[0])
+    torch.testing.assert_close(y_long[1, :7], y[1, :7])
+
+
+def test_eval_before_training_works_and_does_not_depend_on_the_batch():
+    module = _module().eval()
+    before = module.centroids.clone()
+    x = torch.randn(3, 12, 16)
+    y = module(x)
+    assert torch.isfinite(y).all() and not bool(module.initialised)
+    assert torch.equal(module.centroids, before)
+    torch.testing.assert_close(module(x[1:2]), y[1:2])
+
+
+def test_first_training_batch_initialises_from_data_and_eval_never_updates():
+    module = _module(decay=0.5)
+    random = module.centroids.clone()
+    x = torch.randn(2, 12, 16)
+    module(x)
+    assert bool(module.initialised)
+    assert not torch.allclose(module.centroids, random)
+    radius = module.head_dim**0.5  # layernorm sphere
+    torch.testing.assert_close(module.centroids.norm(dim=-1), torch.full((3, 3), radius))
+    after_init = module.centroids.clone()
+    module(torch.randn(2, 12, 16))  # applies the first batch's statistics (a k-means fixed point)
+    module(torch.randn(2, 12, 16))  # applies the second batch's
+    assert not torch.allclose(module.centroids, after_init)
+    torch.testing.assert_close(module.centroids.norm(dim=-1), torch.full((3, 3), radius))
+    module.eval()
+    frozen = module.centroids.clone()
+    module(torch.randn(2, 12, 16))
+    module(torch.randn(2, 12, 16))
+    assert torch.equal(module.centroids, frozen)
+    assert module.pending_batches == 1, "eval records nothing (the last training batch stays pending)"
+
+
+def test_ema_math_on_a_tiny_example():
+    module = build("routing", 2, 1, local_heads=0, clusters=2, qk_norm="l2", decay=0.75, update="manual")
+    module.initialised.fill_(True)
+    module.ema_counts.copy_(torch.tensor([[2.0, 0.0]]))
+    module.ema_sums.copy_(torch.tensor([[[2.0, 0.0], [0.0, 0.0]]]))
+    module.centroids.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+    # One recorded batch: two tokens to cluster 0, one token to cluster 1.
+    x = torch.tensor([[[[0.6, 0.8], [0.0, 1.0], [1.0, 0.0]]]])
+    assign = torch.tensor([[[0, 1, 0]]])
+    module._record([(x, assign)], None)
+    module.update_centroids()
+    counts = torch.tensor([[0.75 * 2 + 0.25 * 2, 0.25 * 1]])
+    sums = torch.tensor([[[0.75 * 2 + 0.25 * 1.6, 0.25 * 0.8], [0.0, 0.25]]])
+    torch.testing.assert_close(module.ema_counts, counts)
+    torch.testing.assert_close(module.ema_sums, sums)
+    torch.testing.assert_close(module.centroids, F.normalize(sums / (counts[..., None] + 1e-5), dim=-1))
+
+
+def test_manual_update_averages_the_recorded_forwards():
+    module = _module(update="manual", decay=0.5)
+    module(torch.randn(2, 12, 16))  # initialises and records
+    module(torch.randn(2, 12, 16))
+    assert module.pending_batches == 2
+    expected = (module.pending_counts / 2) * 0.5 + module.ema_counts * 0.5
+    module.update_centroids()
+    torch.testing.assert_close(module.ema_counts, expected)
+    assert module.pending_batches == 0
+
+
+@pytest.mark.parametrize("share_qk", [False, True])
+def test_commitment_loss_reaches_the_q_and_k_projections(share_qk):
+    module = _module(share_qk=share_qk, local_heads=0)
+    module(torch.randn(2, 12, 16), torch.ones(2, 12))
+    assert module.aux_loss is not None and module.aux_loss.item() > 0
+    module.aux_loss.backward()
+    grad = module.qkv.weight.grad
+    assert grad[:16].abs().sum() > 0, "commitment gradient reaches the query projection"
+    assert (grad[16:32].abs().sum() > 0) != share_qk, "and the key projection unless keys are the queries"
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_recomputation_does_not_update(use_reentrant):
+    module = _module(update="manual")
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    module(x)  # initialise outside the checkpoint
+    module.pending_batches = 0
+    module.pending_counts = module.pending_sums = None
+    y = checkpoint(module, x, use_reentrant=use_reentrant)
+    y.sum().backward()
+    assert module.pending_batches == 1, "recorded by the forward, not by the recomputation"
+    grad = x.grad.clone()
+    x.grad = None
+    module(x).sum().backward()
+    torch.testing.assert_close(x.grad, grad)
+
+
+def test_distributed_statistics_are_all_reduced(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        module = _module(decay=0.5)
+        module(torch.randn(2, 12, 16))
+        module(torch.randn(2, 12, 16))
+        assert bool(module.initialised) and module.pending_batches == 1
+    finally:
+        dist.destroy_process_group()
+
+
+def test_state_dict_round_trip_and_float32_tables():
+    trained = _module(decay=0.5)
+    trained(torch.randn(2, 12, 16))
+    fresh = _module(decay=0.5).eval()
+    fresh.load_state_dict(trained.state_dict())
+    assert bool(fresh.initialised) and torch.equal(fresh.centroids, trained.centroids)
+    x = torch.randn(2, 12, 16)
+    torch.testing.assert_close(fresh(x), trained.eval()(x))
+    half = _module().bfloat16()
+    assert half.centroids.dtype == half.ema_sums.dtype == torch.float32  # the EMA must not stall
+    assert half.train()(torch.randn(2, 12, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
