@@ -1,5 +1,6 @@
 """GPU exploration 2: adjoint flex diffusion vs the hop loop, kernel options, baselines, 1M tokens."""
-import json, os, traceback
+import faulthandler, json, os, sys, traceback
+faulthandler.dump_traceback_later(150, repeat=True, file=sys.stderr)
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench

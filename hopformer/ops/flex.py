@@ -36,9 +36,10 @@ def check_flex_graph(graph: BlockGraph) -> None:
         )
 
 
-def _tile_codes(graph: BlockGraph, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per (query tile, key tile): 0 none, 1 partial, 2 full; and, for blocks smaller than a tile,
-    the block adjacency the mask_mod looks up. Cached on the graph."""
+def _tile_codes(graph: BlockGraph, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (query tile, key tile): 0 none, 1 partial, 2 full; and the block adjacency that the
+    mask_mod looks up (FlexAttention's contract: mask_mod describes the whole mask; compiled kernels
+    evaluate it only on partial tiles). Cached on the graph."""
     key = ("flex_tiles", str(device))
     if key in graph.cache:
         return graph.cache[key]
@@ -46,7 +47,6 @@ def _tile_codes(graph: BlockGraph, device: torch.device) -> tuple[torch.Tensor, 
     bs, nb = graph.block_size, graph.num_blocks
     tiles = -(-graph.seq_len // TILE)
     adjacency = graph.block_adjacency(device)
-    lookup = None
     if bs >= TILE:
         r = bs // TILE
         tile_adj = adjacency.repeat_interleave(r, 0).repeat_interleave(r, 1)[:tiles, :tiles]
@@ -57,12 +57,15 @@ def _tile_codes(graph: BlockGraph, device: torch.device) -> tuple[torch.Tensor, 
         padded[:nb, :nb] = adjacency
         grouped = padded.view(tiles, r, tiles, r)
         codes = grouped.any(3).any(1).to(torch.int8) + grouped.all(3).all(1).to(torch.int8)
-        lookup = padded
     if graph.is_causal:
         diagonal = torch.arange(tiles, device=device)
         codes[diagonal, diagonal] = codes[diagonal, diagonal].clamp(max=1)
     if graph.seq_len % TILE:
         codes[:, -1] = codes[:, -1].clamp(max=1)  # the last key tile holds padding
+    # the lookup covers every padded position (blocks past the graph have no edges)
+    blocks_needed = -(-tiles * TILE // bs)
+    lookup = torch.zeros(blocks_needed, blocks_needed, dtype=torch.bool, device=device)
+    lookup[:nb, :nb] = adjacency
     graph.cache[key] = (codes, lookup)
     return codes, lookup
 
@@ -98,11 +101,9 @@ def block_mask(graph: BlockGraph, key_padding_mask: torch.Tensor | None, device:
         codes = torch.minimum(torch.minimum(codes, tile_real[:, None, :]), tile_real[:, :, None])
 
     def mask_mod(b, h, q_idx, kv_idx):
-        allowed = kv_idx < seq
+        allowed = (kv_idx < seq) & lookup[q_idx // bs, kv_idx // bs]
         if causal:
             allowed = allowed & (kv_idx <= q_idx)
-        if lookup is not None:
-            allowed = allowed & lookup[q_idx // bs, kv_idx // bs]
         if real is not None:
             allowed = allowed & real[b, kv_idx] & real[b, q_idx]
         return allowed
@@ -196,8 +197,10 @@ def _compiled_flex_transposed():
 
     def attend_transposed(k, q, w, lse, block_mask, scale, kernel_options):
         # sum_i exp(s_ij - lse_i) w_i  =  softmax-normalised output * exp(its own lse)
+        safe_lse = torch.where(torch.isfinite(lse), lse, 0.0)  # rows with no key are masked anyway
+
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score - lse[b, h, kv_idx]
+            return score - safe_lse[b, h, kv_idx]
 
         out, column_lse = flex_attention(
             k,
