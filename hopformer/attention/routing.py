@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from hopformer.attention.base import AttentionModule
 from hopformer.attention.registry import register
 from hopformer.ops.combiner import grouped_attention
-from hopformer.ops.routing import QK_NORMS, clustered_attention, normalise, top_window
+from hopformer.ops.routing import QK_NORMS, clustered_attention, normalise, similarity, top_window
 
 UPDATES = ("auto", "manual")
 EMA_EPS = 1e-5
@@ -164,8 +164,10 @@ class RoutingAttention(AttentionModule):
 
     def _route(self, q, k, v, window, padding, dropout):
         recording = self.training and not _recomputing()
-        q_norm = normalise(q, self.qk_norm)
-        k_norm = q_norm if self.share_qk else normalise(k, self.qk_norm)
+        # Normalised vectors in at least float32: they rank tokens, feed the EMA and the loss.
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q_norm = normalise(q.to(dtype), self.qk_norm)
+        k_norm = q_norm if self.share_qk else normalise(k.to(dtype), self.qk_norm)
         if recording:
             with torch.no_grad():
                 if not self._is_initialised():
@@ -173,9 +175,9 @@ class RoutingAttention(AttentionModule):
                 elif self.update == "auto":
                     self.update_centroids()
 
-        centroids = self.centroids.to(q.dtype)
-        sim_q = torch.einsum("bhld,hcd->bhcl", q_norm.detach(), centroids)
-        sim_k = sim_q if self.share_qk else torch.einsum("bhld,hcd->bhcl", k_norm.detach(), centroids)
+        centroids = self.centroids.to(dtype)
+        sim_q = similarity(q_norm.detach(), self.centroids)
+        sim_k = sim_q if self.share_qk else similarity(k_norm.detach(), self.centroids)
         query_idx = top_window(sim_q, window, padding)
         key_idx = query_idx if self.share_qk else top_window(sim_k, window, padding)
         out = clustered_attention(
@@ -186,8 +188,8 @@ class RoutingAttention(AttentionModule):
         pairs = [(q_norm, sim_q.argmax(2))]
         if not self.share_qk:
             pairs.append((k_norm, sim_k.argmax(2)))
-        real = None if padding is None else padding[:, None, :].to(q.dtype)  # (B, 1, L)
-        loss = q.new_zeros(())
+        real = None if padding is None else padding[:, None, :].to(dtype)  # (B, 1, L)
+        loss = q_norm.new_zeros(())
         for x, assign in pairs:
             target = centroids[torch.arange(self.routing_heads, device=q.device)[:, None], assign]
             error = (x - target).pow(2).mean(-1)  # (B, H_r, L); the target carries no gradient

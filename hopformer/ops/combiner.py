@@ -34,6 +34,14 @@ pooling or distribution; a region without real tokens contributes nothing. Padde
 output zeros. Lengths that are not a multiple of the block (row) size are padded internally with
 positions that neither send nor receive.
 
+Implementation (no ``O(L^2)`` tensor, no loop over tokens or regions): ``fixed`` appends the block
+summaries to every block's keys and runs one batched SDPA with a boolean mask (summaries as extra KV
+tokens). ``logsparse`` builds the ``log L`` summary levels with reshapes and swaps neighbouring spans so
+each query meets its sibling summary in place, then one softmax over ``[own block || levels]``.
+The axial forms compute row, column and summary logits with einsums (direct keys differ per row
+*and* per column, so no single SDPA call covers them) and one softmax over their concatenation;
+summaries use exclusive ``cummax`` along rows / columns and per-column / per-row SDPA.
+
 :func:`combiner_partition` lists the partition of every query straight from these definitions and
 :func:`combiner_reference` builds the dense ``P`` from it (float64, small ``L``) for the tests.
 """
@@ -196,49 +204,59 @@ def _fixed(q, k, v, block, causal, real, scale, dropout_p):
 
 
 def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
-    batch, heads, seq, dim = q.shape
+    batch, heads, seq, _ = q.shape
     blocks = seq // block
-    levels = (blocks - 1).bit_length()  # tree over next_pow2(blocks) leaves
+    levels = (blocks - 1).bit_length()  # binary tree over next_pow2(blocks) leaf blocks
     tree = block << levels
-    # The tree needs a power-of-two number of blocks: extra blocks are padding (empty regions).
+    # The tree needs a power-of-two number of blocks: the extra blocks are padding (empty regions).
     qp, kp, vp = (F.pad(x, (0, 0, 0, tree - seq)) for x in (q, k, v))
     rp = F.pad(real, (0, tree - seq), value=False)
 
-    # Summaries of every aligned span of 2**b blocks, b = 0 .. levels-1, stacked level after level.
-    keys_s, values_s, nonempty_s, offsets = [], [], [], []
-    for level in range(levels):  # O(log L) levels, each O(L) work
+    # At level b the tree has spans of 2**b blocks; a query in span u uses the summary of the
+    # sibling span u ^ 1 (causal: only when the sibling is on the left, i.e. u is odd). The siblings
+    # over all levels tile everything outside the query's own block. Swapping neighbouring spans
+    # lines every query up with its sibling's summary: O(L) per level, no gather.
+    level_logits, level_masks, level_values = [], [], []
+    for level in range(levels):  # O(log L) levels
         span, count = block << level, (tree // block) >> level
         key, value, nonempty = _region_summaries(
             *(x.view(batch, heads, count, span, x.shape[-1]) for x in (qp, kp, vp)),
             rp.view(batch, 1, count, span),
             scale,
         )
-        offsets.append(sum(x.shape[2] for x in keys_s))
-        keys_s.append(key)
-        values_s.append(value)
-        nonempty_s.append(nonempty[:, 0])
+        key, value = (x.view(batch, heads, count // 2, 2, x.shape[-1]).flip(3).flatten(2, 3) for x in (key, value))
+        use = nonempty[:, 0].view(batch, count // 2, 2).flip(2).flatten(1)  # (B, count)
+        if causal:
+            use = use & (torch.arange(count, device=q.device) % 2 == 1)
+        logits = torch.einsum("bhusd,bhud->bhus", qp.view(batch, heads, count, span, -1), key) * scale
+        level_logits.append(logits.reshape(batch, heads, tree)[:, :, :seq])
+        level_masks.append(use.repeat_interleave(span, dim=1)[:, :seq])
+        level_values.append(value)
 
     qb, kb, vb = (x.view(batch, heads, blocks, block, x.shape[-1]) for x in (q, k, v))
     rb = real.view(batch, blocks, block)
-    direct = rb[:, :, None, :]
+    direct_mask = rb[:, None, :, None, :]
     if causal:
-        direct = direct & torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
-    direct = direct.expand(batch, blocks, block, block)
-    if levels == 0:
-        return grouped_attention(qb, kb, vb, direct, scale, dropout_p).reshape(batch, heads, seq, -1)
-
-    # Query block t uses, at every level, the span that is its sibling in the tree; the siblings
-    # tile everything outside block t (causal: only left siblings, tiling [0, t)).
-    t = torch.arange(blocks, device=q.device)[:, None]
-    level = torch.arange(levels, device=q.device)[None, :]
-    index = torch.tensor(offsets, device=q.device)[None, :] + ((t >> level) ^ 1)  # (nb, levels)
-    used = torch.cat(nonempty_s, dim=1)[:, index]  # (B, nb, levels)
-    if causal:
-        used = used & ((t >> level) & 1).bool()
-    keys = torch.cat([kb, torch.cat(keys_s, dim=2)[:, :, index]], dim=3)
-    values = torch.cat([vb, torch.cat(values_s, dim=2)[:, :, index]], dim=3)
-    mask = torch.cat([direct, used[:, :, None, :].expand(-1, -1, block, -1)], dim=-1)
-    return grouped_attention(qb, keys, values, mask, scale, dropout_p).reshape(batch, heads, seq, -1)
+        direct_mask = direct_mask & torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+    direct_mask = direct_mask.expand(batch, 1, blocks, block, block)
+    # One softmax per query over [own block || one summary per level].
+    logits = torch.einsum("bhtqd,bhtkd->bhtqk", qb, kb) * scale
+    mask = direct_mask
+    if levels:
+        summary = torch.stack(level_logits, -1).view(batch, heads, blocks, block, levels)
+        logits = torch.cat([logits, summary], dim=-1)
+        summary_mask = torch.stack(level_masks, -1).view(batch, 1, blocks, block, levels)
+        mask = torch.cat([direct_mask, summary_mask], dim=-1)
+    probs = logits.masked_fill(~mask, torch.finfo(logits.dtype).min).softmax(-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    out = torch.einsum("bhtqk,bhtkd->bhtqd", probs[..., :block], vb).reshape(batch, heads, seq, -1)
+    for level, value in enumerate(level_values):
+        span, count = block << level, value.shape[2]
+        weight = F.pad(probs[..., block + level].reshape(batch, heads, seq), (0, tree - seq))
+        spread = torch.einsum("bhus,bhud->bhusd", weight.view(batch, heads, count, span), value)
+        out = out + spread.reshape(batch, heads, tree, -1)[:, :, :seq]
+    return out
 
 
 def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
@@ -276,7 +294,8 @@ def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
         # One softmax over [own row || own column || summaries]: one partition function per query.
         logits = torch.cat([row_logits, col_logits, sum_logits], dim=-1)
         mask = torch.cat([x.expand(batch, 1, rows, width, -1) for x in (row_mask, col_mask, sum_mask)], -1)
-        probs = _masked_softmax(logits, mask)
+        # In place on the fresh concatenation: one fewer (L, 2 sqrt(L) + ...) tensor alive.
+        probs = logits.masked_fill_(~mask, torch.finfo(logits.dtype).min).softmax(-1)
         if dropout_p > 0:
             probs = F.dropout(probs, dropout_p)
         p_row, p_col, p_sum = probs.split([width, rows, sum_logits.shape[-1]], dim=-1)

@@ -115,16 +115,23 @@ def memberships(
 
     With ``shared_qk`` both are the same index set, ranked by the normalised q.
     """
+    dtype = torch.promote_types(q.dtype, torch.float32)  # rank in at least float32 (see similarity)
     with torch.no_grad():  # membership is discrete: no gradient through the ranking
-        query_idx = top_window(_similarity(normalise(q, qk_norm), centroids), window, key_padding_mask)
+        query_idx = top_window(similarity(normalise(q.to(dtype), qk_norm), centroids), window, key_padding_mask)
         if shared_qk:
             return query_idx, query_idx
-        key_idx = top_window(_similarity(normalise(k, qk_norm), centroids), window, key_padding_mask)
+        key_idx = top_window(similarity(normalise(k.to(dtype), qk_norm), centroids), window, key_padding_mask)
     return query_idx, key_idx
 
 
-def _similarity(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("bhld,hcd->bhcl", x, centroids.to(x.dtype))
+def similarity(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``(batch, heads, clusters, seq)`` dot products of normalised tokens with the centroids.
+
+    Computed in at least float32: in bfloat16 the ranking of ``sqrt(d)``-norm vectors is coarse
+    enough to reorder the top-w (measured: most memberships change at d = 64).
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return torch.einsum("bhld,hcd->bhcl", x.to(dtype), centroids.to(dtype))
 
 
 def clustered_attention(
