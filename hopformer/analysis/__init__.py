@@ -1,0 +1,42 @@
+"""Measures of attention graphs: the spectral gap (expander quality, before and after diffusion) and
+the Normalized Information Payload (NIP), plus pictures (:mod:`hopformer.analysis.plots`, needs
+matplotlib) and the ``hopformer graph`` verb (:mod:`hopformer.analysis.cli`).
+
+Every measure takes a :class:`~hopformer.graphs.BlockGraph` or a square bool adjacency matrix.
+``hopformer.analysis.nip`` is the NIP function (the contract name); its module, with the
+:class:`PayloadReport` internals, is ``importlib.import_module("hopformer.analysis.nip")``.
+"""
+
+from hopformer.analysis.nip import (
+    PayloadReport,
+    closed_form_nip,
+    degree_stats,
+    diameter,
+    information_payload,
+    nip,
+)
+from hopformer.analysis.spectral import (
+    adjacency_matrix,
+    heat_spectral_map,
+    ppr_spectral_map,
+    spectral_gap,
+    spectral_map,
+    spectrum,
+    transition_matrix,
+)
+
+__all__ = [
+    "PayloadReport",
+    "adjacency_matrix",
+    "closed_form_nip",
+    "degree_stats",
+    "diameter",
+    "heat_spectral_map",
+    "information_payload",
+    "nip",
+    "ppr_spectral_map",
+    "spectral_gap",
+    "spectral_map",
+    "spectrum",
+    "transition_matrix",
+]
