@@ -36,7 +36,6 @@ class GatherPlan:
     narrow_mask: torch.Tensor  # (n, d, block, block) token-level edges of each gathered tile
     wide_rows: torch.Tensor  # (w,) query blocks computed against all keys
     wide_mask: torch.Tensor  # (w, block, padded_len) token-level edges of the wide rows
-    restore: torch.Tensor | None  # permutation putting [narrow, wide] back in block order (None: identity)
 
 
 def gather_plan(graph: BlockGraph, device: torch.device) -> GatherPlan:
@@ -82,19 +81,14 @@ def _build_plan(graph: BlockGraph, device: torch.device) -> GatherPlan:
         adjacency[i, graph.indices[graph.indptr[row] : graph.indptr[row + 1]]] = True
     wide_mask = (adjacency.repeat_interleave(bs, dim=1) & key_real)[:, None, :].expand(-1, bs, -1)
     if graph.is_causal:
-        wide_mask = wide_mask & (
-            torch.arange(graph.padded_len)[None, None, :] <= positions[wide_rows][:, :, None]
-        )
+        wide_mask = wide_mask & (torch.arange(graph.padded_len)[None, None, :] <= positions[wide_rows][:, :, None])
 
-    everything = torch.cat([narrow_rows, wide_rows])
-    restore = None if torch.equal(everything, torch.arange(nb)) else torch.argsort(everything)
     return GatherPlan(
         narrow_rows.to(device),
         narrow_keys.to(device),
         narrow_mask.contiguous().to(device),
         wide_rows.to(device),
         wide_mask.contiguous().to(device),
-        None if restore is None else restore.to(device),
     )
 
 
@@ -121,7 +115,7 @@ class _Attention:
         if len(plan.narrow_rows):
             keys = plan.narrow_keys
             mask = plan.narrow_mask[None, None]
-            q_rows = q_blocks if plan.restore is None else q_blocks[:, :, plan.narrow_rows]
+            q_rows = q_blocks if len(plan.narrow_rows) == graph.num_blocks else q_blocks[:, :, plan.narrow_rows]
             if real is not None:
                 keys_real = real[:, keys]  # (B, n, d, bs)
                 rows_real = real[:, plan.narrow_rows]  # (B, n, bs)
@@ -137,11 +131,7 @@ class _Attention:
             k_all = k_blocks.flatten(2, 3)
             mask = plan.wide_mask.flatten(0, 1)[None, None]
             if real is not None:
-                mask = (
-                    mask
-                    & real.flatten(1)[:, None, None, :]
-                    & real[:, plan.wide_rows].flatten(1)[:, None, :, None]
-                )
+                mask = mask & real.flatten(1)[:, None, None, :] & real[:, plan.wide_rows].flatten(1)[:, None, :, None]
             scores = torch.matmul(q_rows, k_all.transpose(-1, -2)).mul_(scale)
             self.wide = _fill_softmax_(scores, mask, (3,))
             self.q_wide, self.wide_mask = q_rows, mask
@@ -189,133 +179,174 @@ class _Attention:
         return out
 
 
+# Attention probabilities kept alive at once (elements): heads are processed in chunks of about this
+# size, and each chunk's attention is recomputed in backward instead of stored.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _pad_seq(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Pad the sequence axis (dim 2) with zeros; no copy when nothing is padded."""
+    return F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
+
+
+def _head_chunks(graph: BlockGraph, plan: GatherPlan, batch: int, heads: int, store: bool) -> list[slice]:
+    if store:  # dropout masks must meet the same values in backward: keep everything in one chunk
+        return [slice(0, heads)]
+    per_head = batch * (plan.narrow_mask.numel() + plan.wide_mask.numel())
+    size = max(1, min(heads, CHUNK_ELEMENTS // max(per_head, 1)))
+    return [slice(h, min(h + size, heads)) for h in range(0, heads, size)]
+
+
+def _forward_chunk(attention, v_blocks, steps, edge_p, edge_mode, hop_p):
+    """Run the steps for one head chunk; returns the final state and what backward needs."""
+    keeps, hop_keeps, applied = [], [], []  # per step: edge keep-masks, hop keep-mask, A z
+    shared = attention.dropout_masks(edge_p) if edge_p > 0 and edge_mode == "once" else (None, None)
+    z = v_blocks
+    for a in steps:
+        keep = attention.dropout_masks(edge_p) if edge_p > 0 and edge_mode == "per_hop" else shared
+        y = attention.apply(z, keep, edge_p) if a < 1.0 else None
+        z = v_blocks if y is None else torch.lerp(y, v_blocks, a)
+        hop_keep = None
+        if hop_p > 0:
+            hop_keep = torch.rand_like(z) >= hop_p
+            z = z * hop_keep / (1 - hop_p)
+        keeps.append(keep)
+        hop_keeps.append(hop_keep)
+        applied.append(y)
+    return z, (keeps, hop_keeps, applied)
+
+
+def _backward_chunk(attention, k_blocks, v_blocks, grad_blocks, steps, scale, saved, edge_p, hop_p):
+    """Gradients of q, k, v blocks for one head chunk (adjoint recurrence, then the score gradient)."""
+    keeps, hop_keeps, applied = saved
+    plan = attention.plan
+    batch, heads, nb, bs, _ = v_blocks.shape
+    # inputs of each application: z_{t-1}, rebuilt from the stored outputs A z
+    inputs, z = [], v_blocks
+    for a, y, hop_keep in zip(steps, applied, hop_keeps):
+        inputs.append(z)
+        z = v_blocks if y is None else torch.lerp(y, v_blocks, a)
+        if hop_keep is not None:
+            z = z * hop_keep / (1 - hop_p)
+
+    # adjoint sweep: u = dL/dz_t, w_t = dL/d(A z_{t-1})
+    u, grad_v = grad_blocks, torch.zeros_like(v_blocks)
+    adjoints = [None] * len(steps)
+    for t in reversed(range(len(steps))):
+        if hop_keeps[t] is not None:
+            u = u * hop_keeps[t] / (1 - hop_p)
+        a = steps[t]
+        grad_v += a * u
+        if a < 1.0:
+            adjoints[t] = (1 - a) * u
+            u = attention.apply_transposed(adjoints[t], keeps[t], edge_p)
+        else:
+            u = torch.zeros_like(u)
+    grad_v += u
+
+    # dS = P * (dP - r): dP = sum_t w_t z_{t-1}^T on the edges, r_i = sum_t w_t,i . (A z_{t-1})_i
+    terms = [(w, z_in, y, keep) for w, z_in, y, keep in zip(adjoints, inputs, applied, keeps) if w is not None]
+    r = sum((w * y).sum(-1) for w, _, y, _ in terms)  # (B, H, nb, bs)
+    grad_q = k_blocks.new_zeros(batch, heads, nb, bs, k_blocks.shape[-1])
+    grad_k = torch.zeros_like(k_blocks)
+    if attention.narrow is not None:
+        keys, rows = plan.narrow_keys, plan.narrow_rows
+        q_rows, probs = attention.q_narrow, attention.narrow
+        r_rows = r[:, :, rows][..., None]
+        grad_q_rows = torch.zeros_like(q_rows)
+        for slot in range(keys.shape[1]):
+            p_slot = probs[:, :, :, slot]
+            grad_slot = -p_slot * r_rows
+            for w, z_in, _, keep in terms:
+                weighted = torch.matmul(w[:, :, rows], z_in[:, :, keys[:, slot]].transpose(-1, -2))
+                if keep[0] is not None:
+                    weighted = weighted * keep[0][:, :, :, slot] / (1 - edge_p)
+                grad_slot += p_slot * weighted
+            grad_slot *= scale
+            grad_q_rows += torch.matmul(grad_slot, k_blocks[:, :, keys[:, slot]])
+            grad_k.index_add_(2, keys[:, slot], torch.matmul(grad_slot.transpose(-1, -2), q_rows))
+        grad_q[:, :, rows] = grad_q_rows
+    if attention.wide is not None:
+        rows, probs, q_rows = plan.wide_rows, attention.wide, attention.q_wide
+        grad_scores = -probs * r[:, :, rows].flatten(2)[..., None]
+        for w, z_in, _, keep in terms:
+            weighted = torch.matmul(w[:, :, rows].flatten(2, 3), z_in.flatten(2, 3).transpose(-1, -2))
+            if keep[1] is not None:
+                weighted = weighted * keep[1] / (1 - edge_p)
+            grad_scores += probs * weighted
+        grad_scores *= scale
+        grad_q[:, :, rows] = torch.matmul(grad_scores, k_blocks.flatten(2, 3)).unflatten(2, (len(rows), bs))
+        grad_k += torch.matmul(grad_scores.transpose(-1, -2), q_rows).view_as(grad_k)
+    return grad_q, grad_k, grad_v
+
+
 class _GatherDiffusion(torch.autograd.Function):
     """``z <- lerp(A z, v, a_t)`` for each step weight ``a_t``, starting from ``z = v`` (see
-    :func:`hopformer.ops.coefficients.mixing_weights`), with optional edge and hop dropout."""
+    :func:`hopformer.ops.coefficients.mixing_weights`), with optional edge and hop dropout.
+
+    Heads are independent, so they run in chunks; without edge dropout each chunk's attention is
+    recomputed in backward (one extra score product) rather than stored, which keeps peak memory at
+    one chunk's attention plus one state per hop."""
 
     @staticmethod
     def forward(ctx, q, k, v, graph, key_padding_mask, steps, scale, edge_p, edge_mode, hop_p):
         plan = gather_plan(graph, q.device)
         batch, heads, seq, dim = q.shape
         nb, bs, pad = graph.num_blocks, graph.block_size, graph.padded_len - seq
-        q_blocks = F.pad(q, (0, 0, 0, pad)).view(batch, heads, nb, bs, dim)
-        k_blocks = F.pad(k, (0, 0, 0, pad)).view(batch, heads, nb, bs, dim)
-        v_blocks = F.pad(v, (0, 0, 0, pad)).view(batch, heads, nb, bs, v.shape[-1])
+        q_blocks = _pad_seq(q, pad).view(batch, heads, nb, bs, dim)
+        k_blocks = _pad_seq(k, pad).view(batch, heads, nb, bs, dim)
+        v_blocks = _pad_seq(v, pad).view(batch, heads, nb, bs, v.shape[-1])
         real = None if key_padding_mask is None else F.pad(key_padding_mask, (0, pad)).view(batch, nb, bs)
-        attention = _Attention(plan, graph, q_blocks, k_blocks, real, scale)
 
-        keeps, hop_keeps, applied = [], [], []  # per step: edge keep-masks, hop keep-mask, A z
-        shared = attention.dropout_masks(edge_p) if edge_p > 0 and edge_mode == "once" else (None, None)
-        z = v_blocks
-        for a in steps:
-            keep = attention.dropout_masks(edge_p) if edge_p > 0 and edge_mode == "per_hop" else shared
-            y = attention.apply(z, keep, edge_p) if a < 1.0 else None
-            z = v_blocks if y is None else torch.lerp(y, v_blocks, a)
-            hop_keep = None
-            if hop_p > 0:
-                hop_keep = torch.rand_like(z) >= hop_p
-                z = z * hop_keep / (1 - hop_p)
-            keeps.append(keep)
-            hop_keeps.append(hop_keep)
-            applied.append(y)
+        # Edge-dropout masks must meet the same probabilities in backward, so with edge dropout the
+        # attention is stored; without, backward recomputes each chunk's attention (memory: one chunk).
+        store = edge_p > 0
+        chunks = _head_chunks(graph, plan, batch, heads, store)
+        out = torch.empty_like(v_blocks)
+        saved, attentions = [], []
+        for h in chunks:
+            attention = _Attention(plan, graph, q_blocks[:, h], k_blocks[:, h], real, scale)
+            out[:, h], chunk_saved = _forward_chunk(attention, v_blocks[:, h], steps, edge_p, edge_mode, hop_p)
+            saved.append(chunk_saved)
+            attentions.append(attention if store else None)
 
-        ctx.attention, ctx.steps, ctx.scale = attention, steps, scale
-        ctx.keeps, ctx.hop_keeps, ctx.edge_p, ctx.hop_p = keeps, hop_keeps, edge_p, hop_p
-        ctx.shape = (seq, pad)
-        ctx.save_for_backward(k_blocks, v_blocks, *[y for y in applied if y is not None])
-        return z.flatten(2, 3)[:, :, :seq]
+        ctx.graph, ctx.plan, ctx.real, ctx.chunks, ctx.saved, ctx.attentions = (
+            graph,
+            plan,
+            real,
+            chunks,
+            saved,
+            attentions,
+        )
+        ctx.steps, ctx.scale, ctx.edge_p, ctx.hop_p, ctx.shape = steps, scale, edge_p, hop_p, (seq, pad)
+        ctx.save_for_backward(q_blocks, k_blocks, v_blocks)
+        return out.flatten(2, 3)[:, :, :seq]
 
     @staticmethod
     def backward(ctx, grad_out):
-        attention, steps, scale = ctx.attention, ctx.steps, ctx.scale
-        plan = attention.plan
-        k_blocks, v_blocks, *stored = ctx.saved_tensors
+        q_blocks, k_blocks, v_blocks = ctx.saved_tensors
         seq, pad = ctx.shape
-        batch, heads, nb, bs, _ = v_blocks.shape
-        applied = iter(stored)
-        applied = [next(applied) if a < 1.0 else None for a in steps]
-        # inputs of each application: z_{t-1}, rebuilt from the stored outputs A z
-        inputs, z = [], v_blocks
-        for a, y, hop_keep in zip(steps, applied, ctx.hop_keeps):
-            inputs.append(z)
-            z = v_blocks if y is None else torch.lerp(y, v_blocks, a)
-            if hop_keep is not None:
-                z = z * hop_keep / (1 - ctx.hop_p)
-
-        # adjoint sweep: u = dL/dz_t, w_t = dL/d(A z_{t-1})
-        u = F.pad(grad_out, (0, 0, 0, pad)).view_as(v_blocks)
-        grad_v = torch.zeros_like(v_blocks)
-        adjoints = [None] * len(steps)
-        for t in reversed(range(len(steps))):
-            if ctx.hop_keeps[t] is not None:
-                u = u * ctx.hop_keeps[t] / (1 - ctx.hop_p)
-            a = steps[t]
-            grad_v += a * u
-            if a < 1.0:
-                adjoints[t] = (1 - a) * u
-                u = attention.apply_transposed(adjoints[t], ctx.keeps[t], ctx.edge_p)
-            else:
-                u = torch.zeros_like(u)
-        grad_v += u
-
-        # score gradient: dS = P * (dP - r), dP = sum_t w_t z_{t-1}^T on the edges, r_i = sum_t w_t,i . (A z_{t-1})_i
-        terms = [
-            (w, z_in, y, keep)
-            for w, z_in, y, keep in zip(adjoints, inputs, applied, ctx.keeps)
-            if w is not None
-        ]
-        r = sum((w * y).sum(-1) for w, _, y, _ in terms)  # (B, H, nb, bs)
-        grad_q_blocks = torch.zeros(
-            batch, heads, nb, bs, k_blocks.shape[-1], dtype=k_blocks.dtype, device=k_blocks.device
-        )
-        grad_k_blocks = torch.zeros_like(k_blocks)
-        p = ctx.edge_p
-        if attention.narrow is not None:
-            keys, rows = plan.narrow_keys, plan.narrow_rows
-            q_rows, probs = attention.q_narrow, attention.narrow
-            r_rows = r[:, :, rows][..., None]
-            grad_q_rows = torch.zeros_like(q_rows)
-            for slot in range(keys.shape[1]):
-                p_slot = probs[:, :, :, slot]
-                grad_slot = -p_slot * r_rows
-                for w, z_in, _, keep in terms:
-                    weighted = torch.matmul(w[:, :, rows], z_in[:, :, keys[:, slot]].transpose(-1, -2))
-                    if keep[0] is not None:
-                        weighted = weighted * keep[0][:, :, :, slot] / (1 - p)
-                    grad_slot += p_slot * weighted
-                grad_slot *= scale
-                grad_q_rows += torch.matmul(grad_slot, k_blocks[:, :, keys[:, slot]])
-                grad_k_blocks.index_add_(2, keys[:, slot], torch.matmul(grad_slot.transpose(-1, -2), q_rows))
-            grad_q_blocks[:, :, rows] = grad_q_rows
-        if attention.wide is not None:
-            rows, probs, q_rows = plan.wide_rows, attention.wide, attention.q_wide
-            grad_scores = -probs * r[:, :, rows].flatten(2)[..., None]
-            for w, z_in, _, keep in terms:
-                weighted = torch.matmul(w[:, :, rows].flatten(2, 3), z_in.flatten(2, 3).transpose(-1, -2))
-                if keep[1] is not None:
-                    weighted = weighted * keep[1] / (1 - p)
-                grad_scores += probs * weighted
-            grad_scores *= scale
-            grad_q_blocks[:, :, rows] = torch.matmul(grad_scores, k_blocks.flatten(2, 3)).unflatten(
-                2, (len(rows), bs)
+        grad_blocks = _pad_seq(grad_out, pad).view_as(v_blocks)
+        grad_q, grad_k, grad_v = torch.zeros_like(q_blocks), torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
+        for h, saved, attention in zip(ctx.chunks, ctx.saved, ctx.attentions):
+            if attention is None:  # recompute this chunk's attention rather than having stored it
+                attention = _Attention(ctx.plan, ctx.graph, q_blocks[:, h], k_blocks[:, h], ctx.real, ctx.scale)
+            grad_q[:, h], grad_k[:, h], grad_v[:, h] = _backward_chunk(
+                attention,
+                k_blocks[:, h],
+                v_blocks[:, h],
+                grad_blocks[:, h],
+                ctx.steps,
+                ctx.scale,
+                saved,
+                ctx.edge_p,
+                ctx.hop_p,
             )
-            grad_k_blocks += torch.matmul(grad_scores.transpose(-1, -2), q_rows).view_as(grad_k_blocks)
 
         def unpad(blocks):
             return blocks.flatten(2, 3)[:, :, :seq]
 
-        return (
-            unpad(grad_q_blocks),
-            unpad(grad_k_blocks),
-            unpad(grad_v),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return unpad(grad_q), unpad(grad_k), unpad(grad_v), None, None, None, None, None, None, None
 
 
 def gather_diffusion(

@@ -1,0 +1,1 @@
+"""Speed and memory harness for the attention kernels (``hopformer bench``)."""

@@ -1,0 +1,238 @@
+"""sparse_attention and diffuse: every backend against the dense reference (float64, fresh random
+inputs, odd lengths, padding including fully padded rows), and diffusion against matrix powers."""
+
+import math
+
+import pytest
+import torch
+
+import hopformer.graphs as G
+import hopformer.ops.gather as gather_backend
+from hopformer.ops import diffuse, diffusion_coefficients, sparse_attention
+
+CUDA = torch.cuda.is_available()
+
+
+def _patterns(seq_len: int, block_size: int, causal: bool):
+    return [
+        G.full(seq_len, block_size, causal=causal),
+        G.local(seq_len, block_size, window=3, causal=causal),
+        G.longformer(seq_len, block_size, window=3, num_global=1, causal=causal),
+        G.bigbird(seq_len, block_size, window=3, num_global=2, num_random=2, seed=5, causal=causal),
+        G.diffuser(seq_len, block_size, window=3, num_global=2, num_random=2, seed=5, causal=causal),
+        G.hypercube(seq_len, block_size, causal=causal),
+    ]
+
+
+def _inputs(graph, batch=2, heads=2, dim=8, padding=True, device="cpu", dtype=torch.float64, seed=None):
+    generator = torch.Generator(device="cpu").manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    seq = graph.seq_len
+    q, k, v = (torch.randn(batch, heads, seq, dim, generator=generator, dtype=dtype).to(device) for _ in range(3))
+    mask = None
+    if padding:
+        mask = torch.rand(batch, seq, generator=generator) > 0.25
+        mask[0, seq // 2 :] = False  # a right-padded row
+        if batch > 1:
+            mask[1] = False  # a fully padded sequence: every query has no key
+        mask = mask.to(device)
+    return [t.requires_grad_() for t in (q, k, v)], mask
+
+
+def _run(fn, tensors, mask, backend, **kwargs):
+    q, k, v = tensors
+    out = fn(q, k, v, key_padding_mask=mask, backend=backend, **kwargs)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    return (out, *grads)
+
+
+def _bind(fn, graph):
+    return lambda q, k, v, **kw: fn(q, k, v, graph, **kw)
+
+
+def _sparse(q, k, v, graph, **kw):
+    return sparse_attention(q, k, v, graph, **kw)
+
+
+def _diffuse(q, k, v, graph, **kw):
+    return diffuse(q, k, v, graph, hops=4, alpha=0.2, **kw)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_len", [37, 64, 150])
+@pytest.mark.parametrize("padding", [False, True])
+def test_gather_matches_dense(seq_len, causal, padding):
+    for graph in _patterns(seq_len, 16, causal):
+        for fn in (_sparse, _diffuse):
+            tensors, mask = _inputs(graph, padding=padding)
+            call = _bind(fn, graph)
+            expected, got = _run(call, tensors, mask, "dense"), _run(call, tensors, mask, "gather")
+            for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
+                assert torch.isfinite(g).all(), (graph.name, name)
+                torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=f"{graph.name} {fn.__name__} {name}")
+
+
+def test_gather_head_chunks_and_token_granularity(monkeypatch):
+    monkeypatch.setattr(gather_backend, "CHUNK_ELEMENTS", 1000)  # force one head per chunk
+    graph = G.diffuser(90, 8, num_global=1, num_random=2, random_granularity="token", seed=1)
+    tensors, mask = _inputs(graph, heads=3)
+    expected = _run(lambda q, k, v, **kw: _diffuse(q, k, v, graph, **kw), tensors, mask, "dense")
+    got = _run(lambda q, k, v, **kw: _diffuse(q, k, v, graph, **kw), tensors, mask, "gather")
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+def test_padding_gives_zeros_never_nan():
+    graph = G.bigbird(64, 16, causal=True)
+    (q, k, v), _ = _inputs(graph, padding=False)
+    mask = torch.ones(2, 64, dtype=torch.bool)
+    mask[1] = False
+    mask[0, :5] = False  # causal: queries 0-4 have no real key before them
+    for backend in ("dense", "gather"):
+        for out in (sparse_attention(q, k, v, graph, mask, backend), diffuse(q, k, v, graph, 3, 0.1, mask, backend)):
+            assert torch.isfinite(out).all()
+            assert (out[1] == 0).all() and (out[0, :, :5] == 0).all()
+
+
+def _dense_attention_matrix(q, k, graph, mask):
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    allowed = graph.to_dense()[None, None] & mask[:, None, None, :] & mask[:, None, :, None]
+    probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1)
+    return torch.nan_to_num(probs)
+
+
+@pytest.mark.parametrize(
+    "kernel, remainder", [("ppr", "keep"), ("ppr", "renormalize"), ("heat", "keep"), ("heat", "renormalize")]
+)
+def test_diffuse_equals_matrix_power_series(kernel, remainder):
+    graph = G.bigbird(100, 16, num_random=1, seed=2)
+    (q, k, v), mask = _inputs(graph, batch=1, padding=True)
+    mask[0, -7:] = False
+    hops, alpha, heat_time = 5, 0.15, 1.7
+    matrix = _dense_attention_matrix(q, k, graph, mask)
+    coefficients = diffusion_coefficients(hops, alpha, kernel=kernel, heat_time=heat_time, remainder=remainder)
+    expected = sum(c * torch.linalg.matrix_power(matrix, n) @ v for n, c in enumerate(coefficients))
+    expected = expected * mask[:, None, :, None]
+    for backend in ("dense", "gather"):
+        got = diffuse(
+            q, k, v, graph, hops, alpha, mask, backend, kernel=kernel, heat_time=heat_time, remainder=remainder
+        )
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_ppr_coefficients_match_the_reference():
+    c = diffusion_coefficients(5, 0.1)
+    assert c[:5] == pytest.approx([0.1, 0.09, 0.081, 0.0729, 0.06561])
+    assert c[5] == pytest.approx(0.59049) and sum(c) == pytest.approx(1.0)
+
+
+def test_identity_cases():
+    graph = G.local(50, 16)
+    (q, k, v), _ = _inputs(graph, padding=False)
+    assert diffuse(q, k, v, graph, hops=0) is v
+    assert diffuse(q, k, v, graph, hops=5, alpha=1.0) is v
+
+
+def test_causal_diffusion_never_sees_the_future():
+    graph = G.bigbird(96, 16, num_random=2, causal=True, seed=3)
+    (q, k, v), _ = _inputs(graph, batch=1, padding=False)
+    for backend in ("dense", "gather"):
+        out = diffuse(q, k, v, graph, 5, 0.1, backend=backend)
+        i = 40
+        grads = torch.autograd.grad(out[0, :, i].sum(), (q, k, v))
+        for grad in grads:
+            assert (grad[0, :, i + 1 :] == 0).all()
+
+
+def test_dropout_paths_have_consistent_gradients():
+    graph = G.bigbird(40, 8, num_random=1, seed=0)
+    (q, k, v), mask = _inputs(graph, batch=1, dim=3, padding=True, seed=0)
+    for edge_dropout in ("once", "per_hop"):
+
+        def fn(q, k, v, edge_dropout=edge_dropout):
+            torch.manual_seed(0)  # the same dropout masks on every call
+            return diffuse(
+                q, k, v, graph, 3, 0.2, mask, "gather", dropout_p=0.3, edge_dropout=edge_dropout, hop_dropout_p=0.2
+            )
+
+        assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+        torch.manual_seed(1)
+        assert not torch.allclose(fn(q, k, v), diffuse(q, k, v, graph, 3, 0.2, mask, "gather"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"hops": -1}, "hops"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"kernel": "heat", "heat_time": 0.0}, "heat_time"),
+        ({"kernel": "wave"}, "kernel"),
+        ({"remainder": "drop"}, "remainder"),
+        ({"backend": "cuda"}, "backend"),
+        ({"edge_dropout": "sometimes"}, "edge_dropout"),
+        ({"dropout_p": 1.0}, "dropout_p"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    graph = G.local(32, 16)
+    (q, k, v), _ = _inputs(graph, padding=False)
+    with pytest.raises(ValueError, match=name):
+        diffuse(q, k, v, graph, **kwargs)
+
+
+def test_bad_shapes_and_masks():
+    graph = G.local(32, 16)
+    (q, k, v), _ = _inputs(graph, padding=False)
+    with pytest.raises(ValueError, match="seq_len"):
+        sparse_attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], graph)
+    with pytest.raises(ValueError, match="4-d"):
+        sparse_attention(q[0], k, v, graph)
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        sparse_attention(q, k, v, graph, torch.ones(2, 32))
+    with pytest.raises(ValueError, match="flex"):
+        sparse_attention(q, k, v, graph, backend="flex")
+
+
+# ------------------------------------------------------------------------------- CUDA (flex)
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_len, block_size", [(300, 16), (1000, 64), (1024, 128), (700, 256)])
+def test_flex_matches_dense(seq_len, block_size, causal):
+    for graph in _patterns(seq_len, block_size, causal):
+        for fn in (_sparse, _diffuse):
+            for padding in (False, True):
+                tensors, mask = _inputs(graph, heads=2, dim=32, padding=padding, device="cuda")
+                call = _bind(fn, graph)
+                expected = _run(call, tensors, mask, "dense")
+                low = [t.detach().float().requires_grad_() for t in tensors]
+                got = _run(call, low, mask, "flex")
+                for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
+                    assert torch.isfinite(g).all(), (graph.name, name)
+                    error = (g.double() - e).norm() / e.norm().clamp_min(1e-12)
+                    assert error < 1e-3, f"{graph.name} {fn.__name__} {name} padding={padding}: {error:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_flex_varying_padding_does_not_fall_back():
+    from torch._dynamo.utils import counters
+
+    graph = G.bigbird(2048, 128)
+    q, k, v = (torch.randn(2, 2, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    for i in range(12):
+        mask = torch.arange(2048, device="cuda")[None] < torch.randint(100, 2048, (2, 1), device="cuda")
+        sparse_attention(q, k, v, graph, mask, "flex").sum().backward()
+        if i == 1:
+            graphs_after_two = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs_after_two, "new padding values must not recompile"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_flex_refuses_dropout():
+    graph = G.local(256, 128)
+    q = torch.randn(1, 1, 256, 32, device="cuda")
+    with pytest.raises(ValueError, match="dropout"):
+        sparse_attention(q, q, q, graph, backend="flex", dropout_p=0.1)
