@@ -58,6 +58,8 @@ def _tile_codes(graph: BlockGraph, device: torch.device) -> tuple[torch.Tensor, 
         grouped = padded.view(tiles, r, tiles, r)
         codes = grouped.any(3).any(1).to(torch.int8) + grouped.all(3).all(1).to(torch.int8)
     if graph.is_causal:
+        # tiles above the diagonal hold only future keys (possible inside blocks larger than a tile)
+        codes = codes.tril()
         diagonal = torch.arange(tiles, device=device)
         codes[diagonal, diagonal] = codes[diagonal, diagonal].clamp(max=1)
     if graph.seq_len % TILE:
