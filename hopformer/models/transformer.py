@@ -1,0 +1,499 @@
+"""Transformer encoder and classification heads on top of any registered attention.
+
+Every model here is built from a plain dataclass config, so it can be saved as ``config.json`` plus
+``model.safetensors`` (:meth:`PretrainedModel.save_pretrained`) and rebuilt with
+:func:`from_pretrained`, as in Hugging Face transformers.
+
+- :class:`TransformerEncoder`: token + position embeddings, ``depth`` blocks of attention and a GELU MLP,
+  pre-norm (GPT-2 / ViT style, the default) or post-norm (BERT / RoBERTa style, the Diffuser reference).
+- :class:`SequenceClassifier`: encoder, pooling (``"mean"`` over real tokens, or ``"cls"``), MLP head.
+- :class:`DualEncoderClassifier`: the LRA Retrieval model; one shared encoder reads both documents,
+  features ``[u, v, u*v, u-v]`` go through an MLP.
+
+Padding: ``attention_mask`` is HF-style (1 / True = real token) and is passed to every attention
+module; pooled outputs never look at padded positions.
+
+CLS pooling follows the LRA reference: a learned CLS *vector* (not a token id, so the vocabulary is
+untouched) is prepended to the embedded tokens and takes position 0; the real tokens take positions
+1..L, so the encoder's ``max_len`` must be at least ``L + 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hopformer.attention import build as build_attention
+
+NORMS = ("pre", "post")
+POSITIONS = ("learned", "sinusoidal", "none")
+POOLINGS = ("mean", "cls")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------- configs
+@dataclass
+class EncoderConfig:
+    """Hyperparameters of :class:`TransformerEncoder` (see its docstring)."""
+
+    vocab_size: int
+    dim: int = 64
+    depth: int = 2
+    heads: int = 2
+    mlp_dim: int = 128
+    max_len: int = 512
+    attention: str = "full"
+    attention_options: dict[str, Any] = field(default_factory=dict)
+    norm: str = "pre"
+    positions: str = "learned"
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    pad_id: int | None = 0
+    pad_to_multiple: int = 1
+    layer_norm_eps: float = 1e-5
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SequenceClassifierConfig:
+    """Hyperparameters of :class:`SequenceClassifier`; ``head_dim`` None = the encoder's ``mlp_dim``."""
+
+    encoder: EncoderConfig
+    num_classes: int
+    pooling: str = "mean"
+    head_dim: int | None = None
+
+
+@dataclass
+class DualEncoderClassifierConfig:
+    """Hyperparameters of :class:`DualEncoderClassifier`; ``head_dim`` None = the encoder's ``mlp_dim``."""
+
+    encoder: EncoderConfig
+    num_classes: int = 2
+    pooling: str = "mean"
+    head_dim: int | None = None
+
+
+# ----------------------------------------------------------------------------- save / load support
+class PretrainedModel(nn.Module):
+    """Base of the models here: a ``config`` dataclass and HF-like save / load.
+
+    Subclasses set ``config_class`` and ``model_type`` and implement ``from_config``.
+    """
+
+    config_class: ClassVar[type]
+    model_type: ClassVar[str]
+    config: Any
+
+    @classmethod
+    def from_config(cls, config: Any) -> PretrainedModel:
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created), each atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"model_type": self.model_type, **asdict(self.config)}
+        atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path)))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> PretrainedModel:
+        """Rebuild a model saved by :meth:`save_pretrained` (``cls`` must match the saved ``model_type``)."""
+        model = from_pretrained(directory, device)
+        if not isinstance(model, cls):
+            raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build a (nested) model config dataclass from a dict; unknown keys raise ``ValueError``."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; allowed: {sorted(names)}")
+    values = dict(values)
+    if "encoder" in values and isinstance(values["encoder"], dict):
+        values["encoder"] = config_from_dict(EncoderConfig, values["encoder"])
+    return cls(**values)
+
+
+def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> PretrainedModel:
+    """Load any model saved by :meth:`PretrainedModel.save_pretrained` (the class comes from ``config.json``)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} has no {name}; expected a folder written by save_pretrained")
+    values = json.loads((directory / CONFIG_NAME).read_text())
+    model_type = values.pop("model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{directory / CONFIG_NAME}: model_type={model_type!r}; known: {sorted(MODEL_TYPES)}")
+    cls = MODEL_TYPES[model_type]
+    model = cls.from_config(config_from_dict(cls.config_class, values))
+    model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+    return model.to(device)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(temp_path)`` on a temporary file in ``path``'s folder, then rename it over ``path``.
+
+    Readers see the old file or the new one, never a partial one; a failed write leaves no temp file.
+    """
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temp = Path(temp)
+    try:
+        write(temp)
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        with open(temp, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ------------------------------------------------------------------------------------------ encoder
+class Block(nn.Module):
+    """One transformer layer: attention then a GELU MLP, each with dropout, residual and LayerNorm."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        options = dict(config.attention_options)
+        if config.attention_dropout > 0:
+            options.setdefault("dropout", config.attention_dropout)
+        self.attention = build_attention(config.attention, config.dim, config.heads, **options)
+        self.norm1 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.dim, config.mlp_dim), nn.GELU(), nn.Linear(config.mlp_dim, config.dim)
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.pre_norm = config.norm == "pre"
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.dropout(self.attention(self.norm1(x), attention_mask))
+            return x + self.dropout(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.dropout(self.attention(x, attention_mask)))
+        return self.norm2(x + self.dropout(self.mlp(x)))
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """The fixed sin / cos position table of "Attention is all you need", ``(length, dim)``."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)[:, : dim // 2]
+    return table
+
+
+class TransformerEncoder(PretrainedModel):
+    """Token embeddings, positions and ``depth`` transformer blocks on a registered attention.
+
+    Args:
+        vocab_size: embedding table size (ids ``0 .. vocab_size - 1``).
+        dim, depth, heads, mlp_dim: width, layers, attention heads, MLP hidden width (GELU).
+        max_len: most positions (including a prepended CLS vector, see :class:`SequenceClassifier`).
+        attention: a name from ``hopformer.attention.available()``; ``attention_options`` are its
+            keyword arguments (``hops``, ``alpha``, ``block_size``, ``window``...).
+        norm: ``"pre"`` (LayerNorm before each sub-layer and once at the end) or ``"post"``
+            (RoBERTa: LayerNorm after each residual, and on the embeddings).
+        positions: ``"learned"``, ``"sinusoidal"`` or ``"none"``.
+        dropout: on embeddings and after attention and MLP (before the residual add).
+        attention_dropout: passed to the attention module as ``dropout`` when > 0.
+        pad_id: the embedding's ``padding_idx`` (0 for tokens). ``None`` for pixel tasks, where 0
+            is a black pixel and must get a trained embedding.
+        pad_to_multiple: pad the hidden sequence internally to a multiple of this (masked, trimmed
+            from the output), e.g. 128 for FlexAttention tiles when a CLS vector adds one position.
+        gradient_checkpointing: recompute each block in backward to save activation memory.
+
+    ``forward(input_ids, attention_mask=None, prefix=None) -> (batch, P + seq, dim)`` where
+    ``prefix`` is an optional ``(batch, P, dim)`` of vectors placed before the embedded tokens.
+    """
+
+    config_class = EncoderConfig
+    model_type = "transformer_encoder"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 2,
+        mlp_dim: int = 128,
+        max_len: int = 512,
+        attention: str = "full",
+        attention_options: dict[str, Any] | None = None,
+        norm: str = "pre",
+        positions: str = "learned",
+        dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        pad_id: int | None = 0,
+        pad_to_multiple: int = 1,
+        layer_norm_eps: float = 1e-5,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        config = EncoderConfig(
+            vocab_size, dim, depth, heads, mlp_dim, max_len, attention, dict(attention_options or {}), norm,
+            positions, dropout, attention_dropout, pad_id, pad_to_multiple, layer_norm_eps, gradient_checkpointing,
+        )  # fmt: skip
+        _check_encoder_config(config)
+        self.config = config
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        if positions == "learned":
+            self.positions = nn.Parameter(torch.zeros(max_len, dim))
+        elif positions == "sinusoidal":
+            self.register_buffer("positions", sinusoidal_positions(max_len, dim), persistent=False)
+        else:
+            self.positions = None
+        self.embed_norm = nn.LayerNorm(dim, eps=layer_norm_eps) if norm == "post" else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(dim, eps=layer_norm_eps) if norm == "pre" else nn.Identity()
+        self.apply(_init_weights)
+        if positions == "learned":
+            nn.init.normal_(self.positions, std=0.02)
+
+    @classmethod
+    def from_config(cls, config: EncoderConfig) -> TransformerEncoder:
+        return cls(**asdict(config))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {(batch, seq)}")
+        x = self.embed(input_ids)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+            mask = torch.cat([mask.new_ones(batch, prefix.shape[1]), mask], dim=1)
+        length = x.shape[1]
+        if length > self.config.max_len:
+            raise ValueError(f"sequence of {length} positions is longer than max_len={self.config.max_len}")
+        if self.positions is not None:
+            x = x + self.positions[:length].to(x.dtype)
+        x = self.dropout(self.embed_norm(x))
+
+        # Pad after the positions so the table only needs the real width; the mask hides the rest.
+        extra = -length % self.config.pad_to_multiple
+        if extra:
+            x = F.pad(x, (0, 0, 0, extra))
+            mask = F.pad(mask, (0, extra), value=False)
+        for block in self.blocks:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+        return self.final_norm(x)[:, :length]
+
+
+def _check_encoder_config(config: EncoderConfig) -> None:
+    for name in ("vocab_size", "dim", "depth", "heads", "mlp_dim", "max_len", "pad_to_multiple"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if config.dim % config.heads:
+        raise ValueError(f"heads={config.heads} must divide dim={config.dim}")
+    if config.norm not in NORMS:
+        raise ValueError(f"norm={config.norm!r} is not known; choose one of {list(NORMS)}")
+    if config.positions not in POSITIONS:
+        raise ValueError(f"positions={config.positions!r} is not known; choose one of {list(POSITIONS)}")
+    if config.positions == "sinusoidal" and config.dim % 2:
+        raise ValueError(f"positions='sinusoidal' needs an even dim, got {config.dim}")
+    for name in ("dropout", "attention_dropout"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)!r}")
+    if config.pad_id is not None and not 0 <= config.pad_id < config.vocab_size:
+        raise ValueError(f"pad_id must be None or in [0, vocab_size={config.vocab_size}), got {config.pad_id!r}")
+    if not isinstance(config.attention_options, dict):
+        raise TypeError(f"attention_options must be a dict, got {config.attention_options!r}")
+
+
+def _init_weights(module: nn.Module) -> None:
+    # BERT / LRA style: N(0, 0.02) weights, zero biases, the padding embedding zero.
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+
+# -------------------------------------------------------------------------------------------- heads
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """``(batch, seq, dim) -> (batch, dim)``: position 0 (``"cls"``) or the mean over real tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if mask is None:
+        return hidden.mean(dim=1)
+    weights = mask.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class _PoolingEncoder(PretrainedModel):
+    """Shared part of the classifiers: the encoder, a CLS vector when ``pooling="cls"``, and pooling."""
+
+    def _setup(self, encoder: TransformerEncoder, pooling: str) -> None:
+        if not isinstance(encoder, TransformerEncoder):
+            raise TypeError(f"encoder must be a TransformerEncoder, got {type(encoder).__name__}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not known; choose one of {list(POOLINGS)}")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.cls = nn.Parameter(torch.randn(encoder.config.dim) * 0.02) if pooling == "cls" else None
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled ``(batch, dim)`` representation of each sequence."""
+        prefix = None if self.cls is None else self.cls.expand(input_ids.shape[0], 1, -1)
+        hidden = self.encoder(input_ids, attention_mask, prefix=prefix)
+        return pool(hidden, attention_mask, self.pooling)
+
+
+class SequenceClassifier(_PoolingEncoder):
+    """Encoder, pooling and a two-layer GELU MLP head giving ``num_classes`` logits.
+
+    Args:
+        encoder: a :class:`TransformerEncoder`.
+        num_classes: number of labels.
+        pooling: ``"mean"`` (over real tokens only, by ``attention_mask``) or ``"cls"`` (a learned
+            vector prepended at position 0, as LRA does; its output is the pooled feature).
+        head_dim: hidden width of the head; default the encoder's ``mlp_dim``.
+
+    ``forward(input_ids, attention_mask=None) -> logits (batch, num_classes)``.
+    """
+
+    config_class = SequenceClassifierConfig
+    model_type = "sequence_classifier"
+
+    def __init__(
+        self, encoder: TransformerEncoder, num_classes: int, pooling: str = "mean", head_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self._setup(encoder, pooling)
+        self.config = SequenceClassifierConfig(encoder.config, num_classes, pooling, head_dim)
+        hidden = head_dim or encoder.config.mlp_dim
+        self.head = nn.Sequential(nn.Linear(encoder.config.dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+        self.head.apply(_init_weights)
+
+    @classmethod
+    def from_config(cls, config: SequenceClassifierConfig) -> SequenceClassifier:
+        encoder = TransformerEncoder.from_config(config.encoder)
+        return cls(encoder, config.num_classes, config.pooling, config.head_dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask))
+
+
+class DualEncoderClassifier(_PoolingEncoder):
+    """LRA Retrieval: one shared encoder reads both documents; ``[u, v, u*v, u-v]`` -> MLP -> logits.
+
+    The head is ``4 dim -> head_dim -> head_dim / 2 -> num_classes`` with GELU (specs/lra.md §2).
+    Both documents run through the encoder as one batch, so auxiliary losses cover both.
+
+    ``forward(input_ids, attention_mask=None, input_ids_2=..., attention_mask_2=None) -> logits``.
+    """
+
+    config_class = DualEncoderClassifierConfig
+    model_type = "dual_encoder_classifier"
+
+    def __init__(
+        self, encoder: TransformerEncoder, num_classes: int = 2, pooling: str = "mean", head_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        self._setup(encoder, pooling)
+        self.config = DualEncoderClassifierConfig(encoder.config, num_classes, pooling, head_dim)
+        hidden = head_dim or encoder.config.mlp_dim
+        self.head = nn.Sequential(
+            nn.Linear(4 * encoder.config.dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, max(hidden // 2, 1)),
+            nn.GELU(),
+            nn.Linear(max(hidden // 2, 1), num_classes),
+        )
+        self.head.apply(_init_weights)
+
+    @classmethod
+    def from_config(cls, config: DualEncoderClassifierConfig) -> DualEncoderClassifier:
+        encoder = TransformerEncoder.from_config(config.encoder)
+        return cls(encoder, config.num_classes, config.pooling, config.head_dim)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        input_ids_2: torch.Tensor | None = None,
+        attention_mask_2: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if input_ids_2 is None:
+            raise ValueError("DualEncoderClassifier needs input_ids_2 (the second document)")
+        batch = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask_2 is None:
+            attention_mask_2 = torch.ones_like(input_ids_2, dtype=torch.bool)
+        # One encoder call on both documents, padded to a common width.
+        width = max(input_ids.shape[1], input_ids_2.shape[1])
+        ids = torch.cat([F.pad(input_ids, (0, width - input_ids.shape[1])),
+                         F.pad(input_ids_2, (0, width - input_ids_2.shape[1]))])  # fmt: skip
+        mask = torch.cat([F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1])),
+                          F.pad(attention_mask_2.bool(), (0, width - attention_mask_2.shape[1]))])  # fmt: skip
+        u, v = self.features(ids, mask).split(batch)
+        return self.head(torch.cat([u, v, u * v, u - v], dim=-1))
+
+
+MODEL_TYPES: dict[str, type[PretrainedModel]] = {
+    cls.model_type: cls for cls in (TransformerEncoder, SequenceClassifier, DualEncoderClassifier)
+}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (each shared tensor once); ``trainable_only`` counts ``requires_grad`` ones."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of every submodule's ``aux_loss`` tensor (e.g. routing's commitment loss), or None if none is set."""
+    losses = [
+        module.aux_loss for module in model.modules() if isinstance(getattr(module, "aux_loss", None), torch.Tensor)
+    ]
+    return torch.stack([loss.float().sum() for loss in losses]).sum() if losses else None

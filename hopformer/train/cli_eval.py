@@ -1,0 +1,72 @@
+"""``hopformer eval``: evaluate a saved run on a data file or on one of its task's splits.
+
+    hopformer eval --checkpoint runs/listops-diffuser-20250101-120000 --data other/basic_test.tsv
+    hopformer eval --checkpoint runs/listops-diffuser-20250101-120000 --split val --which last
+
+``--checkpoint`` is a run folder (its ``best/`` by default, ``--which last`` for the last one) or a
+checkpoint folder itself (one holding ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``hopformer eval``."""
+    parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of a run (default best)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a ListOps TSV in the released format (Source<TAB>Target)")
+    source.add_argument("--split", choices=("train", "val", "test"), help="a split of the run's own task data")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def checkpoint_folder(path: Path, which: str) -> Path:
+    """The folder holding ``model.safetensors``: ``path`` itself, or ``path/<which>`` of a run."""
+    from hopformer.models.transformer import WEIGHTS_NAME
+    from hopformer.train.checkpoint import find_checkpoint
+
+    if (path / WEIGHTS_NAME).is_file():
+        return path
+    found = find_checkpoint(path / which)
+    if found is None:
+        raise FileNotFoundError(f"{path} has no {which}/ checkpoint (and is not a checkpoint folder itself)")
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, evaluate, print the accuracy."""
+    from hopformer.models import from_pretrained
+    from hopformer.train.trainer import CONFIG_NAME, Runtime, evaluate, max_tokens, resolve_device
+
+    path = Path(args.checkpoint)
+    folder = checkpoint_folder(path, args.which)
+    device = resolve_device(args.device)
+    model = from_pretrained(folder, device)
+    limit = max_tokens(model)
+    if args.data:
+        from hopformer.data.listops import load_listops_tsv
+
+        examples = load_listops_tsv(args.data, max_length=limit)
+        source = args.data
+    else:
+        from hopformer.train.config import load_config
+        from hopformer.train.tasks import load_task
+
+        run_dir = path if (path / CONFIG_NAME).is_file() else folder.parent
+        config = load_config(run_dir / CONFIG_NAME)
+        examples = load_task(config, progress=False).splits[args.split]
+        source = f"{config.task} {args.split}"
+    runtime = Runtime(device, device.type == "cuda", model.encoder.config.pad_to_multiple, limit)
+    result = evaluate(model, examples, runtime, args.batch_size)
+    if args.json:
+        print(json.dumps({"checkpoint": str(folder), "data": source, **result}))
+    else:
+        accuracy, loss, count = result["accuracy"], result["loss"], result["count"]
+        print(f"{folder} on {source}: accuracy {accuracy:.4f}, loss {loss:.4f} ({count} examples)")
+    return 0

@@ -1,0 +1,189 @@
+"""``hopformer lra``: run (sequentially) or collect a grid of LRA runs and write one results table.
+
+    hopformer lra --tasks listops,pathfinder32 --attentions full,bigbird,diffuser \\
+        --config-dir configs/lra --runs-dir runs/lra --data-dir lra_release
+    hopformer lra --tasks listops --attentions full,diffuser --seeds 0,1,2 --collect-only
+
+Each cell is the run folder ``<runs-dir>/<task>-<attention>-s<seed>`` trained with
+``<config-dir>/<task>.yaml`` (``--scale pytorch``: ``<task>_pytorch.yaml``, the small PyTorch
+setting). A finished run (``results.json``) is collected, a killed one resumed, a missing one
+trained (unless ``--collect-only``). The table (``results.md``) and ``results.json`` go to
+``--runs-dir``: test accuracy per task (mean ± std over seeds), the average over the tasks of the
+grid, and the published rows of specs/lra.md §7 beside them (JAX leaderboard rows for the official
+scale, the Nyströmformer paper's "Standard" row for the PyTorch scale; never mix the two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import traceback
+from pathlib import Path
+from typing import Any
+
+COLUMNS = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image", "pathfinder32": "Path"}
+
+# Official LRA README (8 Nov 2020), 5-task average (specs/lra.md §7).
+LEADERBOARD_JAX: dict[str, dict[str, float]] = {
+    name: dict(zip(["listops", "text", "retrieval", "image", "pathfinder32", "avg"], values))
+    for name, values in {
+        "Local Attention": (15.82, 52.98, 53.39, 41.46, 66.63, 46.06),
+        "Linear Transformer": (16.13, 65.90, 53.09, 42.34, 75.30, 50.55),
+        "Reformer": (37.27, 56.10, 53.40, 38.07, 68.50, 50.67),
+        "Sparse Transformer": (17.07, 63.58, 59.59, 44.24, 71.71, 51.24),
+        "Sinkhorn Transformer": (33.67, 61.20, 53.83, 41.23, 67.45, 51.29),
+        "Linformer": (35.70, 53.94, 52.27, 38.56, 76.34, 51.36),
+        "Performer": (18.01, 65.40, 53.82, 42.77, 77.05, 51.41),
+        "Synthesizer": (36.99, 61.68, 54.67, 41.61, 69.45, 52.88),
+        "Longformer": (35.63, 62.85, 56.89, 42.22, 69.71, 53.46),
+        "Transformer": (36.37, 64.27, 57.46, 42.44, 71.40, 54.39),
+        "BigBird": (36.05, 64.02, 59.29, 40.83, 74.87, 55.01),
+    }.items()
+}
+# Nyströmformer paper (AAAI 2021), small PyTorch setting.
+LEADERBOARD_PYTORCH: dict[str, dict[str, float]] = {
+    "Standard (Nyströmformer paper)": {
+        "listops": 37.10,
+        "text": 65.02,
+        "retrieval": 79.35,
+        "image": 38.20,
+        "pathfinder32": 74.16,
+        "avg": 58.77,
+    },  # fmt: skip
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``hopformer lra``."""
+    parser.add_argument("--tasks", default="listops", help="comma-separated: listops,text,retrieval,image,pathfinder32")
+    parser.add_argument("--attentions", default="full,diffuser", help="comma-separated attention names")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (report mean ± std over them)")
+    parser.add_argument("--config-dir", default="configs/lra", help="folder of <task>.yaml configs")
+    parser.add_argument("--scale", choices=("official", "pytorch"), default="official",
+                        help="official: <task>.yaml (LRA JAX settings); pytorch: <task>_pytorch.yaml")  # fmt: skip
+    parser.add_argument("--runs-dir", default="runs/lra", help="where the runs and the table go")
+    parser.add_argument("--data-dir", help="the lra_release/ folder (ListOps is generated when absent)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override train.device")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting")
+    parser.add_argument("--collect-only", action="store_true", help="do not train; tabulate the runs that exist")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _names(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train or collect every cell, then write ``results.md`` and ``results.json``."""
+    from hopformer.train.config import load_config, parse_assignment
+    from hopformer.train.trainer import RESULTS_NAME, train
+
+    tasks, attentions = _names(args.tasks), _names(args.attentions)
+    seeds = [int(seed) for seed in _names(args.seeds)]
+    unknown = [task for task in tasks if task not in COLUMNS]
+    if unknown:
+        raise SystemExit(f"hopformer lra: unknown task(s) {unknown}; choose from {list(COLUMNS)}")
+    runs_dir = Path(args.runs_dir)
+    suffix = "" if args.scale == "official" else "_pytorch"
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for task in tasks:
+        for attention in attentions:
+            for seed in seeds:
+                run_dir = runs_dir / f"{task}-{attention}-s{seed}"
+                results = run_dir / RESULTS_NAME
+                if not results.is_file() and not args.collect_only:
+                    overrides = {"model.attention": attention, "train.seed": seed, "train.run_dir": str(run_dir)}
+                    if args.data_dir:
+                        overrides["data.data_dir"] = args.data_dir
+                    if args.device:
+                        overrides["train.device"] = args.device
+                    if args.no_progress:
+                        overrides["train.progress"] = False
+                    overrides.update(parse_assignment(text) for text in args.set)
+                    print(f"== {task} / {attention} / seed {seed} -> {run_dir}")
+                    try:
+                        if (run_dir / "last").is_dir():
+                            train(resume=run_dir)
+                        else:
+                            train(load_config(Path(args.config_dir) / f"{task}{suffix}.yaml", overrides))
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception:  # one failing cell (missing data...) must not stop the grid
+                        traceback.print_exc()
+                        (run_dir.mkdir(parents=True, exist_ok=True))
+                        (run_dir / "error.txt").write_text(traceback.format_exc())
+                if results.is_file():
+                    cells.setdefault((task, attention), []).append(json.loads(results.read_text()))
+
+    table = summarise(tasks, attentions, cells, args.scale)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / "results.json").write_text(json.dumps(table, indent=2) + "\n")
+    markdown = to_markdown(table)
+    (runs_dir / "results.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {runs_dir / 'results.md'} and {runs_dir / 'results.json'}")
+    return 0
+
+
+def summarise(
+    tasks: list[str], attentions: list[str], cells: dict[tuple[str, str], list[dict[str, Any]]], scale: str
+) -> dict[str, Any]:
+    """Test accuracy (%) per attention and task, mean and std over seeds, the average, and reference rows."""
+    rows = []
+    for attention in attentions:
+        row: dict[str, Any] = {"model": f"hopformer {attention}", "tasks": {}}
+        for task in tasks:
+            accuracies = [100 * r["test_accuracy"] for r in cells.get((task, attention), [])]
+            if accuracies:
+                row["tasks"][task] = {
+                    "mean": statistics.fmean(accuracies),
+                    "std": statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0,
+                    "seeds": len(accuracies),
+                }
+        done = [row["tasks"][t]["mean"] for t in tasks if t in row["tasks"]]
+        row["avg"] = statistics.fmean(done) if len(done) == len(tasks) else None
+        rows.append(row)
+    board = LEADERBOARD_JAX if scale == "official" else LEADERBOARD_PYTORCH
+    reference = [
+        {
+            "model": name,
+            "tasks": {t: values[t] for t in tasks},
+            "avg": statistics.fmean(values[t] for t in tasks),
+            "published_avg": values["avg"],
+        }
+        for name, values in board.items()
+    ]
+    return {"scale": scale, "tasks": tasks, "rows": rows, "reference": reference}
+
+
+def to_markdown(table: dict[str, Any]) -> str:
+    """The results as a Markdown table: hopformer rows first, then the published reference rows."""
+    tasks = table["tasks"]
+    header = "| model | " + " | ".join(COLUMNS[t] for t in tasks) + " | Avg |"
+    lines = [header, "|" + "---|" * (len(tasks) + 2)]
+    for row in table["rows"]:
+        cells = []
+        for task in tasks:
+            cell = row["tasks"].get(task)
+            if cell is None:
+                cells.append("–")
+            elif cell["seeds"] > 1:
+                cells.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}")
+            else:
+                cells.append(f"{cell['mean']:.2f}")
+        average = "–" if row["avg"] is None else f"{row['avg']:.2f}"
+        lines.append(f"| **{row['model']}** | " + " | ".join(cells) + f" | {average} |")
+    for row in table["reference"]:
+        cells = [f"{row['tasks'][t]:.2f}" for t in tasks]
+        lines.append(f"| {row['model']} (published) | " + " | ".join(cells) + f" | {row['avg']:.2f} |")
+    source = (
+        "published rows: official LRA README (JAX pipeline)"
+        if table["scale"] == "official"
+        else "published row: Nyströmformer paper (small PyTorch pipeline)"
+    )
+    note = (
+        f"\nTest accuracy (%), best-validation checkpoint. Avg = mean over the {len(tasks)} task(s) above "
+        f"(published rows re-averaged over the same tasks); {source}. Scale: {table['scale']}.\n"
+    )
+    return "\n".join(lines) + "\n" + note

@@ -1,0 +1,149 @@
+"""Tasks: what the trainer needs to know about each dataset, and where its examples come from.
+
+- ``listops``: ``basic_{train,val,test}.tsv`` from ``data.data_dir`` (or its ``listops-1000/``). With
+  no data folder, a small set is generated once into ``~/.cache/hopformer/listops-<hash>/`` (the hash
+  covers the generation settings; ``$HOPFORMER_CACHE`` moves the cache), and a data folder given
+  but empty is filled the same way. A fresh machine can therefore train with no download.
+- ``text``, ``retrieval``, ``image``, ``pathfinder32`` (64, 128, 256): the LRA release through
+  :func:`hopformer.data.load_lra`; ``data.data_dir`` must be the ``lra_release/`` folder.
+
+``lra-<name>`` is accepted for every name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hopformer.train.config import Config
+
+SPLITS = ("train", "val", "test")
+LISTOPS_FILES = {split: f"basic_{split}.tsv" for split in SPLITS}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Fixed facts of a task: label count, vocabulary, pair input (Retrieval), pixel tokens."""
+
+    name: str
+    num_classes: int
+    vocab_size: int
+    pair: bool = False
+    pixels: bool = False  # id 0 is a black pixel, not padding: no padding_idx in the embedding
+
+
+TASKS: dict[str, TaskSpec] = {
+    "listops": TaskSpec("listops", 10, 16),
+    "text": TaskSpec("text", 2, 257),  # bytes shifted by one, 0 = pad
+    "retrieval": TaskSpec("retrieval", 2, 257, pair=True),
+    "image": TaskSpec("image", 10, 256, pixels=True),
+    **{f"pathfinder{r}": TaskSpec(f"pathfinder{r}", 2, 256, pixels=True) for r in (32, 64, 128, 256)},
+}
+
+
+@dataclass
+class TaskData:
+    """The examples of every split, where they came from, and the task's facts."""
+
+    spec: TaskSpec
+    splits: dict[str, list[dict]]
+    source: Path
+
+    def longest(self) -> int:
+        """Longest sequence over all splits (either document for pairs)."""
+        keys = ("input_ids", "input_ids_2") if self.spec.pair else ("input_ids",)
+        return max(len(example[key]) for examples in self.splits.values() for example in examples for key in keys)
+
+    def majority_rate(self, split: str = "test") -> float:
+        """Accuracy of always predicting the most frequent label of ``split``."""
+        counts = Counter(int(example["label"]) for example in self.splits[split])
+        return max(counts.values()) / sum(counts.values())
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The :class:`TaskSpec` of ``name`` (``lra-`` prefix allowed)."""
+    key = name.removeprefix("lra-")
+    if key not in TASKS:
+        raise ValueError(f"task={name!r} is not known; choose one of {sorted(TASKS)} (optionally as lra-<name>)")
+    return TASKS[key]
+
+
+def load_task(config: Config, progress: bool = True, log: Any = print) -> TaskData:
+    """Load (generating ListOps if needed) every split of ``config.task``."""
+    spec = task_spec(config.task)
+    if spec.name == "listops":
+        return _load_listops(config, spec, progress, log)
+    if config.data.data_dir is None:
+        raise ValueError(
+            f"task {spec.name!r} reads the LRA release: pass --data-dir pointing at the lra_release/ folder "
+            "(https://storage.googleapis.com/long-range-arena/lra_release.gz; see specs/lra.md §2)"
+        )
+    from hopformer.data import load_lra
+
+    root = Path(config.data.data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-dir {root} does not exist; it must be the LRA release folder (lra_release/)")
+    options = {"max_length": config.data.max_length} if spec.name in ("text", "retrieval") else {}
+    splits = {split: list(load_lra(spec.name, root, split, **options)) for split in SPLITS}
+    return TaskData(spec, splits, root)
+
+
+def listops_cache_dir(config: Config) -> Path:
+    """``$HOPFORMER_CACHE`` (default ``~/.cache/hopformer``) ``/listops-<hash of the generation settings>``."""
+    settings = json.dumps(asdict(config.data.generate), sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
+    cache = Path(os.environ.get("HOPFORMER_CACHE", Path.home() / ".cache" / "hopformer")).expanduser()
+    return cache / f"listops-{digest}"
+
+
+def find_listops_dir(folder: Path) -> Path | None:
+    """``folder`` or ``folder/listops-1000`` if it holds the three ListOps files."""
+    for candidate in (folder, folder / "listops-1000"):
+        if all((candidate / name).is_file() for name in LISTOPS_FILES.values()):
+            return candidate
+    return None
+
+
+def generate_listops_files(folder: Path, config: Config, progress: bool = True) -> Path:
+    """Generate ``basic_{train,val,test}.tsv`` into ``folder`` with ``config.data.generate``."""
+    from hopformer.data.listops import generate_listops, write_listops_tsv
+
+    settings = config.data.generate
+    examples = generate_listops(
+        settings.train + settings.val + settings.test,
+        seed=settings.seed,
+        min_length=settings.min_length,
+        max_length=settings.max_length,
+        progress=progress,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cuts = {"train": (0, settings.train), "val": (settings.train, settings.train + settings.val)}
+    cuts["test"] = (settings.train + settings.val, len(examples))
+    for split, (start, stop) in cuts.items():  # in order, as the released script splits its set
+        write_listops_tsv(folder / LISTOPS_FILES[split], examples[start:stop])
+    return folder
+
+
+def _load_listops(config: Config, spec: TaskSpec, progress: bool, log: Any) -> TaskData:
+    from hopformer.data.listops import load_listops_tsv
+
+    folder = Path(config.data.data_dir).expanduser() if config.data.data_dir else listops_cache_dir(config)
+    found = find_listops_dir(folder)
+    if found is None:
+        if folder.is_dir() and any(folder.glob("basic_*.tsv")):
+            raise FileNotFoundError(f"{folder} has only some of {sorted(LISTOPS_FILES.values())}")
+        g = config.data.generate
+        log(
+            f"No ListOps files in {folder}: generating {g.train}/{g.val}/{g.test} trees with "
+            f"{g.min_length} < length < {g.max_length} (seed {g.seed})"
+        )
+        found = generate_listops_files(folder, config, progress)
+    splits = {
+        split: load_listops_tsv(found / LISTOPS_FILES[split], max_length=config.data.max_length) for split in SPLITS
+    }
+    return TaskData(spec, splits, found)

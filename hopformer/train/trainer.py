@@ -1,0 +1,496 @@
+"""The training loop: one function, :func:`train`, read top to bottom (nanoGPT style).
+
+setup (device, seeds, run folder) -> data -> model + AdamW -> resume -> loop -> best checkpoint on test.
+
+The loop, per optimiser step: set the learning rate, run ``grad_accum`` micro-batches (task loss +
+every module's ``aux_loss``; bf16 autocast on CUDA), clip, step; log; every ``eval_every`` steps
+validate, keep ``best/`` when validation accuracy improves, save ``last/``.
+
+Resuming is exact: the data order is a seeded :class:`BatchStream` whose position is saved with the
+optimiser and every RNG state, so a run killed after a checkpoint and resumed with ``resume=`` gives
+the same ``metrics.jsonl`` and weights as one that never stopped. Ctrl-C asks the loop to stop at the
+end of the current step; it saves ``last/`` there and returns (a second Ctrl-C stops at once).
+
+Run folder: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON record per log line),
+``last/`` and ``best/`` checkpoints, ``results.json`` (final numbers), ``tensorboard/`` when
+TensorBoard is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hopformer.data.batching import collate
+from hopformer.models import DualEncoderClassifier, SequenceClassifier, TransformerEncoder, aux_loss, count_parameters
+from hopformer.train import checkpoint as ckpt
+from hopformer.train.config import Config, load_config, save_config
+from hopformer.train.tasks import TaskData, load_task
+
+SCHEDULES = ("linear", "cosine", "constant", "rsqrt")
+METRICS_NAME = "metrics.jsonl"
+RESULTS_NAME = "results.json"
+CONFIG_NAME = "config.yaml"
+
+
+# ----------------------------------------------------------------------------------- data order
+class BatchStream:
+    """An endless, seeded sequence of batches of example indices; ``(epoch, position)`` is its state.
+
+    Each epoch is a permutation drawn from ``seed + epoch``. With ``bucket``, the permutation is cut
+    into pools of 50 batches, each pool sorted by length and cut into batches, and the batches shuffled
+    again: batches hold similar lengths (little padding) but their order stays random.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, bucket: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not lengths:
+            raise ValueError("BatchStream needs at least one example")
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size = min(batch_size, len(lengths))
+        self.seed, self.bucket = seed, bucket
+        self.epoch, self.position = 0, 0
+        self._batches: list[list[int]] | None = None
+
+    def _epoch_batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator)
+        size = self.batch_size
+        whole = len(order) - len(order) % size  # drop the ragged tail: every step sees a full batch
+        if not self.bucket:
+            return order[:whole].view(-1, size).tolist()
+        batches = []
+        pool = 50 * size
+        for start in range(0, whole, pool):
+            chunk = order[start : min(start + pool, whole)]
+            chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
+            batches.extend(chunk.view(-1, size).tolist())
+        shuffle = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffle]
+
+    def next(self) -> list[int]:
+        """Indices of the next batch."""
+        if self._batches is None:
+            self._batches = self._epoch_batches()
+        if self.position >= len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = self._epoch_batches()
+        batch = self._batches[self.position]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._batches = None
+
+
+# --------------------------------------------------------------------------------------- schedule
+def learning_rate(step: int, config: Config) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then the configured decay."""
+    optim, total = config.optim, config.train.steps
+    peak, floor = optim.lr, optim.lr * optim.min_lr_ratio
+    warmup = optim.warmup_steps
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if optim.schedule == "constant":
+        return peak
+    if optim.schedule == "rsqrt":
+        return max(floor, peak * math.sqrt(max(warmup, 1) / (step + 1)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if optim.schedule == "linear":
+        return floor + (peak - floor) * (1.0 - progress)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+# ------------------------------------------------------------------------------------- the model
+def build_model(config: Config, data: TaskData, pad_to_multiple: int) -> torch.nn.Module:
+    """The classifier of ``config.model`` for ``data`` (vocabulary and labels from the task)."""
+    m = config.model
+    cls_extra = 1 if m.pooling == "cls" else 0
+    max_len = m.max_len or -(-data.longest() // 128) * 128 + cls_extra
+    vocab = max(data.spec.vocab_size, 1 + max(int(e["input_ids"].max()) for e in data.splits["train"]))
+    encoder = TransformerEncoder(
+        vocab_size=vocab,
+        dim=m.dim,
+        depth=m.depth,
+        heads=m.heads,
+        mlp_dim=m.mlp_dim,
+        max_len=max_len,
+        attention=m.attention,
+        attention_options=m.attention_options,
+        norm=m.norm,
+        positions=m.positions,
+        dropout=m.dropout,
+        attention_dropout=m.attention_dropout,
+        pad_id=None if data.spec.pixels else 0,
+        pad_to_multiple=pad_to_multiple,
+        gradient_checkpointing=m.gradient_checkpointing,
+    )
+    head = DualEncoderClassifier if data.spec.pair else SequenceClassifier
+    return head(encoder, data.spec.num_classes, pooling=m.pooling, head_dim=m.head_dim)
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not biases, LayerNorm gains, the CLS vector)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps)
+
+
+def max_tokens(model: torch.nn.Module) -> int:
+    """Longest input the model takes (the encoder's ``max_len`` less the CLS vector)."""
+    return model.encoder.config.max_len - (1 if model.pooling == "cls" else 0)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+@dataclass
+class Runtime:
+    """Where and how batches run: device, autocast, padding multiple, length cut."""
+
+    device: torch.device
+    autocast: bool
+    pad_to_multiple: int
+    max_length: int
+
+    def batch(self, examples: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+        """Collate and move to the device; returns (model inputs, labels, number of real tokens)."""
+        batch = collate(examples, pad_to_multiple=self.pad_to_multiple, max_length=self.max_length)
+        tokens = sum(int(mask.sum()) for key, mask in batch.items() if key.startswith("attention_mask"))
+        batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+        return batch, batch.pop("label"), tokens
+
+    def context(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, examples: list[dict], runtime: Runtime, batch_size: int, max_batches: int | None = None
+) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` on ``examples`` (sorted by length into batches: less padding)."""
+    if max_batches is not None:
+        examples = examples[: max_batches * batch_size]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        inputs, labels, _ = runtime.batch([examples[i] for i in order[start : start + batch_size]])
+        with runtime.context():
+            logits = model(**inputs).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+    model.train(was_training)
+    return {"loss": loss_sum / len(examples), "accuracy": correct / len(examples), "count": len(examples)}
+
+
+# ----------------------------------------------------------------------------------------- logging
+class MetricsLog:
+    """``metrics.jsonl`` (and TensorBoard when installed); ``truncate`` drops records after a step."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = run_dir / METRICS_NAME
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # TensorBoard is optional
+                pass
+
+    def truncate(self, step: int) -> None:
+        """Keep the records up to ``step``: a resumed run rewrites what the crashed one logged after it."""
+        if not self.path.exists():
+            return
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in records if r.get("step", 0) <= step and r.get("split") != "test"]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "split"):
+                    self.writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class StopFlag:
+    """First Ctrl-C: ask the loop to stop after this step (and checkpoint). Second: interrupt at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ----------------------------------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (also written to ``results.json``)."""
+
+    run_dir: str
+    step: int
+    best_val_accuracy: float | None
+    test_accuracy: float | None
+    test_loss: float | None
+    majority_rate: float
+    parameters: int
+    interrupted: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available")
+    return torch.device(name)
+
+
+def default_run_dir(config: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.task}-{config.model.attention}-{stamp}"
+
+
+def train(config: Config | None = None, resume: str | Path | None = None, log: Any = print) -> TrainResult:
+    """Train a classifier on ``config.task``; with ``resume`` (a run folder) continue it from ``last/``.
+
+    Args:
+        config: the run's configuration; ignored when resuming (the run's ``config.yaml`` is used).
+        resume: run folder of an earlier (killed or interrupted) run.
+        log: where progress lines go (``print``).
+
+    Returns:
+        The final numbers (also in ``results.json``); ``interrupted=True`` after a Ctrl-C stop.
+    """
+    # ---- setup: config, run folder, device, seeds
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no {CONFIG_NAME} there; is it a run folder?")
+        config = load_config(run_dir / CONFIG_NAME)
+    else:
+        config = config or load_config()
+        run_dir = Path(config.train.run_dir) if config.train.run_dir else default_run_dir(config)
+        if ckpt.find_checkpoint(run_dir / "last") is not None:
+            raise FileExistsError(f"{run_dir} already holds a run; pass --resume {run_dir} or another --run-dir")
+        config.train.run_dir = str(run_dir)
+    _check_config(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_NAME)
+    threads = torch.get_num_threads()
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    try:
+        return _run(config, run_dir, resume is not None, log)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _run(config: Config, run_dir: Path, resume: bool, log: Any) -> TrainResult:
+    """The body of :func:`train` once the run folder and config are settled."""
+    tc = config.train
+    device = resolve_device(tc.device)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+    autocast = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+
+    # ---- data
+    data = load_task(config, progress=tc.progress, log=log)
+    if config.data.data_dir is None:  # record the generated folder, so resume and eval find the same data
+        config.data.data_dir = str(data.source)
+        save_config(config, run_dir / CONFIG_NAME)
+    pad = config.data.pad_to_multiple or (1 if config.model.attention == "full" else 128)
+    train_set, val_set = data.splits["train"], data.splits["val"]
+    micro_batch = tc.batch_size // tc.grad_accum
+    stream = BatchStream([len(e["input_ids"]) for e in train_set], micro_batch, tc.seed, config.data.bucket)
+    eval_batch = tc.eval_batch_size or tc.batch_size
+
+    # ---- model and optimiser
+    model = build_model(config, data, pad).to(device)
+    optimizer = make_optimizer(model, config)
+    runtime = Runtime(device, autocast, pad, max_tokens(model))
+    parameters = count_parameters(model)
+    majority = data.majority_rate("test")
+    log(
+        f"{config.task}: {len(train_set)}/{len(val_set)}/{len(data.splits['test'])} examples from {data.source}; "
+        f"majority-class rate (test) {majority:.1%}"
+    )
+    log(f"model: {config.model.attention} attention, {parameters:,} parameters, on {device}; run folder {run_dir}")
+
+    # ---- resume
+    metrics = MetricsLog(run_dir)
+    step, best = 0, None
+    if resume:
+        found = ckpt.find_checkpoint(run_dir / "last")
+        if found is None:
+            raise FileNotFoundError(f"--resume {run_dir}: no checkpoint in {run_dir / 'last'}")
+        state = ckpt.load_state(found)
+        ckpt.load_weights(model, found)
+        optimizer.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        step, best = int(state["step"]), state["best_val_accuracy"]
+        metrics.truncate(step)
+        log(f"resumed from {found} at step {step}")
+
+    def checkpoint(name: str) -> None:
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "data": stream.state_dict(),
+            "rng": ckpt.rng_state(),
+            "best_val_accuracy": best,
+            "schedule": {"name": config.optim.schedule, "lr": learning_rate(step, config)},
+        }
+        ckpt.save_checkpoint(run_dir / name, model, state)
+
+    # ---- the loop
+    from tqdm import tqdm
+
+    bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, dynamic_ncols=True, desc="train")
+    # Running sums since the last log line; loss and correct stay on the device (no sync per step).
+    window = {"loss": 0.0, "correct": 0, "count": 0, "tokens": 0, "start": time.perf_counter()}
+    interrupted = False
+    model.train()
+    with StopFlag() as stop:
+        while step < tc.steps:
+            lr = learning_rate(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(tc.grad_accum):
+                inputs, labels, tokens = runtime.batch([train_set[i] for i in stream.next()])
+                with runtime.context():
+                    logits = model(**inputs).float()
+                    loss = F.cross_entropy(logits, labels)
+                    extra = aux_loss(model)
+                    total = loss if extra is None else loss + extra
+                (total / tc.grad_accum).backward()
+                window["loss"] += loss.detach() * len(labels)
+                window["correct"] += (logits.argmax(-1) == labels).sum()
+                window["count"] += len(labels)
+                window["tokens"] += tokens
+            if config.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            if step % tc.log_every == 0 or step == tc.steps:
+                elapsed = time.perf_counter() - window["start"]
+                record = {
+                    "step": step,
+                    "split": "train",
+                    "loss": float(window["loss"]) / window["count"],
+                    "accuracy": int(window["correct"]) / window["count"],
+                    "lr": lr,
+                    "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                }
+                metrics.write(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
+                window.update(loss=0.0, correct=0, count=0, tokens=0, start=time.perf_counter())
+
+            if step % tc.eval_every == 0 or step == tc.steps:
+                val = evaluate(model, val_set, runtime, eval_batch, tc.eval_batches)
+                metrics.write({"step": step, "split": "val", "loss": val["loss"], "accuracy": val["accuracy"]})
+                bar.write(f"step {step}: val loss {val['loss']:.4f}, val accuracy {val['accuracy']:.4f}")
+                if best is None or val["accuracy"] > best:
+                    best = val["accuracy"]
+                    checkpoint("best")
+            if step % (tc.checkpoint_every or tc.eval_every) == 0 or step == tc.steps:
+                checkpoint("last")
+            if step % tc.eval_every == 0 or step == tc.steps:
+                window["start"] = time.perf_counter()  # tokens/s counts training time only
+            if stop.requested:
+                interrupted = True
+                break
+    bar.close()
+
+    if interrupted:
+        checkpoint("last")
+        metrics.close()
+        log(f"stopped at step {step}; checkpoint saved. Continue with: hopformer train --resume {run_dir}")
+        return TrainResult(str(run_dir), step, best, None, None, majority, parameters, interrupted=True)
+
+    # ---- the best validation checkpoint, on test (LRA convention)
+    best_dir = ckpt.find_checkpoint(run_dir / "best")
+    if best_dir is not None:
+        ckpt.load_weights(model, best_dir)
+    test = evaluate(model, data.splits["test"], runtime, eval_batch)
+    metrics.write({"step": step, "split": "test", "loss": test["loss"], "accuracy": test["accuracy"]})
+    metrics.close()
+    result = TrainResult(
+        str(run_dir), step, best, test["accuracy"], test["loss"], majority, parameters,
+        extra={"task": data.spec.name, "attention": config.model.attention},
+    )  # fmt: skip
+    (run_dir / RESULTS_NAME).write_text(json.dumps(result.__dict__, indent=2) + "\n")
+    log(
+        f"best val accuracy {best:.4f}; test accuracy {test['accuracy']:.4f} "
+        f"(majority class {majority:.4f}); run folder {run_dir}"
+    )
+    return result
+
+
+def _check_config(config: Config) -> None:
+    """Errors that name the setting, before any data is loaded."""
+    tc, oc = config.train, config.optim
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "log_every"):
+        value = getattr(tc, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+    if tc.batch_size % tc.grad_accum:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum={tc.grad_accum}")
+    if tc.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16 or fp32, got {tc.precision!r}")
+    if oc.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={oc.schedule!r} is not known; choose one of {list(SCHEDULES)}")
+    if oc.lr <= 0:
+        raise ValueError(f"optim.lr must be positive, got {oc.lr!r}")
+    if oc.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {oc.warmup_steps!r}")
+    from hopformer.attention import available
+
+    if config.model.attention not in available():
+        raise ValueError(f"model.attention={config.model.attention!r} is not known; choose one of {available()}")

@@ -1,0 +1,233 @@
+"""Models: shapes on every attention, pooling and padding, save / load, helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hopformer.attention import available
+from hopformer.models import (
+    DualEncoderClassifier,
+    SequenceClassifier,
+    TransformerEncoder,
+    aux_loss,
+    count_parameters,
+    from_pretrained,
+    pool,
+)
+
+VOCAB = 20
+
+
+def encoder(attention: str = "full", **kwargs) -> TransformerEncoder:
+    settings = dict(vocab_size=VOCAB, dim=16, depth=2, heads=2, mlp_dim=32, max_len=160, attention=attention)
+    settings.update(kwargs)
+    return TransformerEncoder(**settings)
+
+
+def batch(
+    lengths: list[int], width: int, seed: int = 0, pad_value: int | None = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids with the given true lengths; padding filled with ``pad_value`` (None: random garbage)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), width), generator=generator)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    if pad_value is not None:
+        ids = ids.masked_fill(~mask, pad_value)
+    return ids, mask
+
+
+@pytest.mark.parametrize("attention", available())
+def test_every_attention_runs_forward_and_backward(attention):
+    torch.manual_seed(0)
+    # Graph attentions need at least a few 64-token blocks: the trainer pads batches to 128.
+    model = SequenceClassifier(encoder(attention, pad_to_multiple=128), num_classes=3)
+    ids, mask = batch([70, 45], 70)
+    logits = model(ids, mask)
+    assert logits.shape == (2, 3)
+    assert torch.isfinite(logits).all()
+    (logits.sum() + (aux_loss(model) or 0)).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    hidden = model.encoder(ids, mask)
+    assert hidden.shape == (2, 70, 16)  # internal padding to 128 is trimmed away
+
+
+@pytest.mark.parametrize("attention", available())
+def test_padded_positions_never_leak_into_the_output(attention):
+    """Whatever ids sit under a False mask, the logits of the real tokens are the same (every attention)."""
+    torch.manual_seed(0)
+    model = SequenceClassifier(encoder(attention), num_classes=3).eval()
+    ids, mask = batch([130, 33], 140, pad_value=0)
+    garbage, _ = batch([130, 33], 140, seed=1, pad_value=None)
+    noisy = torch.where(mask, ids, garbage)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), model(noisy, mask), rtol=1e-5, atol=1e-5)
+
+
+# Attentions whose graph for the real tokens does not depend on how far the batch is padded. Graphs
+# with random or scattered parts (bigbird, diffuser), length-derived structure (hypercube, combiner
+# with automatic block size, routing) are drawn per padded length, so they are not in this list.
+PADDING_INVARIANT = ["full", "local", "longformer"]
+
+
+@pytest.mark.parametrize("attention", PADDING_INVARIANT)
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_classifier_is_invariant_to_extra_padding(attention, pooling, norm):
+    torch.manual_seed(0)
+    options = {} if attention == "full" else {"block_size": 16}
+    model = SequenceClassifier(encoder(attention, norm=norm, attention_options=options), 4, pooling=pooling).eval()
+    ids, mask = batch([40], 40)
+    padded_ids, padded_mask = batch([40], 100)
+    padded_ids[:, :40] = ids
+    padded_ids[:, 40:] = 7  # padding content must not matter either
+    with torch.no_grad():
+        alone = model(ids, mask)
+        padded = model(padded_ids, padded_mask)
+        unmasked = model(ids)  # no mask at all = every token real
+    torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone, unmasked, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_option_is_passed_to_the_attention():
+    model = encoder("local", attention_options={"block_size": 16, "window": 1})
+    attention = model.blocks[0].attention
+    assert attention.graph_options["block_size"] == 16 and attention.graph_options["window"] == 1
+
+
+def test_mean_pooling_ignores_padding():
+    hidden = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    pooled = pool(hidden, mask, "mean")
+    torch.testing.assert_close(pooled[0], hidden[0, :2].mean(0))
+    torch.testing.assert_close(pooled[1], hidden[1].mean(0))
+    hidden[0, 2:] = 1e6  # garbage in padded rows changes nothing
+    torch.testing.assert_close(pool(hidden, mask, "mean"), pooled)
+    torch.testing.assert_close(pool(hidden, mask, "cls"), hidden[:, 0])
+
+
+def test_cls_pooling_prepends_a_vector_and_needs_room_for_it():
+    model = SequenceClassifier(encoder(max_len=33), num_classes=2, pooling="cls")
+    ids, mask = batch([32, 20], 32)
+    assert model(ids, mask).shape == (2, 2)
+    too_long, long_mask = batch([33], 33)
+    with pytest.raises(ValueError, match="max_len"):
+        model(too_long, long_mask)
+
+
+def test_dual_encoder_features_and_shapes():
+    torch.manual_seed(0)
+    model = DualEncoderClassifier(encoder(), num_classes=2).eval()
+    ids, mask = batch([30, 12], 30)
+    ids2, mask2 = batch([9, 25], 25, seed=3)
+    logits = model(ids, mask, ids2, mask2)
+    assert logits.shape == (2, 2)
+    # One call on both documents equals pooling each separately.
+    with torch.no_grad():
+        u = model.features(ids, mask)
+        v = model.features(ids2, mask2)
+        expected = model.head(torch.cat([u, v, u * v, u - v], dim=-1))
+    torch.testing.assert_close(logits.detach(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="input_ids_2"):
+        model(ids, mask)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SequenceClassifier(encoder("full", positions="sinusoidal", norm="post"), 5, pooling="cls"),
+        lambda: SequenceClassifier(encoder("diffuser", attention_options={"hops": 2, "block_size": 16}), 5),
+        lambda: DualEncoderClassifier(encoder("local", attention_options={"block_size": 16}), 2),
+        lambda: encoder("routing", attention_options={"clusters": 2, "local_window": 16}),
+    ],
+)
+def test_save_and_load_round_trip(tmp_path, make):
+    torch.manual_seed(0)
+    model = make().eval()
+    folder = model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == model.model_type
+    torch.manual_seed(123)  # a different init, so equal outputs must come from the loaded weights
+    loaded = from_pretrained(folder).eval()
+    assert type(loaded) is type(model) and loaded.config == model.config
+    ids, mask = batch([40, 21], 40)
+    with torch.no_grad():
+        if isinstance(model, DualEncoderClassifier):
+            args = (ids, mask, ids.flip(0), mask.flip(0))
+        else:
+            args = (ids, mask)
+        torch.testing.assert_close(model(*args), loaded(*args), rtol=0, atol=0)
+    assert type(model).from_pretrained(folder).config == model.config
+    other = SequenceClassifier if isinstance(model, TransformerEncoder) else TransformerEncoder
+    with pytest.raises(TypeError):
+        other.from_pretrained(folder)
+
+
+def test_from_pretrained_names_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(tmp_path)
+
+
+def test_count_parameters_and_aux_loss():
+    model = SequenceClassifier(encoder(), num_classes=3)
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    model.encoder.embed.weight.requires_grad_(False)
+    assert count_parameters(model, trainable_only=True) == count_parameters(model) - VOCAB * 16
+    assert aux_loss(model) is None
+    model.encoder.blocks[0].attention.aux_loss = torch.tensor(0.5)
+    model.encoder.blocks[1].attention.aux_loss = torch.tensor(0.25)
+    assert aux_loss(model).item() == pytest.approx(0.75)
+
+
+def test_routing_aux_loss_reaches_the_model():
+    model = SequenceClassifier(encoder("routing", attention_options={"clusters": 2, "local_window": 16}), 2)
+    ids, mask = batch([64, 50], 64)
+    model.train()
+    model(ids, mask)
+    loss = aux_loss(model)
+    assert loss is not None and loss.requires_grad and loss.item() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = SequenceClassifier(encoder(dropout=0.0, gradient_checkpointing=flag), num_classes=3)
+        ids, mask = batch([30, 18], 30)
+        model(ids, mask).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_pixel_models_train_the_zero_embedding():
+    model = encoder(pad_id=None)
+    assert model.embed.padding_idx is None and model.embed.weight[0].abs().sum() > 0
+    assert encoder().embed.weight[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dim": 15}, "heads"),
+        ({"norm": "sandwich"}, "norm"),
+        ({"positions": "rotary"}, "positions"),
+        ({"attention": "nope"}, "attention"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"depth": 0}, "depth"),
+    ],
+)
+def test_bad_settings_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        encoder(**kwargs)
+
+
+def test_bad_pooling_and_classes():
+    with pytest.raises(ValueError, match="pooling"):
+        SequenceClassifier(encoder(), 3, pooling="max")
+    with pytest.raises(ValueError, match="num_classes"):
+        SequenceClassifier(encoder(), 0)

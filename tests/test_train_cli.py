@@ -1,0 +1,118 @@
+"""The ``train``, ``eval`` and ``lra`` verbs, run in-process through ``hopformer.cli.main``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hopformer.cli import main
+
+TINY = [
+    "--set", "data.generate.train=48", "--set", "data.generate.val=16", "--set", "data.generate.test=16",
+    "--set", "data.generate.min_length=3", "--set", "data.generate.max_length=40",
+    "--set", "model.dim=16", "--set", "model.mlp_dim=32", "--set", "model.depth=1",
+    "--set", "train.threads=1", "--set", "train.log_every=1",
+    "--steps", "3", "--batch-size", "8", "--eval-every", "2", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny diffuser run on freshly generated ListOps (its data folder starts empty)."""
+    root = tmp_path_factory.mktemp("cli")
+    code = main(
+        ["train", "--task", "listops", "--attention", "diffuser", "--attention-option", "hops=2",
+         "--attention-option", "alpha=0.2", "--data-dir", str(root / "data"), "--run-dir", str(root / "run"),
+         "--seed", "1", "--lr", "0.002", *TINY]
+    )  # fmt: skip
+    assert code == 0
+    return root
+
+
+def test_train_generates_data_trains_and_reports(trained, capsys):
+    run = trained / "run"
+    for name in ("basic_train.tsv", "basic_val.tsv", "basic_test.tsv"):
+        assert (trained / "data" / name).is_file()
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "last/model.safetensors", "best/state.pt"):
+        assert (run / name).is_file(), name
+    model_config = json.loads((run / "best" / "config.json").read_text())
+    assert model_config["encoder"]["attention"] == "diffuser"
+    assert model_config["encoder"]["attention_options"] == {"hops": 2, "alpha": 0.2}
+    results = json.loads((run / "results.json").read_text())
+    assert results["step"] == 3 and 0 <= results["test_accuracy"] <= 1
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 0.002 and saved["train"]["seed"] == 1 and saved["train"]["steps"] == 3
+
+
+def test_eval_on_a_tsv_matches_the_run(trained, capsys):
+    results = json.loads((trained / "run" / "results.json").read_text())
+    capsys.readouterr()
+    code = main(["eval", "--checkpoint", str(trained / "run"), "--data", str(trained / "data" / "basic_test.tsv"),
+                 "--device", "cpu", "--json"])  # fmt: skip
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["count"] == 16
+    assert printed["accuracy"] == pytest.approx(results["test_accuracy"])  # best/ on test, as train reported
+    code = main(["eval", "--checkpoint", str(trained / "run"), "--split", "val", "--which", "last", "--device", "cpu"])
+    assert code == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_eval_names_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="best"):
+        main(["eval", "--checkpoint", str(tmp_path), "--data", "x.tsv", "--device", "cpu"])
+
+
+def test_resume_of_a_finished_run_only_reports(trained, capsys):
+    code = main(["train", "--resume", str(trained / "run"), "--no-progress"])
+    assert code == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_lra_collects_runs_into_a_table(trained, tmp_path, capsys):
+    runs = tmp_path / "lra"
+    (runs / "listops-full-s0").mkdir(parents=True)
+    (runs / "listops-full-s0" / "results.json").write_text(json.dumps({"test_accuracy": 0.3}))
+    (runs / "listops-full-s1").mkdir(parents=True)
+    (runs / "listops-full-s1" / "results.json").write_text(json.dumps({"test_accuracy": 0.4}))
+    code = main(["lra", "--tasks", "listops", "--attentions", "full,diffuser", "--seeds", "0,1",
+                 "--runs-dir", str(runs), "--collect-only"])  # fmt: skip
+    assert code == 0
+    table = json.loads((runs / "results.json").read_text())
+    full, diffuser = table["rows"]
+    assert full["tasks"]["listops"]["mean"] == pytest.approx(35.0) and full["avg"] == pytest.approx(35.0)
+    assert diffuser["tasks"] == {} and diffuser["avg"] is None
+    markdown = (runs / "results.md").read_text()
+    assert "35.00 ± 5.00" in markdown and "Transformer (published)" in markdown and "36.37" in markdown
+
+
+def test_lra_trains_a_missing_cell(trained, tmp_path, capsys):
+    runs = tmp_path / "lra"
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "listops_pytorch.yaml").write_text(f"data: {{data_dir: {trained / 'data'}}}\n")
+    code = main(["lra", "--tasks", "listops", "--attentions", "local", "--scale", "pytorch",
+                 "--config-dir", str(config_dir), "--runs-dir", str(runs), "--no-progress",
+                 "--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "model.dim=16",
+                 "--set", "model.depth=1", "--set", "train.threads=1", "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    assert (runs / "listops-local-s0" / "results.json").is_file()
+    assert "Standard (Nyströmformer paper)" in (runs / "results.md").read_text()
+
+
+def test_every_verb_has_help(capsys):
+    for verb in ("train", "eval", "lra"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([verb, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: hopformer" in capsys.readouterr().out
+
+
+def test_bad_option_values_are_named(tmp_path):
+    with pytest.raises(ValueError, match="attention"):
+        main(["train", "--attention", "nope", "--run-dir", str(tmp_path / "r"), "--no-progress"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        main(["train", "--attention-option", "hops", "--run-dir", str(tmp_path / "r"), "--no-progress"])

@@ -1,0 +1,254 @@
+"""Trainer: learning, schedule, data order, checkpoints (atomic), exact resume, config, tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hopformer.train import checkpoint as checkpoint_module
+from hopformer.train import trainer as trainer_module
+from hopformer.train.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from hopformer.train.config import Config, from_dict, load_config, parse_assignment
+from hopformer.train.tasks import find_listops_dir, listops_cache_dir, load_task
+from hopformer.train.trainer import BatchStream, learning_rate, train
+
+OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
+
+
+def write_trivial_listops(folder: Path, seed: int = 0, sizes=(96, 32, 32)) -> Path:
+    """A trivial task in the ListOps TSV format: the label is the first argument of the root."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in zip(("train", "val", "test"), sizes):
+        lines = ["Source\tTarget"]
+        for _ in range(count):
+            args = [rng.randrange(10) for _ in range(rng.randrange(2, 12))]
+            lines.append(f"( {rng.choice(OPERATORS)} {' '.join(map(str, args))} ] )\t{args[0]}")
+        (folder / f"basic_{split}.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def tiny_config(tmp_path: Path, run: str = "run", **train) -> Config:
+    values = {
+        "task": "listops",
+        "data": {"data_dir": str(tmp_path / "data")},
+        "model": {"dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64, "dropout": 0.1},
+        "optim": {"lr": 3e-3, "warmup_steps": 5},
+        "train": {"steps": 8, "batch_size": 16, "eval_every": 2, "log_every": 1, "progress": False,
+                  "device": "cpu", "threads": 1, "run_dir": str(tmp_path / run), **train},
+    }  # fmt: skip
+    return from_dict(values)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_trivial_listops(tmp_path / "data")
+
+
+def strip_timing(path: Path) -> list[dict]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def test_a_tiny_run_learns_a_trivial_task(tmp_path, data):
+    config = tiny_config(tmp_path, steps=120, eval_every=60, log_every=20, grad_accum=2)
+    result = train(config, log=lambda *_: None)
+    records = strip_timing(tmp_path / "run" / "metrics.jsonl")
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert losses[-1] < 0.8 * losses[0]
+    assert result.best_val_accuracy > 0.3 and result.test_accuracy > 0.3  # chance is 0.1
+    assert records[-1]["split"] == "test"
+    folder = tmp_path / "run"
+    assert {"config.yaml", "metrics.jsonl", "results.json", "last", "best"} <= {p.name for p in folder.iterdir()}
+    assert load_config(folder / "config.yaml") == load_config(folder / "config.yaml")  # readable back
+    assert json.loads((folder / "results.json").read_text())["test_accuracy"] == result.test_accuracy
+
+
+def test_resume_after_interrupt_and_crash_matches_an_uninterrupted_run(tmp_path, data, monkeypatch):
+    quiet = lambda *_: None  # noqa: E731
+    reference = train(tiny_config(tmp_path, "reference"), log=quiet)
+
+    # 1) Ctrl-C (a real SIGINT) during step 3: the loop finishes the step, checkpoints and returns.
+    real_write = trainer_module.MetricsLog.write
+
+    def interrupt_at_step_3(self, record):
+        real_write(self, record)
+        if record["step"] == 3 and record["split"] == "train":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(trainer_module.MetricsLog, "write", interrupt_at_step_3)
+    first = train(tiny_config(tmp_path, "resumed"), log=quiet)
+    assert first.interrupted and first.step == 3
+    assert load_state(tmp_path / "resumed" / "last")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    # 2) A crash (an exception, no checkpoint) after step 5 was logged: last/ still holds step 4.
+    def crash_after_step_5(self, record):
+        real_write(self, record)
+        if record["step"] == 5 and record["split"] == "train":
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(trainer_module.MetricsLog, "write", crash_after_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(resume=tmp_path / "resumed", log=quiet)
+    assert load_state(tmp_path / "resumed" / "last")["step"] == 4
+
+    # 3) Resume to the end: the same metrics (step 5 is logged again, once) and the same weights.
+    monkeypatch.setattr(trainer_module.MetricsLog, "write", real_write)
+    final = train(resume=tmp_path / "resumed", log=quiet)
+    resumed_metrics = strip_timing(tmp_path / "resumed" / "metrics.jsonl")
+    assert resumed_metrics == strip_timing(tmp_path / "reference" / "metrics.jsonl")
+    assert final.test_accuracy == reference.test_accuracy
+    for name in ("last", "best"):
+        a = load_file(str(tmp_path / "reference" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / name / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, data):
+    train(tiny_config(tmp_path, steps=2), log=lambda *_: None)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(tmp_path, steps=2), log=lambda *_: None)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.arange(6.0).view(2, 3))
+
+    def save_pretrained(self, folder):
+        from safetensors.torch import save_file
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.weight.detach().clone()}, str(Path(folder) / "model.safetensors"))
+
+
+def test_checkpoints_are_atomic(tmp_path, monkeypatch):
+    model = Tiny()
+    target = tmp_path / "last"
+    save_checkpoint(target, model, {"step": 1})
+    save_checkpoint(target, model, {"step": 2})  # replaces the first
+    assert load_state(target)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temp or old folders left
+
+    # A failure while writing the state leaves the previous checkpoint whole, and no temp files.
+    def failing_save(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(target, model, {"step": 3})
+    monkeypatch.undo()
+    assert load_state(target)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert not [p for p in target.iterdir() if p.name.endswith(".tmp")]
+
+    # A crash between the two renames leaves only the retired copy: it is still found.
+    os.replace(target, tmp_path / ".last.old")
+    assert find_checkpoint(target) == tmp_path / ".last.old"
+
+
+def test_state_file_loads_with_weights_only_and_restores_rng(tmp_path):
+    random.seed(1)
+    torch.manual_seed(1)
+    import numpy as np
+
+    np.random.seed(1)
+    state = rng_state()
+    expected = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    save_checkpoint(tmp_path / "last", Tiny(), {"rng": state, "step": 0})
+    for _ in range(3):
+        random.random(), np.random.rand(), torch.rand(1)
+    set_rng_state(load_state(tmp_path / "last")["rng"])  # load_state uses weights_only=True
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
+
+
+def test_batch_stream_is_seeded_and_resumable():
+    rng = random.Random(0)
+    lengths = [rng.randrange(5, 100) for _ in range(100)]
+    a = BatchStream(lengths, 8, seed=3)
+    first_epoch = [a.next() for _ in range(12)]  # 100 // 8 = 12 full batches
+    assert sorted(i for b in first_epoch for i in b) == sorted(set(i for b in first_epoch for i in b))
+    assert len({i for b in first_epoch for i in b}) == 96
+    b = BatchStream(lengths, 8, seed=3)
+    assert [b.next() for _ in range(12)] == first_epoch
+    state = a.state_dict()
+    upcoming = [a.next() for _ in range(5)]  # crosses into epoch 2
+    c = BatchStream(lengths, 8, seed=3)
+    c.load_state_dict(state)
+    assert [c.next() for _ in range(5)] == upcoming
+    assert BatchStream(lengths, 8, seed=4).next() != first_epoch[0]
+    # Bucketing: batches hold similar lengths, so there is less padding than with plain shuffling.
+    plain = BatchStream(lengths, 8, seed=3, bucket=False)
+
+    def spread(stream: BatchStream) -> int:
+        batches = [stream.next() for _ in range(12)]
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+
+    assert spread(BatchStream(lengths, 8, seed=3)) < spread(plain) / 2
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant", "rsqrt"])
+def test_learning_rate_schedule(schedule):
+    config = from_dict({"optim": {"lr": 1.0, "warmup_steps": 10, "schedule": schedule, "min_lr_ratio": 0.1},
+                        "train": {"steps": 110}})  # fmt: skip
+    rates = [learning_rate(step, config) for step in range(110)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)  # linear warmup
+    assert all(a <= b + 1e-12 for a, b in zip(rates[:10], rates[1:10]))
+    if schedule == "constant":
+        assert rates[-1] == 1.0
+    elif schedule == "rsqrt":
+        assert rates[39] == pytest.approx((10 / 40) ** 0.5)
+    else:
+        assert all(a >= b - 1e-12 for a, b in zip(rates[10:], rates[11:]))  # decays
+        assert rates[-1] == pytest.approx(0.1, abs=0.02)  # to min_lr_ratio * lr
+
+
+def test_config_file_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {dim: 48, heads: 4}\noptim: {betas: [0.9, 0.95]}\n")
+    config = load_config(path, {"model.attention": "diffuser", "model.attention_options.hops": 3})
+    assert (config.model.dim, config.model.heads, config.optim.betas) == (48, 4, (0.9, 0.95))
+    assert config.model.attention_options == {"hops": 3} and config.train.steps == Config().train.steps
+    assert parse_assignment("alpha=0.2") == ("alpha", 0.2)
+    assert parse_assignment("causal=true") == ("causal", True)
+    with pytest.raises(ValueError, match="dimm"):
+        load_config(path, {"model.dimm": 3})
+    with pytest.raises(ValueError, match="model.dim"):
+        load_config(path, {"model.dim": "wide"})
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="schedule"):
+        train(from_dict({"optim": {"schedule": "step"}}), log=lambda *_: None)
+
+
+def test_listops_is_generated_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOPFORMER_CACHE", str(tmp_path / "cache"))
+    config = from_dict({"data": {"generate": {"train": 12, "val": 4, "test": 4, "min_length": 3, "max_length": 30}}})
+    folder = listops_cache_dir(config)
+    assert folder.parent == tmp_path / "cache" and folder.name.startswith("listops-")
+    data = load_task(config, progress=False, log=lambda *_: None)
+    assert [len(data.splits[s]) for s in ("train", "val", "test")] == [12, 4, 4]
+    assert find_listops_dir(folder) == folder and data.source == folder
+    stamp = (folder / "basic_train.tsv").stat().st_mtime_ns
+    load_task(config, progress=False, log=lambda *_: None)
+    assert (folder / "basic_train.tsv").stat().st_mtime_ns == stamp  # not generated again
+    other = from_dict({"data": {"generate": {"train": 13}}})
+    assert listops_cache_dir(other) != folder  # other settings, other folder
+
+
+def test_lra_tasks_need_a_data_dir(tmp_path):
+    with pytest.raises(ValueError, match="--data-dir"):
+        load_task(from_dict({"task": "lra-text"}))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_task(from_dict({"task": "image", "data": {"data_dir": str(tmp_path / "nowhere")}}))
+    with pytest.raises(ValueError, match="task"):
+        load_task(from_dict({"task": "sudoku"}))
