@@ -56,6 +56,9 @@ import torch.nn.functional as F
 VARIANTS = ("fixed", "logsparse", "axial", "axial_vertical", "axial_horizontal", "mixture")
 
 Partition = list[tuple[list[int], list[list[int]]]]  # per query: (direct set, regions)
+# Up to this many keys per group, broadcast-multiply-and-sum replaces a batched matmul of tiny
+# matrices (logsparse's blocks of 2 and its short low-level spans).
+SMALL = 16
 
 
 def combiner(
@@ -125,9 +128,10 @@ def _region_summaries(
     pad = ~real[..., None]
     key = torch.where(nonempty[..., None], k.masked_fill(pad, -math.inf).amax(-2), 0.0)
     query = torch.where(nonempty[..., None], q.masked_fill(pad, -math.inf).amax(-2), 0.0)
-    logits = torch.einsum("...nd,...d->...n", k, query) * scale
+    small = k.shape[-2] <= SMALL
+    logits = ((k * query[..., None, :]).sum(-1) if small else torch.einsum("...nd,...d->...n", k, query)) * scale
     weights = _masked_softmax(logits, real)
-    value = torch.einsum("...n,...nd->...d", weights, v)
+    value = (weights[..., None] * v).sum(-2) if small else torch.einsum("...n,...nd->...d", weights, v)
     return key, value, nonempty
 
 
@@ -228,7 +232,11 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
         use = nonempty[:, 0].view(batch, count // 2, 2).flip(2).flatten(1)  # (B, count)
         if causal:
             use = use & (torch.arange(count, device=q.device) % 2 == 1)
-        logits = torch.einsum("bhusd,bhud->bhus", qp.view(batch, heads, count, span, -1), key) * scale
+        queries = qp.view(batch, heads, count, span, -1)
+        if span <= SMALL:
+            logits = (queries * key[:, :, :, None, :]).sum(-1) * scale
+        else:
+            logits = torch.einsum("bhusd,bhud->bhus", queries, key) * scale
         level_logits.append(logits.reshape(batch, heads, tree)[:, :, :seq])
         level_masks.append(use.repeat_interleave(span, dim=1)[:, :seq])
         level_values.append(value)
@@ -240,7 +248,10 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
         direct_mask = direct_mask & torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
     direct_mask = direct_mask.expand(batch, 1, blocks, block, block)
     # One softmax per query over [own block || one summary per level].
-    logits = torch.einsum("bhtqd,bhtkd->bhtqk", qb, kb) * scale
+    if block <= SMALL:
+        logits = (qb[:, :, :, :, None, :] * kb[:, :, :, None, :, :]).sum(-1) * scale
+    else:
+        logits = torch.einsum("bhtqd,bhtkd->bhtqk", qb, kb) * scale
     mask = direct_mask
     if levels:
         summary = torch.stack(level_logits, -1).view(batch, heads, blocks, block, levels)
@@ -250,11 +261,15 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
     probs = logits.masked_fill(~mask, torch.finfo(logits.dtype).min).softmax(-1)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    out = torch.einsum("bhtqk,bhtkd->bhtqd", probs[..., :block], vb).reshape(batch, heads, seq, -1)
+    if block <= SMALL:
+        out = (probs[..., :block, None] * vb[:, :, :, None, :, :]).sum(-2)
+    else:
+        out = torch.einsum("bhtqk,bhtkd->bhtqd", probs[..., :block], vb)
+    out = out.reshape(batch, heads, seq, -1)
     for level, value in enumerate(level_values):
         span, count = block << level, value.shape[2]
         weight = F.pad(probs[..., block + level].reshape(batch, heads, seq), (0, tree - seq))
-        spread = torch.einsum("bhus,bhud->bhusd", weight.view(batch, heads, count, span), value)
+        spread = weight.view(batch, heads, count, span, 1) * value[:, :, :, None, :]
         out = out + spread.reshape(batch, heads, tree, -1)[:, :, :seq]
     return out
 
