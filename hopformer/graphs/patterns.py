@@ -1,8 +1,9 @@
 """Pattern constructors: each returns a :class:`BlockGraph`.
 
 All take ``seq_len`` and ``block_size``; counts (``window``, ``num_global``, ``num_random``) are in
-blocks and do not depend on ``seq_len`` (a sequence with fewer blocks gets all it has) (the Diffuser reference crops a 4096-grid graph instead, so
-its budgets silently shrink on short inputs; see ``specs/diffuser.md`` section 8). Random parts are a
+blocks and do not depend on ``seq_len``; a sequence with fewer blocks gets all it has. (The Diffuser
+reference crops a 4096-grid graph instead, so its budgets silently shrink on short inputs; see
+``specs/diffuser.md`` section 8.) Random parts are a
 pure function of ``(seed, seq_len, block_size)``, so every rank and every call builds the same graph.
 
 ``window`` is the number of blocks in the sliding band centred on the query block (odd: 3 means the
@@ -128,7 +129,8 @@ def diffuser(
         global_ids = torch.as_tensor(sorted(set(global_blocks)), dtype=torch.int64)
         if len(global_ids) and (global_ids.min() < 0 or global_ids.max() >= num_blocks):
             raise ValueError(f"global_blocks must lie in 0..{num_blocks - 1}, got {global_blocks}")
-    name = f"diffuser(w={window}, g={len(global_ids)}, r={num_random}{', token-random' if random_granularity == 'token' else ''})"
+    token = ", token-random" if random_granularity == "token" else ""
+    name = f"diffuser(w={window}, g={len(global_ids)}, r={num_random}{token})"
 
     if random_granularity == "block":
 

@@ -27,9 +27,7 @@ def check_diffusion_args(hops: object, alpha: object, kernel: str, heat_time: ob
         raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
     if kernel == "ppr" and not (isinstance(alpha, (int, float)) and 0.0 < alpha <= 1.0):
         raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-    if kernel == "heat" and not (
-        isinstance(heat_time, (int, float)) and heat_time > 0 and math.isfinite(heat_time)
-    ):
+    if kernel == "heat" and not (isinstance(heat_time, (int, float)) and heat_time > 0 and math.isfinite(heat_time)):
         raise ValueError(f"heat_time must be a finite number > 0, got {heat_time!r}")
 
 
@@ -45,16 +43,12 @@ def diffusion_coefficients(
         if remainder == "keep":
             weights[hops] = (1 - alpha) ** hops
     else:
-        weights = [
-            math.exp(-heat_time + k * math.log(heat_time) - math.lgamma(k + 1)) for k in range(hops + 1)
-        ]
+        weights = [math.exp(-heat_time + k * math.log(heat_time) - math.lgamma(k + 1)) for k in range(hops + 1)]
         if remainder == "keep":
             weights[hops] += max(0.0, 1.0 - sum(weights))
     total = sum(weights)
     if total <= 0.0:
-        raise ValueError(
-            f"remainder='renormalize' leaves no weight for kernel={kernel!r}, hops={hops}, alpha={alpha}"
-        )
+        raise ValueError(f"remainder='renormalize' leaves no weight for kernel={kernel!r}, hops={hops}, alpha={alpha}")
     return [w / total for w in weights]
 
 

@@ -53,6 +53,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hopformer.ops.checks import check_qkv, describe_shape
+
 VARIANTS = ("fixed", "logsparse", "axial", "axial_vertical", "axial_horizontal", "mixture")
 
 Partition = list[tuple[list[int], list[list[int]]]]  # per query: (direct set, regions)
@@ -371,14 +373,7 @@ def _row_summaries(qg, kg, vg, rg, scale):
 
 
 def _check_inputs(q, k, v, variant, block_size, causal, key_padding_mask, dropout_p) -> int:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a (batch, heads, seq, head_dim) tensor, got {_shape(x)}")
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"q, k, v must agree on (batch, heads, seq) and q, k on head_dim; got q {_shape(q)}, "
-            f"k {_shape(k)}, v {_shape(v)}"
-        )
+    check_qkv(q, k, v)
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not known; choose one of {list(VARIANTS)}")
     if not isinstance(causal, bool):
@@ -391,7 +386,7 @@ def _check_inputs(q, k, v, variant, block_size, causal, key_padding_mask, dropou
     ):
         raise ValueError(
             f"key_padding_mask must be a bool tensor of shape (batch, seq) = {(batch, seq)}, got "
-            f"{key_padding_mask.dtype} {_shape(key_padding_mask)}"
+            f"{key_padding_mask.dtype} {describe_shape(key_padding_mask)}"
         )
     return resolve_block_size(variant, block_size, seq)
 
@@ -403,10 +398,6 @@ def resolve_block_size(variant: str, block_size: int | None, seq: int) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or not 0 < block_size <= seq:
         raise ValueError(f"block_size must be an integer in [1, seq={seq}], got {block_size!r}")
     return block_size
-
-
-def _shape(x) -> object:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 # ----------------------------------------------------------------------------------------------

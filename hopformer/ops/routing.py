@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hopformer.ops.checks import check_qkv, describe_shape
+
 QK_NORMS = ("layernorm", "layernorm_noaffine", "l2")
 SCATTER_EPS = 1e-5
 
@@ -250,19 +252,14 @@ def routing_reference(
 
 
 def _check_inputs(q, k, v, centroids, window, causal, key_padding_mask, qk_norm, dropout_p) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a (batch, heads, seq, head_dim) tensor, got {_shape(x)}")
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"q, k, v must agree on (batch, heads, seq) and q, k on head_dim; got q {_shape(q)}, "
-            f"k {_shape(k)}, v {_shape(v)}"
-        )
+    check_qkv(q, k, v)
     batch, heads, seq, head_dim = q.shape
     if not isinstance(centroids, torch.Tensor) or centroids.dim() != 3 or centroids.shape[0] != heads:
-        raise ValueError(f"centroids must be (heads={heads}, clusters, head_dim), got {_shape(centroids)}")
+        raise ValueError(f"centroids must be (heads={heads}, clusters, head_dim), got {describe_shape(centroids)}")
     if centroids.shape[1] < 1 or centroids.shape[2] != head_dim:
-        raise ValueError(f"centroids must have at least one cluster and head_dim={head_dim}, got {_shape(centroids)}")
+        raise ValueError(
+            f"centroids must have at least one cluster and head_dim={head_dim}, got {describe_shape(centroids)}"
+        )
     if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= seq:
         raise ValueError(f"window must be an integer in [1, seq={seq}], got {window!r}")
     if not isinstance(causal, bool):
@@ -276,9 +273,5 @@ def _check_inputs(q, k, v, centroids, window, causal, key_padding_mask, qk_norm,
     ):
         raise ValueError(
             f"key_padding_mask must be a bool tensor of shape (batch, seq) = {(batch, seq)}, got "
-            f"{key_padding_mask.dtype} {_shape(key_padding_mask)}"
+            f"{key_padding_mask.dtype} {describe_shape(key_padding_mask)}"
         )
-
-
-def _shape(x) -> object:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

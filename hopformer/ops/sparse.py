@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from hopformer.graphs import BlockGraph
 from hopformer.ops import flex as flex_backend
+from hopformer.ops.checks import check_qkv
 from hopformer.ops.coefficients import check_diffusion_args, diffusion_coefficients, mixing_weights
 from hopformer.ops.gather import gather_diffusion
 
@@ -114,16 +115,12 @@ def diffuse(
         raise ValueError(f"edge_dropout must be one of {EDGE_DROPOUT}, got {edge_dropout!r}")
     if not 0.0 <= hop_dropout_p < 1.0:
         raise ValueError(f"hop_dropout_p must be in [0, 1), got {hop_dropout_p!r}")
-    steps = mixing_weights(
-        diffusion_coefficients(hops, alpha, kernel=kernel, heat_time=heat_time, remainder=remainder)
-    )
+    steps = mixing_weights(diffusion_coefficients(hops, alpha, kernel=kernel, heat_time=heat_time, remainder=remainder))
     if all(a == 1.0 for a in steps):
         return v  # hops=0 or alpha=1: the operator is the identity
 
     if backend == "gather":
-        z = gather_diffusion(
-            q, k, v, graph, key_padding_mask, steps, scale, dropout_p, edge_dropout, hop_dropout_p
-        )
+        z = gather_diffusion(q, k, v, graph, key_padding_mask, steps, scale, dropout_p, edge_dropout, hop_dropout_p)
         return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
 
     if backend == "flex":
@@ -177,16 +174,7 @@ class _DenseOperator:
 
 
 def _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale) -> tuple[str, float]:
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
-            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{name} must be a 4-d tensor (batch, heads, seq, head_dim), got {shape}")
-    if q.shape != k.shape[:3] + (q.shape[3],) or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q and k must have the same shape, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"v must match k in (batch, heads, seq), got v {tuple(v.shape)} and k {tuple(k.shape)}"
-        )
+    check_qkv(q, k, v)
     if not isinstance(graph, BlockGraph):
         raise TypeError(f"graph must be a hopformer.graphs.BlockGraph, got {type(graph).__name__}")
     if graph.seq_len != q.shape[2]:
@@ -207,9 +195,7 @@ def _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale) -
         backend = "flex" if q.is_cuda else "gather"
     if backend == "flex":
         if not q.is_cuda:
-            raise ValueError(
-                f"backend='flex' needs CUDA tensors, got device {q.device}; use 'gather' or 'auto'"
-            )
+            raise ValueError(f"backend='flex' needs CUDA tensors, got device {q.device}; use 'gather' or 'auto'")
         flex_backend.check_flex_graph(graph)
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
