@@ -60,8 +60,8 @@ def sparse_attention(
     """
     backend, scale = _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale)
     if backend == "flex":
-        mask = flex_backend.block_mask(graph, key_padding_mask, q.device)
-        return flex_backend.flex_apply(q, k, v, mask, scale, kernel_options)
+        plan = flex_backend.block_mask(graph, key_padding_mask, q.device)
+        return flex_backend.flex_apply(q, k, v, plan, scale, kernel_options)
     if backend == "gather":
         return gather_diffusion(q, k, v, graph, key_padding_mask, [0.0], scale, dropout_p)
     operator = _DenseOperator(q, k, graph, key_padding_mask, scale)
@@ -124,20 +124,18 @@ def diffuse(
         return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
 
     if backend == "flex":
-        mask = flex_backend.block_mask(graph, key_padding_mask, q.device)
+        plan = flex_backend.block_mask(graph, key_padding_mask, q.device)
+        z = flex_backend.flex_diffuse(q, k, v, plan, steps, scale, kernel_options, hop_dropout_p)
+        return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
 
-        def attend(z: torch.Tensor) -> torch.Tensor:
-            return flex_backend.flex_apply(q, k, z, mask, scale, kernel_options)
+    operator = _DenseOperator(q, k, graph, key_padding_mask, scale)
+    if dropout_p > 0 and edge_dropout == "once":
+        operator = operator.dropped(dropout_p)
 
-    else:
-        operator = _DenseOperator(q, k, graph, key_padding_mask, scale)
-        if dropout_p > 0 and edge_dropout == "once":
-            operator = operator.dropped(dropout_p)
-
-        def attend(z: torch.Tensor) -> torch.Tensor:
-            if dropout_p > 0 and edge_dropout == "per_hop":
-                return operator.dropped(dropout_p).apply(z)
-            return operator.apply(z)
+    def attend(z: torch.Tensor) -> torch.Tensor:
+        if dropout_p > 0 and edge_dropout == "per_hop":
+            return operator.dropped(dropout_p).apply(z)
+        return operator.apply(z)
 
     z = v
     for a in steps:
