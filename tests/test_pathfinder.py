@@ -233,3 +233,38 @@ def test_bad_arguments_are_refused(tmp_path):
         generate_pathfinder(tmp_path, n=0, progress=False)
     with pytest.raises(ValueError, match="workers"):
         generate_pathfinder(tmp_path, n=1, workers=0, progress=False)
+
+
+def test_large_folders_load_through_a_pixel_cache(tmp_path, monkeypatch):
+    from hopformer.data import lra
+
+    generate_pathfinder(tmp_path / "data", n=24, batch_size=10, workers=1, progress=False)
+    monkeypatch.setenv("HOPFORMER_CACHE", str(tmp_path / "cache"))
+    plain = {split: load_lra("pathfinder32", tmp_path / "data", split) for split in ("train", "val", "test")}
+    assert not (tmp_path / "cache").exists()  # small folders are not cached
+
+    monkeypatch.setattr(lra, "PATHFINDER_CACHE_MIN", 10)
+    cached = {split: load_lra("pathfinder32", tmp_path / "data", split) for split in ("train", "val", "test")}
+    folder = tmp_path / "data" / "pathfinder32" / HARD
+    cache = lra.pathfinder_cache_path(folder, 32)
+    assert cache.is_file() and np.load(cache).shape == (24, 32 * 32 + 1)
+    for split in plain:  # the same examples, in the same order
+        assert [e["label"] for e in cached[split]] == [e["label"] for e in plain[split]]
+        assert all(torch_equal(a, b) for a, b in zip(cached[split], plain[split]))
+
+    def no_decoding(*args):
+        raise AssertionError("a cache hit decodes no PNG")
+
+    monkeypatch.setattr(lra, "_decode_png", no_decoding)
+    again = load_lra("pathfinder32", tmp_path / "data", "val")
+    assert [e["label"] for e in again] == [e["label"] for e in plain["val"]]
+
+    # new images make a new cache key (the old cache is not used for a changed folder)
+    generate_pathfinder(tmp_path / "data", n=30, batch_size=10, workers=1, progress=False)
+    assert lra.pathfinder_cache_path(folder, 32) != cache
+    with pytest.raises(AssertionError, match="decodes no PNG"):
+        load_lra("pathfinder32", tmp_path / "data", "val")
+
+
+def torch_equal(a: dict, b: dict) -> bool:
+    return bool((a["input_ids"] == b["input_ids"]).all() and (a["attention_mask"] == b["attention_mask"]).all())

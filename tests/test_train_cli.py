@@ -116,3 +116,58 @@ def test_bad_option_values_are_named(tmp_path):
         main(["train", "--attention", "nope", "--run-dir", str(tmp_path / "r"), "--no-progress"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         main(["train", "--attention-option", "hops", "--run-dir", str(tmp_path / "r"), "--no-progress"])
+
+
+class FakeClock:
+    """``trainer._now``: every reading advances the time by one second."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+
+    def __call__(self) -> float:
+        self.time += 1.0
+        return self.time
+
+
+def test_time_limit_exits_cleanly_and_resume_finishes(trained, tmp_path, capsys, monkeypatch):
+    from hopformer.train import trainer
+
+    monkeypatch.setattr(trainer, "_now", FakeClock())
+    run = tmp_path / "run"
+    argv = ["train", "--data-dir", str(trained / "data"), "--run-dir", str(run), *TINY]
+    argv[argv.index("--steps") + 1] = "30"
+    assert main([*argv, "--time-limit", "0.4"]) == 0  # a clean stop is a success
+    out = capsys.readouterr().out
+    assert f"stopped at time limit, resume with --resume {run}" in out
+    assert not (run / "results.json").exists()
+
+    monkeypatch.setattr(trainer, "_now", FakeClock())
+    assert main(["train", "--resume", str(run), "--time-limit", "60", "--no-progress"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert json.loads((run / "results.json").read_text())["step"] == 30
+
+
+def test_lra_time_limit_leaves_cells_for_the_next_call(trained, tmp_path, capsys, monkeypatch):
+    from hopformer.train import trainer
+
+    runs, config_dir = tmp_path / "lra", tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "listops.yaml").write_text(f"data: {{data_dir: {trained / 'data'}}}\n")
+    argv = ["lra", "--tasks", "listops", "--attentions", "full,local", "--config-dir", str(config_dir),
+            "--runs-dir", str(runs), "--no-progress", "--device", "cpu", "--set", "train.steps=100",
+            "--set", "train.batch_size=8", "--set", "model.dim=16", "--set", "model.depth=1",
+            "--set", "train.threads=1", "--set", "train.eval_every=20", "--time-limit", "3"]  # fmt: skip
+    monkeypatch.setattr(trainer, "_now", FakeClock())
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "stopped at time limit" in out and "not finished: listops-full-s0, listops-local-s0" in out
+    assert (runs / "listops-full-s0" / "last").is_dir() and not (runs / "listops-local-s0").exists()
+    calls = 0
+    while not (runs / "listops-local-s0" / "results.json").is_file():  # each call continues the grid
+        calls += 1
+        assert calls < 10
+        monkeypatch.setattr(trainer, "_now", FakeClock())
+        assert main(argv) == 0
+    table = json.loads((runs / "results.json").read_text())
+    assert all("listops" in row["tasks"] for row in table["rows"])
+    assert "not finished" not in capsys.readouterr().out.splitlines()[-1]

@@ -54,7 +54,19 @@ def data(tmp_path):
 
 def strip_timing(path: Path) -> list[dict]:
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "steps_per_s")} for r in records]
+
+
+def signal_after(step: int, split: str, signum: int):
+    """A ``MetricsLog.write`` that sends this process ``signum`` once it has written that record."""
+    real_write = trainer_module.MetricsLog.write
+
+    def write(self, record):
+        real_write(self, record)
+        if record["step"] == step and record["split"] == split:
+            os.kill(os.getpid(), signum)
+
+    return write
 
 
 def test_a_tiny_run_learns_a_trivial_task(tmp_path, data):
@@ -77,13 +89,7 @@ def test_resume_after_interrupt_and_crash_matches_an_uninterrupted_run(tmp_path,
 
     # 1) Ctrl-C (a real SIGINT) during step 3: the loop finishes the step, checkpoints and returns.
     real_write = trainer_module.MetricsLog.write
-
-    def interrupt_at_step_3(self, record):
-        real_write(self, record)
-        if record["step"] == 3 and record["split"] == "train":
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(trainer_module.MetricsLog, "write", interrupt_at_step_3)
+    monkeypatch.setattr(trainer_module.MetricsLog, "write", signal_after(3, "train", signal.SIGINT))
     first = train(tiny_config(tmp_path, "resumed"), log=quiet)
     assert first.interrupted and first.step == 3
     assert load_state(tmp_path / "resumed" / "last")["step"] == 3
@@ -110,6 +116,124 @@ def test_resume_after_interrupt_and_crash_matches_an_uninterrupted_run(tmp_path,
         a = load_file(str(tmp_path / "reference" / name / "model.safetensors"))
         b = load_file(str(tmp_path / "resumed" / name / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class FakeClock:
+    """``trainer._now``: every reading advances the time by ``tick`` seconds."""
+
+    def __init__(self, tick: float = 1.0) -> None:
+        self.time, self.tick = 1000.0, tick
+
+    def __call__(self) -> float:
+        self.time += self.tick
+        return self.time
+
+
+def test_time_limit_stops_cleanly_and_resume_continues_exactly(tmp_path, data, monkeypatch):
+    quiet = lambda *_: None  # noqa: E731
+    settings = {"steps": 20, "eval_every": 4, "log_every": 5}
+    reference = train(tiny_config(tmp_path, "reference", **settings), log=quiet)
+
+    lines = []
+    monkeypatch.setattr(trainer_module, "_now", FakeClock())
+    first = train(tiny_config(tmp_path, "limited", time_limit_minutes=0.5, **settings), log=lines.append)
+    assert first.interrupted and first.stop_reason == "time_limit" and first.test_accuracy is None
+    assert 0 < first.step < 20 and first.step % 5  # stopped between two log lines: the running sums are saved
+    assert load_state(tmp_path / "limited" / "last")["step"] == first.step
+    assert not (tmp_path / "limited" / "results.json").exists()
+    assert any(f"stopped at time limit, resume with --resume {tmp_path / 'limited'}" in line for line in lines)
+
+    # a second slice of time: the saved limit applies again, counted from the resume
+    monkeypatch.setattr(trainer_module, "_now", FakeClock())
+    second = train(resume=tmp_path / "limited", log=quiet)
+    assert second.stop_reason == "time_limit" and first.step < second.step < 20
+
+    # then without a limit to the end: the same metrics and weights as the run that never stopped
+    monkeypatch.setattr(trainer_module, "_now", FakeClock(tick=0.0))
+    final = train(resume=tmp_path / "limited", log=quiet, resume_overrides={"train.time_limit_minutes": None})
+    assert not final.interrupted and final.step == 20
+    assert strip_timing(tmp_path / "limited" / "metrics.jsonl") == strip_timing(
+        tmp_path / "reference" / "metrics.jsonl"
+    )
+    assert final.test_accuracy == reference.test_accuracy
+    for name in ("last", "best"):
+        a = load_file(str(tmp_path / "reference" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "limited" / name / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_time_limit_already_spent_saves_step_zero(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(trainer_module, "_now", FakeClock(tick=40.0))  # data loading "takes" 40 s
+    result = train(tiny_config(tmp_path, "late", time_limit_minutes=0.5), log=lambda *_: None)
+    assert result.stop_reason == "time_limit" and result.step == 0
+    assert load_state(tmp_path / "late" / "last")["step"] == 0
+    monkeypatch.setattr(trainer_module, "_now", FakeClock(tick=0.0))
+    finished = train(resume=tmp_path / "late", log=lambda *_: None)
+    reference = train(tiny_config(tmp_path, "reference"), log=lambda *_: None)
+    assert finished.test_accuracy == reference.test_accuracy
+    assert strip_timing(tmp_path / "late" / "metrics.jsonl") == strip_timing(tmp_path / "reference" / "metrics.jsonl")
+
+
+def test_sigterm_checkpoints_and_resume_matches(tmp_path, data, monkeypatch):
+    quiet = lambda *_: None  # noqa: E731
+    reference = train(tiny_config(tmp_path, "reference", log_every=3), log=quiet)
+    real_write = trainer_module.MetricsLog.write
+    monkeypatch.setattr(trainer_module.MetricsLog, "write", signal_after(4, "val", signal.SIGTERM))
+    previous = signal.getsignal(signal.SIGTERM)
+    first = train(tiny_config(tmp_path, "terminated", log_every=3), log=quiet)
+    assert first.interrupted and first.stop_reason == "SIGTERM" and first.step == 4
+    assert load_state(tmp_path / "terminated" / "last")["step"] == 4
+    assert signal.getsignal(signal.SIGTERM) == previous  # handler restored
+    monkeypatch.setattr(trainer_module.MetricsLog, "write", real_write)
+    final = train(resume=tmp_path / "terminated", log=quiet)
+    assert final.test_accuracy == reference.test_accuracy
+    assert strip_timing(tmp_path / "terminated" / "metrics.jsonl") == strip_timing(
+        tmp_path / "reference" / "metrics.jsonl"
+    )
+
+
+def test_resume_may_change_only_how_a_run_runs(tmp_path, data):
+    quiet = lambda *_: None  # noqa: E731
+    train(tiny_config(tmp_path, steps=4), log=quiet)
+    with pytest.raises(ValueError, match="cannot change.*model.dim"):
+        train(resume=tmp_path / "run", log=quiet, resume_overrides={"model.dim": 64})
+    with pytest.raises(ValueError, match="train.steps cannot change on resume under the 'linear' schedule"):
+        train(resume=tmp_path / "run", log=quiet, resume_overrides={"train.steps": 6})
+    with pytest.raises(ValueError, match="time_limit_minutes"):
+        train(tiny_config(tmp_path, "other", time_limit_minutes=0), log=quiet)
+
+
+def test_rsqrt_runs_may_extend_their_budget_on_resume(tmp_path, data):
+    quiet = lambda *_: None  # noqa: E731
+    config = tiny_config(tmp_path, steps=4)
+    config.optim.schedule = "rsqrt"
+    train(config, log=quiet)
+    longer = train(resume=tmp_path / "run", log=quiet, resume_overrides={"train.steps": 6})
+    assert longer.step == 6 and load_config(tmp_path / "run" / "config.yaml").train.steps == 6
+    with pytest.raises(ValueError, match="below the step 6"):
+        train(resume=tmp_path / "run", log=quiet, resume_overrides={"train.steps": 5})
+
+
+def test_graph_attentions_on_cuda_need_flex_compatible_settings():
+    config = from_dict({"model": {"attention": "diffuser", "dim": 32, "heads": 4}})
+    with pytest.raises(ValueError, match="head dimension of at least 16; use model.heads <= 2"):
+        trainer_module._check_device_support(config, torch.device("cuda"))
+    trainer_module._check_device_support(config, torch.device("cpu"))  # the gather backend has no such limit
+    config = from_dict({"model": {"attention": "bigbird", "dim": 64, "heads": 2, "attention_dropout": 0.1}})
+    with pytest.raises(ValueError, match="no attention dropout"):
+        trainer_module._check_device_support(config, torch.device("cuda"))
+    config.model.attention = "full"
+    trainer_module._check_device_support(config, torch.device("cuda"))
+
+
+def test_batches_with_a_cls_vector_fill_whole_tiles():
+    runtime = trainer_module.Runtime(torch.device("cpu"), False, pad_to_multiple=128, max_length=2048, prefix=1)
+    examples = [{"input_ids": torch.ones(n, dtype=torch.long), "label": 0} for n in (100, 300)]
+    inputs, labels, tokens = runtime.batch(examples)
+    assert inputs["input_ids"].shape == (2, 383) and tokens == 400  # 383 tokens + CLS = 3 tiles
+    assert inputs["attention_mask"].sum(1).tolist() == [100, 300]
+    capped = trainer_module.Runtime(torch.device("cpu"), False, pad_to_multiple=128, max_length=300, prefix=1)
+    assert capped.batch(examples)[0]["input_ids"].shape == (2, 300)  # never past what the model takes
 
 
 def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, data):

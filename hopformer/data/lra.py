@@ -371,6 +371,9 @@ def _load_pathfinder(
     The split is a seeded shuffle of every example in the folder, then 80/10/10 (the PyTorch ports
     shuffle unseeded). Zero-byte images (the release's ``pathfinder32/curv_baseline/imgs/0/
     sample_172.png`` is one) are skipped with a warning before shuffling.
+
+    Folders of at least :data:`PATHFINDER_CACHE_MIN` images are decoded once into a pixel cache
+    (see :func:`pathfinder_cache_path`): a 200,000-image folder then loads in seconds, not minutes.
     """
     if difficulty not in PATHFINDER_DIFFICULTIES:
         raise ValueError(f"difficulty must be one of {list(PATHFINDER_DIFFICULTIES)}, got {difficulty!r}")
@@ -382,6 +385,40 @@ def _load_pathfinder(
     if not files:
         raise FileNotFoundError(f"{metadata_dir}: no metadata files (*.npy)")
 
+    cache = pathfinder_cache_path(folder, resolution)
+    table = _read_cache(cache, resolution)
+    if table is None:
+        paths, labels = _pathfinder_listing(folder, files)
+        if len(paths) >= PATHFINDER_CACHE_MIN:
+            table = _build_cache(cache, paths, labels, resolution)
+    if table is not None:  # the cached folder: pixels (N, R*R) uint8, labels in the last column
+        count = len(table)
+        chosen = _pathfinder_split(count, seed, split)
+        pixels = torch.from_numpy(table[chosen, :-1].astype(np.int64))
+        labels_of = table[chosen, -1].tolist()
+        return [_example(pixels[row], int(label)) for row, label in enumerate(labels_of)]
+
+    chosen = _pathfinder_split(len(paths), seed, split)
+    # reading many small files is I/O-bound: a few threads overlap it (Pillow decodes without the GIL)
+    chosen_paths = [paths[k] for k in chosen.tolist()]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        pixels = pool.map(_decode_png, chosen_paths, [resolution] * len(chosen_paths))
+        return [_example(torch.from_numpy(row.astype(np.int64)), labels[k]) for row, k in zip(pixels, chosen.tolist())]
+
+
+PATHFINDER_CACHE_MIN = 10_000
+"""Folders with at least this many images get a decoded pixel cache (smaller ones load fast anyway)."""
+
+
+def _pathfinder_split(count: int, seed: int, split: str) -> np.ndarray:
+    """Indices of ``split`` among ``count`` examples: a seeded permutation cut 80/10/10."""
+    order = np.random.default_rng(seed).permutation(count)
+    cut80, cut90 = int(count * 0.8), int(count * 0.9)
+    return {"train": order[:cut80], "val": order[cut80:cut90], "test": order[cut90:]}[split]
+
+
+def _pathfinder_listing(folder: Path, files: list[Path]) -> tuple[list[Path], list[int]]:
+    """Image paths and labels of every metadata row, in metadata order; zero-byte images skipped (warned)."""
     paths: list[Path] = []
     labels: list[int] = []
     skipped: list[Path] = []
@@ -404,16 +441,74 @@ def _load_pathfinder(
             labels.append(int(columns[3]))
     if skipped:
         shown = ", ".join(str(p) for p in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
-        warnings.warn(f"skipped {len(skipped)} empty (zero-byte) image file(s): {shown}", stacklevel=4)
+        warnings.warn(f"skipped {len(skipped)} empty (zero-byte) image file(s): {shown}", stacklevel=5)
+    return paths, labels
 
-    order = np.random.default_rng(seed).permutation(len(paths))
-    cut80, cut90 = int(len(paths) * 0.8), int(len(paths) * 0.9)
-    chosen = {"train": order[:cut80], "val": order[cut80:cut90], "test": order[cut90:]}[split]
-    # reading many small files is I/O-bound: a few threads overlap it (Pillow decodes without the GIL)
-    chosen_paths = [paths[k] for k in chosen.tolist()]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        pixels = pool.map(_decode_png, chosen_paths, [resolution] * len(chosen_paths))
-        return [_example(torch.from_numpy(row.astype(np.int64)), labels[k]) for row, k in zip(pixels, chosen.tolist())]
+
+def pathfinder_cache_path(folder: str | os.PathLike, resolution: int) -> Path:
+    """Where the decoded pixels of a Pathfinder difficulty folder are cached.
+
+    ``$HOPFORMER_CACHE`` (default ``~/.cache/hopformer``) ``/pathfinder/<hash>.npy``; the hash covers the
+    folder's absolute path, the resolution, and the name, size and modification time of every metadata
+    file and every ``imgs/<batch>`` folder, so regenerating or adding images makes a new cache. The file
+    is a uint8 array ``(N, R*R + 1)``: the pixels of each listed (non-empty) image in metadata order,
+    then its label.
+    """
+    import hashlib
+
+    folder = Path(folder).resolve()
+    digest = hashlib.sha256(f"v1 {folder} {resolution}".encode())
+    for sub in ("metadata", "imgs"):
+        entries = sorted((folder / sub).iterdir()) if (folder / sub).is_dir() else []
+        for entry in entries:
+            info = entry.stat()
+            digest.update(f"|{sub}/{entry.name} {info.st_size} {info.st_mtime_ns}".encode())
+    cache = Path(os.environ.get("HOPFORMER_CACHE", Path.home() / ".cache" / "hopformer")).expanduser()
+    return cache / "pathfinder" / f"{digest.hexdigest()[:20]}.npy"
+
+
+def _read_cache(path: Path, resolution: int) -> np.ndarray | None:
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):  # absent, or unreadable: decode the PNGs instead
+        return None
+    if table.dtype != np.uint8 or table.ndim != 2 or table.shape[1] != resolution * resolution + 1:
+        return None
+    return table
+
+
+def _build_cache(path: Path, paths: list[Path], labels: list[int], resolution: int) -> np.ndarray:
+    """Decode every image into one table and save it (atomically; one process builds, the others wait)."""
+    import fcntl
+
+    table = None
+    lock = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "w")  # held until the cache is written
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = _read_cache(path, resolution)  # another process may have built it meanwhile
+    except OSError:
+        pass  # an unwritable cache folder: decode without caching
+    try:
+        if table is None:
+            table = np.empty((len(paths), resolution * resolution + 1), dtype=np.uint8)
+            table[:, -1] = labels
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                for row, pixels in enumerate(pool.map(_decode_png, paths, [resolution] * len(paths))):
+                    table[row, :-1] = pixels
+            if lock is not None:
+                temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                try:
+                    with open(temporary, "wb") as file:
+                        np.save(file, table)
+                    os.replace(temporary, path)
+                except OSError:
+                    temporary.unlink(missing_ok=True)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+    return table
 
 
 def _pathfinder_loader(resolution: int) -> Callable[..., list[Example]]:

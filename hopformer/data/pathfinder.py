@@ -546,6 +546,14 @@ def _metadata_row(p: PathfinderParams, difficulty: str, batch: int, i: int, labe
     return " ".join(str(c) for c in columns)
 
 
+def _metadata_rows(path: Path) -> int | None:
+    """Rows of a metadata file written by the generator, or None when there is none."""
+    try:
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+
+
 def _write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
@@ -597,7 +605,8 @@ def generate_pathfinder(
         progress: show a tqdm bar.
 
     Images already on disk are kept (their metadata rows are rebuilt from the seed), and batches
-    whose metadata file exists are skipped, so an interrupted run resumes where it stopped. A metadata
+    whose metadata file lists all their images are skipped, so an interrupted run resumes where it
+    stopped, and a larger ``n`` adds images to an existing folder. A metadata
     file is written, atomically, only once its whole batch is on disk.
 
     Returns:
@@ -618,8 +627,9 @@ def generate_pathfinder(
     n_batches = -(-n // batch_size)
     todo: dict[int, list[int]] = {}
     for batch in range(n_batches):
-        if (folder / "metadata" / f"{batch}.npy").is_file():
-            continue  # finished in an earlier run
+        size = min((batch + 1) * batch_size, n) - batch * batch_size
+        if _metadata_rows(folder / "metadata" / f"{batch}.npy") == size:
+            continue  # finished in an earlier run (a shorter last batch of a smaller n is completed)
         (folder / "imgs" / str(batch)).mkdir(parents=True, exist_ok=True)
         todo[batch] = list(range(batch * batch_size, min((batch + 1) * batch_size, n)))
 

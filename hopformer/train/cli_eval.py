@@ -42,7 +42,7 @@ def checkpoint_folder(path: Path, which: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Load the model, evaluate, print the accuracy."""
     from hopformer.models import from_pretrained
-    from hopformer.train.trainer import CONFIG_NAME, Runtime, evaluate, max_tokens, resolve_device
+    from hopformer.train.trainer import CONFIG_NAME, Runtime, evaluate, max_tokens, prefix_length, resolve_device
 
     path = Path(args.checkpoint)
     folder = checkpoint_folder(path, args.which)
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(run_dir / CONFIG_NAME)
         examples = load_task(config, progress=False).splits[args.split]
         source = f"{config.task} {args.split}"
-    runtime = Runtime(device, device.type == "cuda", model.encoder.config.pad_to_multiple, limit)
+    runtime = Runtime(device, device.type == "cuda", model.encoder.config.pad_to_multiple, limit, prefix_length(model))
     result = evaluate(model, examples, runtime, args.batch_size)
     if args.json:
         print(json.dumps({"checkpoint": str(folder), "data": source, **result}))

@@ -6,8 +6,13 @@
 
 Each cell is the run folder ``<runs-dir>/<task>-<attention>-s<seed>`` trained with
 ``<config-dir>/<task>.yaml`` (``--scale pytorch``: ``<task>_pytorch.yaml``, the small PyTorch
-setting). A finished run (``results.json``) is collected, a killed one resumed, a missing one
-trained (unless ``--collect-only``). The table (``results.md``) and ``results.json`` go to
+setting). A finished run (``results.json``) is collected, a killed, interrupted or time-limited one
+resumed (from its ``last/``), a missing one trained (unless ``--collect-only``).
+
+``--time-limit MIN`` (or ``--set train.time_limit_minutes=MIN``) is one deadline for the whole grid,
+counted from the start of the command: the running cell checkpoints and stops before it, cells not yet
+started are left for the next call, and the table is written with what is finished. Running the same
+command again continues where it stopped. The table (``results.md``) and ``results.json`` go to
 ``--runs-dir``: test accuracy per task (mean ± std over seeds), the average over the tasks of the
 grid, and the published rows of specs/lra.md §7 beside them (JAX leaderboard rows for the official
 scale, the Nyströmformer paper's "Standard" row for the PyTorch scale; never mix the two).
@@ -22,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+_MIN_CELL_SECONDS = 90.0  # a cell is not started with less time than this left before the deadline
 COLUMNS = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image", "pathfinder32": "Path"}
 
 # Official LRA README (8 Nov 2020), 5-task average (specs/lra.md §7).
@@ -67,6 +73,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override train.device")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting")
     parser.add_argument("--collect-only", action="store_true", help="do not train; tabulate the runs that exist")
+    parser.add_argument(
+        "--time-limit", type=float, metavar="MIN", help="stop cleanly before MIN minutes; run again to continue"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -76,23 +85,36 @@ def _names(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Train or collect every cell, then write ``results.md`` and ``results.json``."""
+    from hopformer.train import trainer as loop
+    from hopformer.train.checkpoint import find_checkpoint
     from hopformer.train.config import load_config, parse_assignment
     from hopformer.train.trainer import RESULTS_NAME, train
 
+    started = loop._now()
     tasks, attentions = _names(args.tasks), _names(args.attentions)
     seeds = [int(seed) for seed in _names(args.seeds)]
     unknown = [task for task in tasks if task not in COLUMNS]
     if unknown:
         raise SystemExit(f"hopformer lra: unknown task(s) {unknown}; choose from {list(COLUMNS)}")
+    assignments = dict(parse_assignment(text) for text in args.set)
+    limit = args.time_limit if args.time_limit is not None else assignments.get("train.time_limit_minutes")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+        raise SystemExit(f"hopformer lra: the time limit must be a positive number of minutes, got {limit!r}")
+    deadline = None if limit is None else started + 60.0 * limit
     runs_dir = Path(args.runs_dir)
     suffix = "" if args.scale == "official" else "_pytorch"
     cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    unfinished: list[str] = []
+    stopped = False  # a Ctrl-C or SIGTERM ends the grid
     for task in tasks:
         for attention in attentions:
             for seed in seeds:
                 run_dir = runs_dir / f"{task}-{attention}-s{seed}"
                 results = run_dir / RESULTS_NAME
                 if not results.is_file() and not args.collect_only:
+                    if stopped or (deadline is not None and deadline - loop._now() < _MIN_CELL_SECONDS):
+                        unfinished.append(run_dir.name)
+                        continue
                     overrides = {"model.attention": attention, "train.seed": seed, "train.run_dir": str(run_dir)}
                     if args.data_dir:
                         overrides["data.data_dir"] = args.data_dir
@@ -100,13 +122,22 @@ def run(args: argparse.Namespace) -> int:
                         overrides["train.device"] = args.device
                     if args.no_progress:
                         overrides["train.progress"] = False
-                    overrides.update(parse_assignment(text) for text in args.set)
+                    overrides.update(assignments)
+                    if limit is not None:
+                        overrides["train.time_limit_minutes"] = limit
                     print(f"== {task} / {attention} / seed {seed} -> {run_dir}")
                     try:
-                        if (run_dir / "last").is_dir():
-                            train(resume=run_dir)
+                        if find_checkpoint(run_dir / "last") is not None:
+                            resume = {"train.time_limit_minutes": limit} if limit is not None else None
+                            if args.no_progress:
+                                resume = {**(resume or {}), "train.progress": False}
+                            result = train(resume=run_dir, resume_overrides=resume, deadline=deadline)
                         else:
-                            train(load_config(Path(args.config_dir) / f"{task}{suffix}.yaml", overrides))
+                            config = load_config(Path(args.config_dir) / f"{task}{suffix}.yaml", overrides)
+                            result = train(config, deadline=deadline)
+                        if result.interrupted:
+                            unfinished.append(run_dir.name)
+                            stopped = result.stop_reason != "time_limit"
                     except KeyboardInterrupt:
                         raise
                     except Exception:  # one failing cell (missing data...) must not stop the grid
@@ -123,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
     (runs_dir / "results.md").write_text(markdown)
     print(markdown)
     print(f"wrote {runs_dir / 'results.md'} and {runs_dir / 'results.json'}")
+    if unfinished:
+        print(f"not finished: {', '.join(unfinished)}; run the same command again to continue")
     return 0
 
 

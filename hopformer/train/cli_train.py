@@ -4,9 +4,18 @@
     hopformer train --config configs/lra/listops.yaml --attention bigbird --data-dir lra_release
     hopformer train --attention diffuser --attention-option hops=3 --attention-option alpha=0.2
     hopformer train --resume runs/listops-diffuser-20250101-120000
+    hopformer train --config configs/lra/listops_h200.yaml --time-limit 8 --run-dir runs/lra/listops-full-s0
 
 Without ``--config`` the CPU default ``configs/listops_small.yaml`` is used. Command-line values
 override the config file; ``--set section.key=value`` reaches any setting.
+
+``--time-limit MIN`` stops the run cleanly before MIN minutes (counted from the start of training, data
+loading included): it saves ``last/``, logs "stopped at time limit, resume with --resume RUN" and exits
+with status 0. Ctrl-C (SIGINT) or SIGTERM saves ``last/`` at the end of the current step and exits with
+130 or 143. ``--resume RUN`` continues exactly; with it only ``--time-limit``, ``--no-progress`` and (for
+the ``rsqrt``/``constant`` schedules) ``--steps`` may be given.
+
+Exit status: 0 finished or stopped at the time limit, 130 SIGINT, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -27,7 +36,11 @@ _FLAGS = {
     "run_dir": "train.run_dir",
     "eval_every": "train.eval_every",
     "data_dir": "data.data_dir",
+    "time_limit": "train.time_limit_minutes",
 }
+# the settings a resumed run may change, by flag (the trainer checks the rest)
+_RESUME_FLAGS = {"time_limit": "train.time_limit_minutes", "steps": "train.steps"}
+_EXIT_STATUS = {"time_limit": 0, "SIGINT": 130, "SIGTERM": 143}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +68,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, e.g. model.dim=128 (repeatable)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="MIN",
+        help="checkpoint and exit (status 0) before MIN minutes; continue with --resume (also with --resume)",
+    )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
@@ -81,13 +100,15 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = overrides_from_args(args)
     if args.resume:
+        allowed = {key: overrides.pop(key) for key in [*_RESUME_FLAGS.values(), "train.progress"] if key in overrides}
         if args.config or overrides:
             print("hopformer train: --resume uses the run's own config.yaml; other settings are ignored")
-        result = train(resume=args.resume)
+        result = train(resume=args.resume, resume_overrides=allowed)
     else:
         result = train(load_config(args.config, overrides))
     if result.interrupted:
-        return 130
+        print(f"run folder: {result.run_dir} (stopped at step {result.step}: {result.stop_reason})")
+        return _EXIT_STATUS.get(result.stop_reason, 130)
     print(f"test accuracy: {result.test_accuracy:.4f}")
     print(f"run folder: {result.run_dir}")
     return 0

@@ -102,6 +102,9 @@ class TrainConfig:
     ``checkpoint_every``: save ``last/`` this often (None = with every evaluation).
     ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``. ``precision``: ``auto`` (bf16
     autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``. ``run_dir`` None = ``runs/<task>-<attention>-<time>``.
+    ``time_limit_minutes``: stop cleanly (checkpoint ``last/``, return) before this much wall time has
+    passed since :func:`~hopformer.train.train` was called (data loading included); None = no limit.
+    Resume with ``--resume`` to continue exactly.
     """
 
     steps: int = 1500
@@ -118,6 +121,7 @@ class TrainConfig:
     threads: int | None = None
     run_dir: str | None = None
     progress: bool = True
+    time_limit_minutes: float | None = None
 
 
 @dataclass

@@ -3,9 +3,13 @@
 - ``listops``: ``basic_{train,val,test}.tsv`` from ``data.data_dir`` (or its ``listops-1000/``). With
   no data folder, a small set is generated once into ``~/.cache/hopformer/listops-<hash>/`` (the hash
   covers the generation settings; ``$HOPFORMER_CACHE`` moves the cache), and a data folder given
-  but empty is filled the same way. A fresh machine can therefore train with no download.
+  but empty (or missing) is filled the same way, e.g. ``--data-dir data/listops_lra`` with
+  ``configs/lra/listops.yaml`` generates the LRA-sized set there. A fresh machine can therefore train
+  with no download; runs started together on one empty folder generate it once (a lock file).
 - ``text``, ``retrieval``, ``image``, ``pathfinder32`` (64, 128, 256): the LRA release through
-  :func:`hopformer.data.load_lra`; ``data.data_dir`` must be the ``lra_release/`` folder.
+  :func:`hopformer.data.load_lra`; ``data.data_dir`` must be the ``lra_release/`` folder. Pathfinder
+  can be generated instead: ``hopformer data pathfinder --out DIR --n 200000`` writes
+  ``DIR/pathfinder32/curv_contour_length_14/``, which ``--data-dir DIR`` then reads.
 
 ``lra-<name>`` is accepted for every name.
 """
@@ -16,6 +20,8 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -78,16 +84,23 @@ def load_task(config: Config, progress: bool = True, log: Any = print) -> TaskDa
     spec = task_spec(config.task)
     if spec.name == "listops":
         return _load_listops(config, spec, progress, log)
+    generate = (
+        f"; or generate it: hopformer data pathfinder --out DIR --resolution {spec.name[10:]}, then --data-dir DIR"
+        if spec.name.startswith("pathfinder")
+        else ""
+    )
     if config.data.data_dir is None:
         raise ValueError(
             f"task {spec.name!r} reads the LRA release: pass --data-dir pointing at the lra_release/ folder "
-            "(https://storage.googleapis.com/long-range-arena/lra_release.gz; see specs/lra.md §2)"
+            f"(https://storage.googleapis.com/long-range-arena/lra_release.gz; see specs/lra.md §2){generate}"
         )
     from hopformer.data import load_lra
 
     root = Path(config.data.data_dir).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"--data-dir {root} does not exist; it must be the LRA release folder (lra_release/)")
+        raise FileNotFoundError(
+            f"--data-dir {root} does not exist; it must be the LRA release folder (lra_release/){generate}"
+        )
     options = {"max_length": config.data.max_length} if spec.name in ("text", "retrieval") else {}
     splits = {split: list(load_lra(spec.name, root, split, **options)) for split in SPLITS}
     return TaskData(spec, splits, root)
@@ -129,20 +142,38 @@ def generate_listops_files(folder: Path, config: Config, progress: bool = True) 
     return folder
 
 
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block."""
+    import fcntl
+
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _load_listops(config: Config, spec: TaskSpec, progress: bool, log: Any) -> TaskData:
     from hopformer.data.listops import load_listops_tsv
 
     folder = Path(config.data.data_dir).expanduser() if config.data.data_dir else listops_cache_dir(config)
     found = find_listops_dir(folder)
     if found is None:
-        if folder.is_dir() and any(folder.glob("basic_*.tsv")):
-            raise FileNotFoundError(f"{folder} has only some of {sorted(LISTOPS_FILES.values())}")
-        g = config.data.generate
-        log(
-            f"No ListOps files in {folder}: generating {g.train}/{g.val}/{g.test} trees with "
-            f"{g.min_length} < length < {g.max_length} (seed {g.seed})"
-        )
-        found = generate_listops_files(folder, config, progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Runs started together on one empty folder: one generates, the others wait and read its files.
+        with _exclusive(folder / ".hopformer-generate.lock"):
+            found = find_listops_dir(folder)
+            if found is None:
+                if any(folder.glob("basic_*.tsv")):
+                    raise FileNotFoundError(f"{folder} has only some of {sorted(LISTOPS_FILES.values())}")
+                g = config.data.generate
+                log(
+                    f"No ListOps files in {folder}: generating {g.train}/{g.val}/{g.test} trees with "
+                    f"{g.min_length} < length < {g.max_length} (seed {g.seed})"
+                )
+                found = generate_listops_files(folder, config, progress)
     splits = {
         split: load_listops_tsv(found / LISTOPS_FILES[split], max_length=config.data.max_length) for split in SPLITS
     }

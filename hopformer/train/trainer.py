@@ -8,8 +8,11 @@ validate, keep ``best/`` when validation accuracy improves, save ``last/``.
 
 Resuming is exact: the data order is a seeded :class:`BatchStream` whose position is saved with the
 optimiser and every RNG state, so a run killed after a checkpoint and resumed with ``resume=`` gives
-the same ``metrics.jsonl`` and weights as one that never stopped. Ctrl-C asks the loop to stop at the
-end of the current step; it saves ``last/`` there and returns (a second Ctrl-C stops at once).
+the same ``metrics.jsonl`` and weights as one that never stopped. Ctrl-C (SIGINT) or SIGTERM asks the
+loop to stop at the end of the current step; it saves ``last/`` there and returns (a second signal
+stops at once). ``train.time_limit_minutes`` stops the same way, but by itself: after each step the
+loop checks that the next one, with any evaluation and checkpoints it brings and a safety margin,
+still ends before the limit, and otherwise saves ``last/`` and returns.
 
 Run folder: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON record per log line),
 ``last/`` and ``best/`` checkpoints, ``results.json`` (final numbers), ``tensorboard/`` when
@@ -22,8 +25,10 @@ import json
 import math
 import random
 import signal
+import statistics
 import threading
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +48,15 @@ SCHEDULES = ("linear", "cosine", "constant", "rsqrt")
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
 CONFIG_NAME = "config.yaml"
+# Attentions that run on a graph: FlexAttention on CUDA (head dimension >= 16, no attention dropout).
+GRAPH_ATTENTIONS = ("local", "longformer", "bigbird", "hypercube", "diffuser")
+# Settings a resumed run may change: they decide when and how it runs, not what it computes
+# (``train.steps`` only under a schedule that does not depend on it; see :func:`train`).
+RESUME_OVERRIDES = ("train.time_limit_minutes", "train.progress", "train.steps")
+TIME_LIMIT_MARGIN_S = 30.0
+"""Safety margin of a time limit: ``min(30 s, 10% of the limit)`` is kept free at the end."""
+
+_now = time.monotonic  # the clock of time limits (tests replace it)
 
 
 # ----------------------------------------------------------------------------------- data order
@@ -156,22 +170,41 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
 
 def max_tokens(model: torch.nn.Module) -> int:
     """Longest input the model takes (the encoder's ``max_len`` less the CLS vector)."""
-    return model.encoder.config.max_len - (1 if model.pooling == "cls" else 0)
+    return model.encoder.config.max_len - prefix_length(model)
+
+
+def prefix_length(model: torch.nn.Module) -> int:
+    """Positions the classifier puts before the tokens: 1 for the CLS vector, else 0."""
+    return 1 if model.pooling == "cls" else 0
 
 
 # ------------------------------------------------------------------------------------- evaluation
 @dataclass
 class Runtime:
-    """Where and how batches run: device, autocast, padding multiple, length cut."""
+    """Where and how batches run: device, autocast, padding multiple, length cut.
+
+    ``prefix``: positions the model puts before the tokens (1 for a CLS vector). Batches are padded so
+    that prefix + tokens is a multiple of ``pad_to_multiple`` (within ``max_length``): the encoder then
+    adds no padding of its own, and a graph attention sees whole tiles, not one CLS position more.
+    """
 
     device: torch.device
     autocast: bool
     pad_to_multiple: int
     max_length: int
+    prefix: int = 0
 
     def batch(self, examples: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         """Collate and move to the device; returns (model inputs, labels, number of real tokens)."""
-        batch = collate(examples, pad_to_multiple=self.pad_to_multiple, max_length=self.max_length)
+        batch = collate(examples, max_length=self.max_length)
+        for ids_key, mask_key in (("input_ids", "attention_mask"), ("input_ids_2", "attention_mask_2")):
+            if ids_key in batch:
+                width = batch[ids_key].shape[1]
+                multiple = self.pad_to_multiple
+                target = min(-(-(width + self.prefix) // multiple) * multiple - self.prefix, self.max_length)
+                if target > width:
+                    batch[ids_key] = F.pad(batch[ids_key], (0, target - width))
+                    batch[mask_key] = F.pad(batch[mask_key], (0, target - width), value=False)
         tokens = sum(int(mask.sum()) for key, mask in batch.items() if key.startswith("attention_mask"))
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
         return batch, batch.pop("label"), tokens
@@ -238,24 +271,73 @@ class MetricsLog:
 
 
 class StopFlag:
-    """First Ctrl-C: ask the loop to stop after this step (and checkpoint). Second: interrupt at once."""
+    """SIGINT (Ctrl-C) or SIGTERM: ask the loop to stop after this step and checkpoint.
+
+    A second signal acts at once: SIGINT raises KeyboardInterrupt, SIGTERM terminates (its default).
+    ``signal_name`` is the name of the first signal received.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler not installed from Python; leave what is there
+                signal.signal(signum, previous)
+
+
+class TimeBudget:
+    """Whether the next step still ends before the deadline (``deadline`` None = never stop).
+
+    The estimate of the next step is the median of the last 25 step times (robust to the slow steps
+    that compile kernels for a new shape), plus an evaluation and two checkpoints when that step
+    evaluates, plus the test evaluation when it is the last, plus the checkpoint that stopping takes,
+    plus the margin. Before any evaluation was timed, one is estimated at half the training time of as
+    many examples.
+    """
+
+    def __init__(self, deadline: float | None, margin: float) -> None:
+        self.deadline, self.margin = deadline, margin
+        self.step_times: deque[float] = deque(maxlen=25)
+        self.eval_seconds: float | None = None
+        self.checkpoint_seconds = 1.0
+
+    def remaining(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - _now()
+
+    def expired(self) -> bool:
+        """Too late to start anything but the stop checkpoint."""
+        return self.remaining() < self.checkpoint_seconds + self.margin
+
+    def next_step_fits(self, evaluates: bool, saves: bool, last: bool, eval_examples: int, test_ratio: float,
+                       batch_size: int) -> bool:  # fmt: skip
+        if self.deadline is None or not self.step_times:
+            return True
+        step = statistics.median(self.step_times)
+        evaluation = self.eval_seconds if self.eval_seconds is not None else 0.5 * step * eval_examples / batch_size
+        need = step + self.checkpoint_seconds + self.margin
+        if evaluates:
+            need += evaluation + 2 * self.checkpoint_seconds
+        elif saves:
+            need += self.checkpoint_seconds
+        if last:
+            need += evaluation * test_ratio
+        return need <= self.remaining()
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -272,6 +354,7 @@ class TrainResult:
     parameters: int
     interrupted: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str | None = None  # "time_limit", "SIGINT" or "SIGTERM" when interrupted
 
 
 def resolve_device(name: str) -> torch.device:
@@ -290,24 +373,51 @@ def default_run_dir(config: Config) -> Path:
     return Path("runs") / f"{config.task}-{config.model.attention}-{stamp}"
 
 
-def train(config: Config | None = None, resume: str | Path | None = None, log: Any = print) -> TrainResult:
+def train(
+    config: Config | None = None,
+    resume: str | Path | None = None,
+    log: Any = print,
+    *,
+    resume_overrides: dict[str, Any] | None = None,
+    deadline: float | None = None,
+) -> TrainResult:
     """Train a classifier on ``config.task``; with ``resume`` (a run folder) continue it from ``last/``.
 
     Args:
         config: the run's configuration; ignored when resuming (the run's ``config.yaml`` is used).
-        resume: run folder of an earlier (killed or interrupted) run.
+        resume: run folder of an earlier (killed, interrupted or time-limited) run.
         log: where progress lines go (``print``).
+        resume_overrides: dotted settings a resumed run may change (:data:`RESUME_OVERRIDES`): its
+            time limit, progress bars, and ``train.steps`` under the ``rsqrt`` or ``constant``
+            schedule (whose learning rates do not depend on it), never below the step reached.
+        deadline: a :func:`time.monotonic` time by which to stop in any case (``hopformer lra`` gives
+            every cell of a grid the same one); the earlier of it and ``train.time_limit_minutes``
+            applies.
 
     Returns:
-        The final numbers (also in ``results.json``); ``interrupted=True`` after a Ctrl-C stop.
+        The final numbers (also in ``results.json``); ``interrupted=True`` (and ``stop_reason``) when the
+        run stopped early at a time limit, a Ctrl-C or a SIGTERM, with ``last/`` saved.
     """
+    started = _now()
     # ---- setup: config, run folder, device, seeds
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no {CONFIG_NAME} there; is it a run folder?")
-        config = load_config(run_dir / CONFIG_NAME)
+        overrides = dict(resume_overrides or {})
+        refused = sorted(set(overrides) - set(RESUME_OVERRIDES))
+        if refused:
+            raise ValueError(f"a resumed run cannot change {refused}; it may change only {list(RESUME_OVERRIDES)}")
+        saved = load_config(run_dir / CONFIG_NAME)
+        config = load_config(run_dir / CONFIG_NAME, overrides)
+        if config.train.steps != saved.train.steps and config.optim.schedule not in ("rsqrt", "constant"):
+            raise ValueError(
+                f"train.steps cannot change on resume under the {config.optim.schedule!r} schedule (its learning "
+                f"rates depend on it; only 'rsqrt' and 'constant' do not)"
+            )
     else:
+        if resume_overrides:
+            raise ValueError("resume_overrides apply only with resume=; put the settings in the config")
         config = config or load_config()
         run_dir = Path(config.train.run_dir) if config.train.run_dir else default_run_dir(config)
         if ckpt.find_checkpoint(run_dir / "last") is not None:
@@ -316,19 +426,23 @@ def train(config: Config | None = None, resume: str | Path | None = None, log: A
     _check_config(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG_NAME)
+    limit = config.train.time_limit_minutes
+    if limit is not None:
+        deadline = min(deadline if deadline is not None else math.inf, started + 60.0 * limit)
     threads = torch.get_num_threads()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     try:
-        return _run(config, run_dir, resume is not None, log)
+        return _run(config, run_dir, resume is not None, log, deadline, started)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _run(config: Config, run_dir: Path, resume: bool, log: Any) -> TrainResult:
+def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float | None, started: float) -> TrainResult:
     """The body of :func:`train` once the run folder and config are settled."""
     tc = config.train
     device = resolve_device(tc.device)
+    _check_device_support(config, device)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
@@ -348,7 +462,7 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any) -> TrainResult:
     # ---- model and optimiser
     model = build_model(config, data, pad).to(device)
     optimizer = make_optimizer(model, config)
-    runtime = Runtime(device, autocast, pad, max_tokens(model))
+    runtime = Runtime(device, autocast, pad, max_tokens(model), prefix_length(model))
     parameters = count_parameters(model)
     majority = data.majority_rate("test")
     log(
@@ -360,20 +474,34 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any) -> TrainResult:
     # ---- resume
     metrics = MetricsLog(run_dir)
     step, best = 0, None
+    # Running sums since the last log line; loss and correct stay on the device (no sync per step).
+    # They are part of the checkpoint, so a run stopped between two log lines logs the same numbers.
+    window: dict[str, Any] = {"loss": 0.0, "correct": 0, "count": 0, "tokens": 0}
     if resume:
         found = ckpt.find_checkpoint(run_dir / "last")
         if found is None:
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoint in {run_dir / 'last'}")
         state = ckpt.load_state(found)
+        if int(state["step"]) > tc.steps:
+            raise ValueError(f"train.steps={tc.steps} is below the step {int(state['step'])} this run has reached")
         ckpt.load_weights(model, found)
         optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
         step, best = int(state["step"]), state["best_val_accuracy"]
+        window.update(state.get("window", {}))
         metrics.truncate(step)
         log(f"resumed from {found} at step {step}")
+    else:
+        metrics.truncate(0)  # a folder whose earlier attempt died before its first checkpoint
+    window.update(start=time.perf_counter(), steps=0)  # timing (steps/s): not part of the checkpoint
+
+    budget = TimeBudget(deadline, _margin(tc.time_limit_minutes, deadline, started))
+    saved_at: int | None = None  # the step of the newest last/ checkpoint
 
     def checkpoint(name: str) -> None:
+        nonlocal saved_at
+        began = _now()
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -381,19 +509,31 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any) -> TrainResult:
             "rng": ckpt.rng_state(),
             "best_val_accuracy": best,
             "schedule": {"name": config.optim.schedule, "lr": learning_rate(step, config)},
+            "window": {
+                "loss": float(window["loss"]),
+                "correct": int(window["correct"]),
+                "count": int(window["count"]),
+                "tokens": int(window["tokens"]),
+            },
         }
         ckpt.save_checkpoint(run_dir / name, model, state)
+        budget.checkpoint_seconds = max(budget.checkpoint_seconds, _now() - began)
+        if name == "last":
+            saved_at = step
 
     # ---- the loop
     from tqdm import tqdm
 
     bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, dynamic_ncols=True, desc="train")
-    # Running sums since the last log line; loss and correct stay on the device (no sync per step).
-    window = {"loss": 0.0, "correct": 0, "count": 0, "tokens": 0, "start": time.perf_counter()}
-    interrupted = False
+    stop_reason = None
+    eval_examples = min(len(val_set), tc.eval_batches * eval_batch) if tc.eval_batches else len(val_set)
+    test_ratio = len(data.splits["test"]) / max(1, eval_examples)
     model.train()
     with StopFlag() as stop:
-        while step < tc.steps:
+        if step < tc.steps and budget.expired():
+            stop_reason = "time_limit"
+        while step < tc.steps and stop_reason is None:
+            step_began = _now()
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -414,6 +554,7 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any) -> TrainResult:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            window["steps"] += 1
             bar.update(1)
 
             if step % tc.log_every == 0 or step == tc.steps:
@@ -425,15 +566,19 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any) -> TrainResult:
                     "accuracy": int(window["correct"]) / window["count"],
                     "lr": lr,
                     "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                    "steps_per_s": window["steps"] / max(elapsed, 1e-9),
                 }
                 metrics.write(record)
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
                 )
-                window.update(loss=0.0, correct=0, count=0, tokens=0, start=time.perf_counter())
+                window.update(loss=0.0, correct=0, count=0, tokens=0, steps=0, start=time.perf_counter())
+            budget.step_times.append(_now() - step_began)
 
             if step % tc.eval_every == 0 or step == tc.steps:
+                eval_began = _now()
                 val = evaluate(model, val_set, runtime, eval_batch, tc.eval_batches)
+                budget.eval_seconds = _now() - eval_began
                 metrics.write({"step": step, "split": "val", "loss": val["loss"], "accuracy": val["accuracy"]})
                 bar.write(f"step {step}: val loss {val['loss']:.4f}, val accuracy {val['accuracy']:.4f}")
                 if best is None or val["accuracy"] > best:
@@ -442,17 +587,36 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any) -> TrainResult:
             if step % (tc.checkpoint_every or tc.eval_every) == 0 or step == tc.steps:
                 checkpoint("last")
             if step % tc.eval_every == 0 or step == tc.steps:
-                window["start"] = time.perf_counter()  # tokens/s counts training time only
+                window.update(start=time.perf_counter(), steps=0)  # tokens/s, steps/s: training time only
             if stop.requested:
-                interrupted = True
-                break
+                stop_reason = stop.signal_name or "SIGINT"
+            elif step < tc.steps:
+                following = step + 1
+                fits = budget.next_step_fits(
+                    evaluates=following % tc.eval_every == 0 or following == tc.steps,
+                    saves=following % (tc.checkpoint_every or tc.eval_every) == 0,
+                    last=following == tc.steps,
+                    eval_examples=eval_examples,
+                    test_ratio=test_ratio,
+                    batch_size=tc.batch_size,
+                )
+                if not fits:
+                    stop_reason = "time_limit"
     bar.close()
 
-    if interrupted:
-        checkpoint("last")
+    if stop_reason is not None:
+        if saved_at != step:
+            checkpoint("last")
         metrics.close()
-        log(f"stopped at step {step}; checkpoint saved. Continue with: hopformer train --resume {run_dir}")
-        return TrainResult(str(run_dir), step, best, None, None, majority, parameters, interrupted=True)
+        if stop_reason == "time_limit":
+            used = (_now() - started) / 60
+            log(f"step {step}/{tc.steps} after {used:.1f} min: stopped at time limit, resume with --resume {run_dir}")
+        else:
+            log(f"{stop_reason} at step {step}/{tc.steps}; checkpoint saved, resume with --resume {run_dir}")
+        return TrainResult(
+            str(run_dir), step, best, None, None, majority, parameters, interrupted=True, stop_reason=stop_reason,
+            extra={"task": data.spec.name, "attention": config.model.attention, "steps": tc.steps},
+        )  # fmt: skip
 
     # ---- the best validation checkpoint, on test (LRA convention)
     best_dir = ckpt.find_checkpoint(run_dir / "best")
@@ -473,6 +637,34 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any) -> TrainResult:
     return result
 
 
+def _margin(limit_minutes: float | None, deadline: float | None, started: float) -> float:
+    """Seconds kept free before the deadline: ``min(30 s, 10% of the time allowed)``."""
+    if deadline is None:
+        return 0.0
+    allowed = 60.0 * limit_minutes if limit_minutes is not None else deadline - started
+    return min(TIME_LIMIT_MARGIN_S, 0.1 * max(allowed, 0.0))
+
+
+def _check_device_support(config: Config, device: torch.device) -> None:
+    """What FlexAttention (graph attentions on CUDA) cannot do, named before any data is loaded."""
+    m = config.model
+    backend = m.attention_options.get("backend", "auto")
+    if device.type != "cuda" or m.attention not in GRAPH_ATTENTIONS or backend not in ("auto", "flex"):
+        return
+    head_dim = m.dim // m.heads
+    if head_dim < 16:
+        raise ValueError(
+            f"model.dim / model.heads = {m.dim} / {m.heads} = {head_dim}: FlexAttention, which runs the graph "
+            f"attention {m.attention!r} on CUDA, needs a head dimension of at least 16; use model.heads <= "
+            f"{max(1, m.dim // 16)} or model.attention_options.backend=gather"
+        )
+    if m.attention_dropout > 0:
+        raise ValueError(
+            f"model.attention_dropout={m.attention_dropout}: FlexAttention, which runs the graph attention "
+            f"{m.attention!r} on CUDA, has no attention dropout; set it to 0 or model.attention_options.backend=gather"
+        )
+
+
 def _check_config(config: Config) -> None:
     """Errors that name the setting, before any data is loaded."""
     tc, oc = config.train, config.optim
@@ -490,6 +682,9 @@ def _check_config(config: Config) -> None:
         raise ValueError(f"optim.lr must be positive, got {oc.lr!r}")
     if oc.warmup_steps < 0:
         raise ValueError(f"optim.warmup_steps must be >= 0, got {oc.warmup_steps!r}")
+    limit = tc.time_limit_minutes
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        raise ValueError(f"train.time_limit_minutes must be a positive number of minutes or null, got {limit!r}")
     from hopformer.attention import available
 
     if config.model.attention not in available():
