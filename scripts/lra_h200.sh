@@ -34,7 +34,9 @@
 #   DEVICE                --device for the runs (default: the config's auto)
 #   PYTHON=python         the interpreter; the CLI runs as "$PYTHON -m hopformer.cli" from the repository
 #                         (no installation needed; torch, numpy, pyyaml, tqdm, safetensors, pillow are)
-#   OUT                   where collect copies results.md/json, metrics.jsonl and stdout.log files
+#   OUT                   where collect copies results.md/json and, per cell, metrics.jsonl, stdout.log,
+#                         results.json, config.yaml and checkpoints under 8 MB (Pathfinder's), as
+#                         OUT/lra/<cell>/: `hopformer lra --collect-only --runs-dir OUT/lra` rebuilds the table
 set -uo pipefail
 SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 cd "$(dirname "$SELF")/.." || exit 1
@@ -198,10 +200,15 @@ collect() {
       dest=$OUT/lra/$(basename "$dir")
       mkdir -p "$dest"
       for f in metrics.jsonl stdout.log results.json config.yaml error.txt; do
-        [[ -f $dir/$f ]] && cp "$dir/$f" "$dest/"
+        if [[ -f $dir/$f ]]; then cp "$dir/$f" "$dest/"; fi
+      done
+      # small checkpoints (Pathfinder: ~0.5 MB) too: an unfinished cell can then be carried to a fresh
+      # machine and resumed there (the data is regenerated identically from its seed)
+      for f in last best; do
+        if [[ -d $dir/$f ]] && (($(du -sk "$dir/$f" | cut -f1) < 8192)); then cp -r "$dir/$f" "$dest/"; fi
       done
     done
-    log "copied the table, metrics and logs to $OUT/lra"
+    log "copied the table, metrics, logs and small checkpoints to $OUT/lra"
   fi
 }
 
