@@ -7,6 +7,7 @@ import functools
 import importlib
 import math
 from collections import deque
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -225,17 +226,101 @@ def test_mixed_graph_hub_correction_is_per_path():
     assert uncorrected.payload > report.payload and not uncorrected.hub_corrected
 
 
+# ----------------------------------------------------------------------------- big path counts
+def grid(rows: int, cols: int) -> np.ndarray:
+    index = np.arange(rows * cols).reshape(rows, cols)
+    matrix = np.zeros((rows * cols, rows * cols), dtype=bool)
+    matrix[index[:-1].ravel(), index[1:].ravel()] = True
+    matrix[index[:, :-1].ravel(), index[:, 1:].ravel()] = True
+    return matrix | matrix.T
+
+
+def exact_payload(adjacency: np.ndarray, source: int, target: int) -> tuple[int, Fraction]:
+    """(number of shortest paths, payload) from ``source`` to ``target`` in exact arithmetic: Python
+    integers and fractions over the BFS layers, no floating point anywhere."""
+    neighbours = [np.flatnonzero(row).tolist() for row in adjacency]
+    distance = {source: 0}
+    layers = [[source]]
+    while layers[-1]:
+        nxt = []
+        for u in layers[-1]:
+            for v in neighbours[u]:
+                if v not in distance:
+                    distance[v] = distance[u] + 1
+                    nxt.append(v)
+        layers.append(nxt)
+    count, weight = {source: 1}, {source: Fraction(1)}
+    for layer in layers[1:]:
+        for v in layer:
+            before = [u for u in neighbours[v] if distance[u] == distance[v] - 1]
+            count[v] = sum(count[u] for u in before)
+            weight[v] = sum(weight[u] for u in before) / len(neighbours[v])
+    return count[target], weight[target]
+
+
+@pytest.mark.parametrize("steps", ["sparse-steps", "dense-steps"])
+def test_path_counts_beyond_64_bits(steps, monkeypatch):
+    """A 35 x 35 grid: the corner pairs are the only diametral pairs (distance 68), joined by
+    C(68, 34) ~ 2.8e19 > 2^64 shortest paths (a uint64 path counter would wrap), and the grid has no
+    twins, so the BFS itself carries them. IP and NIP must agree with exact rational arithmetic."""
+    monkeypatch.setattr(nip_module, "SPARSE_COST", 0 if steps == "sparse-steps" else 10**12)
+    side = 35
+    adjacency = grid(side, side)
+    count, payload = exact_payload(adjacency, 0, side * side - 1)
+    assert count == math.comb(2 * side - 2, side - 1) > 2**64
+    report = information_payload(adjacency)
+    assert report.diameter == 2 * side - 2
+    degrees = adjacency.sum(axis=1)
+    assert report.mean_degree == pytest.approx(degrees.mean(), rel=1e-15)
+    # log of an exact fraction whose terms are far below float range
+    log_payload = math.log(payload.numerator) - math.log(payload.denominator)
+    assert report.log_payload == pytest.approx(log_payload, rel=1e-13)
+    assert report.nip == pytest.approx(float(payload / Fraction(int(degrees.sum()), side * side)) / 68, rel=1e-12)
+
+
+def test_hypercube_without_twins_at_1024_nodes():
+    """hypercube(1024, 1) is Q_10 with one node per token: no twins to merge, 10! paths per pair."""
+    report = information_payload(hypercube(1024, 1), level="token")
+    assert report.num_nodes == 1024 and report.diameter == 10 and report.mean_degree == 10
+    assert report.nip == pytest.approx(closed_form_nip("hypercube", 1024), rel=1e-12)
+    assert report.payload == pytest.approx(math.factorial(10) / 10**10, rel=1e-12)
+
+
 # ----------------------------------------------------------------------------------- edge cases
 def test_disconnected_graph_reports_infinite_diameter_and_zero_nip(step_mode):
     two = np.zeros((8, 8), dtype=bool)
     two[:4, :4] = two[4:, 4:] = True
+    blocks = local(64, 16, window=1)  # token level: four cliques of 16 tokens, no edge between blocks
+    for graph, level in ((two, "block"), (scipy.sparse.csr_array(two), "block"), (blocks, "token")):
+        report = information_payload(graph, level=level)
+        assert report.diameter == math.inf and report.payload == 0.0 and report.nip == 0.0
+        assert report.log_nip == -math.inf
+        assert diameter(graph, level=level) == math.inf
+        assert nip(graph, level=level) == 0.0
+
+
+def test_isolated_node_is_an_error_but_has_infinite_diameter():
+    """An isolated node has degree 0 (self-loops do not count), so 1/deg in the payload is undefined."""
     isolated = np.ones((5, 5), dtype=bool)
     isolated[4, :] = isolated[:, 4] = False
-    for graph in (two, isolated, np.eye(3, dtype=bool)):
-        report = information_payload(graph)
-        assert report.diameter == math.inf and report.payload == 0.0 and report.nip == 0.0
-        assert diameter(graph) == math.inf
-        assert nip(graph) == 0.0
+    self_loop_only = np.ones((5, 5), dtype=bool)
+    self_loop_only[4, :4] = self_loop_only[:4, 4] = False
+    cases = [
+        (isolated, "block", r"1 isolated node.*nodes of the adjacency matrix: \[4\]"),
+        (self_loop_only, "block", r"1 isolated node.*\[4\]"),
+        (torch.eye(3, dtype=torch.bool), "block", r"3 isolated node.*\[0, 1, 2\]"),
+        (local(64, 16, window=1), "block", r"4 isolated node.*blocks of the block-level graph"),
+        (local(8, 1, window=1), "token", r"8 isolated node.*tokens of the token-level graph"),
+        # a last block of one token has a self-loop but no neighbour: token 32 alone is isolated
+        (local(33, 16, window=1), "token", r"1 isolated node.*\[32\]"),
+    ]
+    for graph, level, message in cases:
+        with pytest.raises(ValueError, match=message):
+            nip(graph, level=level)
+        with pytest.raises(ValueError, match="isolated"):
+            information_payload(graph, False, level=level)
+        assert diameter(graph, level=level) == math.inf
+        assert degree_stats(graph, level=level)["degree_min"] == 0
 
 
 @pytest.mark.parametrize("sparse_cost", [nip_module.SPARSE_COST, 0])

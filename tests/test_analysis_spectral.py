@@ -4,10 +4,13 @@ the eigenvalue map against explicit matrix powers, and the certified sparse sear
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.optimize
+import scipy.sparse.linalg
 import torch
 
 import hopformer.analysis.spectral as spectral
@@ -91,6 +94,13 @@ def test_inputs_torch_numpy_blockgraph_agree():
         (torch.ones(4, 4, dtype=torch.int64), {}, "bool"),
         (np.zeros((4, 4), dtype=bool), {}, "no out-edge"),
         (np.array([[True, True], [False, False]]), {}, "no out-edge"),
+        (np.pad(np.ones((4, 4), dtype=bool), ((0, 1), (0, 1))), {}, r"isolated.*\[4\]"),
+        (np.ones((4, 4), dtype=bool), {"alpha": True}, "alpha must be a number"),
+        (np.ones((4, 4), dtype=bool), {"alpha": "0.1"}, "alpha must be a number"),
+        (np.ones((4, 4), dtype=bool), {"alpha": -0.1}, "alpha"),
+        (np.ones((4, 4), dtype=bool), {"alpha": float("nan")}, "alpha"),
+        (np.ones((4, 4), dtype=bool), {"alpha": 0.1, "hops": 2.5}, "hops must be a non-negative integer"),
+        (np.ones((4, 4), dtype=bool), {"kernel": "heat", "heat_time": 0.0}, "heat_time"),
         (np.ones((1, 1), dtype=bool), {}, "at least 2 nodes"),
         (np.ones((4, 4), dtype=bool), {"alpha": 0.0}, "alpha"),
         (np.ones((4, 4), dtype=bool), {"alpha": 1.5}, "alpha"),
@@ -124,6 +134,58 @@ def test_complete_graph_and_cycle_closed_forms():
     assert spectral_gap(cycle) == pytest.approx(1 - expected, abs=1e-12)
     exact = max(abs(ppr_spectral_map((1 + 2 * math.cos(2 * math.pi * j / n)) / 3, 0.1)) for j in range(1, n))
     assert spectral_gap(cycle, 0.1) == pytest.approx(1 - exact, abs=1e-12)
+
+
+def test_numpy_and_torch_scalars_are_valid_arguments():
+    graph = bigbird(512, 32, seed=1)
+    expected = spectral_gap(graph, 0.1, 5)
+    assert spectral_gap(graph, np.float64(0.1), np.int64(5)) == expected
+    assert spectral_gap(graph, torch.tensor(0.1, dtype=torch.float64), 5) == expected
+    assert spectral_gap(graph, np.float32(0.1), 5) == pytest.approx(expected, abs=1e-7)
+
+
+def xor_hypercube(k: int) -> np.ndarray:
+    nodes = np.arange(1 << k)
+    matrix = np.zeros((1 << k, 1 << k), dtype=bool)
+    for j in range(k):
+        matrix[nodes, nodes ^ (1 << j)] = True
+    return matrix
+
+
+@pytest.mark.parametrize("method", ["auto", "dense", "sparse"])
+def test_star_hypercube_and_complete_graph_closed_forms(method):
+    """Closed-form spectra. Star with self-loops: {1, 1/2 (x N-2), 1/N - 1/2}. Hypercube pattern
+    (self-loops): (k + 1 - 2j) / (k + 1), so |lambda_2| = (k-1)/(k+1) twice (+ and -). Hypercube without
+    self-loops is bipartite: -1 is an eigenvalue, gap 0, and PPR maps -1 to alpha / (2 - alpha), below
+    the image of (k-2)/k. K_N without self-loops: {1, -1/(N-1)}."""
+    alpha = 0.1
+    ppr = lambda mu: alpha / (1 - (1 - alpha) * mu)  # noqa: E731
+    five = lambda mu: spectral_map(mu, diffusion_coefficients(5, alpha))  # noqa: E731
+    for n in (10, 60) if method == "dense" else (10, 300):  # 300 > DENSE_MAX_NODES: ARPACK under "auto"
+        star = np.eye(n, dtype=bool)
+        star[0, :] = star[:, 0] = True
+        assert spectral_gap(star, method=method) == pytest.approx(0.5, abs=1e-9)
+        assert spectral_gap(star, alpha, method=method) == pytest.approx((1 - alpha) / (1 + alpha), abs=1e-9)
+        assert spectral_gap(star, alpha, 5, method=method) == pytest.approx(1 - five(0.5), abs=1e-9)
+        complete = ~np.eye(n, dtype=bool)
+        assert spectral_gap(complete, method=method) == pytest.approx(1 - 1 / (n - 1), abs=1e-9)
+        assert spectral_gap(complete, alpha, method=method) == pytest.approx(1 - ppr(-1 / (n - 1)), abs=1e-9)
+    # k = 9: 512 blocks and 1024 tokens, beyond DENSE_MAX_NODES, so "auto" runs the certified ARPACK search
+    for k in (3, 6) if method == "dense" else (3, 6, 9):
+        pattern = hypercube((1 << k) * 2, 2)  # token level: the block reduction (auto) or the 2x larger CSR
+        mu = (k - 1) / (k + 1)
+        assert spectral_gap(pattern, method=method) == pytest.approx(1 - mu, abs=1e-9)
+        assert spectral_gap(pattern, alpha, method=method) == pytest.approx(1 - ppr(mu), abs=1e-9)
+        assert spectral_gap(pattern, alpha, 5, method=method) == pytest.approx(
+            1 - max(abs(five(mu)), abs(five(-mu))), abs=1e-9
+        )
+        bipartite = xor_hypercube(k)
+        gap = spectral_gap(bipartite, method=method)
+        assert 0.0 <= gap < 1e-9  # never a negative rounding error
+        assert spectral_gap(bipartite, alpha, method=method) == pytest.approx(1 - ppr((k - 2) / k), abs=1e-9)
+        # the 5-hop operator keeps most of the period: -1 maps to -0.50678 at alpha = 0.1
+        expected = 1 - max(abs(five(-1.0)), abs(five((k - 2) / k)))
+        assert spectral_gap(bipartite, alpha, 5, method=method) == pytest.approx(expected, abs=1e-9)
 
 
 def test_disconnected_graph_has_zero_gap():
@@ -177,7 +239,16 @@ def test_mapped_spectrum_matches_explicit_operator(seed):
     heat = spectral_gap(matrix, kernel="heat", heat_time=1.5, return_eigenvalues=True, method="dense")[1]
     values = np.linalg.eigvals(a)
     assert match(heat, heat_spectral_map(values, 1.5)) < 1e-12
-    assert match(heat, np.exp(1.5 * values - 1.5)) < 1e-12
+    assert match(heat, np.linalg.eigvals(scipy.linalg.expm(1.5 * (a - np.eye(60))))) < 1e-9
+    coefficients = diffusion_coefficients(4, kernel="heat", heat_time=1.5)
+    operator = sum(c * np.linalg.matrix_power(a, k) for k, c in enumerate(coefficients))
+    _, mapped = spectral_gap(matrix, kernel="heat", hops=4, heat_time=1.5, return_eigenvalues=True, method="dense")
+    assert match(mapped, np.linalg.eigvals(operator)) < 1e-9
+    # the map functions themselves, applied to the eigenvalues of A
+    assert match(ppr_spectral_map(values, 0.2), np.linalg.eigvals(closed)) < 1e-9
+    coefficients = diffusion_coefficients(5, 0.2)
+    operator = sum(c * np.linalg.matrix_power(a, k) for k, c in enumerate(coefficients))
+    assert match(spectral_map(values, coefficients), np.linalg.eigvals(operator)) < 1e-9
 
 
 def test_map_functions_are_reexported():
@@ -210,7 +281,8 @@ def reference_gap(values: np.ndarray, alpha=None, hops=None, kernel="ppr", heat_
     ids=lambda graph: graph.name,
 )
 def test_dense_sparse_and_block_reduction_agree(graph):
-    values = np.linalg.eigvals(transition_matrix(graph).toarray())
+    mask = graph.to_dense().numpy().astype(np.float64)  # brute force: A from the dense mask, no CSR code
+    values = np.linalg.eigvals(mask / mask.sum(axis=1, keepdims=True))
     for setting in SETTINGS:
         expected = reference_gap(values, **setting)
         assert spectral_gap(graph, **setting) == pytest.approx(expected, abs=1e-8), setting
@@ -252,3 +324,50 @@ def test_sparse_search_certifies_when_the_top_is_complex(groups, monkeypatch):
     for setting in ({"alpha": 0.1}, {"alpha": 0.1, "hops": 5}):
         expected = reference_gap(values, **setting)
         assert spectral_gap(matrix, **setting, method="sparse", k=2) == pytest.approx(expected, abs=1e-8)
+
+
+def test_eigenvalues_are_reused_when_the_operator_is_too_big_to_cache(monkeypatch):
+    """A table row asks for three gaps of one graph; a token graph over CACHE_MAX_NONZEROS (10M edges
+    at 16K tokens) must still run ARPACK once, not once per diffusion setting."""
+    monkeypatch.setattr(spectral, "CACHE_MAX_NONZEROS", 0)
+    calls = []
+    arpack = spectral._arpack
+    monkeypatch.setattr(spectral, "_arpack", lambda *args: calls.append(args[1:]) or arpack(*args))
+    graph = bigbird(2048, 16, seed=0)
+    gaps = [spectral_gap(graph, *setting, method="sparse") for setting in ((), (0.1, 5), (0.1,))]
+    assert len(calls) == 1, calls
+    fresh = bigbird(2048, 16, seed=0)
+    assert gaps == pytest.approx([spectral_gap(fresh, *s) for s in ((), (0.1, 5), (0.1,))], abs=1e-8)
+
+
+def test_sparse_gaps_are_reproducible_to_the_last_digit():
+    """ARPACK starts from a fixed vector: the same graph gives the same floats on every call."""
+    first = [spectral_gap(diffuser(2048, 16, seed=4), *s, method="sparse") for s in ((), (0.1, 5), (0.1,))]
+    again = [spectral_gap(diffuser(2048, 16, seed=4), *s, method="sparse") for s in ((), (0.1, 5), (0.1,))]
+    assert first == again
+
+
+def test_arpack_no_convergence_retries_before_accepting_a_partial_answer(monkeypatch):
+    matrix = random_digraph(400, 0.03, seed=5)
+    expected = reference_gap(np.linalg.eigvals(transition_matrix(matrix).toarray()))
+    eigs = scipy.sparse.linalg.eigs
+    failures = []
+
+    def flaky(*args, **kwargs):
+        if len(failures) < budget:
+            values = eigs(*args, **kwargs)
+            failures.append(kwargs.get("ncv"))
+            # ARPACK hands back the converged part: here everything but the largest eigenvalue
+            raise scipy.sparse.linalg.ArpackNoConvergence("no convergence", values[1:], None)
+        return eigs(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.sparse.linalg, "eigs", flaky)
+    budget = 1  # the retry with a larger Krylov space succeeds: exact answer, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert spectral_gap(matrix, method="sparse") == pytest.approx(expected, abs=1e-9)
+    assert failures == [None]
+    failures.clear()
+    budget = 2  # both attempts fail: the converged part is used, and the caller is told
+    with pytest.warns(RuntimeWarning, match="converged on 7 of 8"):
+        spectral_gap(matrix, method="sparse")

@@ -34,12 +34,30 @@ def test_table_and_figures(tmp_path, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    for column in ("pattern", "density", "keys/query", "diameter (block)", "gap A", "gap K=5", "gap PPR", "NIP"):
-        assert column in printed
+    header = next(line for line in printed.splitlines() if line.startswith("| ") and "pattern" in line)
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    assert columns == [
+        "pattern",
+        "L",
+        "block",
+        "density",
+        "keys/query",
+        "degree min/mean/max (block)",
+        "diameter (block)",
+        "gap A",
+        "gap K=5",
+        "gap PPR",
+        "NIP (block)",
+        "seconds",
+    ]
     assert printed.count("| hypercube |") == 2
+    hypercube_512 = next(line for line in printed.splitlines() if "| hypercube |" in line and "| 512 |" in line)
+    assert "5 / 5.0 / 5" in hypercube_512  # Q_5 over 32 blocks: every block has 5 neighbours
     names = {path.name for path in out.iterdir()}
-    assert {"spectra.png", "scaling.png", "graph_comparison.png", "measures.json"} <= names
-    assert {f"pattern_{p}_L{L}.png" for p in ("hypercube", "local", "full") for L in (256, 512)} <= names
+    pictures = {f"pattern_{p}_L{L}.png" for p in ("hypercube", "local", "full") for L in (256, 512)}
+    assert names == {"spectra.png", "scaling.png", "graph_comparison.png", "measures.json"} | pictures
+    for name in names - {"measures.json"}:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     rows = json.loads((out / "measures.json").read_text())
     by_key = {(row["pattern"], row["seq_len"]): row for row in rows}
     # hypercube at 512 tokens, block 16: Q_5 over 32 blocks
@@ -74,6 +92,35 @@ def test_level_and_pattern_options(tmp_path, capsys):
     assert code == 0
     assert "diameter (token)" in captured.out
     assert "hypercube takes no --window, --num-random, --seed" in captured.err
+
+
+def test_disconnected_and_isolated_graphs_are_reported_not_raised(tmp_path, capsys):
+    """local with a 1-block window: at token level the blocks are separate cliques (disconnected:
+    diameter inf, NIP 0); at block level every block is isolated (NIP undefined, not a crash)."""
+    out = tmp_path / "figures"
+    args = ["graph", "local", "--seq-len", "128", "--block-size", "16", "--window", "1", "--out", str(out)]
+    assert main(args + ["--level", "token"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("|   local"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[5:] == ["15 / 15.0 / 15", "inf", "0.0000", "0.0000", "0.0000", "0 (disconnected)", cells[-1]]
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"measures.json is not standard JSON: {constant}")
+
+    measured = json.loads((out / "measures.json").read_text(), parse_constant=strict)[0]
+    assert measured["diameter"] == "inf" and measured["nip"] == 0.0 and measured["log10_nip"] == "-inf"
+    assert main(args) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("|   local"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[5:7] == ["0 / 0.0 / 0", "inf"] and cells[10] == "undefined (isolated node)"
+    measured = json.loads((out / "measures.json").read_text(), parse_constant=strict)[0]
+    assert measured["nip"] == "nan" and float(measured["diameter"]) == math.inf
+
+
+@pytest.mark.parametrize("alpha", ["0", "1.5", "-0.1", "nan"])
+def test_bad_alpha_is_a_clear_error(alpha, capsys):
+    assert main(["graph", "full", "--seq-len", "128", "--alpha", alpha]) == 2
+    assert "alpha must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_bad_pattern_lists_the_allowed_ones(capsys):

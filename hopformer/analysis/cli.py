@@ -2,10 +2,12 @@
 
     hopformer graph bigbird hypercube --seq-len 1024 4096 --block-size 16 --alpha 0.1 --hops 5 --out figs
 
-prints one row per (pattern, length): density, mean keys per query, diameter, spectral gap of uniform
-attention ``A``, of the ``hops``-step diffused operator and of exact PPR, and NIP. With ``--out`` it also
-writes each pattern's picture, the spectra before and after diffusion, NIP and spectral gap against
-length, one comparison figure, and the measures as JSON.
+prints one row per (pattern, length): density, mean keys per query, node degrees (min/mean/max of the
+undirected graph, self-loops excluded), diameter, spectral gap of uniform attention ``A``, of the
+``hops``-step diffused operator and of exact PPR, and NIP. With ``--out`` it also writes each pattern's
+picture, the spectra before and after diffusion, NIP and spectral gap against length, one comparison
+figure, and the measures as JSON (an infinite diameter or log NIP is written as the string ``"inf"`` /
+``"-inf"``, since JSON has no infinity).
 """
 
 from __future__ import annotations
@@ -127,8 +129,12 @@ def measure(
     nip_level: str = "block",
     hub_correction: bool = True,
 ) -> dict[str, Any]:
-    """One table row: size, density, degrees, diameter, spectral gaps and NIP of ``graph``."""
-    from hopformer.analysis.nip import information_payload
+    """One table row: size, density, degrees, diameter, spectral gaps and NIP of ``graph``.
+
+    A graph with an isolated node (at ``nip_level``) gets diameter ``inf`` and NIP ``nan`` ("undefined"
+    in the table) instead of aborting the whole table; :func:`~hopformer.analysis.nip` itself raises.
+    """
+    from hopformer.analysis.nip import degree_stats, diameter, information_payload
     from hopformer.analysis.spectral import spectral_gap
 
     start = time.perf_counter()
@@ -137,7 +143,14 @@ def measure(
     gap_exact = spectral_gap(graph, alpha, level=spectral_level)
     spectral_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    payload = information_payload(graph, hub_correction, level=nip_level)
+    degrees = degree_stats(graph, level=nip_level)
+    if degrees["degree_min"] > 0:
+        payload = information_payload(graph, hub_correction, level=nip_level)
+        kappa, mean_degree, hubs = payload.diameter, payload.mean_degree, payload.num_hubs
+        nip_value, log10_nip = payload.nip, payload.log_nip / math.log(10)
+    else:  # NIP is undefined (1/deg of an isolated node); the diameter is infinite
+        kappa, mean_degree, hubs = diameter(graph, level=nip_level), degrees["degree_mean"], degrees["hubs"]
+        nip_value, log10_nip = math.nan, math.nan
     nip_seconds = time.perf_counter() - start
     return {
         "pattern": pattern,
@@ -146,14 +159,16 @@ def measure(
         "block_size": graph.block_size,
         "density": graph.density,
         "keys_per_query": float(graph.keys_per_query().double().mean()),
-        "diameter": payload.diameter,
-        "mean_degree": payload.mean_degree,
-        "hubs": payload.num_hubs,
+        "diameter": kappa,
+        "degree_min": degrees["degree_min"],
+        "mean_degree": mean_degree,
+        "degree_max": degrees["degree_max"],
+        "hubs": hubs,
         "gap": gap,
         "gap_hops": gap_hops,
         "gap_exact": gap_exact,
-        "nip": payload.nip,
-        "log10_nip": payload.log_nip / math.log(10),
+        "nip": nip_value,
+        "log10_nip": log10_nip,
         "spectral_seconds": spectral_seconds,
         "nip_seconds": nip_seconds,
     }
@@ -167,6 +182,7 @@ def format_table(rows: list[dict[str, Any]], hops: int, spectral_level: str, nip
         "block",
         "density",
         "keys/query",
+        f"degree min/mean/max ({nip_level})",
         f"diameter ({nip_level})",
         "gap A",
         f"gap K={hops}",
@@ -184,6 +200,7 @@ def format_table(rows: list[dict[str, Any]], hops: int, spectral_level: str, nip
                 str(row["block_size"]),
                 f"{row['density']:.4f}",
                 f"{row['keys_per_query']:.1f}",
+                f"{row['degree_min']:.0f} / {row['mean_degree']:.1f} / {row['degree_max']:.0f}",
                 diameter,
                 f"{row['gap']:.4f}",
                 f"{row['gap_hops']:.4f}",
@@ -204,6 +221,8 @@ def format_table(rows: list[dict[str, Any]], hops: int, spectral_level: str, nip
 
 
 def _format_nip(row: dict[str, Any]) -> str:
+    if math.isnan(row["nip"]):
+        return "undefined (isolated node)"
     if row["nip"] > 0:
         return f"{row['nip']:.3e}"
     if math.isfinite(row["log10_nip"]):  # underflows as a float; the logarithm is still exact
@@ -249,9 +268,18 @@ def write_outputs(
     written.append(path)
     path = os.path.join(out, "measures.json")
     with open(path, "w") as handle:
-        json.dump(rows, handle, indent=1, default=float)
+        json.dump([_json_row(row) for row in rows], handle, indent=1, default=float, allow_nan=False)
     written.append(path)
     return written
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Standard JSON has no infinity or NaN: write them as the strings ``"inf"``, ``"-inf"``, ``"nan"``
+    (``float()`` reads them back)."""
+    return {
+        key: str(value) if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in row.items()
+    }
 
 
 def _spectra(graph: BlockGraph, alpha: float, hops: int, level: str) -> dict[str, Any]:

@@ -7,6 +7,10 @@ On the undirected graph (edges symmetrised, self-loops ignored; ``deg`` counts n
   after the source (= ``[(D^-1 A)^d]_{b,a}`` at ``d = dist(a, b)``);
 - ``IP(G)`` = the smallest pair payload among the pairs at distance ``kappa``; ``NIP = IP(G) / CC``.
 
+A disconnected graph has ``kappa = inf`` and NIP 0. A graph with an *isolated* node (degree 0: no
+neighbour other than itself) is an input error: ``1/deg`` is undefined there (:func:`diameter` and
+:func:`degree_stats` still answer, with ``inf`` and ``degree_min = 0``).
+
 **Hub-bottleneck correction** (``hub_correction=True``). A *hub* is a node adjacent to every other
 node (a global token, the centre of a star). A path that is relayed by a hub (a hub strictly between
 source and target) gets its payload divided by ``N - 1``: the hub's one representation carries the
@@ -23,14 +27,17 @@ block graph is a ``num_blocks``-node problem (each intermediate block contribute
 target ``1/deg``), and dense matrices are reduced by hashing rows. Shortest-path counting runs as a
 breadth-first search from all sources at once, level by level, with payloads kept as logarithms
 (``logsumexp`` over merging paths), so nothing under- or overflows (``2^-1023`` on a long local band is
-fine). Wide levels use a matrix product in linear space instead, each source shifted by its largest
-log payload, and only when no entry then falls below ``e^-600``. Cost: O(groups x group edges).
+fine). Path counts are never held as integers: each count enters as the weighted sum of its paths, so a
+pair with more than ``2^64`` shortest paths (the corners of a 35 x 35 grid, tested against exact
+rational arithmetic) is as exact as any other. Wide levels use a matrix product in linear space
+instead, each source shifted by its largest log payload, and only when no entry then falls below
+``e^-600``. Cost: O(groups x group edges).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -104,7 +111,8 @@ def nip(graph: Any, hub_correction: bool = True, *, level: str = "block") -> flo
 
     ``level`` applies to BlockGraphs: ``"block"`` (one node per block, the paper's layout graph) or
     ``"token"`` (one node per token; tokens of a block with a self-loop are mutually adjacent).
-    A disconnected graph has NIP 0.
+    A disconnected graph has NIP 0. A graph with an *isolated* node (no neighbour other than itself,
+    so degree 0 and its ``1/deg`` undefined) raises ValueError naming the node.
     """
     return information_payload(graph, hub_correction, level=level).nip
 
@@ -113,12 +121,15 @@ def information_payload(graph: Any, hub_correction: bool = True, *, level: str =
     """All pieces of NIP (mean degree, diameter, payload, hubs); see :class:`PayloadReport`."""
     if not isinstance(hub_correction, bool):
         raise ValueError(f"hub_correction must be True or False, got {hub_correction!r}")
-    return _payload(_quotient(graph, check_level(level)), hub_correction)
+    quotient = _quotient(graph, check_level(level))
+    _check_no_isolated(quotient, graph, level)
+    return _payload(quotient, hub_correction)
 
 
 def diameter(graph: Any, *, level: str = "block") -> float:
-    """Diameter of the undirected graph (hops); ``math.inf`` when it is disconnected."""
-    return information_payload(graph, False, level=level).diameter
+    """Diameter of the undirected graph (hops); ``math.inf`` when it is disconnected, including when
+    a node is isolated (unlike :func:`nip`, the diameter is defined there)."""
+    return _payload(_quotient(graph, check_level(level)), False).diameter
 
 
 def degree_stats(graph: Any, *, level: str = "block") -> dict[str, float]:
@@ -178,6 +189,7 @@ class _Quotient:
     adjacency: scipy.sparse.csr_array
     sizes: np.ndarray
     clique: np.ndarray
+    isolated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # node ids, degree 0
 
     def degrees(self) -> np.ndarray:
         """Node degree (self-loops excluded) of the nodes of each group."""
@@ -195,10 +207,33 @@ def _quotient(graph: Any, level: str) -> _Quotient:
         if level == "token":
             # tokens of a block are twins: adjacent to each other exactly when the block has a self-loop
             clique = symmetric.diagonal().astype(bool)
-            return _Quotient(_without_diagonal(symmetric), _block_sizes(graph), clique)
+            simple = _without_diagonal(symmetric)
+            sizes = _block_sizes(graph)
+            alone = (np.diff(simple.indptr) == 0) & (~clique | (sizes == 1))
+            isolated = _ranges(np.flatnonzero(alone) * graph.block_size, sizes[alone])
+            return _Quotient(simple, sizes, clique, isolated)
         return _twin_quotient(_without_diagonal(symmetric))
     matrix = _matrix_to_csr(graph)
     return _twin_quotient(_without_diagonal((matrix + matrix.T).astype(bool).tocsr()))
+
+
+def _check_no_isolated(quotient: _Quotient, graph: Any, level: str) -> None:
+    """NIP divides by every target's degree: a node without neighbours (self-loops do not count,
+    ``specs/hypercube_nip.md`` section 2) makes it undefined, so it is an input error, not a 0."""
+    total = int(quotient.sizes.sum())
+    if total < 2:
+        raise ValueError(f"graph must have at least 2 nodes for a payload; got {total}")
+    isolated = quotient.isolated
+    if len(isolated):
+        if isinstance(graph, BlockGraph):
+            where = f"{level}s of the {level}-level graph of {graph.name}"
+        else:
+            where = "nodes of the adjacency matrix"
+        raise ValueError(
+            f"graph has {len(isolated)} isolated node(s) (no neighbour other than itself; first "
+            f"{where}: {isolated[:5].tolist()}): their degree is 0, so the payload 1/deg is undefined; "
+            "remove them or connect them (diameter() reports inf for such a graph)"
+        )
 
 
 def _without_diagonal(matrix: scipy.sparse.csr_array) -> scipy.sparse.csr_array:
@@ -235,6 +270,7 @@ def _twin_quotient(simple: scipy.sparse.csr_array) -> _Quotient:
         clique.append(False)
     groups = len(clique)
     sizes = np.bincount(group, minlength=groups)
+    isolated = np.flatnonzero(np.diff(indptr) == 0)
     # any member represents its group: twins have the same neighbours outside the group
     representative = np.zeros(groups, dtype=np.int64)
     representative[group] = np.arange(n)
@@ -244,7 +280,7 @@ def _twin_quotient(simple: scipy.sparse.csr_array) -> _Quotient:
         (np.ones(len(coo.row), dtype=bool), (coo.row, group[coo.col])), shape=(groups, groups)
     )
     adjacency.sum_duplicates()
-    return _Quotient(_without_diagonal(adjacency.astype(bool).tocsr()), sizes, np.asarray(clique, dtype=bool))
+    return _Quotient(_without_diagonal(adjacency.astype(bool).tocsr()), sizes, np.asarray(clique, dtype=bool), isolated)
 
 
 # ----------------------------------------------------------------------------------- the payload

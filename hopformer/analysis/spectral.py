@@ -35,6 +35,7 @@ the dense mask), ``method="dense"`` on the dense token matrix.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +61,8 @@ KERNELS = ("ppr", "heat")
 # much faster and as exact (measured on a busy 2-core machine, BigBird graphs: 256 nodes 0.33 s dense
 # vs 0.05 s sparse, 512 nodes 1.6 s vs 0.06 s; 2,000 nodes 6.3 s vs 0.2 s with one BLAS thread).
 DENSE_MAX_NODES = 128
-# Operators with at most this many non-zeros are cached on their BlockGraph (``graph.cache``).
+# Operators with at most this many non-zeros are cached on their BlockGraph (``graph.cache``); the
+# eigenvalues computed from them always are.
 CACHE_MAX_NONZEROS = 1 << 20
 # ARPACK relative tolerance on the computed eigenvalues.
 ARPACK_TOL = 1e-10
@@ -170,8 +172,8 @@ def _row_normalise(adjacency: scipy.sparse.csr_array, what: str) -> scipy.sparse
     empty = np.flatnonzero(counts == 0)
     if len(empty):
         raise ValueError(
-            f"graph has {len(empty)} node(s) with no out-edge (first: {empty[:5].tolist()} of {what}); "
-            "uniform attention A = D^-1 M is undefined on an empty row"
+            f"graph has {len(empty)} node(s) with no out-edge, isolated or sinks (first: {empty[:5].tolist()} "
+            f"of {what}); uniform attention A = D^-1 M is undefined on an empty row"
         )
     data = np.repeat(1.0 / counts, counts)
     return scipy.sparse.csr_array((data, adjacency.indices, adjacency.indptr), shape=adjacency.shape)
@@ -237,8 +239,12 @@ def _operator(graph: Any, level: str, method: str) -> _Operator:
     else:
         matrix = transition_matrix(graph, level)
         operator = _Operator(matrix, 0, matrix.shape[0])
-    if isinstance(graph, BlockGraph) and operator.matrix.nnz <= CACHE_MAX_NONZEROS:
-        graph.cache[key] = operator  # small enough to keep on the graph with its other derived views
+    if isinstance(graph, BlockGraph):
+        if operator.matrix.nnz <= CACHE_MAX_NONZEROS:
+            graph.cache[key] = operator  # small enough to keep on the graph with its other derived views
+        # the eigenvalues are small whatever the matrix: keep them, so that a table row's three gaps of a
+        # 10M-edge token graph run ARPACK once, not three times
+        operator.memo = graph.cache.setdefault(("hopformer.analysis.eigenvalues", level, reduce), operator.memo)
     return operator
 
 
@@ -273,7 +279,27 @@ def heat_spectral_map(mu: Any, heat_time: float) -> Any:
     return np.exp(heat_time * (mu - 1))
 
 
+def _as_number(name: str, value: Any, kind: type) -> Any:
+    """NumPy/torch scalars as plain ``float``/``int`` (so ``np.float32(0.1)`` is a valid alpha); bools
+    and non-numbers are rejected here with the argument's name."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    abstract = numbers.Integral if kind is int else numbers.Real
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, abstract):
+        return kind(value)
+    if kind is int and isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    raise ValueError(f"{name} must be a number, got {value!r}")
+
+
 def _diffusion(alpha: Any, hops: Any, kernel: str, heat_time: float, remainder: str) -> _Diffusion | None:
+    alpha = _as_number("alpha", alpha, float)
+    hops = _as_number("hops", hops, int)
+    heat_time = _as_number("heat_time", heat_time, float)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "ppr" and alpha is None:
@@ -367,7 +393,8 @@ def spectral_gap(
         used = _sorted_by_modulus(values if diffusion is None else diffusion.map(values))
     else:
         used = _sparse_top(operator, diffusion, k)
-    gap = float(1.0 - abs(used[1]))
+    # |lambda_2| <= 1 for a row-stochastic operator; clip the rounding error (1 + 4e-16 on bipartite graphs)
+    gap = min(1.0, max(0.0, float(1.0 - abs(used[1]))))
     return (gap, used) if return_eigenvalues else gap
 
 
@@ -408,7 +435,7 @@ def _sparse_top(operator: _Operator, diffusion: _Diffusion | None, k: int) -> np
     # exact PPR (alpha < 1 here: at alpha = 1 every eigenvalue maps to 1 and certifies at once)
     sigma = 1.0 / (1.0 - diffusion.alpha)
     nearest = scipy.sparse.linalg.eigs(
-        matrix.tocsc(), k=min(k, n - 2), sigma=sigma, return_eigenvectors=False, tol=ARPACK_TOL
+        matrix.tocsc(), k=min(k, n - 2), sigma=sigma, return_eigenvectors=False, tol=ARPACK_TOL, v0=_start_vector(n)
     )
     return _sorted_by_modulus(diffusion.map(np.concatenate([nearest, zeros])))
 
@@ -426,21 +453,38 @@ def _polynomial(matrix: scipy.sparse.csr_array, coefficients: list[float]) -> sc
     return scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
 
 
+def _start_vector(n: int) -> np.ndarray:
+    """ARPACK's starting vector, fixed so that the same graph gives the same digits on every run
+    (ARPACK's own default is random)."""
+    return np.random.default_rng(0).standard_normal(n)
+
+
 def _arpack(matrix: Any, k: int, which: str) -> np.ndarray:
-    """The ``k`` eigenvalues selected by ``which`` ("LM" modulus, "LR" real part) with ARPACK."""
+    """The ``k`` eigenvalues selected by ``which`` ("LM" modulus, "LR" real part) with ARPACK.
+
+    When ARPACK stops before all ``k`` converge (seen on a 512-block Diffuser graph about one run in
+    eight with a random start), it retries once with a larger Krylov space: the certification in
+    :func:`_sparse_top` needs the top ``k``, which a partial answer need not be. Only if that fails too
+    are the converged ones returned, with a warning.
+    """
     n = matrix.shape[0]
     k = min(k, n - 2)
-    try:
-        return scipy.sparse.linalg.eigs(matrix, k=k, which=which, tol=ARPACK_TOL, return_eigenvectors=False)
-    except scipy.sparse.linalg.ArpackNoConvergence as error:
-        if len(error.eigenvalues) >= 2:
-            warnings.warn(
-                f"ARPACK converged on {len(error.eigenvalues)} of {k} eigenvalues",
-                RuntimeWarning,
-                stacklevel=3,
+    error = None
+    for ncv in (None, min(n - 1, max(4 * k + 1, 40))):
+        try:
+            return scipy.sparse.linalg.eigs(
+                matrix, k=k, which=which, tol=ARPACK_TOL, ncv=ncv, v0=_start_vector(n), return_eigenvectors=False
             )
-            return error.eigenvalues
-        raise
+        except scipy.sparse.linalg.ArpackNoConvergence as failure:
+            error = failure
+    if len(error.eigenvalues) >= 2:
+        warnings.warn(
+            f"ARPACK converged on {len(error.eigenvalues)} of {k} eigenvalues (the gap may not be certified)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return error.eigenvalues
+    raise error
 
 
 def _sorted_by_modulus(values: np.ndarray) -> np.ndarray:
