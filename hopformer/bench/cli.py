@@ -1,4 +1,6 @@
-"""``hopformer bench``: time and memory of dense SDPA, sparse_attention and diffuse per backend."""
+"""``hopformer bench``: time and memory of dense SDPA, sparse_attention and diffuse per backend, and of
+the Routing and Combiner attention cores, on the same q/k/v, with ratios to dense SDPA and to bigbird
+``sparse_attention``."""
 
 from __future__ import annotations
 
@@ -6,10 +8,23 @@ import argparse
 import json
 import os
 import tempfile
+from dataclasses import asdict
 
 import torch
 
-from hopformer.bench.harness import Case, environment, plot, run_grid
+from hopformer.bench.harness import (
+    COMBINER_VARIANTS,
+    MEASURED,
+    OPS,
+    Case,
+    environment,
+    label,
+    plot,
+    ratio_line,
+    ratios,
+    run_grid,
+    table,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,10 +42,46 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hops", type=int, default=5)
     parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--ops", default="sdpa,sparse,diffuse", help="any of sdpa, sparse, diffuse")
-    parser.add_argument("--backends", default=None, help="gather,flex,dense (default: gather on CPU, flex on CUDA)")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"any of {', '.join(OPS)}")
+    parser.add_argument(
+        "--backends", default=None, help="gather,flex,dense for sparse/diffuse (default: gather on CPU, flex on CUDA)"
+    )
+    parser.add_argument(
+        "--combiner-variants",
+        default="fixed,axial",
+        help=f"Combiner variants to run, any of {', '.join(COMBINER_VARIANTS)} ('axial' = vertical), or 'all'",
+    )
+    parser.add_argument(
+        "--combiner-block-size", type=int, default=None, help="Combiner block / row length (default ceil(sqrt(L)))"
+    )
+    parser.add_argument("--routing-local-heads", type=int, default=None, help="default heads // 2")
+    parser.add_argument("--routing-local-window", type=int, default=128)
+    parser.add_argument("--routing-clusters", type=int, default=None, help="default round(sqrt(L))")
+    parser.add_argument("--routing-window", type=int, default=None, help="members per cluster (default L // clusters)")
     parser.add_argument("--modes", default="fwd,fwd+bwd")
     parser.add_argument("--sdpa-max-len", type=int, default=None, help="skip dense SDPA above this length")
+    parser.add_argument(
+        "--case-budget-s",
+        type=float,
+        default=300.0,
+        help="skip dense SDPA where its mask would not fit or its steps (warm-up, repeats, memory) would take "
+        "longer than this, extrapolated from shorter lengths; the reason goes into the JSON (0 = never skip)",
+    )
+    parser.add_argument(
+        "--time-limit-s",
+        type=float,
+        default=None,
+        help="cases not started within this many seconds of the run are recorded as skipped, with the reason",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: PyTorch's; recorded in the JSON)"
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run's lengths to the JSON at --out (same device, threads and settings required); rows "
+        "of those lengths already there are replaced, so each length's rows and ratios come from one run",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
@@ -44,38 +95,86 @@ def run(args: argparse.Namespace) -> int:
         if args.device == "auto" and torch.cuda.is_available()
         else ("cpu" if args.device == "auto" else args.device)
     )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     backends = (args.backends or ("flex" if device.type == "cuda" else "gather")).split(",")
+    variants = COMBINER_VARIANTS if args.combiner_variants == "all" else tuple(args.combiner_variants.split(","))
+    for variant in variants:
+        if variant not in COMBINER_VARIANTS + ("axial_vertical",):
+            raise SystemExit(f"--combiner-variants: unknown variant {variant!r}; choose from {COMBINER_VARIANTS}")
+    ops = args.ops.split(",")
+    for op in ops:
+        if op not in OPS:
+            raise SystemExit(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
     settings = {
         "dtype": dtype,
         "batch": args.batch,
         "heads": args.heads,
         "head_dim": args.head_dim,
+        "seed": args.seed,
         "pattern": args.pattern,
         "hops": args.hops,
         "alpha": args.alpha,
         "graph_options": _graph_options(args),
+        "routing": {
+            "local_heads": args.routing_local_heads,
+            "local_window": args.routing_local_window,
+            "clusters": args.routing_clusters,
+            "window": args.routing_window,
+        },
+        "combiner": {"variants": list(variants), "block_size": args.combiner_block_size},
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "case_budget_s": args.case_budget_s,
+        "time_limit_s": args.time_limit_s,
     }
-    cases = []
+    cases, rows = [], []
     for seq_len in (int(x) for x in args.seq_lens.split(",")):
         for mode in args.modes.split(","):
-            for op in args.ops.split(","):
-                if op == "sdpa":
-                    if args.sdpa_max_len is None or seq_len <= args.sdpa_max_len:
-                        cases.append(Case("sdpa", "sdpa", seq_len, mode))
-                    continue
-                if op not in ("sparse", "diffuse"):
-                    raise SystemExit(f"--ops: unknown op {op!r}; choose from sdpa, sparse, diffuse")
-                cases.extend(Case(op, backend, seq_len, mode) for backend in backends)
+            for op in ops:
+                if op == "sdpa" and args.sdpa_max_len is not None and seq_len > args.sdpa_max_len:
+                    rows.append({**asdict(Case("sdpa", "sdpa", seq_len, mode)), "skipped": "above --sdpa-max-len"})
+                elif op == "sdpa":
+                    cases.append(Case("sdpa", "sdpa", seq_len, mode))
+                elif op in ("sparse", "diffuse"):
+                    cases.extend(Case(op, backend, seq_len, mode) for backend in backends)
+                elif op == "routing":
+                    cases.append(Case("routing", "eager", seq_len, mode))
+                else:
+                    cases.extend(Case("combiner", "eager", seq_len, mode, variant) for variant in variants)
 
     def show(row: dict) -> None:
-        result = f"{row['ms']:10.2f} ms  {row['peak_mib']:9.1f} MiB" if "ms" in row else row["error"]
-        print(f"{row['op']:8s} {row['backend']:7s} {row['mode']:8s} L={row['seq_len']:<8d} {result}", flush=True)
+        if "ms" in row:
+            result = f"{row['ms']:10.2f} ms (min {row['ms_min']:.2f})  {row['peak_mib']:9.1f} MiB"
+        else:
+            result = f"skipped ({row['skipped']})" if row.get("skipped") else row["error"]
+        print(f"{label(row):26s} {row['mode']:8s} L={row['seq_len']:<8d} {result}", flush=True)
 
-    rows = run_grid(cases, settings, device, args.repeats, args.warmup, show)
-    result = {"environment": environment(device), "settings": settings, "rows": rows, "ratios": _ratios(rows)}
-    for line in result["ratios"]:
-        print(line)
+    for row in rows:  # above --sdpa-max-len: recorded as skipped, not silently dropped
+        show(row)
+    budget = args.case_budget_s if args.case_budget_s > 0 else None
+    rows += run_grid(
+        cases, settings, device, args.repeats, args.warmup, show, case_budget_s=budget, time_limit_s=args.time_limit_s
+    )
+    rows.sort(key=lambda r: (r["seq_len"], r["mode"] != "fwd"))  # stable: the run's op order within a group
+    env = environment(device)
+    this_run = _run_entry(env, rows, settings)
+    measured, runs = {op: MEASURED[op] for op in ops}, [this_run]
+    if args.append and os.path.exists(args.out):
+        rows, runs, measured = _merge(args.out, env, settings, rows, this_run, measured)
+    result = {
+        "environment": env,
+        "settings": settings,
+        "measured": measured,
+        "runs": runs,
+        "rows": rows,
+        "ratios": ratios(rows),
+    }
+    for entry in result["ratios"]:
+        print(ratio_line(entry))
+    for mode in args.modes.split(","):
+        print(table(result, mode))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     _write_atomic(args.out, json.dumps(result, indent=1))
     png = os.path.splitext(args.out)[0] + ".png"
@@ -98,19 +197,44 @@ def _graph_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _ratios(rows: list[dict]) -> list[str]:
-    """Each op's time and memory over dense SDPA's, side by side from the same run."""
-    index = {(r["op"], r["backend"], r["mode"], r["seq_len"]): r for r in rows if "ms" in r}
-    lines = []
-    for (op, backend, mode, seq_len), row in sorted(index.items(), key=lambda item: (item[0][3], item[0][2])):
-        dense = index.get(("sdpa", "sdpa", mode, seq_len))
-        if op == "sdpa" or dense is None:
-            continue
-        lines.append(
-            f"L={seq_len} {mode}: {op}[{backend}] / dense SDPA = {row['ms'] / dense['ms']:.2f}x time, "
-            f"{row['peak_mib'] / max(dense['peak_mib'], 1e-9):.2f}x memory"
-        )
-    return lines
+def _run_entry(env: dict, rows: list[dict], settings: dict) -> dict:
+    """What one run of an appended result measured and with which per-run settings."""
+    entry = {"seq_lens": sorted({r["seq_len"] for r in rows})}
+    entry.update({key: settings.get(key) for key in ("repeats", "warmup", "case_budget_s", "time_limit_s")})
+    entry["combiner_variants"] = settings.get("combiner", {}).get("variants")
+    entry.update({key: env.get(key) for key in ("command", "git_commit", "git_modified", "load_average")})
+    return entry
+
+
+# Settings that must agree for rows of two runs to sit in one result (the rest is per run).
+_SAME = ("dtype", "batch", "heads", "head_dim", "seed", "pattern", "hops", "alpha", "graph_options", "routing")
+
+
+def _merge(path: str, env: dict, settings: dict, rows: list[dict], this_run: dict, measured: dict):
+    """Rows of an earlier result at ``path`` for the lengths this run did not measure, then this run's."""
+    with open(path) as f:
+        old = json.load(f)
+    mine = {key: settings[key] for key in _SAME} | {"combiner block_size": settings["combiner"]["block_size"]}
+    theirs = {key: old["settings"].get(key) for key in _SAME}
+    theirs["combiner block_size"] = old["settings"].get("combiner", {}).get("block_size")
+    for key in ("device", "threads"):
+        mine[key], theirs[key] = env[key], old["environment"].get(key)
+    differ = sorted(key for key in mine if mine[key] != theirs[key])
+    if differ:
+        raise SystemExit(f"--append: {path} was measured with other {', '.join(differ)}; use another --out")
+    runs = old.get("runs") or [_run_entry(old["environment"], old["rows"], old["settings"])]
+    lengths = set(this_run["seq_lens"])
+    kept = [r for r in old["rows"] if r["seq_len"] not in lengths]
+    for run in runs:
+        replaced = sorted(lengths & set(run.get("seq_lens", [])))
+        if replaced:
+            run["replaced_by_later_run"] = sorted(set(run.get("replaced_by_later_run", [])) | set(replaced))
+    for row in kept:
+        row.setdefault("run", 0)
+    for row in rows:
+        row["run"] = len(runs)
+    merged = sorted(kept + rows, key=lambda r: (r["seq_len"], r["mode"] != "fwd"))
+    return merged, runs + [this_run], {**old.get("measured", {}), **measured}
 
 
 def _write_atomic(path: str, text: str) -> None:

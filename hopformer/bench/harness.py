@@ -3,10 +3,14 @@
 Every case runs in this process: CUDA memory is ``max_memory_allocated`` above the inputs; CPU memory
 is the peak resident set size above the inputs during one extra step, sampled by a background thread
 with glibc returning freed blocks to the OS (see ``_malloc_mode``). Times are medians.
+
+Every op gets the same ``(batch, heads, seq, head_dim)`` q, k, v (same seed) and the same output
+gradient; what each op's step runs is in :data:`MEASURED` (written into every result JSON).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import sys
@@ -21,14 +25,39 @@ import torch.nn.functional as F
 import hopformer
 from hopformer.graphs import build_graph
 from hopformer.ops import diffuse, sparse_attention
+from hopformer.ops.combiner import combiner, resolve_block_size
+
+OPS = ("sdpa", "sparse", "diffuse", "routing", "combiner")
+COMBINER_VARIANTS = ("fixed", "logsparse", "axial", "axial_horizontal", "mixture")  # "axial" is the vertical form
+MEASURED = {
+    "sdpa": "F.scaled_dot_product_attention; on CPU with the graph's dense boolean (L, L) mask, on CUDA "
+    "unmasked (full attention through the fused cuDNN / Flash kernels).",
+    "sparse": "hopformer.ops.sparse_attention on the graph (bigbird), backend as named.",
+    "diffuse": "hopformer.ops.diffuse on the graph, `hops` hops, backend as named.",
+    "routing": "RoutingAttention.attend (the module's attention core, no projections) in training mode: "
+    "local heads (blocked local attention) on the first heads, routing heads on the rest with "
+    "LayerNorm-ed q/k, k-means assignment (similarity, top-w membership, argmax), one EMA centroid "
+    "update per step, statistics recording, clustered SDPA, scatter-mean and the commitment loss "
+    "(included in the backward). k-means is initialised from the inputs once before the case, as the "
+    "first training batch would. Forward rows run the same training-mode forward without autograd.",
+    "combiner": "hopformer.ops.combiner (the module's core, no projections), variant as named, block size "
+    "(row length) ceil(sqrt(L)) unless set (logsparse: 2), bidirectional, no padding.",
+}
 
 
 @dataclass
 class Case:
-    op: str  # "sdpa" (dense attention, masked with the graph on CPU), "sparse", "diffuse"
-    backend: str  # "sdpa", "gather", "flex", "dense"
+    op: str  # one of OPS; "sdpa" is dense attention (masked with the graph on CPU)
+    backend: str  # "sdpa", "gather", "flex", "dense"; "eager" (plain PyTorch ops) for routing, combiner
     seq_len: int
     mode: str  # "fwd" or "fwd+bwd"
+    variant: str | None = None  # combiner variant
+
+
+def label(row: dict) -> str:
+    """Display name of a case or row: ``sparse [gather]``, ``combiner:fixed [eager]``."""
+    variant = f":{row['variant']}" if row.get("variant") else ""
+    return f"{row['op']}{variant} [{row['backend']}]"
 
 
 def _rss_mib() -> float:
@@ -84,6 +113,9 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
+    info.update(_git_state())
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]  # 1, 5, 15 min, when the run ended
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -92,31 +124,47 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+def _git_state() -> dict:
+    """Commit of the checkout the package runs from, and its files under ``hopformer/`` that differ."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(hopformer.__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "hopformer"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if commit.returncode != 0:
+        return {}
+    return {"git_commit": commit.stdout.strip(), "git_modified": [line[3:] for line in status.stdout.splitlines()]}
+
+
 def run_case(case: Case, settings: dict, device: torch.device, repeats: int, warmup: int) -> dict:
     """Measure one case; returns its row (``ms``, ``peak_mib``, or ``error``)."""
     dtype = getattr(torch, settings["dtype"])
     shape = (settings["batch"], settings["heads"], case.seq_len, settings["head_dim"])
-    graph = build_graph(settings["pattern"], case.seq_len, **settings["graph_options"])
     backward = case.mode == "fwd+bwd"
+    torch.manual_seed(settings.get("seed", 0))  # every op sees the same inputs
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
     grad = torch.randn(shape, device=device, dtype=dtype)
-    dense_mask = graph.to_dense(device) if case.op == "sdpa" and device.type == "cpu" else None
-
-    def call() -> torch.Tensor:
-        if case.op == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)
-        if case.op == "sparse":
-            return sparse_attention(q, k, v, graph, backend=case.backend)
-        return diffuse(q, k, v, graph, settings["hops"], settings["alpha"], backend=case.backend)
-
-    def step() -> None:
-        out = call()
-        if backward:
-            out.backward(grad)
-            q.grad = k.grad = v.grad = None
 
     row = asdict(case)
     try:
+        call, config = _core(case, settings, device, q, k, v)
+        if config:
+            row["config"] = config
+
+        def step() -> None:
+            out, loss = call()
+            if backward:
+                if loss is None:
+                    out.backward(grad)
+                else:  # an auxiliary loss (routing's commitment loss) joins the backward, as in training
+                    torch.autograd.backward([out, loss], [grad, torch.ones_like(loss)])
+                q.grad = k.grad = v.grad = None
+
         with torch.set_grad_enabled(backward):
             for _ in range(warmup):
                 step()
@@ -149,6 +197,114 @@ def run_case(case: Case, settings: dict, device: torch.device, repeats: int, war
     return row
 
 
+def _core(case: Case, settings: dict, device: torch.device, q, k, v) -> tuple[Callable, dict]:
+    """The op's call, returning ``(output, auxiliary loss or None)``, and its resolved configuration."""
+    if case.op in ("sdpa", "sparse", "diffuse"):
+        graph = build_graph(settings["pattern"], case.seq_len, **settings["graph_options"])
+        if case.op == "sdpa":
+            mask = graph.to_dense(device) if device.type == "cpu" else None
+            return (lambda: (F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None)), {}
+        if case.op == "sparse":
+            return (lambda: (sparse_attention(q, k, v, graph, backend=case.backend), None)), {}
+        hops, alpha = settings["hops"], settings["alpha"]
+        return (lambda: (diffuse(q, k, v, graph, hops, alpha, backend=case.backend), None)), {}
+    if case.op == "combiner":
+        options = settings.get("combiner", {})
+        block = resolve_block_size(case.variant, options.get("block_size"), case.seq_len)
+        return (lambda: (combiner(q, k, v, case.variant, block), None)), {"block_size": block}
+    if case.op == "routing":
+        module = routing_module(settings, case.seq_len, device)
+        with torch.no_grad():  # k-means initialisation from the inputs, as on the first training batch
+            module.attend(q.detach(), k.detach(), v.detach(), None)
+
+        def call():
+            out = module.attend(q, k, v, None)
+            return out, module.aux_loss
+
+        window = module.window if module.window is not None else max(1, case.seq_len // module.clusters)
+        config = {
+            "local_heads": module.local_heads,
+            "routing_heads": module.routing_heads,
+            "local_window": module.local_window,
+            "clusters": module.clusters,
+            "window": window,
+        }
+        return call, config
+    raise ValueError(f"op={case.op!r} is not known; choose from {list(OPS)}")
+
+
+def routing_module(settings: dict, seq_len: int, device: torch.device):
+    """The Routing module whose core is measured: defaults as the module's, ``max_seq_len = seq_len``
+    (so ``round(sqrt(L))`` clusters of ``L // clusters`` members), training mode."""
+    from hopformer.attention.routing import RoutingAttention
+
+    options = {key: value for key, value in settings.get("routing", {}).items() if value is not None}
+    heads = settings["heads"]
+    module = RoutingAttention(heads * settings["head_dim"], heads, max_seq_len=seq_len, **options)
+    return module.to(device).train()
+
+
+def dense_skip_reason(
+    case: Case,
+    settings: dict,
+    device: torch.device,
+    rows: list[dict],
+    steps: int,
+    budget_s: float,
+) -> str | None:
+    """Why dense SDPA should not run at this length, or None.
+
+    Memory: on CPU it takes the graph's dense boolean mask (``L^2`` bytes, the fused CPU kernel tiles
+    the scores); skipped when that exceeds half the available memory. On CUDA it runs unmasked through
+    the fused kernels (no ``L^2`` tensor), so memory is no reason. Time: the per-step time is
+    extrapolated quadratically from the longest dense row of the same mode measured in this run (or
+    from a short probe at 1024 tokens); skipped when ``steps`` steps would take more than ``budget_s``.
+    """
+    seq = case.seq_len
+    if device.type == "cpu":
+        need = seq * seq
+        available = _available_bytes()
+        if available is not None and need > available / 2:
+            return (
+                f"memory: the dense boolean mask ({need / 2**30:.1f} GiB) exceeds half the available "
+                f"memory ({available / 2**30:.1f} GiB)"
+            )
+    measured = [r for r in rows if r["op"] == "sdpa" and r["mode"] == case.mode and "ms" in r]
+    if measured:
+        reference = max(measured, key=lambda r: r["seq_len"])
+        source = f"measured {reference['ms']:.1f} ms at L={reference['seq_len']} in this run"
+    elif seq > 2048:
+        probe = Case("sdpa", "sdpa", 1024, case.mode)
+        reference = run_case(probe, settings, device, repeats=1, warmup=1)
+        if "ms" not in reference:
+            return None  # let the real case run and report its own error
+        source = f"probe: {reference['ms']:.1f} ms at L=1024"
+    else:
+        return None
+    predicted_ms = reference["ms"] * (seq / reference["seq_len"]) ** 2
+    if predicted_ms * steps / 1e3 > budget_s:
+        return (
+            f"time: about {predicted_ms / 1e3:.3g} s per step (quadratic from {source}), "
+            f"{steps} steps exceed the {budget_s:g} s budget per case (--case-budget-s)"
+        )
+    return None
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _load_1min() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -161,10 +317,28 @@ def run_grid(
     repeats: int,
     warmup: int,
     progress: Callable[[dict], None] | None = None,
+    case_budget_s: float | None = None,
+    time_limit_s: float | None = None,
 ) -> list[dict]:
+    """Run the cases in order. With ``case_budget_s``, dense SDPA cases that would not fit or would
+    take longer than that (see :func:`dense_skip_reason`) are recorded as ``skipped`` with the reason;
+    with ``time_limit_s``, so is every case not started within that many seconds of the run."""
     rows = []
+    steps = warmup + repeats + (device.type == "cpu")
+    run_start = time.perf_counter()
     for case in cases:
-        row = run_case(case, settings, device, repeats, warmup)
+        reason = None
+        elapsed = time.perf_counter() - run_start
+        if time_limit_s is not None and elapsed > time_limit_s:
+            reason = f"run time limit: not started, {elapsed:.0f} s into the run (--time-limit-s {time_limit_s:g})"
+        elif case.op == "sdpa" and case_budget_s is not None:
+            reason = dense_skip_reason(case, settings, device, rows, steps, case_budget_s)
+        started = time.perf_counter()
+        load = _load_1min()
+        row = {**asdict(case), "skipped": reason} if reason else run_case(case, settings, device, repeats, warmup)
+        row["wall_s"] = round(time.perf_counter() - started, 2)  # the whole case: set-up, warm-up, steps
+        if device.type == "cpu" and load is not None:  # other jobs on the machine inflate CPU times
+            row["load_1min"] = [load, _load_1min()]  # before and after the case
         rows.append(row)
         if progress:
             progress(row)
@@ -173,32 +347,105 @@ def run_grid(
     return rows
 
 
+def ratios(rows: list[dict]) -> list[dict]:
+    """Time and memory of every row over dense SDPA's and over each ``sparse`` (bigbird) row's, same
+    length and mode, from the same run. Entries against ``sparse`` carry ``within_3x_time_2x_memory``
+    (the benchmark criterion of issue 4)."""
+    measured = [r for r in rows if "ms" in r]
+    out = []
+    for seq_len, mode in sorted({(r["seq_len"], r["mode"]) for r in measured}, key=lambda x: (x[0], x[1] != "fwd")):
+        group = [r for r in measured if (r["seq_len"], r["mode"]) == (seq_len, mode)]
+        references = [r for r in group if r["op"] == "sdpa"] + [r for r in group if r["op"] == "sparse"]
+        for reference in references:
+            for row in group:
+                if row["op"] == "sdpa" or row is reference or (row["op"] == "sparse" and reference["op"] == "sparse"):
+                    continue
+                entry = {
+                    "seq_len": seq_len,
+                    "mode": mode,
+                    "op": label(row),
+                    "reference": label(reference),
+                    "time": row["ms"] / reference["ms"],  # medians
+                    "time_min": row["ms_min"] / reference["ms_min"],  # fastest steps: less hit by other jobs
+                    "memory": row["peak_mib"] / max(reference["peak_mib"], 1e-9),
+                }
+                if reference["op"] == "sparse":
+                    entry["within_3x_time_2x_memory"] = entry["time"] <= 3.0 and entry["memory"] <= 2.0
+                out.append(entry)
+    return out
+
+
+def ratio_line(entry: dict) -> str:
+    return (
+        f"L={entry['seq_len']} {entry['mode']}: {entry['op']} / {entry['reference']} = "
+        f"{entry['time']:.2f}x time (min {entry['time_min']:.2f}x), {entry['memory']:.2f}x memory"
+    )
+
+
+def table(result: dict, mode: str) -> str:
+    """Markdown table of one mode: per op and length, time, peak memory and both over the first
+    ``sparse`` (bigbird) row of that length."""
+    rows = [r for r in result["rows"] if r["mode"] == mode]
+    lengths = sorted({r["seq_len"] for r in rows})
+    names = list(dict.fromkeys(label(r) for r in rows))
+    index = {(label(r), r["seq_len"]): r for r in rows}
+    head = ["op, " + mode] + [f"{n} tokens: {part}" for n in lengths for part in ("ms", "MiB", "/ bigbird")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = [name]
+        for n in lengths:
+            row = index.get((name, n))
+            reference = next((r for r in rows if r["op"] == "sparse" and r["seq_len"] == n and "ms" in r), None)
+            if row is None:
+                cells += ["-", "-", "-"]
+            elif "ms" not in row:
+                cells += ["skipped" if row.get("skipped") else "error", "-", "-"]
+            else:
+                versus = "-"
+                if reference is not None and row is not reference:
+                    versus = (
+                        f"{row['ms'] / reference['ms']:.2f}x / "
+                        f"{row['peak_mib'] / max(reference['peak_mib'], 1e-9):.2f}x"
+                    )
+                cells += [f"{row['ms']:.1f}", f"{row['peak_mib']:.0f}", versus]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: str) -> None:
     """Time and peak memory against sequence length, one line per (op, backend, mode)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     rows = [r for r in result["rows"] if "ms" in r]
-    figure, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
-    for key in sorted({(r["op"], r["backend"], r["mode"]) for r in rows}):
-        series = sorted((r for r in rows if (r["op"], r["backend"], r["mode"]) == key), key=lambda r: r["seq_len"])
-        label = f"{key[0]} [{key[1]}] {key[2]}"
-        style = "--" if key[2] == "fwd" else "-"
+    figure, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(12, 5.2), dpi=120)
+    names = list(dict.fromkeys(label(r) for r in rows))
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    for key in sorted({(label(r), r["mode"]) for r in rows}, key=lambda x: (names.index(x[0]), x[1])):
+        series = sorted((r for r in rows if (label(r), r["mode"]) == key), key=lambda r: r["seq_len"])
+        style = dict(
+            color=colours(names.index(key[0])), linestyle="--" if key[1] == "fwd" else "-", marker="o", markersize=3
+        )
         lengths = [r["seq_len"] for r in series]
-        time_ax.plot(lengths, [r["ms"] for r in series], style, marker="o", label=label)
-        memory_ax.plot(lengths, [max(r["peak_mib"], 1e-3) for r in series], style, marker="o", label=label)
+        time_ax.plot(lengths, [r["ms"] for r in series], **style)
+        memory_ax.plot(lengths, [max(r["peak_mib"], 1e-3) for r in series], **style)
     s = result["settings"]
     title = f"{s['pattern']} {s['graph_options']}, B={s['batch']} H={s['heads']} D={s['head_dim']} {s['dtype']}"
+    if result["environment"].get("device") == "cpu":
+        title += f", {result['environment'].get('threads')} thread(s)"
     for ax, ylabel in ((time_ax, "time (ms, median)"), (memory_ax, "peak extra memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    time_ax.legend(fontsize=7)
+    handles = [Line2D([], [], color=colours(i), marker="o", markersize=3, label=name) for i, name in enumerate(names)]
+    handles += [Line2D([], [], color="k", linestyle=dash, label=m) for dash, m in (("--", "fwd"), ("-", "fwd+bwd"))]
+    figure.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7, frameon=False)
     figure.suptitle(f"{result['environment'].get('gpu', result['environment'].get('cpu'))}: {title}", fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.035 * -(-len(handles) // 6), 1, 1))
     figure.savefig(path)
     plt.close(figure)

@@ -1,0 +1,163 @@
+"""``hopformer bench``: Routing and Combiner rows beside bigbird, ratios and dense-SDPA skips, on tiny
+sizes. No timing assertions (times only have to be positive)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hopformer.bench.harness import Case, dense_skip_reason, label
+from hopformer.cli import main
+
+TINY = ["--seq-lens", "128,256", "--heads", "2", "--head-dim", "8", "--block-size", "16", "--repeats", "1"]
+
+
+def _bench(tmp_path, *extra: str, device: str = "cpu") -> dict:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", device, *TINY, "--warmup", "1", *extra, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _measured(row: dict) -> None:
+    assert "error" not in row and "skipped" not in row, row
+    assert row["ms"] > 0 and row["ms_min"] > 0
+    assert math.isfinite(row["peak_mib"]) and row["peak_mib"] >= 0
+
+
+def test_routing_and_combiner_rows_beside_bigbird(tmp_path, capsys):
+    result = _bench(tmp_path)
+    rows = result["rows"]
+    names = {label(r) for r in rows}
+    assert names == {
+        "sdpa [sdpa]",
+        "sparse [gather]",
+        "diffuse [gather]",
+        "routing [eager]",
+        "combiner:fixed [eager]",
+        "combiner:axial [eager]",
+    }
+    assert len(rows) == 6 * 2 * 2  # ops x lengths x modes
+    for row in rows:
+        _measured(row)
+    for row in rows:
+        seq = row["seq_len"]
+        if row["op"] == "routing":  # the module's defaults: sqrt(L) clusters of L // clusters, half local heads
+            clusters = round(math.sqrt(seq))
+            assert row["config"] == {
+                "local_heads": 1,
+                "routing_heads": 1,
+                "local_window": 128,
+                "clusters": clusters,
+                "window": seq // clusters,
+            }
+        if row["op"] == "combiner":
+            assert row["config"] == {"block_size": math.ceil(math.sqrt(seq))}
+
+    # Every non-dense row against dense SDPA, every row but bigbird itself against bigbird.
+    ratios = {(e["seq_len"], e["mode"], e["op"], e["reference"]): e for e in result["ratios"]}
+    for seq in (128, 256):
+        for mode in ("fwd", "fwd+bwd"):
+            for name in names - {"sdpa [sdpa]"}:
+                assert (seq, mode, name, "sdpa [sdpa]") in ratios
+            for name in names - {"sparse [gather]", "sdpa [sdpa]"}:
+                entry = ratios[(seq, mode, name, "sparse [gather]")]
+                assert entry["time"] > 0 and entry["memory"] >= 0
+                assert isinstance(entry["within_3x_time_2x_memory"], bool)
+    assert len(ratios) == 2 * 2 * (5 + 4)
+
+    assert set(result["measured"]) == {"sdpa", "sparse", "diffuse", "routing", "combiner"}
+    assert "k-means" in result["measured"]["routing"]
+    assert result["settings"]["combiner"]["variants"] == ["fixed", "axial"]
+    assert result["environment"]["device"] == "cpu"
+    printed = capsys.readouterr().out
+    assert "| op, fwd+bwd |" in printed and "/ sparse [gather] =" in printed
+
+
+def test_all_combiner_variants_and_dense_skips(tmp_path):
+    result = _bench(
+        tmp_path,
+        *("--ops", "sdpa,sparse,combiner", "--combiner-variants", "all", "--modes", "fwd+bwd"),
+        *("--case-budget-s", "1e-9", "--sdpa-max-len", "200"),
+    )
+    rows = {(label(r), r["seq_len"]): r for r in result["rows"]}
+    for variant in ("fixed", "logsparse", "axial", "axial_horizontal", "mixture"):
+        for seq in (128, 256):
+            _measured(rows[(f"combiner:{variant} [eager]", seq)])
+    assert rows[("combiner:logsparse [eager]", 128)]["config"] == {"block_size": 2}
+    # 128 tokens: nothing measured before it and too short for a probe, so it runs; 256: above the limit.
+    _measured(rows[("sdpa [sdpa]", 128)])
+    assert rows[("sdpa [sdpa]", 256)]["skipped"] == "above --sdpa-max-len"
+    references = {(e["seq_len"], e["reference"]) for e in result["ratios"]}
+    assert references == {(128, "sdpa [sdpa]"), (128, "sparse [gather]"), (256, "sparse [gather]")}
+
+
+def test_append_adds_lengths_from_another_run(tmp_path):
+    out = tmp_path / "bench.json"
+    common = ["bench", "--device", "cpu", "--heads", "2", "--head-dim", "8", "--block-size", "16", "--repeats", "1"]
+    common += ["--warmup", "0", "--modes", "fwd", "--out", str(out)]
+    assert main([*common, "--seq-lens", "128,256", "--ops", "sparse,diffuse"]) == 0
+    assert main([*common, "--seq-lens", "256", "--ops", "sparse,routing", "--append"]) == 0
+    result = json.loads(out.read_text())
+    assert [run["seq_lens"] for run in result["runs"]] == [[128, 256], [256]]
+    assert result["runs"][0]["replaced_by_later_run"] == [256]
+    assert {(label(r), r["seq_len"], r["run"]) for r in result["rows"]} == {
+        ("sparse [gather]", 128, 0),
+        ("diffuse [gather]", 128, 0),
+        ("sparse [gather]", 256, 1),
+        ("routing [eager]", 256, 1),
+    }
+    assert {(e["seq_len"], e["op"]) for e in result["ratios"]} == {(128, "diffuse [gather]"), (256, "routing [eager]")}
+    with pytest.raises(SystemExit, match="heads"):
+        main([*common, "--seq-lens", "128", "--heads", "4", "--append"])
+
+
+def test_time_limit_and_threads(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        result = _bench(tmp_path, "--ops", "sparse,routing", "--time-limit-s", "0", "--threads", "1")
+    finally:
+        torch.set_num_threads(threads)
+    assert result["environment"]["threads"] == 1
+    assert result["rows"] and all(r["skipped"].startswith("run time limit") for r in result["rows"])
+    assert result["ratios"] == []
+
+
+def test_dense_skip_reasons():
+    settings = {
+        "dtype": "float32",
+        "batch": 1,
+        "heads": 2,
+        "head_dim": 8,
+        "pattern": "bigbird",
+        "graph_options": {"block_size": 16, "window": 3, "num_global": 2, "num_random": 3, "seed": 0},
+        "hops": 2,
+        "alpha": 0.1,
+    }
+    cpu = torch.device("cpu")
+    measured = [{"op": "sdpa", "mode": "fwd", "seq_len": 1024, "ms": 10.0}]
+    reason = dense_skip_reason(Case("sdpa", "sdpa", 4096, "fwd"), settings, cpu, measured, steps=5, budget_s=0.5)
+    assert reason.startswith("time: about 0.16 s per step") and "measured 10.0 ms at L=1024" in reason
+    assert dense_skip_reason(Case("sdpa", "sdpa", 4096, "fwd"), settings, cpu, measured, 5, budget_s=1.0) is None
+    # Nothing measured yet: a short probe at 1024 tokens stands in.
+    reason = dense_skip_reason(Case("sdpa", "sdpa", 8192, "fwd+bwd"), settings, cpu, [], steps=3, budget_s=1e-9)
+    assert "probe" in reason
+    # A mask larger than the memory: 2**20 tokens need 1 TiB of mask.
+    reason = dense_skip_reason(Case("sdpa", "sdpa", 1 << 20, "fwd"), settings, cpu, [], steps=1, budget_s=1e9)
+    assert reason.startswith("memory: the dense boolean mask (1024.0 GiB)")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_routing_and_combiner_rows_on_cuda(tmp_path):
+    result = _bench(tmp_path, "--ops", "sdpa,sparse,routing,combiner", "--modes", "fwd+bwd", device="cuda")
+    assert result["settings"]["dtype"] == "bfloat16"
+    for row in result["rows"]:
+        _measured(row)
+    assert {e["op"] for e in result["ratios"] if e["reference"] == "sparse [flex]"} == {
+        "routing [eager]",
+        "combiner:fixed [eager]",
+        "combiner:axial [eager]",
+    }
