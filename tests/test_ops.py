@@ -160,6 +160,39 @@ def test_dropout_paths_have_consistent_gradients():
         assert not torch.allclose(fn(q, k, v), diffuse(q, k, v, graph, 3, 0.2, mask, "gather"))
 
 
+@pytest.mark.parametrize("kernel, remainder", [("ppr", "keep"), ("ppr", "renormalize"), ("heat", "renormalize")])
+def test_gather_backward_recomputes_each_chunk(monkeypatch, kernel, remainder):
+    """One head per chunk: backward recomputes every chunk's attention and states (renormalize also
+    skips a step with a == 1); outputs and q/k/v gradients against dense in float64."""
+    monkeypatch.setattr(gather_backend, "CHUNK_ELEMENTS", 1)
+    for causal in (False, True):
+        graph = G.bigbird(70, 8, num_global=1, num_random=2, seed=4, causal=causal)
+        tensors, mask = _inputs(graph, heads=3, dim=5)
+
+        def call(q, k, v, graph=graph, **kw):
+            return diffuse(q, k, v, graph, 4, 0.3, kernel=kernel, heat_time=1.3, remainder=remainder, **kw)
+
+        expected, got = _run(call, tensors, mask, "dense"), _run(call, tensors, mask, "gather")
+        for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=f"{kernel} {remainder} causal={causal} {name}")
+
+
+@pytest.mark.parametrize("dropout_p, edge_dropout", [(0.0, "once"), (0.3, "per_hop")])
+def test_dropout_gradients_across_chunks_and_skipped_steps(monkeypatch, dropout_p, edge_dropout):
+    """Hop dropout alone (chunks recomputed in backward with the forward's masks), and per-hop edge
+    dropout with a skipped (a == 1) step."""
+    monkeypatch.setattr(gather_backend, "CHUNK_ELEMENTS", 1)
+    graph = G.bigbird(40, 8, num_random=1, seed=0)
+    (q, k, v), mask = _inputs(graph, batch=1, heads=2, dim=3, padding=True, seed=1)
+
+    def fn(q, k, v):
+        torch.manual_seed(0)  # the same dropout masks on every call
+        options = {"dropout_p": dropout_p, "edge_dropout": edge_dropout, "hop_dropout_p": 0.3}
+        return diffuse(q, k, v, graph, 3, 0.2, mask, "gather", remainder="renormalize", **options)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [

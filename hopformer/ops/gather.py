@@ -6,10 +6,11 @@ dense attention, so they are split out and computed against all keys with a bloc
 rows). Memory is ``O(seq * keys_per_query)``, never ``O(seq^2)`` for sparse graphs.
 
 The normalised attention ``A`` is computed once and applied ``hops`` times (one application is
-sparse attention). The whole computation is one autograd function (:func:`gather_diffusion`) whose
-backward runs the adjoint recurrence ``u <- A^T u`` and forms the score gradient slot by slot, so
-it never stores gathered key/value copies nor the gradient of ``A``: memory is ``A`` once plus one
-``(batch, heads, seq, dim)`` state per hop. Attention is laid out ``(batch, heads, rows, slot,
+sparse attention). The whole computation is one autograd function (:func:`gather_diffusion`) over
+chunks of heads. Its backward recomputes a chunk's ``A`` and hop states, runs the adjoint recurrence
+``u <- A^T u`` and forms the score gradient slot by slot, so it never stores gathered key/value
+copies nor the gradient of ``A``, and (without edge dropout) nothing per hop between forward and
+backward: memory is the output plus one chunk's ``A`` and hop states. Attention is laid out ``(batch, heads, rows, slot,
 query, key)``, one ``block x block`` tile per (row, key-block slot), so every step is a batched
 matmul over tiles and the softmax runs in place.
 """
@@ -94,10 +95,11 @@ def _build_plan(graph: BlockGraph, device: torch.device) -> GatherPlan:
 
 def _fill_softmax_(scores: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """In-place masked softmax over ``dims``; rows with no allowed key become zero (never NaN)."""
-    scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    masked = ~mask
+    scores.masked_fill_(masked, torch.finfo(scores.dtype).min)
     scores.sub_(scores.amax(dim=dims, keepdim=True)).exp_()
     scores.div_(scores.sum(dim=dims, keepdim=True))
-    return scores.mul_(mask)
+    return scores.masked_fill_(masked, 0.0)  # not mul_(mask): that makes a float copy of the mask
 
 
 class _Attention:
@@ -115,7 +117,9 @@ class _Attention:
         if len(plan.narrow_rows):
             keys = plan.narrow_keys
             mask = plan.narrow_mask[None, None]
-            q_rows = q_blocks if len(plan.narrow_rows) == graph.num_blocks else q_blocks[:, :, plan.narrow_rows]
+            q_rows = (
+                q_blocks if len(plan.narrow_rows) == graph.num_blocks else q_blocks.index_select(2, plan.narrow_rows)
+            )
             if real is not None:
                 keys_real = real[:, keys]  # (B, n, d, bs)
                 rows_real = real[:, plan.narrow_rows]  # (B, n, bs)
@@ -123,7 +127,7 @@ class _Attention:
             batch, heads, n, bs, _ = q_rows.shape
             scores = q_rows.new_empty(batch, heads, n, keys.shape[1], bs, bs)
             for slot in range(keys.shape[1]):
-                scores[:, :, :, slot] = torch.matmul(q_rows, k_blocks[:, :, keys[:, slot]].transpose(-1, -2))
+                scores[:, :, :, slot] = torch.matmul(q_rows, k_blocks.index_select(2, keys[:, slot]).transpose(-1, -2))
             self.narrow = _fill_softmax_(scores.mul_(scale), mask, (3, 5))
             self.q_narrow, self.narrow_mask = q_rows, mask
         if len(plan.wide_rows):
@@ -149,18 +153,18 @@ class _Attention:
     def apply(self, z_blocks: torch.Tensor, keep=(None, None), p: float = 0.0) -> torch.Tensor:
         """``A @ z`` on blocks ``(B, H, nb, bs, D)`` -> ``(B, H, nb, bs, D)``."""
         plan = self.plan
-        out = torch.zeros_like(z_blocks)
+        out = torch.empty_like(z_blocks)  # every block row is either narrow or wide
         if self.narrow is not None:
             probs = self._effective(self.narrow, keep[0], p)
-            keys = plan.narrow_keys
-            rows = torch.zeros_like(z_blocks[:, :, : len(plan.narrow_rows)])
+            keys, rows = plan.narrow_keys, None
             for slot in range(keys.shape[1]):
-                rows += torch.matmul(probs[:, :, :, slot], z_blocks[:, :, keys[:, slot]])
-            out[:, :, plan.narrow_rows] = rows
+                term = torch.matmul(probs[:, :, :, slot], z_blocks.index_select(2, keys[:, slot]))
+                rows = term if rows is None else rows.add_(term)
+            out.index_copy_(2, plan.narrow_rows, rows)
         if self.wide is not None:
             probs = self._effective(self.wide, keep[1], p)
             wide = torch.matmul(probs, z_blocks.flatten(2, 3))
-            out[:, :, plan.wide_rows] = wide.unflatten(2, (len(plan.wide_rows), z_blocks.shape[3]))
+            out.index_copy_(2, plan.wide_rows, wide.unflatten(2, (len(plan.wide_rows), z_blocks.shape[3])))
         return out
 
     def apply_transposed(self, w_blocks: torch.Tensor, keep=(None, None), p: float = 0.0) -> torch.Tensor:
@@ -169,7 +173,7 @@ class _Attention:
         out = torch.zeros_like(w_blocks)
         if self.narrow is not None:
             probs = self._effective(self.narrow, keep[0], p)
-            keys, w_rows = plan.narrow_keys, w_blocks[:, :, plan.narrow_rows]
+            keys, w_rows = plan.narrow_keys, w_blocks.index_select(2, plan.narrow_rows)
             for slot in range(keys.shape[1]):
                 out.index_add_(2, keys[:, slot], torch.matmul(probs[:, :, :, slot].transpose(-1, -2), w_rows))
         if self.wide is not None:
@@ -180,7 +184,7 @@ class _Attention:
 
 
 # Attention probabilities kept alive at once (elements): heads are processed in chunks of about this
-# size, and each chunk's attention is recomputed in backward instead of stored.
+# size, and each chunk's attention and hop states are recomputed in backward instead of stored.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -197,96 +201,135 @@ def _head_chunks(graph: BlockGraph, plan: GatherPlan, batch: int, heads: int, st
     return [slice(h, min(h + size, heads)) for h in range(0, heads, size)]
 
 
-def _forward_chunk(attention, v_blocks, steps, edge_p, edge_mode, hop_p):
-    """Run the steps for one head chunk; returns the final state and what backward needs."""
-    keeps, hop_keeps, applied = [], [], []  # per step: edge keep-masks, hop keep-mask, A z
-    shared = attention.dropout_masks(edge_p) if edge_p > 0 and edge_mode == "once" else (None, None)
+@dataclass(frozen=True)
+class _Steps:
+    """What one call runs: the step weights and the settings every chunk shares."""
+
+    weights: tuple[float, ...]  # a_t per step, in application order
+    scale: float
+    edge_p: float
+    edge_mode: str  # "once" or "per_hop"
+    hop_p: float
+
+
+def _dropout_masks(attention, v_blocks, run: _Steps):
+    """Per step: edge keep-masks ``(narrow, wide)`` and the hop keep-mask, drawn once in forward so
+    that backward meets the same ones when it re-runs the steps."""
+    per_hop = run.edge_p > 0 and run.edge_mode == "per_hop"
+    shared = attention.dropout_masks(run.edge_p) if run.edge_p > 0 and not per_hop else (None, None)
+    keeps = [attention.dropout_masks(run.edge_p) if per_hop else shared for _ in run.weights]
+    hop_keeps = [torch.rand_like(v_blocks) >= run.hop_p if run.hop_p > 0 else None for _ in run.weights]
+    return keeps, hop_keeps
+
+
+def _run_steps(attention, v_blocks, masks, run: _Steps, states=None, final=None):
+    """Run the steps for one head chunk and return the final state ``z_T``; with ``states`` (see
+    :func:`_new_states`) also record the state entering each step, ``z_0 .. z_{T-1}``. A known
+    ``final`` (backward has forward's output) saves the last application."""
+    keeps, hop_keeps = masks
     z = v_blocks
-    for a in steps:
-        keep = attention.dropout_masks(edge_p) if edge_p > 0 and edge_mode == "per_hop" else shared
-        y = attention.apply(z, keep, edge_p) if a < 1.0 else None
-        z = v_blocks if y is None else torch.lerp(y, v_blocks, a)
-        hop_keep = None
-        if hop_p > 0:
-            hop_keep = torch.rand_like(z) >= hop_p
-            z = z * hop_keep / (1 - hop_p)
-        keeps.append(keep)
-        hop_keeps.append(hop_keep)
-        applied.append(y)
-    return z, (keeps, hop_keeps, applied)
-
-
-def _backward_chunk(attention, k_blocks, v_blocks, grad_blocks, steps, scale, saved, edge_p, hop_p):
-    """Gradients of q, k, v blocks for one head chunk (adjoint recurrence, then the score gradient)."""
-    keeps, hop_keeps, applied = saved
-    plan = attention.plan
-    batch, heads, nb, bs, _ = v_blocks.shape
-    # inputs of each application: z_{t-1}, rebuilt from the stored outputs A z
-    inputs, z = [], v_blocks
-    for a, y, hop_keep in zip(steps, applied, hop_keeps):
-        inputs.append(z)
-        z = v_blocks if y is None else torch.lerp(y, v_blocks, a)
+    for t, (a, keep, hop_keep) in enumerate(zip(run.weights, keeps, hop_keeps)):
+        if states is not None:
+            states[..., t, :] = z
+        if final is not None and t == len(run.weights) - 1:
+            return final
+        # a == 1 (renormalised last step) would discard A z: skip computing it
+        z = torch.lerp(attention.apply(z, keep, run.edge_p), v_blocks, a) if a < 1.0 else v_blocks
         if hop_keep is not None:
-            z = z * hop_keep / (1 - hop_p)
+            z = z * hop_keep / (1 - run.hop_p)
+    return z
 
-    # adjoint sweep: u = dL/dz_t, w_t = dL/d(A z_{t-1})
-    u, grad_v = grad_blocks, torch.zeros_like(v_blocks)
-    adjoints = [None] * len(steps)
-    for t in reversed(range(len(steps))):
+
+def _new_states(v_blocks: torch.Tensor, count: int) -> torch.Tensor:
+    """Room for ``count`` states side by side, ``(B, H, nb, bs, count, dim)``: the layout in which
+    the score gradient multiplies all hops in one product."""
+    return v_blocks.new_empty(*v_blocks.shape[:-1], count, v_blocks.shape[-1])
+
+
+def _score_grad(probs, w, z, r, groups, keeps, run: _Steps):
+    """``dS = scale * P * (dP - r)`` with ``dP = sum_t w_t z_t^T`` on the edges of ``probs``.
+
+    ``w`` ``(..., queries, T, dim)`` and ``z`` ``(..., keys, T, dim)`` hold the terms side by side, so
+    a group of terms sharing one edge keep-mask (``keeps``, one per group) is a single product."""
+    dp = None
+    for group, keep in zip(groups, keeps):
+        term = torch.matmul(w[..., group, :].flatten(-2), z[..., group, :].flatten(-2).transpose(-1, -2))
+        if keep is not None:
+            term.mul_(keep).div_(1 - run.edge_p)
+        dp = term if dp is None else dp.add_(term)
+    return dp.sub_(r).mul_(probs).mul_(run.scale)
+
+
+def _backward_chunk(attention, k_blocks, v_blocks, grad_blocks, masks, states, final, run: _Steps, grads) -> None:
+    """Add the gradients of one head chunk's q, k, v blocks to ``grads`` (views of the full ones):
+    the adjoint recurrence, then the score gradient. ``states`` hold the chunk's ``z_0 .. z_{T-1}``
+    (see :func:`_run_steps`), ``final`` is ``z_T``."""
+    keeps, hop_keeps = masks
+    grad_q, grad_k, grad_v = grads
+    plan, steps = attention.plan, len(run.weights)
+
+    # Adjoint sweep: u = dL/dz_t, then u' = u through the hop dropout and w_t = dL/d(A z_{t-1}) =
+    # (1 - a_t) u'. The softmax needs r_i = sum_t w_t,i . (A z_{t-1})_i; solving the mix for A z_{t-1}
+    # gives r_i = sum_t u'_t,i . ((1 - hop_p) z_t - a_t v)_i (u' is zero where hop dropout zeroed
+    # z_t), so the outputs A z_{t-1} are never needed. Only the rows of w_t that the score gradient
+    # reads are kept, side by side per row kind (zero for skipped a == 1 steps).
+    batch, heads, _, bs, dim = v_blocks.shape
+    w_narrow, w_wide = (
+        v_blocks.new_zeros(batch, heads, len(rows), bs, steps, dim) for rows in (plan.narrow_rows, plan.wide_rows)
+    )
+    u, r = grad_blocks, v_blocks.new_zeros(v_blocks.shape[:-1])
+    for t in reversed(range(steps)):
         if hop_keeps[t] is not None:
-            u = u * hop_keeps[t] / (1 - hop_p)
-        a = steps[t]
+            u = u * hop_keeps[t] / (1 - run.hop_p)
+        a = run.weights[t]
         grad_v += a * u
         if a < 1.0:
-            adjoints[t] = (1 - a) * u
-            u = attention.apply_transposed(adjoints[t], keeps[t], edge_p)
+            z_t = states[..., t + 1, :] if t + 1 < steps else final
+            r = r + (u * z_t).sum(-1).mul_(1 - run.hop_p) - a * (u * v_blocks).sum(-1)
+            w = (1 - a) * u
+            w_narrow[..., t, :], w_wide[..., t, :] = (
+                w.index_select(2, rows) for rows in (plan.narrow_rows, plan.wide_rows)
+            )
+            u = attention.apply_transposed(w, keeps[t], run.edge_p)
         else:
             u = torch.zeros_like(u)
     grad_v += u
+    u = w = None  # free before the score gradient
 
-    # dS = P * (dP - r): dP = sum_t w_t z_{t-1}^T on the edges, r_i = sum_t w_t,i . (A z_{t-1})_i
-    terms = [(w, z_in, y, keep) for w, z_in, y, keep in zip(adjoints, inputs, applied, keeps) if w is not None]
-    r = sum((w * y).sum(-1) for w, _, y, _ in terms)  # (B, H, nb, bs)
-    grad_q = k_blocks.new_zeros(batch, heads, nb, bs, k_blocks.shape[-1])
-    grad_k = torch.zeros_like(k_blocks)
+    # dS = P * (dP - r), dP = sum_t w_t z_{t-1}^T: one product over all terms, or one per term when
+    # edge dropout draws a mask per hop.
+    per_hop = run.edge_p > 0 and run.edge_mode == "per_hop"
+    groups = [slice(t, t + 1) for t in range(steps) if run.weights[t] < 1.0] if per_hop else [slice(0, steps)]
+    group_keeps = [keeps[g.start] for g in groups]
     if attention.narrow is not None:
-        keys, rows = plan.narrow_keys, plan.narrow_rows
-        q_rows, probs = attention.q_narrow, attention.narrow
+        keys, rows, q_rows = plan.narrow_keys, plan.narrow_rows, attention.q_narrow
         r_rows = r[:, :, rows][..., None]
-        grad_q_rows = torch.zeros_like(q_rows)
+        z_slot = states.new_empty(w_narrow.shape)  # one buffer for every slot's gathered states
         for slot in range(keys.shape[1]):
-            p_slot = probs[:, :, :, slot]
-            grad_slot = -p_slot * r_rows
-            for w, z_in, _, keep in terms:
-                weighted = torch.matmul(w[:, :, rows], z_in[:, :, keys[:, slot]].transpose(-1, -2))
-                if keep[0] is not None:
-                    weighted = weighted * keep[0][:, :, :, slot] / (1 - edge_p)
-                grad_slot += p_slot * weighted
-            grad_slot *= scale
-            grad_q_rows += torch.matmul(grad_slot, k_blocks[:, :, keys[:, slot]])
+            slot_keeps = [None if keep[0] is None else keep[0][:, :, :, slot] for keep in group_keeps]
+            torch.index_select(states, 2, keys[:, slot], out=z_slot)
+            grad_slot = _score_grad(attention.narrow[:, :, :, slot], w_narrow, z_slot, r_rows, groups, slot_keeps, run)
+            grad_q.index_add_(2, rows, torch.matmul(grad_slot, k_blocks.index_select(2, keys[:, slot])))
             grad_k.index_add_(2, keys[:, slot], torch.matmul(grad_slot.transpose(-1, -2), q_rows))
-        grad_q[:, :, rows] = grad_q_rows
+        del z_slot
     if attention.wide is not None:
-        rows, probs, q_rows = plan.wide_rows, attention.wide, attention.q_wide
-        grad_scores = -probs * r[:, :, rows].flatten(2)[..., None]
-        for w, z_in, _, keep in terms:
-            weighted = torch.matmul(w[:, :, rows].flatten(2, 3), z_in.flatten(2, 3).transpose(-1, -2))
-            if keep[1] is not None:
-                weighted = weighted * keep[1] / (1 - edge_p)
-            grad_scores += probs * weighted
-        grad_scores *= scale
+        rows, r_rows = plan.wide_rows, r[:, :, plan.wide_rows].flatten(2)[..., None]
+        wide_keeps = [keep[1] for keep in group_keeps]
+        grad_scores = _score_grad(
+            attention.wide, w_wide.flatten(2, 3), states.flatten(2, 3), r_rows, groups, wide_keeps, run
+        )
         grad_q[:, :, rows] = torch.matmul(grad_scores, k_blocks.flatten(2, 3)).unflatten(2, (len(rows), bs))
-        grad_k += torch.matmul(grad_scores.transpose(-1, -2), q_rows).view_as(grad_k)
-    return grad_q, grad_k, grad_v
+        grad_k += torch.matmul(grad_scores.transpose(-1, -2), attention.q_wide).view_as(grad_k)
 
 
 class _GatherDiffusion(torch.autograd.Function):
     """``z <- lerp(A z, v, a_t)`` for each step weight ``a_t``, starting from ``z = v`` (see
     :func:`hopformer.ops.coefficients.mixing_weights`), with optional edge and hop dropout.
 
-    Heads are independent, so they run in chunks; without edge dropout each chunk's attention is
-    recomputed in backward (one extra score product) rather than stored, which keeps peak memory at
-    one chunk's attention plus one state per hop."""
+    Heads are independent, so they run in chunks. Without edge dropout nothing of size ``A`` or of
+    one state per hop is kept between forward and backward: backward recomputes each chunk's
+    attention and re-runs its steps (one score product and ``hops`` applications more), so peak
+    memory is one chunk's attention and states, not a state per hop for every head."""
 
     @staticmethod
     def forward(ctx, q, k, v, graph, key_padding_mask, steps, scale, edge_p, edge_mode, hop_p):
@@ -297,56 +340,50 @@ class _GatherDiffusion(torch.autograd.Function):
         k_blocks = _pad_seq(k, pad).view(batch, heads, nb, bs, dim)
         v_blocks = _pad_seq(v, pad).view(batch, heads, nb, bs, v.shape[-1])
         real = None if key_padding_mask is None else F.pad(key_padding_mask, (0, pad)).view(batch, nb, bs)
+        run = _Steps(steps, scale, edge_p, edge_mode, hop_p)
 
-        # Edge-dropout masks must meet the same probabilities in backward, so with edge dropout the
-        # attention is stored; without, backward recomputes each chunk's attention (memory: one chunk).
+        # Edge-dropout masks have the attention's size and must meet the same probabilities in
+        # backward, so with edge dropout the attention and the states are stored (one chunk).
         store = edge_p > 0
         chunks = _head_chunks(graph, plan, batch, heads, store)
         out = torch.empty_like(v_blocks)
-        saved, attentions = [], []
+        saved = []  # per chunk: dropout masks, then attention, states and final state when stored
         for h in chunks:
             attention = _Attention(plan, graph, q_blocks[:, h], k_blocks[:, h], real, scale)
-            out[:, h], chunk_saved = _forward_chunk(attention, v_blocks[:, h], steps, edge_p, edge_mode, hop_p)
-            saved.append(chunk_saved)
-            attentions.append(attention if store else None)
+            masks = _dropout_masks(attention, v_blocks[:, h], run)
+            states = _new_states(v_blocks[:, h], len(steps)) if store else None
+            final = _run_steps(attention, v_blocks[:, h], masks, run, states)
+            out[:, h] = final
+            saved.append((masks, attention, states, final) if store else (masks, None, None, None))
+            del attention, states, final  # unless stored: free before the next chunk's
 
-        ctx.graph, ctx.plan, ctx.real, ctx.chunks, ctx.saved, ctx.attentions = (
-            graph,
-            plan,
-            real,
-            chunks,
-            saved,
-            attentions,
-        )
-        ctx.steps, ctx.scale, ctx.edge_p, ctx.hop_p, ctx.shape = steps, scale, edge_p, hop_p, (seq, pad)
-        ctx.save_for_backward(q_blocks, k_blocks, v_blocks)
+        ctx.graph, ctx.plan, ctx.real, ctx.chunks, ctx.saved, ctx.run = graph, plan, real, chunks, saved, run
+        ctx.shape = (seq, pad)
+        ctx.save_for_backward(q_blocks, k_blocks, v_blocks, out)  # out: z_T, alive anyway as the output
         return out.flatten(2, 3)[:, :, :seq]
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_blocks, k_blocks, v_blocks = ctx.saved_tensors
+        q_blocks, k_blocks, v_blocks, out = ctx.saved_tensors
         seq, pad = ctx.shape
+        run = ctx.run
         grad_blocks = _pad_seq(grad_out, pad).view_as(v_blocks)
-        grad_q, grad_k, grad_v = torch.zeros_like(q_blocks), torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
-        for h, saved, attention in zip(ctx.chunks, ctx.saved, ctx.attentions):
-            if attention is None:  # recompute this chunk's attention rather than having stored it
-                attention = _Attention(ctx.plan, ctx.graph, q_blocks[:, h], k_blocks[:, h], ctx.real, ctx.scale)
-            grad_q[:, h], grad_k[:, h], grad_v[:, h] = _backward_chunk(
-                attention,
-                k_blocks[:, h],
-                v_blocks[:, h],
-                grad_blocks[:, h],
-                ctx.steps,
-                ctx.scale,
-                saved,
-                ctx.edge_p,
-                ctx.hop_p,
+        grads = torch.zeros_like(q_blocks), torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
+        for h, (masks, attention, states, final) in zip(ctx.chunks, ctx.saved):
+            if attention is None:  # recompute this chunk's attention and states (memory: one chunk)
+                attention = _Attention(ctx.plan, ctx.graph, q_blocks[:, h], k_blocks[:, h], ctx.real, run.scale)
+                states = _new_states(v_blocks[:, h], len(run.weights))
+                final = _run_steps(attention, v_blocks[:, h], masks, run, states, final=out[:, h])
+            chunk_grads = [grad[:, h] for grad in grads]
+            _backward_chunk(
+                attention, k_blocks[:, h], v_blocks[:, h], grad_blocks[:, h], masks, states, final, run, chunk_grads
             )
+            del attention, states, final
 
         def unpad(blocks):
             return blocks.flatten(2, 3)[:, :, :seq]
 
-        return unpad(grad_q), unpad(grad_k), unpad(grad_v), None, None, None, None, None, None, None
+        return (*(unpad(grad) for grad in grads), None, None, None, None, None, None, None)
 
 
 def gather_diffusion(
