@@ -376,3 +376,19 @@ def test_lra_tasks_need_a_data_dir(tmp_path):
         load_task(from_dict({"task": "image", "data": {"data_dir": str(tmp_path / "nowhere")}}))
     with pytest.raises(ValueError, match="task"):
         load_task(from_dict({"task": "sudoku"}))
+
+
+def test_a_nan_loss_stops_the_run_before_it_is_saved(tmp_path, data, monkeypatch):
+    """A diverged run raises, naming the steps and the remedy, instead of training on NaN."""
+    real = trainer_module.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(trainer_module.F, "cross_entropy", poisoned)
+    with pytest.raises(FloatingPointError, match="between steps 2 and 3.*grad_clip"):
+        train(tiny_config(tmp_path, steps=8, eval_every=4, log_every=1), log=lambda *_: None)
+    assert not (tmp_path / "run" / "results.json").exists()

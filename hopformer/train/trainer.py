@@ -569,6 +569,12 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
                     "steps_per_s": window["steps"] / max(elapsed, 1e-9),
                 }
                 metrics.write(record)
+                if not math.isfinite(record["loss"]):  # stop before a NaN model is validated or saved
+                    raise FloatingPointError(
+                        f"the training loss became {record['loss']} between steps {step - window['steps']} and "
+                        f"{step} (lr {lr:.3g}); lower optim.lr or set optim.grad_clip (e.g. 1.0). Checkpoints "
+                        f"in {run_dir} hold the last finite model"
+                    )
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
                 )
