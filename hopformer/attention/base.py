@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hopformer.attention.registry import register
+from hopformer.ops.masked_sdpa import masked_sdpa
 
 
 def key_padding_mask(attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -95,5 +96,5 @@ class FullAttention(AttentionModule):
         if self.causal:
             seq = q.shape[-2]
             mask = mask & torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = masked_sdpa(q, k, v, mask, dropout_p=dropout)
         return out * (key_padding_mask & has_real[:, None])[:, None, :, None].to(out.dtype)

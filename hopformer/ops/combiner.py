@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.ops.checks import check_qkv, describe_shape
+from hopformer.ops.masked_sdpa import masked_sdpa
 
 VARIANTS = ("fixed", "logsparse", "axial", "axial_vertical", "axial_horizontal", "mixture")
 
@@ -160,10 +161,9 @@ def grouped_attention(
     def fold(x: torch.Tensor) -> torch.Tensor:  # groups into the batch so the mask broadcasts over heads
         return x.transpose(1, 2).reshape(batch * groups, heads, x.shape[-2], x.shape[-1])
 
-    out = F.scaled_dot_product_attention(
-        fold(q), fold(k), fold(v), attn_mask=mask.reshape(batch * groups, 1, queries, keys),
-        dropout_p=dropout_p, scale=scale,
-    )  # fmt: skip
+    out = masked_sdpa(
+        fold(q), fold(k), fold(v), mask.reshape(batch * groups, 1, queries, keys), dropout_p=dropout_p, scale=scale
+    )
     out = out.view(batch, groups, heads, queries, -1).transpose(1, 2)
     return out * ok[:, None, :, :, None].to(out.dtype)
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.ops.checks import check_qkv, describe_shape
+from hopformer.ops.masked_sdpa import masked_sdpa
 
 QK_NORMS = ("layernorm", "layernorm_noaffine", "l2")
 SCATTER_EPS = 1e-5
@@ -173,7 +174,7 @@ def clustered_attention(
         query_real = key_padding_mask.gather(1, query_idx.reshape(batch, -1))
         query_real = query_real.view(batch, heads * clusters, window)
         valid = query_real if valid is None else valid & query_real
-    out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    out = masked_sdpa(qc, kc, vc, mask, dropout_p=dropout_p, scale=scale)
 
     # Scatter-mean back to positions: one index_add over all (batch, head) rows at once.
     offsets = torch.arange(batch * heads, device=q.device).view(batch, heads, 1, 1) * seq
