@@ -58,15 +58,16 @@ def _diffuse(q, k, v, graph, **kw):
     return diffuse(q, k, v, graph, hops=4, alpha=0.2, **kw)
 
 
+@pytest.mark.parametrize("backend", ["gather", "matrix"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seq_len", [37, 64, 150])
 @pytest.mark.parametrize("padding", [False, True])
-def test_gather_matches_dense(seq_len, causal, padding):
+def test_backend_matches_dense(backend, seq_len, causal, padding):
     for graph in _patterns(seq_len, 16, causal):
         for fn in (_sparse, _diffuse):
             tensors, mask = _inputs(graph, padding=padding)
             call = _bind(fn, graph)
-            expected, got = _run(call, tensors, mask, "dense"), _run(call, tensors, mask, "gather")
+            expected, got = _run(call, tensors, mask, "dense"), _run(call, tensors, mask, backend)
             for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
                 assert torch.isfinite(g).all(), (graph.name, name)
                 torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=f"{graph.name} {fn.__name__} {name}")
@@ -88,7 +89,7 @@ def test_padding_gives_zeros_never_nan():
     mask = torch.ones(2, 64, dtype=torch.bool)
     mask[1] = False
     mask[0, :5] = False  # causal: queries 0-4 have no real key before them
-    for backend in ("dense", "gather"):
+    for backend in ("dense", "gather", "matrix"):
         for out in (sparse_attention(q, k, v, graph, mask, backend), diffuse(q, k, v, graph, 3, 0.1, mask, backend)):
             assert torch.isfinite(out).all()
             assert (out[1] == 0).all() and (out[0, :, :5] == 0).all()
@@ -113,7 +114,7 @@ def test_diffuse_equals_matrix_power_series(kernel, remainder):
     coefficients = diffusion_coefficients(hops, alpha, kernel=kernel, heat_time=heat_time, remainder=remainder)
     expected = sum(c * torch.linalg.matrix_power(matrix, n) @ v for n, c in enumerate(coefficients))
     expected = expected * mask[:, None, :, None]
-    for backend in ("dense", "gather"):
+    for backend in ("dense", "gather", "matrix"):
         got = diffuse(
             q, k, v, graph, hops, alpha, mask, backend, kernel=kernel, heat_time=heat_time, remainder=remainder
         )
@@ -136,7 +137,7 @@ def test_identity_cases():
 def test_causal_diffusion_never_sees_the_future():
     graph = G.bigbird(96, 16, num_random=2, causal=True, seed=3)
     (q, k, v), _ = _inputs(graph, batch=1, padding=False)
-    for backend in ("dense", "gather"):
+    for backend in ("dense", "gather", "matrix"):
         out = diffuse(q, k, v, graph, 5, 0.1, backend=backend)
         i = 40
         grads = torch.autograd.grad(out[0, :, i].sum(), (q, k, v))
@@ -160,10 +161,12 @@ def test_dropout_paths_have_consistent_gradients():
         assert not torch.allclose(fn(q, k, v), diffuse(q, k, v, graph, 3, 0.2, mask, "gather"))
 
 
+@pytest.mark.parametrize("backend", ["gather", "matrix"])
 @pytest.mark.parametrize("kernel, remainder", [("ppr", "keep"), ("ppr", "renormalize"), ("heat", "renormalize")])
-def test_gather_backward_recomputes_each_chunk(monkeypatch, kernel, remainder):
-    """One head per chunk: backward recomputes every chunk's attention and states (renormalize also
-    skips a step with a == 1); outputs and q/k/v gradients against dense in float64."""
+def test_backward_with_chunks_and_skipped_steps(monkeypatch, backend, kernel, remainder):
+    """gather with one head per chunk (backward recomputes every chunk's attention and states) and
+    matrix; renormalize also skips a step with a == 1; outputs and q/k/v gradients against dense
+    in float64."""
     monkeypatch.setattr(gather_backend, "CHUNK_ELEMENTS", 1)
     for causal in (False, True):
         graph = G.bigbird(70, 8, num_global=1, num_random=2, seed=4, causal=causal)
@@ -172,9 +175,36 @@ def test_gather_backward_recomputes_each_chunk(monkeypatch, kernel, remainder):
         def call(q, k, v, graph=graph, **kw):
             return diffuse(q, k, v, graph, 4, 0.3, kernel=kernel, heat_time=1.3, remainder=remainder, **kw)
 
-        expected, got = _run(call, tensors, mask, "dense"), _run(call, tensors, mask, "gather")
+        expected, got = _run(call, tensors, mask, "dense"), _run(call, tensors, mask, backend)
         for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
             torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=f"{kernel} {remainder} causal={causal} {name}")
+
+
+@pytest.mark.parametrize("kernel, remainder", [("ppr", "renormalize"), ("heat", "keep")])
+def test_matrix_backward_with_hop_dropout(kernel, remainder):
+    """The matrix backend's written-out backward with hop dropout (the forward's masks reused) and,
+    for renormalize, a skipped a == 1 step: gradcheck."""
+    graph = G.bigbird(40, 8, num_random=1, seed=0)
+    (q, k, v), mask = _inputs(graph, batch=1, heads=2, dim=3, padding=True, seed=1)
+
+    def fn(q, k, v):
+        torch.manual_seed(0)  # the same dropout masks on every call
+        return diffuse(q, k, v, graph, 3, 0.2, mask, "matrix", kernel=kernel, remainder=remainder, hop_dropout_p=0.3)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+
+
+def test_matrix_bf16_is_close_to_float64():
+    """In bf16 (the GPU training dtype) the matrix backend stays within bf16 rounding of float64."""
+    graph = G.diffuser(200, 16, window=3, num_global=2, num_random=2, seed=1)
+    tensors, mask = _inputs(graph, heads=2, dim=16, seed=3)
+    expected = _run(_bind(_diffuse, graph), tensors, mask, "dense")
+    low = [t.detach().bfloat16().requires_grad_() for t in tensors]
+    got = _run(_bind(_diffuse, graph), low, mask, "matrix")
+    for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
+        assert g.dtype == torch.bfloat16, name
+        error = (g.double() - e).norm() / e.norm()
+        assert error < 0.03, (name, float(error))
 
 
 @pytest.mark.parametrize("dropout_p, edge_dropout", [(0.0, "once"), (0.3, "per_hop")])
@@ -205,6 +235,7 @@ def test_dropout_gradients_across_chunks_and_skipped_steps(monkeypatch, dropout_
         ({"backend": "cuda"}, "backend"),
         ({"edge_dropout": "sometimes"}, "edge_dropout"),
         ({"dropout_p": 1.0}, "dropout_p"),
+        ({"dropout_p": 0.1, "backend": "matrix"}, "attention dropout"),
     ],
 )
 def test_bad_arguments(kwargs, name):
@@ -342,3 +373,20 @@ def test_flex_refuses_dropout():
     q = torch.randn(1, 1, 256, 32, device="cuda")
     with pytest.raises(ValueError, match="dropout"):
         sparse_attention(q, q, q, graph, backend="flex", dropout_p=0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True])
+def test_matrix_on_cuda_matches_dense(causal):
+    """The matrix backend on the GPU: float64 against dense exactly, bf16 within bf16 rounding."""
+    for graph in _patterns(300, 64, causal):
+        tensors, mask = _inputs(graph, heads=2, dim=32, device="cuda")
+        call = _bind(_diffuse, graph)
+        expected = _run(call, tensors, mask, "dense")
+        for name, e, g in zip(("out", "dq", "dk", "dv"), expected, _run(call, tensors, mask, "matrix")):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=f"{graph.name} {name}")
+        low = [t.detach().bfloat16().requires_grad_() for t in tensors]
+        for name, e, g in zip(("out", "dq", "dk", "dv"), expected, _run(call, low, mask, "matrix")):
+            error = (g.double() - e).norm() / e.norm().clamp_min(1e-12)
+            assert error < 0.03, f"{graph.name} {name}: {error:.2e}"

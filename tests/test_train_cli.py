@@ -75,9 +75,11 @@ def test_resume_of_a_finished_run_only_reports(trained, capsys):
 def test_lra_collects_runs_into_a_table(trained, tmp_path, capsys):
     runs = tmp_path / "lra"
     (runs / "listops-full-s0").mkdir(parents=True)
-    (runs / "listops-full-s0" / "results.json").write_text(json.dumps({"test_accuracy": 0.3}))
+    cost = {"steps_per_s": 10.0, "peak_memory_mib": 2048.0}
+    (runs / "listops-full-s0" / "results.json").write_text(json.dumps({"test_accuracy": 0.3, "extra": cost}))
     (runs / "listops-full-s1").mkdir(parents=True)
-    (runs / "listops-full-s1" / "results.json").write_text(json.dumps({"test_accuracy": 0.4}))
+    cost = {"steps_per_s": 12.0, "peak_memory_mib": 1024.0}
+    (runs / "listops-full-s1" / "results.json").write_text(json.dumps({"test_accuracy": 0.4, "extra": cost}))
     code = main(["lra", "--tasks", "listops", "--attentions", "full,diffuser", "--seeds", "0,1",
                  "--runs-dir", str(runs), "--collect-only"])  # fmt: skip
     assert code == 0
@@ -87,6 +89,8 @@ def test_lra_collects_runs_into_a_table(trained, tmp_path, capsys):
     assert diffuser["tasks"] == {} and diffuser["avg"] is None
     markdown = (runs / "results.md").read_text()
     assert "35.00 ± 5.00" in markdown and "Transformer (published)" in markdown and "36.37" in markdown
+    assert full["tasks"]["listops"]["steps_per_s"] == pytest.approx(11.0)  # median over seeds
+    assert "| hopformer full | 11.00 | 1.5 |" in markdown  # steps/s, peak GiB
 
 
 def test_lra_trains_a_missing_cell(trained, tmp_path, capsys):

@@ -32,10 +32,12 @@ class GraphAttention(AttentionModule):
 
     Args:
         dim, heads, dropout, bias: as :class:`~hopformer.attention.base.AttentionModule`; ``dropout``
-            is attention (edge) dropout, which the ``flex`` backend cannot do: it raises.
+            is attention (edge) dropout, which the ``flex`` and ``matrix`` backends cannot do: they raise.
         pattern: graph pattern name (``"local"``, ``"longformer"``, ``"bigbird"``, ``"diffuser"``,
             ``"hypercube"``, ``"full"``).
-        backend: ``"auto"`` (flex on CUDA, gather elsewhere), ``"gather"``, ``"flex"`` or ``"dense"``.
+        backend: ``"auto"`` (flex on CUDA, gather elsewhere), ``"gather"``, ``"flex"``, ``"matrix"``
+            (attention materialised once per call: the fast Diffuser path on GPUs at LRA lengths) or
+            ``"dense"`` (see :mod:`hopformer.ops.sparse`).
         causal: keep only keys at or before the query.
         **graph_options: the pattern's keyword arguments (``block_size``, ``window``, ``num_global``,
             ``num_random``, ``seed``, ...).
@@ -56,8 +58,8 @@ class GraphAttention(AttentionModule):
         super().__init__(dim, heads, dropout=dropout, bias=bias)
         if pattern not in PATTERNS:
             raise ValueError(f"pattern={pattern!r} is not known; choose one of {sorted(PATTERNS)}")
-        if backend == "flex" and dropout > 0:
-            raise ValueError("backend='flex' has no attention dropout; set dropout=0 or use backend='gather'")
+        if backend in ("flex", "matrix") and dropout > 0:
+            raise ValueError(f"backend={backend!r} has no attention dropout; set dropout=0 or use backend='gather'")
         self.pattern, self.backend, self.causal = pattern, backend, causal
         self.graph_options = dict(graph_options, causal=causal)
         cached_graph(pattern, 4 * 1024, **self.graph_options)  # fail now, not mid-training, on bad options

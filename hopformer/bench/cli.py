@@ -44,7 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--ops", default=",".join(OPS), help=f"any of {', '.join(OPS)}")
     parser.add_argument(
-        "--backends", default=None, help="gather,flex,dense for sparse/diffuse (default: gather on CPU, flex on CUDA)"
+        "--backends",
+        default=None,
+        help="gather,flex,matrix,dense for sparse/diffuse (default: gather on CPU, flex on CUDA)",
     )
     parser.add_argument(
         "--combiner-variants",

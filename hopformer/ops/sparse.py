@@ -8,6 +8,11 @@ Backends:
   training path. Memory ``O(seq * keys_per_query)``.
 - ``"flex"``: compiled FlexAttention with a BlockMask built from the block lists
   (:mod:`hopformer.ops.flex`); CUDA only; no attention dropout (PyTorch has none for it).
+- ``"matrix"``: the attention materialised as a ``(batch, heads, seq, seq)`` matrix in the inputs'
+  dtype, computed once and reused by every hop, with a written-out backward
+  (:mod:`hopformer.ops.matrix`); any device, no attention dropout. Memory ``O(seq^2)``: the fast
+  diffusion path on GPUs at moderate lengths (LRA's 1K-4K tokens), where ``flex`` recomputes the
+  scores in every hop.
 - ``"auto"``: ``flex`` on CUDA, ``gather`` elsewhere.
 
 Conventions (``specs``/DESIGN.md): q, k, v are ``(batch, heads, seq, head_dim)``; scores are
@@ -26,8 +31,9 @@ from hopformer.ops import flex as flex_backend
 from hopformer.ops.checks import check_qkv
 from hopformer.ops.coefficients import check_diffusion_args, diffusion_coefficients, mixing_weights
 from hopformer.ops.gather import gather_diffusion
+from hopformer.ops.matrix import matrix_diffusion
 
-BACKENDS = ("auto", "dense", "gather", "flex")
+BACKENDS = ("auto", "dense", "gather", "flex", "matrix")
 EDGE_DROPOUT = ("once", "per_hop")
 
 
@@ -51,7 +57,7 @@ def sparse_attention(
         key_padding_mask: bool ``(batch, seq)``, True = real token.
         backend: ``"auto"``, ``"dense"``, ``"gather"`` or ``"flex"`` (see module docstring).
         dropout_p: dropout on the attention probabilities (applied whenever > 0: pass 0 in eval).
-            Not available on ``flex``, which raises.
+            Not available on ``flex`` and ``matrix``, which raise.
         scale: score scale, default ``head_dim ** -0.5``.
         kernel_options: passed to FlexAttention (tile sizes, warps) on the ``flex`` backend.
 
@@ -64,6 +70,9 @@ def sparse_attention(
         return flex_backend.flex_apply(q, k, v, plan, scale, kernel_options)
     if backend == "gather":
         return gather_diffusion(q, k, v, graph, key_padding_mask, [0.0], scale, dropout_p)
+    if backend == "matrix":
+        z = matrix_diffusion(q, k, v, graph, key_padding_mask, [0.0], scale)
+        return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
     operator = _DenseOperator(q, k, graph, key_padding_mask, scale)
     if dropout_p > 0:
         operator = operator.dropped(dropout_p)
@@ -105,7 +114,7 @@ def diffuse(
             ``"renormalize"`` drops it and rescales (see :mod:`hopformer.ops.coefficients`).
         dropout_p: dropout on the edge weights ``A`` (pass 0 in eval); ``edge_dropout="once"`` samples
             one mask reused by every hop (the reference), ``"per_hop"`` a fresh one per hop (MAGNA).
-            Not available on ``flex``.
+            Not available on ``flex`` and ``matrix``.
         hop_dropout_p: feature dropout on every hop's state, after the alpha-mix (the reference).
         Other arguments as in :func:`sparse_attention`.
     """
@@ -121,6 +130,10 @@ def diffuse(
 
     if backend == "gather":
         z = gather_diffusion(q, k, v, graph, key_padding_mask, steps, scale, dropout_p, edge_dropout, hop_dropout_p)
+        return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
+
+    if backend == "matrix":
+        z = matrix_diffusion(q, k, v, graph, key_padding_mask, steps, scale, hop_dropout_p)
         return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
 
     if backend == "flex":
@@ -197,9 +210,9 @@ def _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale) -
         flex_backend.check_flex_graph(graph)
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0 and backend == "flex":
+    if dropout_p > 0 and backend in ("flex", "matrix"):
         raise ValueError(
-            "backend='flex' has no attention dropout (FlexAttention offers none); use dropout_p=0 "
+            f"backend={backend!r} has no attention dropout; use dropout_p=0 "
             "(e.g. hop_dropout_p for diffusion) or backend='gather'"
         )
     if scale is None:

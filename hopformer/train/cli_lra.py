@@ -174,6 +174,10 @@ def summarise(
                     "std": statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0,
                     "seeds": len(accuracies),
                 }
+                for key in ("steps_per_s", "peak_memory_mib"):  # training cost, median over seeds
+                    values = [r["extra"][key] for r in cells[(task, attention)] if key in r.get("extra", {})]
+                    if values:
+                        row["tasks"][task][key] = statistics.median(values)
         done = [row["tasks"][t]["mean"] for t in tasks if t in row["tasks"]]
         row["avg"] = statistics.fmean(done) if len(done) == len(tasks) else None
         rows.append(row)
@@ -218,5 +222,29 @@ def to_markdown(table: dict[str, Any]) -> str:
     note = (
         f"\nTest accuracy (%), best-validation checkpoint. Avg = mean over the {len(tasks)} task(s) above "
         f"(published rows re-averaged over the same tasks); {source}. Scale: {table['scale']}.\n"
+    )
+    return "\n".join(lines) + "\n" + note + _cost_markdown(table)
+
+
+def _cost_markdown(table: dict[str, Any]) -> str:
+    """Training steps/s and peak GPU memory per run, where the runs logged them; empty otherwise."""
+    tasks = table["tasks"]
+    if not any("steps_per_s" in cell for row in table["rows"] for cell in row["tasks"].values()):
+        return ""
+    lines = [
+        "",
+        "| model | " + " | ".join(f"{COLUMNS[t]} steps/s | {COLUMNS[t]} peak GiB" for t in tasks) + " |",
+        "|" + "---|" * (2 * len(tasks) + 1),
+    ]
+    for row in table["rows"]:
+        cells = []
+        for task in tasks:
+            cell = row["tasks"].get(task, {})
+            cells.append(f"{cell['steps_per_s']:.2f}" if "steps_per_s" in cell else "–")
+            cells.append(f"{cell['peak_memory_mib'] / 1024:.1f}" if "peak_memory_mib" in cell else "–")
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    note = (
+        "\nTraining cost per run: median steps/s over the logged windows and the largest peak of CUDA "
+        "memory allocated (training and evaluation); runs that shared a GPU ran slower than alone.\n"
     )
     return "\n".join(lines) + "\n" + note

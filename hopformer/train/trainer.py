@@ -568,6 +568,8 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
                     "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                     "steps_per_s": window["steps"] / max(elapsed, 1e-9),
                 }
+                if runtime.device.type == "cuda":  # since the process started: training and evaluation
+                    record["peak_memory_mib"] = torch.cuda.max_memory_allocated(runtime.device) / 2**20
                 metrics.write(record)
                 if not math.isfinite(record["loss"]):  # stop before a NaN model is validated or saved
                     raise FloatingPointError(
@@ -633,7 +635,7 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
     metrics.close()
     result = TrainResult(
         str(run_dir), step, best, test["accuracy"], test["loss"], majority, parameters,
-        extra={"task": data.spec.name, "attention": config.model.attention},
+        extra={"task": data.spec.name, "attention": config.model.attention, **training_cost(run_dir)},
     )  # fmt: skip
     (run_dir / RESULTS_NAME).write_text(json.dumps(result.__dict__, indent=2) + "\n")
     log(
@@ -641,6 +643,20 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
         f"(majority class {majority:.4f}); run folder {run_dir}"
     )
     return result
+
+
+def training_cost(run_dir: Path) -> dict[str, float]:
+    """Median training steps/s and the largest CUDA peak memory (MiB) logged in ``metrics.jsonl``
+    (all segments of a resumed run); what is not logged is left out."""
+    records = [json.loads(line) for line in (run_dir / METRICS_NAME).read_text().splitlines() if line.strip()]
+    train_records = [r for r in records if r.get("split") == "train"]
+    cost = {}
+    if train_records:
+        cost["steps_per_s"] = statistics.median(r["steps_per_s"] for r in train_records)
+    peaks = [r["peak_memory_mib"] for r in train_records if "peak_memory_mib" in r]
+    if peaks:
+        cost["peak_memory_mib"] = max(peaks)
+    return cost
 
 
 def _margin(limit_minutes: float | None, deadline: float | None, started: float) -> float:

@@ -1,0 +1,125 @@
+"""The ``matrix`` backend: the attention ``A`` materialised once as a ``(batch, heads, seq, seq)``
+matrix in the inputs' dtype, reused by every hop; for GPUs at moderate lengths.
+
+Diffusion applies the same ``A`` ``hops`` times. FlexAttention recomputes ``q k^T`` and the softmax in
+every hop, forward and backward; at LRA lengths (1K-4K tokens) the graphs cover a third to a half
+of the matrix anyway, so one score product, one softmax and ``hops`` plain matrix products
+(cuBLAS, bf16 with fp32 accumulation) are several times faster. Memory is ``O(seq^2)`` per head:
+``A`` is kept for backward, and one more matrix of its size lives during backward.
+
+Backward is written out (as in :mod:`hopformer.ops.gather`): the adjoint recurrence
+``u <- A^T w_t``, then ``dA = sum_t w_t z_{t-1}^T`` as a single product over all hops side by side,
+and ``dS = A * (dA - r)`` where the softmax's row term ``r`` comes from the states, not from ``A``.
+Autocast is off inside: everything runs in ``q``'s dtype (softmax statistics in fp32 for bf16/fp16,
+as PyTorch's softmax does), so under bf16 autocast ``A`` is stored once in bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hopformer.graphs import BlockGraph
+
+
+def allowed_mask(graph: BlockGraph, key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``(batch or 1, 1, seq, seq)`` bool: the graph's edges to real keys (the graph's token mask is
+    cached on the graph). Padded queries keep their edges: their outputs are zeroed by the caller
+    and, as keys, they are masked, so they never reach a real token."""
+    key = ("dense_mask", str(device))
+    if key not in graph.cache:
+        graph.cache[key] = graph.to_dense(device)
+    allowed = graph.cache[key][None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    return allowed
+
+
+def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Row softmax of ``scores`` (overwritten) on ``allowed``; a row with no allowed key is zero."""
+    scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
+    attention = torch.softmax(scores, dim=-1)
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    if empty.any():  # such a row came out uniform over masked keys
+        attention.masked_fill_(empty, 0.0)
+    return attention
+
+
+class _MatrixDiffusion(torch.autograd.Function):
+    """``z <- lerp(A z, v, a_t)`` for each step weight ``a_t`` from ``z = v``, then optional feature
+    dropout on the state (hop dropout); see :func:`matrix_diffusion`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, allowed, steps, scale, hop_p):
+        with torch.autocast(q.device.type, enabled=False):
+            attention = _masked_softmax(torch.matmul(q * scale, k.transpose(-1, -2)), allowed)
+            z, states, keeps = v, [v], []
+            for a in steps:
+                # a == 1 (a renormalised last step) would discard A z: skip computing it
+                z = torch.lerp(torch.matmul(attention, z), v, a) if a < 1.0 else v
+                keep = None
+                if hop_p > 0:
+                    keep = torch.rand_like(z) >= hop_p
+                    z = z * keep / (1 - hop_p)
+                keeps.append(keep)
+                states.append(z)
+        if z is v:  # every step skipped: return a new tensor, not the input
+            z = v.clone()
+        ctx.steps, ctx.scale, ctx.hop_p, ctx.keeps = steps, scale, hop_p, keeps
+        ctx.save_for_backward(q, k, v, attention, *states[:-1], z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, attention, *states = ctx.saved_tensors  # states: z_0 .. z_T
+        steps, hop_p = ctx.steps, ctx.hop_p
+        with torch.autocast(q.device.type, enabled=False):
+            # Adjoint sweep. u = dL/dz_t; u' = u through the hop dropout; w_t = (1 - a_t) u' is the
+            # gradient of A z_{t-1}. The softmax's row term r_i = sum_t w_t,i . (A z_{t-1})_i, and
+            # (1 - a_t) A z_{t-1} = y_t - a_t v with y_t = (1 - hop_p) z_t wherever u' is not zero.
+            grad_v = torch.zeros_like(v)
+            w = v.new_zeros(*v.shape[:-1], len(steps), v.shape[-1])  # w_t side by side (0 for skipped steps)
+            accumulate = torch.promote_types(v.dtype, torch.float32)  # r in fp32 for bf16 inputs
+            r = v.new_zeros(v.shape[:-1], dtype=accumulate)
+            u = grad_out.to(v.dtype)
+            for t in reversed(range(len(steps))):
+                if ctx.keeps[t] is not None:
+                    u = u * ctx.keeps[t] / (1 - hop_p)
+                a = steps[t]
+                grad_v += a * u
+                if a < 1.0:
+                    y = states[t + 1] * (1 - hop_p) - a * v
+                    r += (u.to(accumulate) * y.to(accumulate)).sum(-1)
+                    w[..., t, :] = (1 - a) * u
+                    u = torch.matmul(attention.transpose(-1, -2), w[..., t, :])
+                else:
+                    u = torch.zeros_like(u)
+            grad_v += u
+
+            # dA = sum_t w_t z_{t-1}^T as one product over the hops side by side; dS = A * (dA - r).
+            z = torch.stack(states[:-1], dim=-2)
+            grad_scores = torch.matmul(w.flatten(-2), z.flatten(-2).transpose(-1, -2))
+            del w, z
+            grad_scores.sub_(r[..., None]).mul_(attention)
+            grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
+            grad_k = torch.matmul(grad_scores.transpose(-1, -2), q).mul_(ctx.scale)
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def matrix_diffusion(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    graph: BlockGraph,
+    key_padding_mask: torch.Tensor | None,
+    steps: list[float],
+    scale: float,
+    hop_dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Apply ``z <- lerp(A z, v, a)`` for each ``a`` in ``steps`` from ``z = v`` with ``A`` materialised.
+
+    ``steps=[0.0]`` is sparse attention (``A v``). Runs in ``q``'s dtype (``k`` and ``v`` are cast to
+    it); outputs at padded queries are not zeroed here (the caller does). No edge dropout.
+    """
+    dtype = q.dtype
+    allowed = allowed_mask(graph, key_padding_mask, q.device)
+    return _MatrixDiffusion.apply(q, k.to(dtype), v.to(dtype), allowed, tuple(steps), scale, hop_dropout_p)
