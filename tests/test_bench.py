@@ -152,7 +152,9 @@ def test_dense_skip_reasons():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_routing_and_combiner_rows_on_cuda(tmp_path):
-    result = _bench(tmp_path, "--ops", "sdpa,sparse,routing,combiner", "--modes", "fwd+bwd", device="cuda")
+    result = _bench(
+        tmp_path, "--ops", "sdpa,sparse,routing,combiner", "--modes", "fwd+bwd", "--head-dim", "16", device="cuda"
+    )  # FlexAttention needs head_dim >= 16
     assert result["settings"]["dtype"] == "bfloat16"
     for row in result["rows"]:
         _measured(row)

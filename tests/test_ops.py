@@ -368,11 +368,14 @@ def test_flex_varying_padding_does_not_fall_back():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_flex_refuses_dropout():
+def test_flex_refuses_dropout_and_narrow_heads():
     graph = G.local(256, 128)
     q = torch.randn(1, 1, 256, 32, device="cuda")
     with pytest.raises(ValueError, match="dropout"):
         sparse_attention(q, q, q, graph, backend="flex", dropout_p=0.1)
+    narrow = torch.randn(1, 1, 256, 8, device="cuda")  # FlexAttention needs 16: say so, not an InductorError
+    with pytest.raises(ValueError, match="head_dim >= 16"):
+        sparse_attention(narrow, narrow, narrow, graph, backend="flex")
 
 
 @pytest.mark.cuda
@@ -390,3 +393,20 @@ def test_matrix_on_cuda_matches_dense(causal):
         for name, e, g in zip(("out", "dq", "dk", "dv"), expected, _run(call, low, mask, "matrix")):
             error = (g.double() - e).norm() / e.norm().clamp_min(1e-12)
             assert error < 0.03, f"{graph.name} {name}: {error:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_auto_diffusion_on_cuda_picks_matrix_where_it_fits(monkeypatch):
+    """auto = matrix for diffusion where one attention matrix fits the limit, flex beyond it."""
+    import hopformer.ops.sparse as ops_sparse
+
+    calls = []
+    monkeypatch.setattr(ops_sparse, "matrix_diffusion", lambda *a, **kw: calls.append("matrix") or a[2])
+    monkeypatch.setattr(ops_sparse.flex_backend, "flex_diffuse", lambda *a, **kw: calls.append("flex") or a[2])
+    graph = G.bigbird(512, 128)
+    (q, k, v), _ = _inputs(graph, padding=False, device="cuda", dtype=torch.bfloat16)
+    diffuse(q, k, v, graph)
+    monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 512 * 512 * 2 * 2 * 2 - 1)  # one byte short
+    diffuse(q, k, v, graph)
+    assert calls == ["matrix", "flex"]

@@ -13,7 +13,10 @@ Backends:
   (:mod:`hopformer.ops.matrix`); any device, no attention dropout. Memory ``O(seq^2)``: the fast
   diffusion path on GPUs at moderate lengths (LRA's 1K-4K tokens), where ``flex`` recomputes the
   scores in every hop.
-- ``"auto"``: ``flex`` on CUDA, ``gather`` elsewhere.
+- ``"auto"``: ``gather`` off CUDA. On CUDA ``flex``, except that :func:`diffuse` takes ``matrix`` when
+  the sequence is at most :data:`MATRIX_AUTO_MAX_LEN` tokens and one attention matrix
+  (``batch * heads * seq^2`` elements) takes at most :data:`MATRIX_AUTO_BYTES`: there the matrix is
+  computed once instead of once per hop, several times faster (``benchmarks/results/``).
 
 Conventions (``specs``/DESIGN.md): q, k, v are ``(batch, heads, seq, head_dim)``; scores are
 ``q k^T * scale`` with ``scale = head_dim ** -0.5`` by default; ``key_padding_mask`` is bool
@@ -35,6 +38,9 @@ from hopformer.ops.matrix import matrix_diffusion
 
 BACKENDS = ("auto", "dense", "gather", "flex", "matrix")
 EDGE_DROPOUT = ("once", "per_hop")
+# Where "auto" diffuses with the materialised matrix on CUDA instead of FlexAttention (see above).
+MATRIX_AUTO_MAX_LEN = 2048
+MATRIX_AUTO_BYTES = 2 << 30
 
 
 def sparse_attention(
@@ -118,7 +124,10 @@ def diffuse(
         hop_dropout_p: feature dropout on every hop's state, after the alpha-mix (the reference).
         Other arguments as in :func:`sparse_attention`.
     """
+    auto = backend == "auto"
     backend, scale = _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale)
+    if auto and backend == "flex" and _matrix_fits(q):
+        backend = "matrix"
     check_diffusion_args(hops, alpha, kernel, heat_time, remainder)
     if edge_dropout not in EDGE_DROPOUT:
         raise ValueError(f"edge_dropout must be one of {EDGE_DROPOUT}, got {edge_dropout!r}")
@@ -184,6 +193,12 @@ class _DenseOperator:
         return torch.matmul(self.matrix, z)
 
 
+def _matrix_fits(q: torch.Tensor) -> bool:
+    """Whether ``auto`` diffusion on CUDA takes the ``matrix`` backend for inputs like ``q``."""
+    batch, heads, seq, _ = q.shape
+    return seq <= MATRIX_AUTO_MAX_LEN and batch * heads * seq * seq * q.element_size() <= MATRIX_AUTO_BYTES
+
+
 def _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale) -> tuple[str, float]:
     check_qkv(q, k, v)
     if not isinstance(graph, BlockGraph):
@@ -208,6 +223,11 @@ def _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale) -
         if not q.is_cuda:
             raise ValueError(f"backend='flex' needs CUDA tensors, got device {q.device}; use 'gather' or 'auto'")
         flex_backend.check_flex_graph(graph)
+        if min(q.shape[-1], v.shape[-1]) < 16:
+            raise ValueError(
+                f"backend='flex' needs head_dim >= 16 (FlexAttention's minimum), got q/k {q.shape[-1]} and v "
+                f"{v.shape[-1]}; use fewer, wider heads or backend='gather' / 'matrix'"
+            )
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if dropout_p > 0 and backend in ("flex", "matrix"):
