@@ -195,16 +195,18 @@ def test_matrix_backward_with_hop_dropout(kernel, remainder):
 
 
 def test_matrix_bf16_is_close_to_float64():
-    """In bf16 (the GPU training dtype) the matrix backend stays within bf16 rounding of float64."""
-    graph = G.diffuser(200, 16, window=3, num_global=2, num_random=2, seed=1)
-    tensors, mask = _inputs(graph, heads=2, dim=16, seed=3)
-    expected = _run(_bind(_diffuse, graph), tensors, mask, "dense")
-    low = [t.detach().bfloat16().requires_grad_() for t in tensors]
-    got = _run(_bind(_diffuse, graph), low, mask, "matrix")
-    for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
-        assert g.dtype == torch.bfloat16, name
-        error = (g.double() - e).norm() / e.norm()
-        assert error < 0.03, (name, float(error))
+    """In bf16 (the GPU training dtype) the matrix backend stays within bf16 rounding of float64
+    (worst relative error seen over many seeds: 0.014 for dq and dk, causal)."""
+    for causal in (False, True):
+        graph = G.diffuser(300, 64, window=3, num_global=2, num_random=2, seed=1, causal=causal)
+        tensors, mask = _inputs(graph, heads=2, dim=32)
+        expected = _run(_bind(_diffuse, graph), tensors, mask, "dense")
+        low = [t.detach().bfloat16().requires_grad_() for t in tensors]
+        got = _run(_bind(_diffuse, graph), low, mask, "matrix")
+        for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
+            assert g.dtype == torch.bfloat16, name
+            error = (g.double() - e).norm() / e.norm()
+            assert error < 0.03, (causal, name, float(error))
 
 
 @pytest.mark.parametrize("dropout_p, edge_dropout", [(0.0, "once"), (0.3, "per_hop")])
@@ -405,7 +407,7 @@ def test_auto_diffusion_on_cuda_picks_matrix_where_it_fits(monkeypatch):
     monkeypatch.setattr(ops_sparse, "matrix_diffusion", lambda *a, **kw: calls.append("matrix") or a[2])
     monkeypatch.setattr(ops_sparse.flex_backend, "flex_diffuse", lambda *a, **kw: calls.append("flex") or a[2])
     graph = G.bigbird(512, 128)
-    (q, k, v), _ = _inputs(graph, padding=False, device="cuda", dtype=torch.bfloat16)
+    (q, k, v), _ = _inputs(graph, dim=16, padding=False, device="cuda", dtype=torch.bfloat16)
     diffuse(q, k, v, graph)
     monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 512 * 512 * 2 * 2 * 2 - 1)  # one byte short
     diffuse(q, k, v, graph)

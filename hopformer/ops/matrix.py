@@ -9,7 +9,7 @@ of the matrix anyway, so one score product, one softmax and ``hops`` plain matri
 
 Backward is written out (as in :mod:`hopformer.ops.gather`): the adjoint recurrence
 ``u <- A^T w_t``, then ``dA = sum_t w_t z_{t-1}^T`` as a single product over all hops side by side,
-and ``dS = A * (dA - r)`` where the softmax's row term ``r`` comes from the states, not from ``A``.
+and ``dS = A * (dA - r)`` with the softmax's row term ``r = rowsum(A * dA)``.
 Autocast is off inside: everything runs in ``q``'s dtype (softmax statistics in fp32 for bf16/fp16,
 as PyTorch's softmax does), so under bf16 autocast ``A`` is stored once in bf16.
 """
@@ -65,21 +65,18 @@ class _MatrixDiffusion(torch.autograd.Function):
         if z is v:  # every step skipped: return a new tensor, not the input
             z = v.clone()
         ctx.steps, ctx.scale, ctx.hop_p, ctx.keeps = steps, scale, hop_p, keeps
-        ctx.save_for_backward(q, k, v, attention, *states[:-1], z)
+        ctx.save_for_backward(q, k, v, attention, *states[:-1])
         return z
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, attention, *states = ctx.saved_tensors  # states: z_0 .. z_T
+        q, k, v, attention, *states = ctx.saved_tensors  # states: z_0 .. z_{T-1}
         steps, hop_p = ctx.steps, ctx.hop_p
         with torch.autocast(q.device.type, enabled=False):
-            # Adjoint sweep. u = dL/dz_t; u' = u through the hop dropout; w_t = (1 - a_t) u' is the
-            # gradient of A z_{t-1}. The softmax's row term r_i = sum_t w_t,i . (A z_{t-1})_i, and
-            # (1 - a_t) A z_{t-1} = y_t - a_t v with y_t = (1 - hop_p) z_t wherever u' is not zero.
+            # Adjoint sweep: u = dL/dz_t, u' = u through the hop dropout, w_t = (1 - a_t) u' is the
+            # gradient of A z_{t-1}; the w_t are kept side by side for the score gradient.
             grad_v = torch.zeros_like(v)
-            w = v.new_zeros(*v.shape[:-1], len(steps), v.shape[-1])  # w_t side by side (0 for skipped steps)
-            accumulate = torch.promote_types(v.dtype, torch.float32)  # r in fp32 for bf16 inputs
-            r = v.new_zeros(v.shape[:-1], dtype=accumulate)
+            w = v.new_zeros(*v.shape[:-1], len(steps), v.shape[-1])  # zero for skipped (a == 1) steps
             u = grad_out.to(v.dtype)
             for t in reversed(range(len(steps))):
                 if ctx.keeps[t] is not None:
@@ -87,18 +84,19 @@ class _MatrixDiffusion(torch.autograd.Function):
                 a = steps[t]
                 grad_v += a * u
                 if a < 1.0:
-                    y = states[t + 1] * (1 - hop_p) - a * v
-                    r += (u.to(accumulate) * y.to(accumulate)).sum(-1)
                     w[..., t, :] = (1 - a) * u
                     u = torch.matmul(attention.transpose(-1, -2), w[..., t, :])
                 else:
                     u = torch.zeros_like(u)
             grad_v += u
 
-            # dA = sum_t w_t z_{t-1}^T as one product over the hops side by side; dS = A * (dA - r).
-            z = torch.stack(states[:-1], dim=-2)
+            # dA = sum_t w_t z_{t-1}^T as one product over the hops side by side; dS = A * (dA - r) with
+            # r_i = sum_j A_ij dA_ij taken from this (rounded) dA, so that every row of dS sums to
+            # zero in bf16 too (r from the states instead doubles the bf16 error of dq and dk).
+            z = torch.stack(states, dim=-2)
             grad_scores = torch.matmul(w.flatten(-2), z.flatten(-2).transpose(-1, -2))
             del w, z
+            r = torch.einsum("...ij,...ij->...i", attention, grad_scores)  # batched dot products, no temporary
             grad_scores.sub_(r[..., None]).mul_(attention)
             grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
             grad_k = torch.matmul(grad_scores.transpose(-1, -2), q).mul_(ctx.scale)
