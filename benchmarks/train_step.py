@@ -6,8 +6,8 @@ seed), so the ratios compare attentions, not data. Times are medians over ``--st
 ``--warmup`` (compiling FlexAttention kernels happens in the warm-up); memory is CUDA
 ``max_memory_allocated`` over the timed steps (on CPU: not measured).
 
-    python benchmarks/train_step.py --out benchmarks/results/train_step_listops.json \\
-        --variant full --variant bigbird --variant diffuser --variant diffuser:backend=gather
+    python benchmarks/train_step.py --out benchmarks/results/train_step_listops.json --seq-len 2048 \\
+        --variant full --variant bigbird --variant diffuser:backend=matrix --variant diffuser:backend=flex
 
 A variant is ``ATTENTION[:key=value,...]`` (the options of ``--attention-option``). The default model
 is the LRA ListOps one (4 layers, dim 512, 8 heads, MLP 1024, CLS pooling) at batch 32.

@@ -163,3 +163,26 @@ def test_routing_and_combiner_rows_on_cuda(tmp_path):
         "combiner:fixed [eager]",
         "combiner:axial [eager]",
     }
+
+
+def test_train_step_benchmark_runs_every_variant_on_the_same_batches(tmp_path):
+    """benchmarks/train_step.py on CPU, tiny model: one row per variant, ratios to the first, JSON."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "steps.json"
+    tiny = ["--seq-len", "512", "--batch", "2", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--depth", "1"]
+    variants = ["--variant", "full", "--variant", "diffuser:backend=matrix,hops=2", "--variant", "bigbird"]
+    result = module.main([*tiny, *variants, "--warmup", "1", "--steps", "2", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert [(r["attention"], r["options"]) for r in result["rows"]] == [
+        ("full", {}),
+        ("diffuser", {"backend": "matrix", "hops": 2}),
+        ("bigbird", {}),
+    ]
+    assert result["rows"][0]["time_ratio"] == 1.0
+    assert all(r["ms_per_step"] > 0 and math.isfinite(r["final_loss"]) for r in result["rows"])

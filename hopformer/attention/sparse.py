@@ -35,7 +35,8 @@ class GraphAttention(AttentionModule):
             is attention (edge) dropout, which the ``flex`` and ``matrix`` backends cannot do: they raise.
         pattern: graph pattern name (``"local"``, ``"longformer"``, ``"bigbird"``, ``"diffuser"``,
             ``"hypercube"``, ``"full"``).
-        backend: ``"auto"`` (flex on CUDA, gather elsewhere), ``"gather"``, ``"flex"``, ``"matrix"``
+        backend: ``"auto"`` (gather off CUDA; on CUDA flex, or matrix for diffusion up to 2,048 tokens),
+            ``"gather"``, ``"flex"``, ``"matrix"``
             (attention materialised once per call: the fast Diffuser path on GPUs at LRA lengths) or
             ``"dense"`` (see :mod:`hopformer.ops.sparse`).
         causal: keep only keys at or before the query.

@@ -61,7 +61,7 @@ def sparse_attention(
         q, k, v: ``(batch, heads, seq, head_dim)``; ``v`` may have its own last dimension.
         graph: the attention pattern; ``graph.seq_len`` must equal ``seq``.
         key_padding_mask: bool ``(batch, seq)``, True = real token.
-        backend: ``"auto"``, ``"dense"``, ``"gather"`` or ``"flex"`` (see module docstring).
+        backend: ``"auto"``, ``"dense"``, ``"gather"``, ``"flex"`` or ``"matrix"`` (see module docstring).
         dropout_p: dropout on the attention probabilities (applied whenever > 0: pass 0 in eval).
             Not available on ``flex`` and ``matrix``, which raise.
         scale: score scale, default ``head_dim ** -0.5``.
