@@ -11,12 +11,12 @@ Backends:
 - ``"matrix"``: the attention materialised as a ``(batch, heads, seq, seq)`` matrix in the inputs'
   dtype, computed once and reused by every hop, with a written-out backward
   (:mod:`hopformer.ops.matrix`); any device, no attention dropout. Memory ``O(seq^2)``: the fast
-  diffusion path on GPUs at moderate lengths (LRA's 1K-4K tokens), where ``flex`` recomputes the
-  scores in every hop.
+  diffusion path on GPUs up to about 2K tokens (LRA's ListOps, Pathfinder), where ``flex``
+  recomputes the scores in every hop.
 - ``"auto"``: ``gather`` off CUDA. On CUDA ``flex``, except that :func:`diffuse` takes ``matrix`` when
   the sequence is at most :data:`MATRIX_AUTO_MAX_LEN` tokens and one attention matrix
-  (``batch * heads * seq^2`` elements) takes at most :data:`MATRIX_AUTO_BYTES`: there the matrix is
-  computed once instead of once per hop, several times faster (``benchmarks/results/``).
+  (``batch * heads * seq^2`` elements) takes at most :data:`MATRIX_AUTO_BYTES` and 1/32 of the GPU's
+  memory: there computing the matrix once instead of once per hop is faster (``benchmarks/results/``).
 
 Conventions (``specs``/DESIGN.md): q, k, v are ``(batch, heads, seq, head_dim)``; scores are
 ``q k^T * scale`` with ``scale = head_dim ** -0.5`` by default; ``key_padding_mask`` is bool
@@ -194,9 +194,12 @@ class _DenseOperator:
 
 
 def _matrix_fits(q: torch.Tensor) -> bool:
-    """Whether ``auto`` diffusion on CUDA takes the ``matrix`` backend for inputs like ``q``."""
+    """Whether ``auto`` diffusion on CUDA takes the ``matrix`` backend for inputs like ``q``: short
+    enough, and one matrix within ``MATRIX_AUTO_BYTES`` and 1/32 of the GPU's memory (a model keeps
+    one per layer for backward; a 4-layer ListOps model peaked at 15.7 GiB with 2 GiB matrices)."""
     batch, heads, seq, _ = q.shape
-    return seq <= MATRIX_AUTO_MAX_LEN and batch * heads * seq * seq * q.element_size() <= MATRIX_AUTO_BYTES
+    limit = min(MATRIX_AUTO_BYTES, torch.cuda.get_device_properties(q.device).total_memory // 32)
+    return seq <= MATRIX_AUTO_MAX_LEN and batch * heads * seq * seq * q.element_size() <= limit
 
 
 def _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale) -> tuple[str, float]:
