@@ -37,7 +37,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, options
 
 
-def make_batches(args, vocab: int, count: int, device: torch.device) -> list[tuple]:
+def make_batches(args, count: int, device: torch.device) -> list[tuple]:
     """``count`` batches whose attention sees ``--seq-len`` positions (with CLS pooling one of them is
     the CLS vector); each example's real length is uniform in ``[min_fraction, 1]`` of the tokens,
     the rest padding, as in length-bucketed batches."""
@@ -45,7 +45,7 @@ def make_batches(args, vocab: int, count: int, device: torch.device) -> list[tup
     tokens = args.seq_len - (args.pooling == "cls")
     batches = []
     for _ in range(count):
-        ids = torch.randint(1, vocab, (args.batch, tokens), generator=generator)
+        ids = torch.randint(1, args.vocab, (args.batch, tokens), generator=generator)
         low = int(args.min_fraction * tokens)
         lengths = torch.randint(low, tokens + 1, (args.batch,), generator=generator)
         mask = torch.arange(tokens)[None, :] < lengths[:, None]
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < args.min_fraction <= 1:
         parser.error(f"--min-fraction must be in (0, 1], got {args.min_fraction}")
     device = torch.device(args.device)
-    batches = make_batches(args, args.vocab, args.warmup + args.steps, device)
+    batches = make_batches(args, args.warmup + args.steps, device)
     rows = []
     for text in args.variant:
         name, options = parse_variant(text)

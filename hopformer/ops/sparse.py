@@ -78,7 +78,7 @@ def sparse_attention(
         return gather_diffusion(q, k, v, graph, key_padding_mask, [0.0], scale, dropout_p)
     if backend == "matrix":
         z = matrix_diffusion(q, k, v, graph, key_padding_mask, [0.0], scale)
-        return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
+        return _zero_padded_queries(z, key_padding_mask)
     operator = _DenseOperator(q, k, graph, key_padding_mask, scale)
     if dropout_p > 0:
         operator = operator.dropped(dropout_p)
@@ -139,16 +139,16 @@ def diffuse(
 
     if backend == "gather":
         z = gather_diffusion(q, k, v, graph, key_padding_mask, steps, scale, dropout_p, edge_dropout, hop_dropout_p)
-        return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
+        return _zero_padded_queries(z, key_padding_mask)
 
     if backend == "matrix":
         z = matrix_diffusion(q, k, v, graph, key_padding_mask, steps, scale, hop_dropout_p)
-        return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
+        return _zero_padded_queries(z, key_padding_mask)
 
     if backend == "flex":
         plan = flex_backend.block_mask(graph, key_padding_mask, q.device)
         z = flex_backend.flex_diffuse(q, k, v, plan, steps, scale, kernel_options, hop_dropout_p)
-        return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
+        return _zero_padded_queries(z, key_padding_mask)
 
     operator = _DenseOperator(q, k, graph, key_padding_mask, scale)
     if dropout_p > 0 and edge_dropout == "once":
@@ -167,9 +167,7 @@ def diffuse(
             z = v
         if hop_dropout_p > 0:
             z = F.dropout(z, hop_dropout_p)
-    if key_padding_mask is not None:
-        z = z * key_padding_mask[:, None, :, None].to(z.dtype)
-    return z
+    return _zero_padded_queries(z, key_padding_mask)
 
 
 # ------------------------------------------------------------------------------------ internals
@@ -191,6 +189,11 @@ class _DenseOperator:
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:
         return torch.matmul(self.matrix, z)
+
+
+def _zero_padded_queries(z: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Outputs at padded query positions are zero (the convention of every backend)."""
+    return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
 
 
 def _matrix_fits(q: torch.Tensor) -> bool:
