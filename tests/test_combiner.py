@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.attention import build
-from hopformer.ops.combiner import combiner, combiner_partition, combiner_reference
+from hopformer.ops.combiner import (
+    _fixed_tile_codes,
+    _region_summaries,
+    combiner,
+    combiner_partition,
+    combiner_reference,
+)
 
 CAUSAL = [False, True]
 # (variant, seq, block_size): lengths that are not multiples of the block, and ones that are.
@@ -201,3 +207,60 @@ def test_module_shapes_and_padding_invariance(variant, causal):
     y_long = module(longer, longer_mask)
     torch.testing.assert_close(y_long[0, :10], y[0])
     torch.testing.assert_close(y_long[1, :7], y[1, :7])
+
+
+# --------------------------------------------------------------------------------------------
+# Combiner-Fixed on FlexAttention (CUDA)
+
+
+def test_region_summaries_without_padding_match_all_real():
+    q, k, v = _inputs(24, seed=5)
+    view = lambda x: x.view(3, 2, 4, 6, 5)  # noqa: E731
+    real = torch.ones(3, 1, 4, 6, dtype=torch.bool)
+    plain = _region_summaries(view(q), view(k), view(v), None, 0.5)
+    masked = _region_summaries(view(q), view(k), view(v), real, 0.5)
+    torch.testing.assert_close(plain[0], masked[0])
+    torch.testing.assert_close(plain[1], masked[1])
+    assert plain[2] is None and masked[2].all()
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("block,token_tiles", [(48, 5), (128, 4), (256, 6), (64, 3)])
+def test_fixed_flex_tile_codes_cover_the_direct_mask(block, token_tiles, causal):
+    """Tiles marked 0 hold no allowed (query, token key) pair; tiles marked 2 hold only allowed ones."""
+    codes = _fixed_tile_codes(token_tiles, 2, block, causal, full=True)
+    assert codes.shape == (token_tiles, token_tiles + 2) and (codes[:, token_tiles:] == 1).all()
+    i = torch.arange(token_tiles * 128)
+    allowed = (i[:, None] // block) == (i[None, :] // block)
+    if causal:
+        allowed = allowed & (i[None, :] <= i[:, None])
+    tiles = allowed.view(token_tiles, 128, token_tiles, 128).transpose(1, 2)
+    any_, all_ = tiles.any(-1).any(-1), tiles.all(-1).all(-1)
+    direct = codes[:, :token_tiles]
+    assert not (any_ & (direct == 0)).any()
+    assert (all_[direct == 2]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention path)")
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("seq,block", [(300, 48), (517, 128), (512, 128), (700, 256), (256, 16)])
+def test_fixed_on_cuda_matches_cpu_float64(seq, block, causal, padded):
+    """On CUDA, Combiner-Fixed runs as one FlexAttention call over [tokens; block summaries]."""
+    g = torch.Generator().manual_seed(seq + block)
+    q, k, v = (torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = None
+    if padded:
+        mask = torch.ones(2, seq, dtype=torch.bool)
+        mask[0, -37:] = False
+        mask[1, block : 2 * block] = False  # an empty region
+    upstream = torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64)
+    results = []
+    for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
+        inputs = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
+        out = combiner(*inputs, "fixed", block, causal, None if mask is None else mask.to(device))
+        grads = torch.autograd.grad(out, inputs, upstream.to(device, dtype))
+        results.append([t.detach().double().cpu() for t in (out, *grads)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

@@ -10,7 +10,16 @@ from torch.utils.checkpoint import checkpoint
 
 from hopformer.attention import build
 from hopformer.attention.routing import local_attention
-from hopformer.ops.routing import clustered_attention, memberships, normalise, routing, routing_reference
+from hopformer.ops.routing import (
+    clustered_attention,
+    commitment_loss,
+    memberships,
+    normalise,
+    rank,
+    routing,
+    routing_reference,
+    similarity,
+)
 
 
 def _inputs(batch=2, heads=3, seq=17, dim=4, clusters=4, seed=0, grad=False):
@@ -140,6 +149,50 @@ def test_local_attention_matches_dense_mask(causal):
     ok = allowed.any(-1, keepdim=True)
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~ok) * (ok & mask[:, None, :, None])
     torch.testing.assert_close(out, dense)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention path)")
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_attention_on_cuda_matches_cpu(block, causal):
+    """On CUDA local heads run FlexAttention on the local block graph; the CPU path is batched SDPA."""
+    g = torch.Generator().manual_seed(block + int(causal))
+    q, k, v = (torch.randn(2, 3, 300, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[0, -50:] = False
+    mask[1, :140] = False
+    upstream = torch.randn(2, 3, 300, 16, generator=g, dtype=torch.float64)
+    results = []
+    for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
+        inputs = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
+        out = local_attention(*inputs, block, causal, mask.to(device))
+        grads = torch.autograd.grad(out, inputs, upstream.to(device, dtype))
+        results.append([t.detach().double().cpu() for t in (out, *grads)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Commitment loss
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("qk_norm", ["layernorm", "l2"])
+def test_commitment_loss_matches_formula_with_gradient(padded, qk_norm):
+    q, _, _, centroids = _inputs(seq=17, clusters=4, seed=11, grad=True)
+    mask = _padding(2, 17) if padded else None
+    with torch.no_grad():
+        _, assign = rank(normalise(q, qk_norm), centroids, 5, mask)
+    loss = commitment_loss(q, centroids, assign, mask, qk_norm)
+    x = normalise(q, qk_norm)
+    target = centroids[torch.arange(3)[:, None], assign]  # (B, H, L, d)
+    error = (x - target).pow(2).mean(-1)
+    real = torch.ones(2, 17, dtype=torch.float64) if mask is None else mask.double()
+    expected = (error * real[:, None]).sum() / (real.sum() * 3)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(loss, q)[0], torch.autograd.grad(expected, q)[0])
+    assert torch.equal(assign, similarity(x.detach(), centroids).argmax(2))
 
 
 # --------------------------------------------------------------------------------------------

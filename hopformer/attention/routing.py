@@ -35,16 +35,20 @@ features; summed over the normalised Q and K, Q only with shared QK) is left in 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from hopformer import graphs
 from hopformer.attention.base import AttentionModule
 from hopformer.attention.registry import register
+from hopformer.ops import sparse_attention
 from hopformer.ops.combiner import grouped_attention
-from hopformer.ops.routing import QK_NORMS, clustered_attention, normalise, similarity, top_window
+from hopformer.ops.flex import TILE
+from hopformer.ops.routing import QK_NORMS, clustered_attention, commitment_loss, normalise, rank
 
 UPDATES = ("auto", "manual")
 EMA_EPS = 1e-5
@@ -164,43 +168,33 @@ class RoutingAttention(AttentionModule):
 
     def _route(self, q, k, v, window, padding, dropout):
         recording = self.training and not _recomputing()
-        # Normalised vectors in at least float32: they rank tokens, feed the EMA and the loss.
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        q_norm = normalise(q.to(dtype), self.qk_norm)
-        k_norm = q_norm if self.share_qk else normalise(k.to(dtype), self.qk_norm)
-        if recording:
-            with torch.no_grad():
+        sources = [q] if self.share_qk else [q, k]
+        members, assignments = [], []
+        # Normalised vectors in at least float32 rank the tokens and feed the k-means statistics. They
+        # are made here without gradient and dropped before the attention; the commitment loss
+        # recomputes them in its backward.
+        with torch.no_grad():
+            dtype = torch.promote_types(q.dtype, torch.float32)
+            normalised = [normalise(x.to(dtype), self.qk_norm) for x in sources]
+            if recording:
                 if not self._is_initialised():
-                    self._initialise(q_norm.detach(), k_norm.detach(), padding)
+                    self._initialise(normalised[0], normalised[-1], padding)
                 elif self.update == "auto":
                     self.update_centroids()
-
-        centroids = self.centroids.to(dtype)
-        sim_q = similarity(q_norm.detach(), self.centroids)
-        sim_k = sim_q if self.share_qk else similarity(k_norm.detach(), self.centroids)
-        query_idx = top_window(sim_q, window, padding)
-        key_idx = query_idx if self.share_qk else top_window(sim_k, window, padding)
+            for x_norm in normalised:
+                index, assign = rank(x_norm, self.centroids, window, padding)
+                members.append(index)
+                assignments.append(assign)
+            if recording:
+                self._record(list(zip(normalised, assignments)), padding)
+            del normalised
         out = clustered_attention(
-            q, k, v, query_idx, key_idx, self.causal, padding, shared_qk=self.share_qk, dropout_p=dropout
+            q, k, v, members[0], members[-1], self.causal, padding, shared_qk=self.share_qk, dropout_p=dropout
         )
-
-        # argmax assignment: only for the commitment loss and the k-means statistics.
-        pairs = [(q_norm, sim_q.argmax(2))]
-        if not self.share_qk:
-            pairs.append((k_norm, sim_k.argmax(2)))
-        real = None if padding is None else padding[:, None, :].to(dtype)  # (B, 1, L)
-        loss = q_norm.new_zeros(())
-        for x, assign in pairs:
-            target = centroids[torch.arange(self.routing_heads, device=q.device)[:, None], assign]
-            error = (x - target).pow(2).mean(-1)  # (B, H_r, L); the target carries no gradient
-            if real is None:
-                loss = loss + error.mean()
-            else:
-                loss = loss + (error * real).sum() / (real.sum() * self.routing_heads).clamp_min(1.0)
+        loss = sum(
+            commitment_loss(x, self.centroids, assign, padding, self.qk_norm) for x, assign in zip(sources, assignments)
+        )
         self.aux_loss = self.commitment * loss
-        if recording:
-            with torch.no_grad():
-                self._record([(x.detach(), a) for x, a in pairs], padding)
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -328,10 +322,16 @@ def local_attention(
     """Blocked local attention: each block of ``block`` queries attends to its own block and the
     neighbouring blocks (causal: its own block up to the query and the previous block).
 
-    One batched SDPA over ``(batch, heads, blocks, block, 3 * block)``; memory ``O(seq * block)``.
+    On CUDA (no dropout, head_dim >= 16, ``block`` dividing 128 or a multiple of it) this is
+    FlexAttention on the ``local(window=3)`` block graph: memory ``O(seq)``, no copies of k and v.
+    Otherwise one batched SDPA over ``(batch, heads, blocks, block, 3 * block)``: memory
+    ``O(seq * block)``.
     """
     batch, heads, seq, dim = q.shape
     block = min(block, seq)
+    if q.is_cuda and dropout_p == 0 and min(dim, v.shape[-1]) >= 16 and (block % TILE == 0 or TILE % block == 0):
+        graph = _local_graph(seq, block, causal)
+        return sparse_attention(q, k, v, graph, key_padding_mask, backend="flex", scale=dim**-0.5)
     blocks = -(-seq // block)
     padded = blocks * block
     real = torch.ones(batch, seq, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
@@ -357,6 +357,13 @@ def local_attention(
     mask = torch.cat([own.expand(-1, -1, block, -1)] + neighbours, dim=-1)
     out = grouped_attention(qb, keys, values, mask, dim**-0.5, dropout_p).reshape(batch, heads, padded, -1)
     return (out * real[:, None, :, None].to(out.dtype))[:, :, :seq]
+
+
+@functools.lru_cache(maxsize=16)
+def _local_graph(seq: int, block: int, causal: bool):
+    # Built once per shape: the graph caches its FlexAttention block mask.
+    blocks = -(-seq // block)
+    return graphs.local(seq, block, window=min(3, 2 * blocks - 1), causal=causal)
 
 
 def _recomputing() -> bool:

@@ -104,7 +104,10 @@ def combiner(
         q, k, v = (F.pad(x, (0, 0, 0, padded - seq)) for x in (q, k, v))
         real = F.pad(real, (0, padded - seq), value=False)
 
-    if variant == "fixed":
+    all_real = key_padding_mask is None and padded == seq
+    if variant == "fixed" and _flex_fits(q, v, dropout_p):
+        out = _fixed_flex(q, k, v, block_size, causal, None if all_real else real, scale)
+    elif variant == "fixed":
         out = _fixed(q, k, v, block_size, causal, real, scale, dropout_p)
     elif variant == "logsparse":
         out = _logsparse(q, k, v, block_size, causal, real, scale, dropout_p)
@@ -125,15 +128,20 @@ def _region_summaries(
     """Summaries of regions laid out along dim -2: ``q, k, v (..., n, d)``, ``real (..., n)``.
 
     Returns ``(key, value, nonempty)`` with shapes ``(..., d)``, ``(..., dv)``, ``(...)``. A region
-    without real tokens gets a zero key and value and ``nonempty = False``.
+    without real tokens gets a zero key and value and ``nonempty = False``. ``real=None``: every token
+    is real (``nonempty`` is then None).
     """
-    nonempty = real.any(-1)
-    pad = ~real[..., None]
-    key = torch.where(nonempty[..., None], k.masked_fill(pad, -math.inf).amax(-2), 0.0)
-    query = torch.where(nonempty[..., None], q.masked_fill(pad, -math.inf).amax(-2), 0.0)
+    if real is None:  # every token real: pool the views directly (no masked copies of q and k)
+        nonempty = None
+        key, query = k.amax(-2), q.amax(-2)
+    else:
+        nonempty = real.any(-1)
+        pad = ~real[..., None]
+        key = torch.where(nonempty[..., None], k.masked_fill(pad, -math.inf).amax(-2), 0.0)
+        query = torch.where(nonempty[..., None], q.masked_fill(pad, -math.inf).amax(-2), 0.0)
     small = k.shape[-2] <= SMALL
     logits = ((k * query[..., None, :]).sum(-1) if small else torch.einsum("...nd,...d->...n", k, query)) * scale
-    weights = _masked_softmax(logits, real)
+    weights = logits.softmax(-1) if real is None else _masked_softmax(logits, real)
     value = (weights[..., None] * v).sum(-2) if small else torch.einsum("...n,...nd->...d", weights, v)
     return key, value, nonempty
 
@@ -207,6 +215,74 @@ def _fixed(q, k, v, block, causal, real, scale, dropout_p):
     mask = torch.cat([direct.expand(batch, blocks, block, block), region.expand(-1, -1, block, -1)], -1)
     out = grouped_attention(qb, keys, values, mask, scale, dropout_p)
     return out.reshape(batch, heads, seq, -1)
+
+
+def _flex_fits(q: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
+    """Combiner-Fixed runs on FlexAttention on CUDA (no attention dropout there; head_dim >= 16)."""
+    return q.is_cuda and dropout_p == 0 and q.shape[-1] == v.shape[-1] >= 16
+
+
+def _fixed_flex(q, k, v, block, causal, real, scale):
+    """Combiner-Fixed as one FlexAttention call: the keys are ``[tokens ; one summary per block]``.
+
+    A query attends to the tokens of its own block (causal: up to itself) and to the summaries of the
+    other (causal: earlier) blocks, one softmax over both: exactly ``_fixed``, without its per-block
+    copies of the summaries, its ``(blocks, block, block + blocks)`` mask or any score tensor.
+    ``real=None``: no padding anywhere.
+    """
+    from hopformer.ops import flex
+
+    batch, heads, seq, _ = q.shape
+    blocks = seq // block
+    view = lambda x: x.view(batch, heads, blocks, block, x.shape[-1])  # noqa: E731
+    key_s, value_s, nonempty = _region_summaries(
+        view(q), view(k), view(v), None if real is None else real.view(batch, 1, blocks, block), scale
+    )
+    tile = flex.TILE
+    tokens = -(-seq // tile) * tile  # the summaries start on a tile boundary
+    summaries = -(-blocks // tile) * tile
+    pad_tokens = lambda x: F.pad(x, (0, 0, 0, tokens - seq)) if tokens > seq else x  # noqa: E731
+    pad_summaries = lambda x: F.pad(x, (0, 0, 0, summaries - blocks))  # noqa: E731
+    keys = torch.cat([pad_tokens(k), pad_summaries(key_s)], dim=2)
+    values = torch.cat([pad_tokens(v), pad_summaries(value_s)], dim=2)
+    token_real = torch.ones(batch, seq, dtype=torch.bool, device=q.device) if real is None else real
+    summary_real = torch.ones(batch, blocks, dtype=torch.bool, device=q.device) if nonempty is None else nonempty[:, 0]
+    key_real = torch.cat(
+        [F.pad(token_real, (0, tokens - seq)), F.pad(summary_real, (0, summaries - blocks))], dim=1
+    )  # fmt: skip
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        own = q_idx // block
+        is_token = kv_idx < tokens
+        direct = is_token & (kv_idx // block == own)
+        if causal:
+            direct = direct & (kv_idx <= q_idx)
+        region = kv_idx - tokens
+        summary = ~is_token & ((region < own) if causal else (region != own))
+        return key_real[b, kv_idx] & (direct | summary)
+
+    full = real is None and tokens == seq
+    codes = _fixed_tile_codes(tokens // tile, summaries // tile, block, causal, full).to(q.device)
+    mask = flex.block_mask_from_codes(codes[None].expand(batch, -1, -1), mask_mod, tokens, tokens + summaries)
+    out = flex.run_flex(pad_tokens(q), keys, values, mask, scale)
+    return out[:, :, :seq]
+
+
+def _fixed_tile_codes(token_tiles: int, summary_tiles: int, block: int, causal: bool, full: bool) -> torch.Tensor:
+    """Tile codes of ``_fixed_flex``'s mask (0 skip, 1 partial, 2 full), ``(token_tiles, token_tiles +
+    summary_tiles)``: token tiles that share a block, then every summary tile (partial: the mask_mod
+    drops the own block's summary and, causal, later ones)."""
+    start = torch.arange(token_tiles) * 128
+    first, last = start // block, (start + 127) // block  # the blocks each tile touches
+    shared = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    codes = shared.to(torch.int8)
+    if full and block >= 128:  # a tile lies inside one block: whole tiles of a block are full
+        codes = codes * 2
+    if causal:
+        codes = codes.tril()
+        diagonal = torch.arange(token_tiles)
+        codes[diagonal, diagonal] = codes[diagonal, diagonal].clamp(max=1)
+    return torch.cat([codes, torch.ones(token_tiles, summary_tiles, dtype=torch.int8)], dim=1)
 
 
 def _logsparse(q, k, v, block, causal, real, scale, dropout_p):

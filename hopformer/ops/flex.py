@@ -241,7 +241,6 @@ class FlexPlan:
 def block_mask(graph: BlockGraph, key_padding_mask: torch.Tensor | None, device: torch.device) -> FlexPlan:
     """The FlexAttention plan of ``graph`` (and key padding): a BlockMask over ``ceil(seq/128)*128``
     tokens, extended by copies of heavy rows and columns when the graph has them (see above)."""
-    from torch.nn.attention.flex_attention import BlockMask
 
     cache_key = ("flex_plan", str(device))
     if key_padding_mask is None and cache_key in graph.cache:
@@ -282,17 +281,7 @@ def block_mask(graph: BlockGraph, key_padding_mask: torch.Tensor | None, device:
             allowed = allowed & real[b, kv_pos] & real[b, q_pos]
         return allowed
 
-    partial_counts, partial_indices = _ordered(codes == 1)
-    full_counts, full_indices = _ordered(codes == 2)
-    mask = BlockMask.from_kv_blocks(
-        partial_counts,
-        partial_indices,
-        full_counts,
-        full_indices,
-        BLOCK_SIZE=TILE,
-        mask_mod=mask_mod,
-        seq_lengths=(tokens.numel(), tokens.numel()),
-    )
+    mask = block_mask_from_codes(codes, mask_mod, tokens.numel(), tokens.numel())
     plan = FlexPlan(mask, seq, padded, None, None, 0, None, None)
     if balance is not None:
         plan.extra = tokens[padded:]
@@ -335,9 +324,15 @@ def _compiled_flex(return_lse: bool):
 
 def _attend(q, k, v, plan: FlexPlan, scale: float, kernel_options: dict | None):
     """One compiled FlexAttention call in the plan's layout: ``(raw output, lse or None)``."""
+    result = run_flex(q, k, v, plan.mask, scale, kernel_options, return_lse=plan.needs_lse)
+    return result if plan.needs_lse else (result, None)
+
+
+def run_flex(q, k, v, mask, scale: float, kernel_options: dict | None = None, *, return_lse: bool = False):
+    """Compiled FlexAttention (``fullgraph``: no silent eager fallback) under a BlockMask."""
     try:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            result = _compiled_flex(plan.needs_lse)(q, k, v, plan.mask, scale, kernel_options)
+            return _compiled_flex(return_lse)(q, k, v, mask, scale, kernel_options)
     except Exception as error:  # turn Dynamo's recompile-limit error into advice
         if "recompile" in str(error).lower() or "cache_size_limit" in str(error):
             raise RuntimeError(
@@ -347,7 +342,24 @@ def _attend(q, k, v, plan: FlexPlan, scale: float, kernel_options: dict | None):
                 "hopformer.ops.flex.RECOMPILE_LIMIT."
             ) from error
         raise
-    return result if plan.needs_lse else (result, None)
+
+
+def block_mask_from_codes(codes: torch.Tensor, mask_mod, q_len: int, kv_len: int):
+    """A BlockMask of 128-token tiles from codes ``(B, q_tiles, kv_tiles)``: 0 none (skipped),
+    1 partial (``mask_mod`` decides per element), 2 full."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    partial_counts, partial_indices = _ordered(codes == 1)
+    full_counts, full_indices = _ordered(codes == 2)
+    return BlockMask.from_kv_blocks(
+        partial_counts,
+        partial_indices,
+        full_counts,
+        full_indices,
+        BLOCK_SIZE=TILE,
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, kv_len),
+    )
 
 
 def flex_apply(q, k, v, plan: FlexPlan, scale: float, kernel_options: dict | None = None) -> torch.Tensor:

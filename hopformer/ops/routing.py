@@ -120,11 +120,29 @@ def memberships(
     """
     dtype = torch.promote_types(q.dtype, torch.float32)  # rank in at least float32 (see similarity)
     with torch.no_grad():  # membership is discrete: no gradient through the ranking
-        query_idx = top_window(similarity(normalise(q.to(dtype), qk_norm), centroids), window, key_padding_mask)
+        query_idx, _ = rank(normalise(q.to(dtype), qk_norm), centroids, window, key_padding_mask)
         if shared_qk:
             return query_idx, query_idx
-        key_idx = top_window(similarity(normalise(k.to(dtype), qk_norm), centroids), window, key_padding_mask)
+        key_idx, _ = rank(normalise(k.to(dtype), qk_norm), centroids, window, key_padding_mask)
     return query_idx, key_idx
+
+
+def rank(
+    x_norm: torch.Tensor, centroids: torch.Tensor, window: int, key_padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Members ``(batch, heads, clusters, window)`` (top-w per centroid) and the argmax assignment
+    ``(batch, heads, seq)`` of normalised tokens ``x_norm (batch, heads, seq, d)``.
+
+    One head at a time: the float32 similarity table is ``clusters x seq`` per head (at 64K tokens and
+    256 clusters, 64 MiB per head instead of that times the heads).
+    """
+    members, assignment = [], []
+    for head in range(x_norm.shape[1]):
+        table = similarity(x_norm[:, head : head + 1], centroids[head : head + 1])
+        members.append(top_window(table, window, key_padding_mask))
+        assignment.append(table.argmax(2))
+        del table
+    return torch.cat(members, 1), torch.cat(assignment, 1)
 
 
 def similarity(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -135,6 +153,62 @@ def similarity(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
     return torch.einsum("bhld,hcd->bhcl", x.to(dtype), centroids.to(dtype))
+
+
+class _CommitmentLoss(torch.autograd.Function):
+    """``sum_{b,h,l} weight[b,l] * mean_d (normalise(x) - centroid[assignment])^2``, recomputed head by
+    head in the backward: only ``x`` (a view the attention keeps anyway) is saved, never float32 copies
+    of the normalised tokens (at 64K tokens that is 100 MiB per tensor per layer)."""
+
+    @staticmethod
+    def forward(ctx, x, centroids, assignment, weight, qk_norm):
+        total = weight.new_zeros(())
+        for head in range(x.shape[1]):
+            total = total + _head_commitment(x[:, head], centroids[head], assignment[:, head], weight, qk_norm)
+        ctx.save_for_backward(x, centroids, assignment, weight)
+        ctx.qk_norm = qk_norm
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, centroids, assignment, weight = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        for head in range(x.shape[1]):
+            with torch.enable_grad():
+                xh = x[:, head].detach().requires_grad_()
+                loss = _head_commitment(xh, centroids[head], assignment[:, head], weight, ctx.qk_norm)
+                (grad_x[:, head],) = torch.autograd.grad(loss, xh, grad)
+        return grad_x, None, None, None, None
+
+
+def _head_commitment(x, centroids, assignment, weight, qk_norm):
+    # x (B, L, d) raw, centroids (C, d), assignment (B, L), weight (B, L)
+    x_norm = normalise(x.to(torch.promote_types(x.dtype, torch.float32)), qk_norm)
+    error = (x_norm - centroids.to(x_norm.dtype)[assignment]).pow(2).mean(-1)
+    return (error * weight).sum()
+
+
+def commitment_loss(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    assignment: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    qk_norm: str = "layernorm",
+) -> torch.Tensor:
+    """Mean squared distance of the normalised tokens to their assigned centroids (no gradient to the
+    centroids), over real tokens, heads and features: the k-means commitment loss of one tensor.
+
+    ``x (batch, heads, seq, d)``, ``centroids (heads, clusters, d)``, ``assignment (batch, heads, seq)``.
+    Memory-lean: the normalised tokens are recomputed in the backward (see ``_CommitmentLoss``).
+    """
+    batch, heads, seq, _ = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if key_padding_mask is None:
+        weight = x.new_full((batch, seq), 1.0 / (batch * heads * seq), dtype=dtype)
+    else:
+        real = key_padding_mask.to(dtype)
+        weight = real / (real.sum() * heads).clamp_min(1.0)
+    return _CommitmentLoss.apply(x, centroids.detach().to(dtype), assignment, weight, qk_norm)
 
 
 def clustered_attention(
