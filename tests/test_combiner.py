@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hopformer.ops.combiner as combiner_ops
 from hopformer.attention import build
 from hopformer.ops.combiner import (
+    SUMMARY_GROUP,
     _fixed_tile_codes,
     _region_summaries,
     combiner,
@@ -228,8 +230,14 @@ def test_region_summaries_without_padding_match_all_real():
 @pytest.mark.parametrize("block,token_tiles", [(48, 5), (128, 4), (256, 6), (64, 3)])
 def test_fixed_flex_tile_codes_cover_the_direct_mask(block, token_tiles, causal):
     """Tiles marked 0 hold no allowed (query, token key) pair; tiles marked 2 hold only allowed ones."""
-    codes = _fixed_tile_codes(token_tiles, 2, block, causal, full=True)
-    assert codes.shape == (token_tiles, token_tiles + 2) and (codes[:, token_tiles:] == 1).all()
+    codes = _fixed_tile_codes(token_tiles, 2, 3, block, causal, full=True)
+    assert codes.shape == (token_tiles, token_tiles + 6)
+    # each query tile reads the 2 summary tiles of its own copy (SUMMARY_GROUP query tiles per copy)
+    own = torch.arange(token_tiles) // SUMMARY_GROUP
+    for tile in range(token_tiles):
+        expected = torch.zeros(6, dtype=torch.int8)
+        expected[2 * own[tile] : 2 * own[tile] + 2] = 1
+        assert torch.equal(codes[tile, token_tiles:], expected)
     i = torch.arange(token_tiles * 128)
     allowed = (i[:, None] // block) == (i[None, :] // block)
     if causal:
@@ -246,8 +254,11 @@ def test_fixed_flex_tile_codes_cover_the_direct_mask(block, token_tiles, causal)
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("seq,block", [(300, 48), (517, 128), (512, 128), (700, 256), (256, 16)])
-def test_fixed_on_cuda_matches_cpu_float64(seq, block, causal, padded):
-    """On CUDA, Combiner-Fixed runs as one FlexAttention call over [tokens; block summaries]."""
+@pytest.mark.parametrize("group", [16, 2])
+def test_fixed_on_cuda_matches_cpu_float64(seq, block, causal, padded, group, monkeypatch):
+    """On CUDA, Combiner-Fixed runs as one FlexAttention call over [tokens; copies of the block
+    summaries]; ``group`` 2 makes several copies at these lengths."""
+    monkeypatch.setattr(combiner_ops, "SUMMARY_GROUP", group)
     g = torch.Generator().manual_seed(seq + block)
     q, k, v = (torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64) for _ in range(3))
     mask = None
@@ -259,8 +270,21 @@ def test_fixed_on_cuda_matches_cpu_float64(seq, block, causal, padded):
     results = []
     for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
         inputs = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
-        out = combiner(*inputs, "fixed", block, causal, None if mask is None else mask.to(device))
+        backend = "flex" if device == "cuda" else "eager"
+        out = combiner(*inputs, "fixed", block, causal, None if mask is None else mask.to(device), backend=backend)
         grads = torch.autograd.grad(out, inputs, upstream.to(device, dtype))
         results.append([t.detach().double().cpu() for t in (out, *grads)])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_backend_is_checked():
+    q, k, v = _inputs(16)
+    with pytest.raises(ValueError, match="backend='fast' is not known"):
+        combiner(q, k, v, backend="fast")
+    with pytest.raises(ValueError, match="backend='flex' runs variant='fixed' on CUDA"):
+        combiner(q, k, v, "fixed", backend="flex")  # CPU, head_dim 5
+    with pytest.raises(ValueError, match="backend"):
+        build("combiner", 16, 2, backend="triton")
+    eager = combiner(q, k, v, "fixed", 4, backend="eager")
+    torch.testing.assert_close(combiner(q, k, v, "fixed", 4), eager)  # auto on CPU is eager

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import hopformer.ops.routing as routing_ops
 from hopformer.attention import build
 from hopformer.attention.routing import local_attention
 from hopformer.ops.routing import (
@@ -177,9 +178,13 @@ def test_local_attention_on_cuda_matches_cpu(block, causal):
 # Commitment loss
 
 
+@pytest.mark.parametrize("chunk", [None, 1])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("qk_norm", ["layernorm", "l2"])
-def test_commitment_loss_matches_formula_with_gradient(padded, qk_norm):
+def test_commitment_loss_matches_formula_with_gradient(padded, qk_norm, chunk, monkeypatch):
+    """``chunk=1``: rank and the loss work one head at a time (the path long sequences take)."""
+    if chunk is not None:
+        monkeypatch.setattr(routing_ops, "CHUNK_ELEMENTS", chunk)
     q, _, _, centroids = _inputs(seq=17, clusters=4, seed=11, grad=True)
     mask = _padding(2, 17) if padded else None
     with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 
 from hopformer.attention.base import AttentionModule
 from hopformer.attention.registry import register
-from hopformer.ops.combiner import VARIANTS, combiner
+from hopformer.ops.combiner import BACKENDS, VARIANTS, combiner
 
 
 @register("combiner")
@@ -23,6 +23,8 @@ class CombinerAttention(AttentionModule):
             ``None`` picks ``ceil(sqrt(seq))`` per input (``logsparse``: 2); a fixed value larger
             than an input's length raises ``ValueError`` in ``forward``.
         causal: every query sees only positions up to itself.
+        backend: ``"auto"``, ``"eager"`` or ``"flex"`` (see :func:`hopformer.ops.combiner.combiner`):
+            ``auto`` runs ``fixed`` on FlexAttention on CUDA from 16K tokens, for its smaller memory.
     """
 
     def __init__(
@@ -33,25 +35,34 @@ class CombinerAttention(AttentionModule):
         variant: str = "fixed",
         block_size: int | None = None,
         causal: bool = False,
+        backend: str = "auto",
         dropout: float = 0.0,
         bias: bool = True,
     ) -> None:
         super().__init__(dim, heads, dropout=dropout, bias=bias)
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not known; choose one of {list(VARIANTS)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not known; choose one of {list(BACKENDS)}")
         if block_size is not None and (
             isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
         ):
             raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
-        self.variant, self.block_size, self.causal = variant, block_size, causal
+        self.variant, self.block_size, self.causal, self.backend = variant, block_size, causal, backend
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
     ) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
-        return combiner(q, k, v, self.variant, self.block_size, self.causal, key_padding_mask, dropout_p=dropout)
+        return combiner(
+            q, k, v, self.variant, self.block_size, self.causal, key_padding_mask,
+            dropout_p=dropout, backend=self.backend,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, variant={self.variant!r}, block_size={self.block_size}, causal={self.causal}"
+        return (
+            f"{super().extra_repr()}, variant={self.variant!r}, block_size={self.block_size}, "
+            f"causal={self.causal}, backend={self.backend!r}"
+        )

@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
                     cases.append(Case("routing", "eager", seq_len, mode))
                 else:
                     cases.extend(Case("combiner", "eager", seq_len, mode, variant) for variant in variants)
+                    if "fixed" in variants and device.type == "cuda":  # Combiner-Fixed's FlexAttention path
+                        cases.append(Case("combiner", "flex", seq_len, mode, "fixed"))
 
     def show(row: dict) -> None:
         if "ms" in row:

@@ -35,20 +35,22 @@ MEASURED = {
     "sparse": "hopformer.ops.sparse_attention on the graph (bigbird), backend as named.",
     "diffuse": "hopformer.ops.diffuse on the graph, `hops` hops, backend as named.",
     "routing": "RoutingAttention.attend (the module's attention core, no projections) in training mode: "
-    "local heads (blocked local attention) on the first heads, routing heads on the rest with "
+    "local heads (blocked local attention: FlexAttention on the local block graph on CUDA, batched SDPA "
+    "on CPU) on the first heads, routing heads on the rest with "
     "LayerNorm-ed q/k, k-means assignment (similarity, top-w membership, argmax), one EMA centroid "
     "update per step, statistics recording, clustered SDPA, scatter-mean and the commitment loss "
     "(included in the backward). k-means is initialised from the inputs once before the case, as the "
     "first training batch would. Forward rows run the same training-mode forward without autograd.",
     "combiner": "hopformer.ops.combiner (the module's core, no projections), variant as named, block size "
-    "(row length) ceil(sqrt(L)) unless set (logsparse: 2), bidirectional, no padding.",
+    "(row length) ceil(sqrt(L)) unless set (logsparse: 2), bidirectional, no padding; backend eager "
+    "(batched SDPA / einsums) or flex (Combiner-Fixed as one FlexAttention call over [tokens; summaries]).",
 }
 
 
 @dataclass
 class Case:
     op: str  # one of OPS; "sdpa" is dense attention (masked with the graph on CPU)
-    backend: str  # "sdpa", "gather", "flex", "dense"; "eager" (plain PyTorch ops) for routing, combiner
+    backend: str  # "sdpa", "gather", "flex", "dense"; routing: "eager"; combiner: "eager" or "flex" (fixed, CUDA)
     seq_len: int
     mode: str  # "fwd" or "fwd+bwd"
     variant: str | None = None  # combiner variant
@@ -211,7 +213,8 @@ def _core(case: Case, settings: dict, device: torch.device, q, k, v) -> tuple[Ca
     if case.op == "combiner":
         options = settings.get("combiner", {})
         block = resolve_block_size(case.variant, options.get("block_size"), case.seq_len)
-        return (lambda: (combiner(q, k, v, case.variant, block), None)), {"block_size": block}
+        run = lambda: (combiner(q, k, v, case.variant, block, backend=case.backend), None)  # noqa: E731
+        return run, {"block_size": block}
     if case.op == "routing":
         module = routing_module(settings, case.seq_len, device)
         with torch.no_grad():  # k-means initialisation from the inputs, as on the first training batch

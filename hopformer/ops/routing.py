@@ -41,6 +41,7 @@ from hopformer.ops.masked_sdpa import masked_sdpa
 
 QK_NORMS = ("layernorm", "layernorm_noaffine", "l2")
 SCATTER_EPS = 1e-5
+CHUNK_ELEMENTS = 1 << 24  # float32 elements of one temporary table in rank / commitment_loss (64 MiB)
 
 
 def routing(
@@ -133,16 +134,22 @@ def rank(
     """Members ``(batch, heads, clusters, window)`` (top-w per centroid) and the argmax assignment
     ``(batch, heads, seq)`` of normalised tokens ``x_norm (batch, heads, seq, d)``.
 
-    One head at a time: the float32 similarity table is ``clusters x seq`` per head (at 64K tokens and
-    256 clusters, 64 MiB per head instead of that times the heads).
+    A few heads at a time: the float32 similarity table of a chunk holds at most ``CHUNK_ELEMENTS``
+    (at 64K tokens and 256 clusters that is one head, 64 MiB, instead of that times the heads).
     """
     members, assignment = [], []
-    for head in range(x_norm.shape[1]):
-        table = similarity(x_norm[:, head : head + 1], centroids[head : head + 1])
+    batch, heads, seq, _ = x_norm.shape
+    for chunk in _head_chunks(heads, batch * centroids.shape[1] * seq):
+        table = similarity(x_norm[:, chunk], centroids[chunk])
         members.append(top_window(table, window, key_padding_mask))
         assignment.append(table.argmax(2))
         del table
     return torch.cat(members, 1), torch.cat(assignment, 1)
+
+
+def _head_chunks(heads: int, elements_per_head: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(1, elements_per_head))
+    return [slice(start, min(start + step, heads)) for start in range(0, heads, step)]
 
 
 def similarity(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -156,15 +163,17 @@ def similarity(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 class _CommitmentLoss(torch.autograd.Function):
-    """``sum_{b,h,l} weight[b,l] * mean_d (normalise(x) - centroid[assignment])^2``, recomputed head by
-    head in the backward: only ``x`` (a view the attention keeps anyway) is saved, never float32 copies
-    of the normalised tokens (at 64K tokens that is 100 MiB per tensor per layer)."""
+    """``sum_{b,h,l} weight[b,l] * mean_d (normalise(x) - centroid[assignment])^2``, recomputed a few
+    heads at a time in the backward: only ``x`` (a view the attention keeps anyway) is saved, never
+    float32 copies of the normalised tokens (at 64K tokens, 100 MiB per tensor per layer)."""
 
     @staticmethod
     def forward(ctx, x, centroids, assignment, weight, qk_norm):
+        batch, heads, seq, dim = x.shape
+        ctx.chunks = _head_chunks(heads, batch * seq * dim)
         total = weight.new_zeros(())
-        for head in range(x.shape[1]):
-            total = total + _head_commitment(x[:, head], centroids[head], assignment[:, head], weight, qk_norm)
+        for chunk in ctx.chunks:
+            total = total + _chunk_commitment(x[:, chunk], centroids[chunk], assignment[:, chunk], weight, qk_norm)
         ctx.save_for_backward(x, centroids, assignment, weight)
         ctx.qk_norm = qk_norm
         return total
@@ -173,19 +182,20 @@ class _CommitmentLoss(torch.autograd.Function):
     def backward(ctx, grad):
         x, centroids, assignment, weight = ctx.saved_tensors
         grad_x = torch.empty_like(x)
-        for head in range(x.shape[1]):
+        for chunk in ctx.chunks:
             with torch.enable_grad():
-                xh = x[:, head].detach().requires_grad_()
-                loss = _head_commitment(xh, centroids[head], assignment[:, head], weight, ctx.qk_norm)
-                (grad_x[:, head],) = torch.autograd.grad(loss, xh, grad)
+                part = x[:, chunk].detach().requires_grad_()
+                loss = _chunk_commitment(part, centroids[chunk], assignment[:, chunk], weight, ctx.qk_norm)
+                (grad_x[:, chunk],) = torch.autograd.grad(loss, part, grad)
         return grad_x, None, None, None, None
 
 
-def _head_commitment(x, centroids, assignment, weight, qk_norm):
-    # x (B, L, d) raw, centroids (C, d), assignment (B, L), weight (B, L)
+def _chunk_commitment(x, centroids, assignment, weight, qk_norm):
+    # x (B, h, L, d) raw, centroids (h, C, d), assignment (B, h, L), weight (B, L)
     x_norm = normalise(x.to(torch.promote_types(x.dtype, torch.float32)), qk_norm)
-    error = (x_norm - centroids.to(x_norm.dtype)[assignment]).pow(2).mean(-1)
-    return (error * weight).sum()
+    heads = torch.arange(x.shape[1], device=x.device)[None, :, None]
+    error = (x_norm - centroids.to(x_norm.dtype)[heads, assignment]).pow(2).mean(-1)
+    return (error * weight[:, None]).sum()
 
 
 def commitment_loss(
