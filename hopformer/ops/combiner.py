@@ -56,6 +56,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hopformer.ops import flex
 from hopformer.ops.checks import check_qkv, describe_shape
 from hopformer.ops.masked_sdpa import masked_sdpa
 
@@ -248,8 +249,6 @@ def _fixed_flex(q, k, v, block, causal, real, scale):
     copies of the summaries, its ``(blocks, block, block + blocks)`` mask or any score tensor.
     ``real=None``: no padding anywhere.
     """
-    from hopformer.ops import flex
-
     batch, heads, seq, _ = q.shape
     blocks = seq // block
     view = lambda x: x.view(batch, heads, blocks, block, x.shape[-1])  # noqa: E731
@@ -306,9 +305,7 @@ def _fixed_tile_codes(
     if full and block >= 128:  # a tile lies inside one block: whole tiles of a block are full
         codes = codes * 2
     if causal:
-        codes = codes.tril()
-        diagonal = torch.arange(token_tiles)
-        codes[diagonal, diagonal] = codes[diagonal, diagonal].clamp(max=1)
+        codes = flex.causal_tiles(codes)
     own_copy = torch.arange(token_tiles) // SUMMARY_GROUP
     summary_copy = torch.arange(copies * summary_tiles) // summary_tiles
     summary_codes = (own_copy[:, None] == summary_copy[None, :]).to(torch.int8)

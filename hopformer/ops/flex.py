@@ -59,10 +59,7 @@ def _tile_codes(graph: BlockGraph, device: torch.device) -> tuple[torch.Tensor, 
         grouped = padded.view(tiles, r, tiles, r)
         codes = grouped.any(3).any(1).to(torch.int8) + grouped.all(3).all(1).to(torch.int8)
     if graph.is_causal:
-        # tiles above the diagonal hold only future keys (possible inside blocks larger than a tile)
-        codes = codes.tril()
-        diagonal = torch.arange(tiles, device=device)
-        codes[diagonal, diagonal] = codes[diagonal, diagonal].clamp(max=1)
+        codes = causal_tiles(codes)
     if graph.seq_len % TILE:
         codes[:, -1] = codes[:, -1].clamp(max=1)  # the last key tile holds padding
     # the lookup covers every padded position (blocks past the graph have no edges)
@@ -71,6 +68,15 @@ def _tile_codes(graph: BlockGraph, device: torch.device) -> tuple[torch.Tensor, 
     lookup[:nb, :nb] = adjacency
     graph.cache[key] = (codes, lookup)
     return codes, lookup
+
+
+def causal_tiles(codes: torch.Tensor) -> torch.Tensor:
+    """Square tile codes made causal: tiles above the diagonal hold only future keys (possible inside
+    blocks larger than a tile) and go; diagonal tiles become partial (the mask_mod cuts them)."""
+    codes = codes.tril()
+    diagonal = torch.arange(codes.shape[0], device=codes.device)
+    codes[diagonal, diagonal] = codes[diagonal, diagonal].clamp(max=1)
+    return codes
 
 
 def _padding_codes(real: torch.Tensor) -> torch.Tensor:
