@@ -92,10 +92,11 @@ def test_resume_after_interrupt_and_crash_matches_an_uninterrupted_run(tmp_path,
     # 1) Ctrl-C (a real SIGINT) during step 3: the loop finishes the step, checkpoints and returns.
     real_write = trainer_module.MetricsLog.write
     monkeypatch.setattr(trainer_module.MetricsLog, "write", signal_after(3, "train", signal.SIGINT))
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under nohup
     first = train(tiny_config(tmp_path, "resumed"), log=quiet)
     assert first.interrupted and first.step == 3
     assert load_state(tmp_path / "resumed" / "last")["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
 
     # 2) A crash (an exception, no checkpoint) after step 5 was logged: last/ still holds step 4.
     def crash_after_step_5(self, record):
