@@ -231,3 +231,24 @@ def test_bad_pooling_and_classes():
         SequenceClassifier(encoder(), 3, pooling="max")
     with pytest.raises(ValueError, match="num_classes"):
         SequenceClassifier(encoder(), 0)
+
+
+def test_init_schemes():
+    """``normal``: every Linear N(0, 0.02); ``torch``: PyTorch's uniform(+-1/sqrt(fan_in)) default."""
+    torch.manual_seed(0)
+    normal = TransformerEncoder(20, dim=64, mlp_dim=256, init="normal")
+    default = TransformerEncoder(20, dim=64, mlp_dim=256, init="torch")
+    for name, module in default.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            bound = module.in_features**-0.5
+            assert module.weight.abs().max() <= bound
+            assert abs(module.weight.std().item() - bound / 3**0.5) < 0.15 * bound, name
+            ours = normal.get_submodule(name).weight
+            assert abs(ours.std().item() - 0.02) < 0.003 and (normal.get_submodule(name).bias == 0).all()
+    for model in (normal, default):
+        assert abs(model.embed.weight[1:].std().item() - 0.02) < 0.005 and (model.embed.weight[0] == 0).all()
+    classifier = SequenceClassifier(default, 3)
+    first = classifier.head[0]
+    assert first.weight.abs().max() <= first.in_features**-0.5 and first.weight.std() > 0.05
+    with pytest.raises(ValueError, match="init='xavier' is not known"):
+        TransformerEncoder(20, init="xavier")

@@ -74,6 +74,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     head_dim: int | None = None
     gradient_checkpointing: bool = False
+    init: str = "normal"  # "normal" (N(0, 0.02)) or "torch" (PyTorch's Linear default); see TransformerEncoder
 
 
 @dataclass

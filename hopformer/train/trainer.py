@@ -155,6 +155,7 @@ def build_model(config: Config, data: TaskData, pad_to_multiple: int) -> torch.n
         pad_id=None if data.spec.pixels else 0,
         pad_to_multiple=pad_to_multiple,
         gradient_checkpointing=m.gradient_checkpointing,
+        init=m.init,
     )
     head = DualEncoderClassifier if data.spec.pair else SequenceClassifier
     return head(encoder, data.spec.num_classes, pooling=m.pooling, head_dim=m.head_dim)
