@@ -47,7 +47,7 @@ from hopformer.attention.base import AttentionModule
 from hopformer.attention.registry import register
 from hopformer.ops import sparse_attention
 from hopformer.ops.combiner import grouped_attention
-from hopformer.ops.flex import TILE
+from hopformer.ops.flex import MIN_HEAD_DIM, tiles_fit
 from hopformer.ops.routing import QK_NORMS, clustered_attention, commitment_loss, normalise, rank
 
 UPDATES = ("auto", "manual")
@@ -329,7 +329,7 @@ def local_attention(
     """
     batch, heads, seq, dim = q.shape
     block = min(block, seq)
-    if q.is_cuda and dropout_p == 0 and min(dim, v.shape[-1]) >= 16 and (block % TILE == 0 or TILE % block == 0):
+    if q.is_cuda and dropout_p == 0 and min(dim, v.shape[-1]) >= MIN_HEAD_DIM and tiles_fit(block):
         graph = _local_graph(seq, block, causal)
         return sparse_attention(q, k, v, graph, key_padding_mask, backend="flex", scale=dim**-0.5)
     blocks = -(-seq // block)

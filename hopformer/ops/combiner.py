@@ -238,7 +238,7 @@ def _fixed(q, k, v, block, causal, real, scale, dropout_p):
 
 def _flex_fits(q: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
     """Combiner-Fixed runs on FlexAttention on CUDA (no attention dropout there; head_dim >= 16)."""
-    return q.is_cuda and dropout_p == 0 and q.shape[-1] == v.shape[-1] >= 16
+    return q.is_cuda and dropout_p == 0 and q.shape[-1] == v.shape[-1] >= flex.MIN_HEAD_DIM
 
 
 def _fixed_flex(q, k, v, block, causal, real, scale):

@@ -28,9 +28,17 @@ TILE = 128  # FlexAttention's sparse block size
 RECOMPILE_LIMIT = 64
 
 
+MIN_HEAD_DIM = 16  # FlexAttention's smallest head dimension (narrower ones fail inside Inductor)
+
+
+def tiles_fit(block_size: int) -> bool:
+    """Whether blocks of ``block_size`` line up with FlexAttention's 128-token tiles."""
+    return block_size % TILE == 0 or TILE % block_size == 0
+
+
 def check_flex_graph(graph: BlockGraph) -> None:
     bs = graph.block_size
-    if bs % TILE and TILE % bs:
+    if not tiles_fit(bs):
         raise ValueError(
             f"backend='flex' needs block_size to divide {TILE} or be a multiple of it, got block_size={bs}; "
             "use backend='gather' for other block sizes"

@@ -229,7 +229,7 @@ def _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale) -
         if not q.is_cuda:
             raise ValueError(f"backend='flex' needs CUDA tensors, got device {q.device}; use 'gather' or 'auto'")
         flex_backend.check_flex_graph(graph)
-        if min(q.shape[-1], v.shape[-1]) < 16:
+        if min(q.shape[-1], v.shape[-1]) < flex_backend.MIN_HEAD_DIM:
             raise ValueError(
                 f"backend='flex' needs head_dim >= 16 (FlexAttention's minimum), got q/k {q.shape[-1]} and v "
                 f"{v.shape[-1]}; use fewer, wider heads or backend='gather' / 'matrix'"
