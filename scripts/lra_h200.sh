@@ -29,7 +29,8 @@
 #   OPTS_<attention>="k=v ..."  extra --attention-option settings for new cells of that attention
 #   DATA_DIR=data/lra_release  RUNS_DIR=runs/lra  CONFIG_DIR=configs/lra  CONFIG_SUFFIX=_h200
 #   PF_N=200000           Pathfinder images (LRA: 200,000 per folder, split 80/10/10)
-#   PF_BG_WORKERS         processes for Pathfinder generated during the ListOps runs (default: CPUs - 8)
+#   PF_BG_WORKERS         processes for Pathfinder generated during the ListOps runs (default: CPUs - 8;
+#                         0: none, e.g. when several seeds run the listops phase side by side)
 #   LISTOPS_ARGS          extra arguments of `hopformer data listops` (smoke tests: --train 64 ...)
 #   DEVICE                --device for the runs (default: the config's auto)
 #   PYTHON=python         the interpreter; the CLI runs as "$PYTHON -m hopformer.cli" from the repository
@@ -269,7 +270,7 @@ finished() {  # every cell of task $1 has results.json
 listops_phase() {
   make_listops || exit 1
   local bg=
-  if ! pathfinder_ready; then
+  if ! pathfinder_ready && ((PF_BG_WORKERS > 0)); then
     END=$END nice -n 19 "$SELF" _pathfinder "$PF_BG_WORKERS" >>"$RUNS_DIR/pathfinder-data.log" 2>&1 &
     bg=$!
     log "Pathfinder-32 generation in the background ($PF_BG_WORKERS processes), log $RUNS_DIR/pathfinder-data.log"

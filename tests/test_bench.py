@@ -162,6 +162,7 @@ def test_routing_and_combiner_rows_on_cuda(tmp_path):
         "routing [eager]",
         "combiner:fixed [eager]",
         "combiner:axial [eager]",
+        "combiner:fixed [flex]",  # on CUDA the bench also runs Combiner-Fixed on FlexAttention
     }
 
 

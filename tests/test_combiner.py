@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,11 +251,115 @@ def test_fixed_flex_tile_codes_cover_the_direct_mask(block, token_tiles, causal)
     assert (all_[direct == 2]).all()
 
 
+FLEX_CASES = [(300, 48), (517, 128), (512, 128), (700, 256), (256, 16)]
+
+
+def _dense_flex(monkeypatch, group: int) -> list[int]:
+    """Route ``backend="flex"`` through ``_FixedSummaryAttention`` with the dense stand-in for FlexAttention
+    (CPU, float64); returns a list that grows by one per call of the Function."""
+    monkeypatch.setattr(combiner_ops, "SUMMARY_GROUP", group)
+    monkeypatch.setattr(combiner_ops, "_flex_fits", lambda q, v, dropout_p: True)
+    monkeypatch.setattr(combiner_ops, "_fixed_flex", functools.partial(combiner_ops._fixed_flex, dense=True))
+    calls: list[int] = []
+    apply = combiner_ops._FixedSummaryAttention.apply
+    monkeypatch.setattr(combiner_ops._FixedSummaryAttention, "apply", lambda *args: calls.append(1) or apply(*args))
+    return calls
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("seq,block", FLEX_CASES)
+@pytest.mark.parametrize("group", [16, 2])
+def test_fixed_summary_function_matches_eager(seq, block, causal, padded, group, monkeypatch):
+    """The flex path's hand-written summary backward (``_FixedSummaryAttention``, here with a dense
+    attention) against the eager path's autograd: outputs and gradients of q, k, v in float64. Lengths
+    off the block and the 128-token tile, a partly padded and a wholly padded (empty) block, and
+    ``group`` 2: several copies of the summaries."""
+    calls = _dense_flex(monkeypatch, group)
+    g = torch.Generator().manual_seed(seq + block + group)
+    q, k, v = (torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = None
+    if padded:
+        mask = torch.ones(2, seq, dtype=torch.bool)
+        mask[0, -37:] = False
+        mask[1, 1] = False
+        mask[1, block : 2 * block] = False  # an empty region
+    upstream = torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64)
+    results = []
+    for backend in ("eager", "flex"):
+        out = combiner(q, k, v, "fixed", block, causal, mask, backend=backend)
+        results.append([out, *torch.autograd.grad(out, (q, k, v), upstream)])
+    assert calls == [1]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_fixed_summary_function_directional_derivatives(causal, monkeypatch):
+    """The hand-written backward against central finite differences (gradcheck's repeated backward on
+    one graph is not supported: the graph is freed in the first backward)."""
+    _dense_flex(monkeypatch, 1)  # two copies of the summaries at 200 tokens
+    q, k, v = _inputs(200, batch=2, heads=1, dim=3, seed=2, grad=True)
+    mask = torch.ones(2, 200, dtype=torch.bool)
+    mask[0, 3] = False
+    mask[1, 14:28] = False  # an empty block
+    fn = lambda q, k, v: combiner(q, k, v, "fixed", 14, causal, mask, backend="flex")  # noqa: E731
+    g = torch.Generator().manual_seed(5)
+    upstream = torch.randn(2, 1, 200, 3, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(fn(q, k, v), (q, k, v), upstream)
+    for _ in range(3):
+        direction = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in (q, k, v)]
+        eps = 1e-6
+        with torch.no_grad():
+            plus = fn(*(x + eps * d for x, d in zip((q, k, v), direction)))
+            minus = fn(*(x - eps * d for x, d in zip((q, k, v), direction)))
+        numeric = ((plus - minus) * upstream).sum() / (2 * eps)
+        analytic = sum((gr * d).sum() for gr, d in zip(grads, direction))
+        torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_fixed_summary_function_second_backward_raises(monkeypatch):
+    _dense_flex(monkeypatch, 16)
+    q, k, v = _inputs(20, batch=1, heads=1, dim=3, grad=True)
+    out = combiner(q, k, v, "fixed", 4, backend="flex").sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.backward()
+
+
+def test_fixed_summary_function_without_grad(monkeypatch):
+    """No gradient wanted: same output, and no graph is kept."""
+    _dense_flex(monkeypatch, 2)
+    q, k, v = _inputs(300, batch=2, heads=2, dim=4, seed=3, grad=True)
+    expected = combiner(q, k, v, "fixed", 48, True, backend="eager")
+    with torch.no_grad():
+        out = combiner(q, k, v, "fixed", 48, True, backend="flex")
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_fixed_summary_function_ties_keep_the_total_gradient(monkeypatch):
+    """Tied maxima: the gradient of a max-pool goes to one of the tied tokens (autograd's amax splits it);
+    both are subgradients, so what a tied block receives in total is the same."""
+    _dense_flex(monkeypatch, 16)
+    q, k, v = _inputs(12, batch=1, heads=2, dim=4, seed=4)
+    q[:, :, 4:8], k[:, :, 4:8] = q[:, :, 4:5], k[:, :, 4:5]  # block 1: four identical tokens
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    grads = []
+    for backend in ("eager", "flex"):
+        out = combiner(q, k, v, "fixed", 4, False, backend=backend)
+        grads.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b[:, :, 4:8].sum(2), a[:, :, 4:8].sum(2))
+        torch.testing.assert_close(b[:, :, :4], a[:, :, :4])
+        torch.testing.assert_close(b[:, :, 8:], a[:, :, 8:])
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention path)")
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize("seq,block", [(300, 48), (517, 128), (512, 128), (700, 256), (256, 16)])
+@pytest.mark.parametrize("seq,block", FLEX_CASES)
 @pytest.mark.parametrize("group", [16, 2])
 def test_fixed_on_cuda_matches_cpu_float64(seq, block, causal, padded, group, monkeypatch):
     """On CUDA, Combiner-Fixed runs as one FlexAttention call over [tokens; copies of the block

@@ -38,7 +38,8 @@ Implementation (no ``O(L^2)`` tensor, no loop over tokens or regions): ``fixed``
 summaries to every block's keys and runs one batched SDPA with a boolean mask (summaries as extra KV
 tokens); on CUDA it can instead run as one FlexAttention call whose keys are ``[tokens ; block
 summaries]`` (``backend="flex"``; ``auto`` from ``FLEX_MIN_LEN`` tokens): no per-block copies of the
-summaries and no mask tensor: about 30% less memory at up to twice the time (see ``FLEX_MIN_LEN``).
+summaries and no mask tensor, and a hand-written backward for the summaries that adds their gradients
+in place (:class:`_FixedSummaryAttention`): less memory at up to twice the time (see ``FLEX_MIN_LEN``).
 ``logsparse`` builds the ``log L`` summary levels with reshapes and swaps neighbouring spans so
 each query meets its sibling summary in place, then one softmax over ``[own block || levels]``.
 The axial forms compute row, column and summary logits with einsums (direct keys differ per row
@@ -51,10 +52,14 @@ summaries use exclusive ``cummax`` along rows / columns and per-column / per-row
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from hopformer.ops import flex
 from hopformer.ops.checks import check_qkv, describe_shape
@@ -63,6 +68,7 @@ from hopformer.ops.masked_sdpa import masked_sdpa
 VARIANTS = ("fixed", "logsparse", "axial", "axial_vertical", "axial_horizontal", "mixture")
 
 Partition = list[tuple[list[int], list[list[int]]]]  # per query: (direct set, regions)
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, keys, values) -> out
 # Up to this many keys per group, broadcast-multiply-and-sum replaces a batched matmul of tiny
 # matrices (logsparse's blocks of 2 and its short low-level spans).
 SMALL = 16
@@ -72,6 +78,7 @@ SUMMARY_GROUP = 16
 # From this length ``auto`` runs Combiner-Fixed on FlexAttention. H200, bf16, 12 heads x 64, fwd+bwd:
 # eager / flex 2.6 / 3.9 ms at 4K, 2.8 / 4.4 ms at 16K, 9.2 / 13.6 ms at 64K; peak memory 104 / 70,
 # 419 / 281, 1705 / 1130 MiB: flex trades time for memory, which is what long sequences run out of.
+# (flex figures measured before _FixedSummaryAttention, which drops several full-size temporaries.)
 FLEX_MIN_LEN = 16384
 
 
@@ -241,34 +248,27 @@ def _flex_fits(q: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
     return q.is_cuda and dropout_p == 0 and q.shape[-1] == v.shape[-1] >= flex.MIN_HEAD_DIM
 
 
-def _fixed_flex(q, k, v, block, causal, real, scale):
+def _fixed_flex(q, k, v, block, causal, real, scale, *, dense: bool = False):
     """Combiner-Fixed as one FlexAttention call: the keys are ``[tokens ; one summary per block]``.
 
     A query attends to the tokens of its own block (causal: up to itself) and to the summaries of the
     other (causal: earlier) blocks, one softmax over both: exactly ``_fixed``, without its per-block
-    copies of the summaries, its ``(blocks, block, block + blocks)`` mask or any score tensor.
-    ``real=None``: no padding anywhere.
+    copies of the summaries, its ``(blocks, block, block + blocks)`` mask or any score tensor. The
+    summaries and their gradients are :class:`_FixedSummaryAttention`'s. ``real=None``: no padding
+    anywhere. ``dense``: run the same masked attention densely instead (eager, any device; tests).
     """
-    batch, heads, seq, _ = q.shape
+    batch, _, seq, _ = q.shape
     blocks = seq // block
-    view = lambda x: x.view(batch, heads, blocks, block, x.shape[-1])  # noqa: E731
-    key_s, value_s, nonempty = _region_summaries(
-        view(q), view(k), view(v), None if real is None else real.view(batch, 1, blocks, block), scale
-    )
     tile = flex.TILE
     tokens = -(-seq // tile) * tile  # the summaries start on a tile boundary
     summaries = -(-blocks // tile) * tile  # one copy of the summaries, padded to whole tiles
     # Every query tile reads the summaries. With one copy, the backward's program for a summary tile
     # would walk all query tiles in series; a copy per SUMMARY_GROUP query tiles keeps those chains
-    # short (the copies are small: blocks x head_dim each; autograd sums their gradients).
+    # short (the copies are small: blocks x head_dim each; their gradients are summed).
     token_tiles = tokens // tile
     copies = -(-token_tiles // SUMMARY_GROUP)
-    pad_tokens = lambda x: F.pad(x, (0, 0, 0, tokens - seq)) if tokens > seq else x  # noqa: E731
-    copied = lambda x: F.pad(x, (0, 0, 0, summaries - blocks)).repeat(1, 1, copies, 1)  # noqa: E731
-    keys = torch.cat([pad_tokens(k), copied(key_s)], dim=2)
-    values = torch.cat([pad_tokens(v), copied(value_s)], dim=2)
     token_real = torch.ones(batch, seq, dtype=torch.bool, device=q.device) if real is None else real
-    summary_real = torch.ones(batch, blocks, dtype=torch.bool, device=q.device) if nonempty is None else nonempty[:, 0]
+    summary_real = token_real.view(batch, blocks, block).any(-1)  # empty regions get no weight
     key_real = torch.cat(
         [F.pad(token_real, (0, tokens - seq)), F.pad(summary_real, (0, summaries - blocks)).repeat(1, copies)], dim=1
     )  # fmt: skip
@@ -285,11 +285,173 @@ def _fixed_flex(q, k, v, block, causal, real, scale):
         summary = summary & ((region < own) if causal else (region != own))
         return key_real[b, kv_idx] & (direct | summary)
 
-    full = real is None and tokens == seq
-    codes = _fixed_tile_codes(token_tiles, summaries // tile, copies, block, causal, full).to(q.device)
-    mask = flex.block_mask_from_codes(codes[None].expand(batch, -1, -1), mask_mod, tokens, keys.shape[2])
-    out = flex.run_flex(pad_tokens(q), keys, values, mask, scale)
+    if dense:
+        attend = functools.partial(_dense_attention, mask_mod=mask_mod, scale=scale)
+    else:
+        full = real is None and tokens == seq
+        codes = _fixed_tile_codes(token_tiles, summaries // tile, copies, block, causal, full).to(q.device)
+        kv_len = tokens + copies * summaries
+        mask = flex.block_mask_from_codes(codes[None].expand(batch, -1, -1), mask_mod, tokens, kv_len)
+        attend = functools.partial(flex.run_flex, mask=mask, scale=scale)
+    keep_graph = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    out = _FixedSummaryAttention.apply(q, k, v, real, block, scale, (tokens, summaries, copies), attend, keep_graph)
     return out[:, :, :seq]
+
+
+def _dense_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask_mod: Callable[..., torch.Tensor], scale: float
+) -> torch.Tensor:
+    """Eager stand-in for ``_fixed_flex``'s FlexAttention call: the dense bool mask from ``mask_mod``."""
+    batch, queries, kv = q.shape[0], q.shape[2], keys.shape[2]
+    b, q_idx, kv_idx = (torch.arange(n, device=q.device) for n in (batch, queries, kv))
+    mask = mask_mod(b[:, None, None], None, q_idx[:, None], kv_idx)  # (B, Q, K)
+    return grouped_attention(q[:, :, None], keys[:, :, None], values[:, :, None], mask[:, None], scale, 0.0)[:, :, 0]
+
+
+class _FixedSummaryAttention(torch.autograd.Function):
+    """Combiner-Fixed's block summaries and the attention over ``[tokens ; summary copies]``, with the
+    summaries' backward written by hand to save memory.
+
+    Under plain autograd the max-pools of q and k (AmaxBackward) and the summary einsums (BmmBackward)
+    each allocate full-size gradients of q, k or v, which autograd then sums with the attention's: at
+    64K tokens they were most of the peak memory. Here the summaries are computed without a graph, the
+    attention (``attend(q, keys, values)``: compiled FlexAttention on CUDA, :func:`_dense_attention`
+    in tests) keeps its own graph on detached inputs, and the backward adds the summaries' small
+    gradients in place into the attention's token gradients: no full-size temporaries.
+
+    ``q, k, v (B, H, seq, d)`` with ``seq`` a multiple of ``block``; ``real (B, seq)`` or None;
+    ``layout = (tokens, summaries, copies)``: keys are the tokens padded to ``tokens``, then
+    ``copies`` copies of the block summaries padded to ``summaries``. Returns ``(B, H, tokens, d)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        real: torch.Tensor | None,
+        block: int,
+        scale: float,
+        layout: tuple[int, int, int],
+        attend: Attend,
+        keep_graph: bool,
+    ) -> torch.Tensor:
+        batch, _, seq, _ = q.shape
+        tokens, summaries, copies = layout
+        qb, kb, vb = (x.unflatten(2, (seq // block, block)) for x in (q, k, v))
+        rb = None if real is None else real.view(batch, 1, -1, block)  # (B, 1, blocks, block)
+        nonempty = None if rb is None else rb.any(-1)  # (B, 1, blocks)
+        query_s, query_arg = _masked_max(qb, rb, nonempty)
+        key_s, key_arg = _masked_max(kb, rb, nonempty)
+        # Within-region distribution p(n | region) = softmax_n(scale * k_n . query_s); value_s = sum_n p v_n.
+        logits = torch.einsum("...nd,...d->...n", kb, query_s).to(torch.promote_types(q.dtype, torch.float32)) * scale
+        weights = logits.softmax(-1) if rb is None else _masked_softmax(logits, rb) * nonempty[..., None]
+        value_s = torch.einsum("...n,...nd->...d", weights.to(v.dtype), vb)
+
+        def extend(x: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+            summary = F.pad(summary, (0, 0, 0, summaries - summary.shape[2])).repeat(1, 1, copies, 1)
+            return torch.cat([_pad_seq(x, tokens), summary], dim=2)
+
+        q_, keys, values = _pad_seq(q, tokens), extend(k, key_s), extend(v, value_s)
+        if not keep_graph:  # no gradient wanted: nothing to keep
+            return attend(q_, keys, values)
+        with torch.enable_grad():
+            q_ = q_.detach().requires_grad_()
+            out = attend(q_, keys.requires_grad_(), values.requires_grad_())
+        ctx.graph = (out, q_, keys, values)
+        ctx.save_for_backward(q, k, v, query_s, query_arg, key_arg, weights, nonempty)
+        ctx.scale, ctx.layout = scale, layout
+        return out.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not hasattr(ctx, "graph"):
+            raise RuntimeError(
+                "Combiner-Fixed's flex path frees its graph in the first backward (to save memory): "
+                "retain_graph=True and a second backward are not supported; use backend='eager'"
+            )
+        out, q_, keys, values = ctx.graph
+        del ctx.graph  # the attention's saved keys and values go with its graph
+        dq, dkeys, dvalues = torch.autograd.grad(out, (q_, keys, values), grad)
+        del out, q_, keys, values
+        q, k, v, *pooled = ctx.saved_tensors
+        _add_summary_grads(dq, dkeys, dvalues, k, v, *pooled, ctx.scale, ctx.layout)
+        # Token parts in the inputs' layout, one at a time: each big buffer goes before the next copy.
+        dq = _token_grad(dq, q)
+        dk = _token_grad(dkeys, k)
+        del dkeys
+        dv = _token_grad(dvalues, v)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _masked_max(
+    x: torch.Tensor, real: torch.Tensor | None, nonempty: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-pool ``x (..., n, d)`` over the real tokens (``real (..., n)``): ``(values, argmax)``, each
+    ``(..., d)``; regions without real tokens (``nonempty`` False) get zeros."""
+    if real is None:
+        return x.max(-2)
+    values, index = x.masked_fill(~real[..., None], -math.inf).max(-2)
+    return values.masked_fill_(~nonempty[..., None], 0.0), index
+
+
+def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, length - x.shape[2])) if length > x.shape[2] else x
+
+
+def _add_summary_grads(
+    dq: torch.Tensor,
+    dkeys: torch.Tensor,
+    dvalues: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_s: torch.Tensor,
+    query_arg: torch.Tensor,
+    key_arg: torch.Tensor,
+    weights: torch.Tensor,
+    nonempty: torch.Tensor | None,
+    scale: float,
+    layout: tuple[int, int, int],
+) -> None:
+    """Adds, in place into the token rows of the attention's gradients ``dq (B, H, tokens, d)``,
+    ``dkeys``, ``dvalues (B, H, tokens + copies * summaries, d)``, what flows through the summaries
+    (their gradients are the summary rows, summed over the copies)."""
+    seq, (blocks, block) = k.shape[2], weights.shape[2:]
+    tokens, summaries, copies = layout
+
+    def split(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # token rows by block, summary grads
+        summary = grad[:, :, tokens:].unflatten(2, (copies, summaries)).sum(2)[:, :, :blocks]
+        if nonempty is not None:
+            summary = summary * nonempty[..., None]  # empty regions: zero summaries, no gradient
+        return grad[:, :, :seq].unflatten(2, (blocks, block)), summary
+
+    dqb = dq[:, :, :seq].unflatten(2, (blocks, block))
+    dkb, dkey_s = split(dkeys)
+    dvb, dvalue_s = split(dvalues)
+    kb, vb = (x.unflatten(2, (blocks, block)) for x in (k, v))
+    # value_s = sum_n w_n v_n
+    dvb.addcmul_(weights[..., None].to(dvb.dtype), dvalue_s[..., None, :])
+    # w = softmax_n(logits), logits_n = scale * k_n . query_s
+    dw = torch.einsum("...nd,...d->...n", vb, dvalue_s).to(weights.dtype)
+    dlogits = (weights * (dw - (weights * dw).sum(-1, keepdim=True))).to(k.dtype)
+    dkb.addcmul_(dlogits[..., None], query_s[..., None, :], value=scale)
+    dquery_s = torch.einsum("...n,...nd->...d", dlogits, kb) * scale
+    if nonempty is not None:
+        dquery_s = dquery_s * nonempty[..., None]
+    # Max-pools: the gradient goes to the argmax. On ties it all goes to one index, where autograd's
+    # amax splits it evenly; both are valid subgradients (random float inputs have no ties).
+    dkb.scatter_add_(3, key_arg[..., None, :], dkey_s[..., None, :])
+    dqb.scatter_add_(3, query_arg[..., None, :], dquery_s[..., None, :])
+
+
+def _token_grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The first ``like.shape[2]`` rows of ``grad``, in ``like``'s memory layout (copied if they are not)."""
+    rows = grad[:, :, : like.shape[2]]
+    if rows.stride() == like.stride():
+        return rows
+    return torch.empty_like(like).copy_(rows)
 
 
 def _fixed_tile_codes(

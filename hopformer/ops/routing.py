@@ -41,7 +41,10 @@ from hopformer.ops.masked_sdpa import masked_sdpa
 
 QK_NORMS = ("layernorm", "layernorm_noaffine", "l2")
 SCATTER_EPS = 1e-5
-CHUNK_ELEMENTS = 1 << 24  # float32 elements of one temporary table in rank / commitment_loss (64 MiB)
+# float32 elements of one temporary table in rank / commitment_loss (16 MiB). The commitment loss's
+# backward holds a handful of such tables at once: at 64K tokens, 4 heads per chunk (64 MiB tables)
+# made it the peak of Routing's whole forward+backward.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def routing(
@@ -134,8 +137,8 @@ def rank(
     """Members ``(batch, heads, clusters, window)`` (top-w per centroid) and the argmax assignment
     ``(batch, heads, seq)`` of normalised tokens ``x_norm (batch, heads, seq, d)``.
 
-    A few heads at a time: the float32 similarity table of a chunk holds at most ``CHUNK_ELEMENTS``
-    (at 64K tokens and 256 clusters that is one head, 64 MiB, instead of that times the heads).
+    A few heads at a time: the float32 similarity table of a chunk holds at most ``CHUNK_ELEMENTS``,
+    or one head's (at 64K tokens and 256 clusters one head, 64 MiB, instead of that times the heads).
     """
     members, assignment = [], []
     batch, heads, seq, _ = x_norm.shape
