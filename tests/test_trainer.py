@@ -351,6 +351,10 @@ def test_config_file_overrides_and_errors(tmp_path):
         load_config(path, {"model.dimm": 3})
     with pytest.raises(ValueError, match="model.dim"):
         load_config(path, {"model.dim": "wide"})
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a number field takes it, a word is still refused
+    assert load_config(path, {"optim.lr": parse_assignment("lr=1e-3")[1]}).optim.lr == 1e-3
+    with pytest.raises(ValueError, match="optim.lr must be a number, got 'fast'"):
+        load_config(path, {"optim.lr": "fast"})
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="schedule"):

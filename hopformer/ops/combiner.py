@@ -76,9 +76,8 @@ BACKENDS = ("auto", "eager", "flex")
 # Query tiles (of 128 tokens) per copy of the block summaries in Combiner-Fixed on FlexAttention.
 SUMMARY_GROUP = 16
 # From this length ``auto`` runs Combiner-Fixed on FlexAttention. H200, bf16, 12 heads x 64, fwd+bwd:
-# eager / flex 2.6 / 3.9 ms at 4K, 2.8 / 4.4 ms at 16K, 9.2 / 13.6 ms at 64K; peak memory 104 / 70,
-# 419 / 281, 1705 / 1130 MiB: flex trades time for memory, which is what long sequences run out of.
-# (flex figures measured before _FixedSummaryAttention, which drops several full-size temporaries.)
+# eager / flex 2.4 / 5.0 ms at 4K, 2.8 / 4.7 ms at 16K, 9.2 / 12.0 ms at 64K; peak memory 104 / 39,
+# 419 / 156, 1705 / 642 MiB: flex trades time for memory, which is what long sequences run out of.
 FLEX_MIN_LEN = 16384
 
 

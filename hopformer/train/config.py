@@ -178,6 +178,11 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{where} must be an integer, got {value!r}")
     elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads exponents without a dot (1e-3) as strings
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{where} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where} must be a number, got {value!r}")
         return float(value)
