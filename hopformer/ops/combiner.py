@@ -156,14 +156,8 @@ def _region_summaries(
     without real tokens gets a zero key and value and ``nonempty = False``. ``real=None``: every token
     is real (``nonempty`` is then None).
     """
-    if real is None:  # every token real: pool the views directly (no masked copies of q and k)
-        nonempty = None
-        key, query = k.amax(-2), q.amax(-2)
-    else:
-        nonempty = real.any(-1)
-        pad = ~real[..., None]
-        key = torch.where(nonempty[..., None], k.masked_fill(pad, -math.inf).amax(-2), 0.0)
-        query = torch.where(nonempty[..., None], q.masked_fill(pad, -math.inf).amax(-2), 0.0)
+    nonempty = None if real is None else real.any(-1)
+    key, query = _masked_max(k, real, nonempty)[0], _masked_max(q, real, nonempty)[0]
     small = k.shape[-2] <= SMALL
     logits = ((k * query[..., None, :]).sum(-1) if small else torch.einsum("...nd,...d->...n", k, query)) * scale
     weights = logits.softmax(-1) if real is None else _masked_softmax(logits, real)
