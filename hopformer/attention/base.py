@@ -5,6 +5,10 @@ An attention module maps ``(batch, seq, dim) -> (batch, seq, dim)`` with
 Subclasses implement :meth:`AttentionModule.attend` on ``(batch, heads, seq, head_dim)`` tensors
 with a boolean ``key_padding_mask`` (True = real token), the convention of :mod:`hopformer.ops`.
 
+Positions: when ``self.rotary`` holds a :class:`~hopformer.attention.rotary.RotaryEmbedding`, queries
+and keys are rotated by their positions before ``attend`` (RoPE), whatever the core; the encoder sets
+it for ``positions="rope"``.
+
 Auxiliary losses (routing's commitment loss) are left in ``self.aux_loss`` by ``forward``; the
 trainer adds every module's ``aux_loss`` to the task loss (see ``hopformer.models.aux_loss``).
 """
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hopformer.attention.registry import register
+from hopformer.attention.rotary import RotaryEmbedding
 from hopformer.ops.masked_sdpa import masked_sdpa
 
 
@@ -54,6 +59,7 @@ class AttentionModule(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
         self.aux_loss: torch.Tensor | None = None
+        self.rotary: RotaryEmbedding | None = None  # set to rotate q and k by position (RoPE)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
@@ -61,6 +67,8 @@ class AttentionModule(nn.Module):
         padding = key_padding_mask(attention_mask, x)
         batch, seq, _ = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k)
         y = self.attend(q, k, v, padding)
         return self.out(y.transpose(1, 2).reshape(batch, seq, self.dim))
 

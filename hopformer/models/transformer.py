@@ -35,9 +35,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hopformer.attention import build as build_attention
+from hopformer.attention.rotary import RotaryEmbedding
 
 NORMS = ("pre", "post")
-POSITIONS = ("learned", "sinusoidal", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "none")
 INITS = ("normal", "torch")
 POOLINGS = ("mean", "cls")
 CONFIG_NAME = "config.json"
@@ -190,6 +191,8 @@ class Block(nn.Module):
         if config.attention_dropout > 0:
             options.setdefault("dropout", config.attention_dropout)
         self.attention = build_attention(config.attention, config.dim, config.heads, **options)
+        if config.positions == "rope":
+            self.attention.rotary = RotaryEmbedding(config.dim // config.heads)
         self.norm1 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.norm2 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.mlp = nn.Sequential(
@@ -227,7 +230,9 @@ class TransformerEncoder(PretrainedModel):
             keyword arguments (``hops``, ``alpha``, ``block_size``, ``window``...).
         norm: ``"pre"`` (LayerNorm before each sub-layer and once at the end) or ``"post"``
             (RoBERTa: LayerNorm after each residual, and on the embeddings).
-        positions: ``"learned"``, ``"sinusoidal"`` or ``"none"``.
+        positions: ``"learned"`` or ``"sinusoidal"`` (added to the embeddings), ``"rope"`` (rotary:
+            every attention rotates its queries and keys by position, so scores see relative
+            offsets; needs an even head dim) or ``"none"``.
         dropout: on embeddings and after attention and MLP (before the residual add).
         attention_dropout: passed to the attention module as ``dropout`` when > 0.
         pad_id: the embedding's ``padding_idx`` (0 for tokens). ``None`` for pixel tasks, where 0
@@ -280,7 +285,7 @@ class TransformerEncoder(PretrainedModel):
             self.positions = nn.Parameter(torch.zeros(max_len, dim))
         elif positions == "sinusoidal":
             self.register_buffer("positions", sinusoidal_positions(max_len, dim), persistent=False)
-        else:
+        else:  # "rope" lives in the attention modules; "none" has no positions
             self.positions = None
         self.embed_norm = nn.LayerNorm(dim, eps=layer_norm_eps) if norm == "post" else nn.Identity()
         self.dropout = nn.Dropout(dropout)
@@ -345,6 +350,11 @@ def _check_encoder_config(config: EncoderConfig) -> None:
         raise ValueError(f"init={config.init!r} is not known; choose one of {list(INITS)}")
     if config.positions == "sinusoidal" and config.dim % 2:
         raise ValueError(f"positions='sinusoidal' needs an even dim, got {config.dim}")
+    if config.positions == "rope" and (config.dim // config.heads) % 2:
+        raise ValueError(
+            f"positions='rope' needs an even head dim, got dim={config.dim} / heads={config.heads} = "
+            f"{config.dim // config.heads}"
+        )
     for name in ("dropout", "attention_dropout"):
         if not 0.0 <= getattr(config, name) < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)!r}")

@@ -1,0 +1,66 @@
+"""Rotary position embeddings (RoPE; Su et al., "RoFormer", 2021).
+
+Each pair of channels ``(x[i], x[i + d/2])`` of a query or key at position ``p`` is rotated by the
+angle ``p * base ** (-2i / d)`` (the "rotate half" layout of GPT-NeoX and LLaMA). A query at ``m``
+and a key at ``n`` then score ``q . R(n - m) k``: attention sees relative offsets only, on every
+backend, because the rotation happens before the attention core. On the Long Range Arena this
+matters most: its tasks are largely local (Miralles-Gonzalez et al., "On the locality bias and
+results in the Long Range Arena", 2025).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates ``(batch, heads, seq, head_dim)`` queries and keys by their positions ``0 .. seq - 1``.
+
+    Args:
+        head_dim: channels per head; must be even.
+        base: the wavelength base (10,000 as in RoFormer).
+
+    The angles are cached per (length, device, dtype); the rotation runs in float32 (float64 for
+    float64 inputs) and returns the input dtype. No parameters: a model with rotary attention saves and loads as before.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim!r}")
+        if not base > 1.0:
+            raise ValueError(f"rotary base must be > 1, got {base!r}")
+        self.head_dim, self.base = head_dim, float(base)
+        self._cache: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def angles(
+        self, seq: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos`` and ``sin`` tables, each ``(seq, head_dim)``."""
+        key = (seq, str(device), dtype)
+        if key not in self._cache:
+            half = self.head_dim // 2
+            frequency = self.base ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+            angle = torch.arange(seq, dtype=torch.float64, device=device)[:, None] * frequency
+            angle = torch.cat([angle, angle], dim=-1)
+            self._cache[key] = (angle.cos().to(dtype), angle.sin().to(dtype))
+        return self._cache[key]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.shape[-1] != self.head_dim or k.shape[-1] != self.head_dim:
+            raise ValueError(f"rotary head_dim={self.head_dim}, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+        compute = torch.promote_types(q.dtype, torch.float32)
+        cos, sin = self.angles(max(q.shape[-2], k.shape[-2]), q.device, compute)
+        q_len, k_len = q.shape[-2], k.shape[-2]
+        return _rotate(q, cos[:q_len], sin[:q_len]), _rotate(k, cos[:k_len], sin[:k_len])
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, base={self.base:g}"
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    wide = x.to(cos.dtype)
+    first, second = wide.chunk(2, dim=-1)
+    turned = torch.cat([-second, first], dim=-1)  # multiplication by i in each channel pair
+    return (wide * cos + turned * sin).to(x.dtype)
