@@ -126,10 +126,10 @@ def _padding_codes(real: torch.Tensor) -> torch.Tensor:
 
 
 def _ordered(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool ``(..., Q, K)`` -> counts ``(..., Q)`` and the selected column indices first ``(..., Q, K)``."""
+    """Bool ``(B, Q, K)`` -> counts ``(B, 1, Q)`` and selected column indices first ``(B, 1, Q, K)``."""
     counts = selected.sum(-1, dtype=torch.int32)
     indices = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return counts, indices
+    return counts[:, None], indices[:, None]
 
 
 @dataclass
@@ -217,12 +217,10 @@ def run_flex(q, k, v, mask, scale: float, kernel_options: dict | None = None, *,
 
 
 def block_mask_from_codes(codes: torch.Tensor, mask_mod, q_len: int, kv_len: int):
-    """A BlockMask of 128-token tiles from codes ``(B, q_tiles, kv_tiles)`` or ``(B, H, q_tiles,
-    kv_tiles)``: 0 none (skipped), 1 partial (``mask_mod`` decides per element), 2 full."""
+    """A BlockMask of 128-token tiles from codes ``(B, q_tiles, kv_tiles)``: 0 none (skipped),
+    1 partial (``mask_mod`` decides per element), 2 full."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    if codes.dim() == 3:
-        codes = codes[:, None]
     partial_counts, partial_indices = _ordered(codes == 1)
     full_counts, full_indices = _ordered(codes == 2)
     return BlockMask.from_kv_blocks(
