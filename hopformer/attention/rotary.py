@@ -22,7 +22,8 @@ class RotaryEmbedding(nn.Module):
         base: the wavelength base (10,000 as in RoFormer).
 
     The angles are cached per (length, device, dtype); the rotation runs in float32 (float64 for
-    float64 inputs) and returns the input dtype. No parameters: a model with rotary attention saves and loads as before.
+    float64 inputs) and returns the input dtype. No parameters: a model with rotary attention saves
+    and loads as before.
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
