@@ -385,6 +385,27 @@ def test_lra_tasks_need_a_data_dir(tmp_path):
         load_task(from_dict({"task": "sudoku"}))
 
 
+def test_mask_black_pixels_masks_exactly_the_zero_pixels(tmp_path):
+    """Off: every pixel is a real token. On (the LRA reference's ``inputs > 0``): black pixels are masked."""
+    from hopformer.data.pathfinder import generate_pathfinder
+
+    generate_pathfinder(tmp_path, n=20, workers=1, progress=False)
+    settings = {"task": "pathfinder32", "data": {"data_dir": str(tmp_path)}}
+    plain = load_task(from_dict(settings), progress=False)
+    settings["data"]["mask_black_pixels"] = True
+    masked = load_task(from_dict(settings), progress=False)
+    for split in ("train", "val", "test"):
+        for a, b in zip(plain.splits[split], masked.splits[split], strict=True):
+            assert torch.equal(a["input_ids"], b["input_ids"]) and a["label"] == b["label"]
+            assert bool(a["attention_mask"].all())
+            assert torch.equal(b["attention_mask"], a["input_ids"] != 0)
+            assert 0 < int(b["attention_mask"].sum()) < len(b["attention_mask"])
+    with pytest.raises(ValueError, match="mask_black_pixels.*pixel tasks.*'listops'"):
+        load_task(from_dict({"data": {"mask_black_pixels": True}}))
+    with pytest.raises(ValueError, match="mask_black_pixels"):
+        from_dict({"data": {"mask_black_pixels": "yes"}})
+
+
 def test_a_nan_loss_stops_the_run_before_it_is_saved(tmp_path, data, monkeypatch):
     """A diverged run raises, naming the steps and the remedy, instead of training on NaN."""
     real = trainer_module.F.cross_entropy

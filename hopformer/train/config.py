@@ -47,12 +47,17 @@ class DataConfig:
     ``max_length``: sequences are cut to this many tokens. ``pad_to_multiple``: batch width rounded
     up to this; None = 1 for full attention, 128 (FlexAttention tiles) for graph attentions.
     ``bucket``: draw each batch from examples of similar length (less padding; still seeded).
+    ``mask_black_pixels``: pixel tasks only. Off (default), every pixel is a real token. On, black
+    pixels (id 0) are masked out of attention and pooling, as the official LRA encoders do
+    (``src_padding_mask = inputs > 0``; the Nystromformer port likewise): the setting of the published
+    Image and Pathfinder numbers, for comparing with them (specs/lra.md §5).
     """
 
     data_dir: str | None = None
     max_length: int = 2000
     pad_to_multiple: int | None = None
     bucket: bool = True
+    mask_black_pixels: bool = False
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 

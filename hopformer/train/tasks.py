@@ -82,6 +82,10 @@ def task_spec(name: str) -> TaskSpec:
 def load_task(config: Config, progress: bool = True, log: Any = print) -> TaskData:
     """Load (generating ListOps if needed) every split of ``config.task``."""
     spec = task_spec(config.task)
+    if config.data.mask_black_pixels and not spec.pixels:
+        raise ValueError(
+            f"data.mask_black_pixels=true applies to pixel tasks (image, pathfinder*), not task {spec.name!r}"
+        )
     if spec.name == "listops":
         return _load_listops(config, spec, progress, log)
     generate = (
@@ -103,6 +107,10 @@ def load_task(config: Config, progress: bool = True, log: Any = print) -> TaskDa
         )
     options = {"max_length": config.data.max_length} if spec.name in ("text", "retrieval") else {}
     splits = {split: list(load_lra(spec.name, root, split, **options)) for split in SPLITS}
+    if config.data.mask_black_pixels:
+        for examples in splits.values():
+            for example in examples:
+                example["attention_mask"] = example["attention_mask"] & (example["input_ids"] != 0)
     return TaskData(spec, splits, root)
 
 
