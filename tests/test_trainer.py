@@ -8,6 +8,7 @@ import random
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -404,6 +405,64 @@ def test_mask_black_pixels_masks_exactly_the_zero_pixels(tmp_path):
         load_task(from_dict({"data": {"mask_black_pixels": True}}))
     with pytest.raises(ValueError, match="mask_black_pixels"):
         from_dict({"data": {"mask_black_pixels": "yes"}})
+
+
+def test_dihedral_gives_the_eight_symmetries_of_the_square():
+    from hopformer.data.batching import dihedral
+
+    side = 5
+    ids = torch.arange(side * side)  # each pixel's value is its position: every symmetry differs
+    mask = torch.rand(side * side) < 0.5
+    example = {"input_ids": ids, "attention_mask": mask, "label": 1}
+    seen = set()
+    for code in range(8):
+        out = dihedral(example, code)
+        expected = np.rot90(ids.view(side, side).numpy(), code % 4)
+        expected = np.fliplr(expected) if code >= 4 else expected
+        assert out["input_ids"].tolist() == expected.reshape(-1).tolist()
+        # the mask moves with its pixels (value = source position); the label is untouched
+        assert out["attention_mask"].tolist() == [bool(mask[i]) for i in out["input_ids"].tolist()]
+        assert out["label"] == 1
+        seen.add(tuple(out["input_ids"].tolist()))
+    assert len(seen) == 8 and dihedral(example, 0)["input_ids"].tolist() == ids.tolist()
+    with pytest.raises(ValueError, match="code must be an int in 0..7"):
+        dihedral(example, 8)
+    with pytest.raises(ValueError, match="square image, got 24 pixels"):
+        dihedral({"input_ids": torch.arange(24)}, 1)
+
+
+def test_dihedral_augmentation_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    """Training batches are transformed, seeded by the stream's state: a resumed run matches an unbroken one."""
+    from hopformer.data.pathfinder import generate_pathfinder
+
+    generate_pathfinder(tmp_path / "pf", n=40, workers=1, progress=False)
+    quiet = lambda *_: None  # noqa: E731
+
+    def config(run: str, augment: str = "dihedral", **train_settings) -> Config:
+        settings = {
+            "task": "pathfinder32",
+            "data": {"data_dir": str(tmp_path / "pf"), "augment": augment},
+            "model": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16},
+            "train": {"steps": 10, "batch_size": 8, "eval_every": 5, "log_every": 1, "progress": False,
+                      "device": "cpu", "threads": 1, "run_dir": str(tmp_path / run), **train_settings},
+        }  # fmt: skip
+        return from_dict(settings)
+
+    reference = train(config("reference"), log=quiet)
+    plain = train(config("plain", augment="none"), log=quiet)
+    assert strip_timing(tmp_path / "reference" / "metrics.jsonl") != strip_timing(tmp_path / "plain" / "metrics.jsonl")
+    monkeypatch.setattr(trainer_module.MetricsLog, "write", signal_after(6, "train", signal.SIGINT))
+    first = train(config("resumed"), log=quiet)
+    assert first.interrupted and first.step == 6
+    monkeypatch.undo()
+    final = train(resume=tmp_path / "resumed", log=quiet)
+    assert final.step == reference.step == plain.step == 10
+    resumed = strip_timing(tmp_path / "resumed" / "metrics.jsonl")
+    assert resumed == strip_timing(tmp_path / "reference" / "metrics.jsonl")
+    with pytest.raises(ValueError, match="augment='dihedral' applies to Pathfinder.*'listops'"):
+        load_task(from_dict({"data": {"augment": "dihedral"}}))
+    with pytest.raises(ValueError, match="data.augment='flip' is not known"):
+        load_task(from_dict({"data": {"augment": "flip"}}))
 
 
 def test_a_nan_loss_stops_the_run_before_it_is_saved(tmp_path, data, monkeypatch):

@@ -14,7 +14,7 @@ import torch
 # (ids key, mask key) of each sequence an example can hold; the second is the retrieval pair.
 _SEQUENCES = (("input_ids", "attention_mask"), ("input_ids_2", "attention_mask_2"))
 
-__all__ = ["collate"]
+__all__ = ["collate", "dihedral"]
 
 
 def collate(
@@ -105,3 +105,24 @@ def _pad(
         padded_ids[row, : len(ids)] = ids
         padded_mask[row, : len(mask)] = mask
     return padded_ids, padded_mask
+
+
+def dihedral(example: Mapping[str, object], code: int) -> dict[str, object]:
+    """One of the 8 symmetries of the square applied to a square image example (a new dict).
+
+    ``code`` in 0..7: ``code % 4`` quarter turns, then a left-right flip when ``code >= 4``; 0 is
+    the identity. ``input_ids`` and ``attention_mask`` (flattened ``side x side`` rows) move together.
+    For Pathfinder, whose label (are the markers on one snake?) no symmetry changes.
+    """
+    if not isinstance(code, int) or not 0 <= code < 8:
+        raise ValueError(f"code must be an int in 0..7, got {code!r}")
+    ids = example["input_ids"]
+    side = int(round(len(ids) ** 0.5))
+    if side * side != len(ids):
+        raise ValueError(f"dihedral needs a square image, got {len(ids)} pixels")
+    out = dict(example)
+    for key in ("input_ids", "attention_mask"):
+        if key in example:
+            image = torch.rot90(example[key].view(side, side), code % 4)
+            out[key] = (image.flip(-1) if code >= 4 else image).reshape(-1)
+    return out

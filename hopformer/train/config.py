@@ -51,6 +51,9 @@ class DataConfig:
     pixels (id 0) are masked out of attention and pooling, as the official LRA encoders do
     (``src_padding_mask = inputs > 0``; the Nystromformer port likewise): the setting of the published
     Image and Pathfinder numbers, for comparing with them (specs/lra.md §5).
+    ``augment``: ``"none"`` (default) or ``"dihedral"`` (Pathfinder only: each training image is
+    turned and flipped by one of the square's 8 symmetries, drawn per example and step from the seed;
+    the label does not change). Not part of the LRA protocol: say so when reporting.
     """
 
     data_dir: str | None = None
@@ -58,6 +61,7 @@ class DataConfig:
     pad_to_multiple: int | None = None
     bucket: bool = True
     mask_black_pixels: bool = False
+    augment: str = "none"
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 

@@ -30,6 +30,7 @@ from hopformer.train.config import Config
 
 SPLITS = ("train", "val", "test")
 LISTOPS_FILES = {split: f"basic_{split}.tsv" for split in SPLITS}
+AUGMENTATIONS = ("none", "dihedral")  # data.augment (training examples only)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,13 @@ def load_task(config: Config, progress: bool = True, log: Any = print) -> TaskDa
     if config.data.mask_black_pixels and not spec.pixels:
         raise ValueError(
             f"data.mask_black_pixels=true applies to pixel tasks (image, pathfinder*), not task {spec.name!r}"
+        )
+    if config.data.augment not in AUGMENTATIONS:
+        raise ValueError(f"data.augment={config.data.augment!r} is not known; choose one of {list(AUGMENTATIONS)}")
+    if config.data.augment == "dihedral" and not spec.name.startswith("pathfinder"):
+        raise ValueError(
+            f"data.augment='dihedral' applies to Pathfinder (its label survives turns and flips), "
+            f"not task {spec.name!r}"
         )
     if spec.name == "listops":
         return _load_listops(config, spec, progress, log)

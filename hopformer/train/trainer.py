@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hopformer.data.batching import collate
+from hopformer.data.batching import collate, dihedral
 from hopformer.models import DualEncoderClassifier, SequenceClassifier, TransformerEncoder, aux_loss, count_parameters
 from hopformer.train import checkpoint as ckpt
 from hopformer.train.config import Config, load_config, save_config
@@ -112,6 +112,23 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._batches = None
+
+
+def _augmented(examples: list[dict], stream: BatchStream, config: Config) -> list[dict]:
+    """The stream's next batch, each image under a seeded random symmetry when ``data.augment`` asks.
+
+    The symmetries are drawn from (seed, epoch, position), the stream's saved state, so a resumed run
+    sees the same images as an uninterrupted one.
+    """
+    epoch, position = stream.epoch, stream.position
+    indices = stream.next()
+    if config.data.augment == "none":
+        return [examples[i] for i in indices]
+    if stream.epoch != epoch:  # next() rolled over into a new epoch: this batch is its first
+        epoch, position = stream.epoch, 0
+    generator = torch.Generator().manual_seed((config.train.seed * 1_000_003 + epoch) * 1_000_003 + position)
+    codes = torch.randint(8, (len(indices),), generator=generator).tolist()
+    return [dihedral(examples[i], code) for i, code in zip(indices, codes, strict=True)]
 
 
 # --------------------------------------------------------------------------------------- schedule
@@ -539,7 +556,7 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for _ in range(tc.grad_accum):
-                inputs, labels, tokens = runtime.batch([train_set[i] for i in stream.next()])
+                inputs, labels, tokens = runtime.batch(_augmented(train_set, stream, config))
                 with runtime.context():
                     logits = model(**inputs).float()
                     loss = F.cross_entropy(logits, labels)
