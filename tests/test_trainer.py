@@ -386,7 +386,7 @@ def test_lra_tasks_need_a_data_dir(tmp_path):
         load_task(from_dict({"task": "sudoku"}))
 
 
-def test_mask_black_pixels_masks_exactly_the_zero_pixels(tmp_path):
+def test_pixel_data_options_mask_black_pixels_and_pathfinder_difficulty(tmp_path):
     """Off: every pixel is a real token. On (the LRA reference's ``inputs > 0``): black pixels are masked."""
     from hopformer.data.pathfinder import generate_pathfinder
 
@@ -401,6 +401,15 @@ def test_mask_black_pixels_masks_exactly_the_zero_pixels(tmp_path):
             assert bool(a["attention_mask"].all())
             assert torch.equal(b["attention_mask"], a["input_ids"] != 0)
             assert 0 < int(b["attention_mask"].sum()) < len(b["attention_mask"])
+    settings["data"]["pathfinder_difficulty"] = "curv_baseline"  # a folder that was not generated
+    with pytest.raises(FileNotFoundError, match="curv_baseline"):
+        load_task(from_dict(settings), progress=False)
+    generate_pathfinder(tmp_path, difficulty="curv_baseline", n=10, workers=1, progress=False)
+    easy = load_task(from_dict(settings), progress=False)
+    assert sum(len(easy.splits[split]) for split in ("train", "val", "test")) == 10
+    settings["data"]["pathfinder_difficulty"] = "curv_contour_length_99"
+    with pytest.raises(ValueError, match="difficulty must be one of"):
+        load_task(from_dict(settings), progress=False)
     with pytest.raises(ValueError, match="mask_black_pixels.*pixel tasks.*'listops'"):
         load_task(from_dict({"data": {"mask_black_pixels": True}}))
     with pytest.raises(ValueError, match="mask_black_pixels"):

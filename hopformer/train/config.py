@@ -54,6 +54,8 @@ class DataConfig:
     ``augment``: ``"none"`` (default) or ``"dihedral"`` (Pathfinder only: each training image is
     turned and flipped by one of the square's 8 symmetries, drawn per example and step from the seed;
     the label does not change). Not part of the LRA protocol: say so when reporting.
+    ``pathfinder_difficulty``: the Pathfinder folder read, ``curv_contour_length_14`` (LRA's "hard"
+    one, the default), ``curv_contour_length_9`` or ``curv_baseline``.
     """
 
     data_dir: str | None = None
@@ -62,6 +64,7 @@ class DataConfig:
     bucket: bool = True
     mask_black_pixels: bool = False
     augment: str = "none"
+    pathfinder_difficulty: str = "curv_contour_length_14"
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 

@@ -114,6 +114,8 @@ def load_task(config: Config, progress: bool = True, log: Any = print) -> TaskDa
             f"--data-dir {root} does not exist; it must be the LRA release folder (lra_release/){generate}"
         )
     options = {"max_length": config.data.max_length} if spec.name in ("text", "retrieval") else {}
+    if spec.name.startswith("pathfinder"):
+        options = {"difficulty": config.data.pathfinder_difficulty}
     splits = {split: list(load_lra(spec.name, root, split, **options)) for split in SPLITS}
     if config.data.mask_black_pixels:
         for examples in splits.values():
