@@ -120,13 +120,12 @@ def _augmented(examples: list[dict], stream: BatchStream, config: Config) -> lis
     The symmetries are drawn from (seed, epoch, position), the stream's saved state, so a resumed run
     sees the same images as an uninterrupted one.
     """
-    epoch, position = stream.epoch, stream.position
     indices = stream.next()
     if config.data.augment == "none":
         return [examples[i] for i in indices]
-    if stream.epoch != epoch:  # next() rolled over into a new epoch: this batch is its first
-        epoch, position = stream.epoch, 0
-    generator = torch.Generator().manual_seed((config.train.seed * 1_000_003 + epoch) * 1_000_003 + position)
+    epoch, position = stream.epoch, stream.position - 1  # of the batch next() just returned
+    key = (config.train.seed * 1_000_003 + epoch) * 1_000_003 + position
+    generator = torch.Generator().manual_seed(key % (1 << 63))
     codes = torch.randint(8, (len(indices),), generator=generator).tolist()
     return [dihedral(examples[i], code) for i, code in zip(indices, codes, strict=True)]
 
