@@ -29,6 +29,8 @@
 #   OPTS_<attention>="k=v ..."  extra --attention-option settings for new cells of that attention
 #   DATA_DIR=data/lra_release  RUNS_DIR=runs/lra  CONFIG_DIR=configs/lra  CONFIG_SUFFIX=_h200
 #   PF_N=200000           Pathfinder images (LRA: 200,000 per folder, split 80/10/10)
+#   PF_DIFFICULTY=curv_contour_length_14   the folder generated and trained on (curv_baseline: easy)
+#   PF_RENDER=coverage    `hopformer data pathfinder --render` (lanczos: snakes2's intensities)
 #   PF_BG_WORKERS         processes for Pathfinder generated during the ListOps runs (default: CPUs - 8;
 #                         0: none, e.g. when several seeds run the listops phase side by side)
 #   LISTOPS_ARGS          extra arguments of `hopformer data listops` (smoke tests: --train 64 ...)
@@ -52,6 +54,8 @@ RUNS_DIR=${RUNS_DIR:-runs/lra}
 CONFIG_DIR=${CONFIG_DIR:-configs/lra}
 CONFIG_SUFFIX=${CONFIG_SUFFIX-_h200}
 PF_N=${PF_N:-200000}
+PF_DIFFICULTY=${PF_DIFFICULTY:-curv_contour_length_14}
+PF_RENDER=${PF_RENDER:-coverage}
 NCPU=$(nproc)
 PF_BG_WORKERS=${PF_BG_WORKERS:-$((NCPU > 10 ? NCPU - 8 : 2))}
 PY=${PYTHON:-python}
@@ -88,7 +92,7 @@ listops_ready() {
 }
 
 pathfinder_ready() {  # every metadata file of PF_N images written (the generator writes each last)
-  local folder=$DATA_DIR/pathfinder32/curv_contour_length_14/metadata
+  local folder=$DATA_DIR/pathfinder32/$PF_DIFFICULTY/metadata
   local need=$(((PF_N + 999) / 1000)) have
   have=$(find "$folder" -maxdepth 1 -name '*.npy' 2>/dev/null | wc -l)
   [[ $have -ge $need ]]
@@ -110,13 +114,13 @@ make_pathfinder() {
     if (($(until_end) < 30)); then log "Pathfinder-32: no time left in this call"; return 1; fi
     log "Pathfinder-32: generating $PF_N images into $DATA_DIR ($workers processes, at most $(until_end) s)"
     timeout -k 10 "$(until_end)" "${HOP[@]}" data pathfinder --out "$DATA_DIR" --n "$PF_N" --workers "$workers" \
-      --no-progress || { log "Pathfinder-32: not complete yet (call again to continue)"; return 1; }
+      --difficulty "$PF_DIFFICULTY" --render "$PF_RENDER" --no-progress || { log "Pathfinder-32: not complete yet (call again to continue)"; return 1; }
   fi
   if (($(until_end) < 30)); then log "Pathfinder-32: images ready; no time left for the pixel cache"; return 1; fi
   log "Pathfinder-32: $PF_N images there; the pixel cache (built once, about a minute)"
   timeout -k 10 "$(until_end)" "$PY" -c "
 from hopformer.data import load_lra
-load_lra('pathfinder32', '$DATA_DIR', 'val')
+load_lra('pathfinder32', '$DATA_DIR', 'val', difficulty='$PF_DIFFICULTY')
 print('pixel cache ready')" || { log "Pathfinder-32: pixel cache not built yet (the runs build it)"; return 1; }
 }
 
@@ -135,6 +139,9 @@ launch() {
       --data-dir "$DATA_DIR" --run-dir "$dir" --time-limit "$limit" --no-progress)
     local kv name=OPTS_$attention
     for kv in ${EXTRA_SET:-}; do args+=(--set "$kv"); done
+    if [[ $task == pathfinder32 && $PF_DIFFICULTY != curv_contour_length_14 ]]; then
+      args+=(--set "data.pathfinder_difficulty=$PF_DIFFICULTY")
+    fi
     for kv in ${!name:-}; do args+=(--attention-option "$kv"); done
     if [[ -n ${DEVICE:-} ]]; then args+=(--device "$DEVICE"); fi
   fi

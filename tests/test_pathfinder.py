@@ -146,6 +146,36 @@ def test_other_resolutions_keep_the_label_rule(resolution, difficulty, length):
         assert any(shared) == (s.label == 1)
 
 
+def test_lanczos_render_draws_the_same_geometry_with_snakes2_intensities(samples):
+    drawn = [make_sample(32, HARD, seed=0, index=i, render="lanczos") for i in range(len(samples))]
+    centres = []
+    for s, plain in zip(drawn, samples):
+        # only the pixels change: the same snakes, markers and label
+        assert s.label == plain.label and s.targets == plain.targets and s.distractors == plain.distractors
+        assert s.marker_snakes == plain.marker_snakes
+        # every lit pixel belongs to some element; Lanczos ringing lights more pixels than coverage does
+        assert np.array_equal(s.image > 0, s.target_masks.any(0) | s.marker_masks.any(0) | s.distractor_mask)
+        assert (s.image > 0).sum() > (plain.image > 0).sum()
+        assert s.image.max() == 255  # snakes2 divides by the image maximum
+        first, second = s.marker_snakes
+        for y, x in (s.targets[first][0][:2], s.targets[second][-1][2:]):
+            centres.append(int(s.image[round(y), round(x)]))
+    # snakes2's thin distractors overshoot to the maximum, so the markers come out at ~221
+    assert 205 <= np.median(centres) <= 235, np.percentile(centres, [5, 50, 95])
+    assert np.mean([c < 250 for c in centres]) > 0.75
+
+
+def test_a_folder_keeps_one_render(tmp_path):
+    folder = generate_pathfinder(tmp_path, n=4, workers=1, progress=False, render="lanczos")
+    assert (folder / ".hopformer-render").read_text().strip() == "lanczos"
+    image = np.asarray(Image.open(folder / "imgs" / "0" / "sample_2.png"))
+    assert np.array_equal(image, make_sample(32, HARD, seed=0, index=2, render="lanczos").image)
+    with pytest.raises(ValueError, match="render='coverage'.*render='lanczos'"):
+        generate_pathfinder(tmp_path, n=8, workers=1, progress=False)
+    generate_pathfinder(tmp_path, n=8, workers=1, progress=False, render="lanczos")  # resuming is fine
+    assert len(list((folder / "imgs" / "0").glob("*.png"))) == 8
+
+
 def _read_metadata(folder):
     rows = {}
     for meta in sorted((folder / "metadata").glob("*.npy")):
@@ -233,6 +263,10 @@ def test_bad_arguments_are_refused(tmp_path):
         generate_pathfinder(tmp_path, n=0, progress=False)
     with pytest.raises(ValueError, match="workers"):
         generate_pathfinder(tmp_path, n=1, workers=0, progress=False)
+    with pytest.raises(ValueError, match="render must be one of coverage, lanczos, got 'snakes'"):
+        make_sample(32, render="snakes")
+    with pytest.raises(ValueError, match="render must be"):
+        generate_pathfinder(tmp_path, n=1, progress=False, render="")
 
 
 def test_large_folders_load_through_a_pixel_cache(tmp_path, monkeypatch):

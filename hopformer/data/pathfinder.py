@@ -15,8 +15,9 @@ Pathfinder data, written from the description in the spec. One image:
    when it is 0;
 4. add ``distractor_budget // distractor_length`` **distractor snakes** of ``contour_length // 3``
    paddles where they fit;
-5. render with anti-aliasing (box-filter coverage of round-ended strokes and discs), save an 8-bit
-   grayscale PNG and a metadata row in the released 11-column text format.
+5. render (``render="coverage"``: box-filter coverage of round-ended strokes and discs; or
+   ``"lanczos"``: snakes2's supersampled drawing, Lanczos-resized and divided by the image maximum),
+   save an 8-bit grayscale PNG and a metadata row in the released 11-column text format.
 
 Layout written by :func:`generate_pathfinder` (the released one)::
 
@@ -44,6 +45,7 @@ __all__ = [
     "PARAMETERS",
     "PathfinderParams",
     "PathfinderSample",
+    "RENDERS",
     "add_arguments",
     "generate_pathfinder",
     "make_sample",
@@ -57,19 +59,22 @@ DIFFICULTIES: dict[str, int] = {
     "curv_contour_length_14": 14,
 }
 
+# How the geometry becomes pixels (see make_sample).
+RENDERS: tuple[str, ...] = ("coverage", "lanczos")
+
 DEVIATIONS: tuple[str, ...] = (
     "Target snakes grow one after the other (the second around the finished first) and a dead end "
     "restarts only that snake; snakes2 grows both in alternation and restarts both (~5x more steps).",
     "Collisions are geometric: centre lines keep paddle_thickness + margin apart (to 1/8 pixel), "
     "instead of thresholding the sum of resized, dilated masks at 1.8; each turn is drawn exactly "
     "from the continuity weights among placements that fit (snakes2: at most 3 weighted picks).",
-    "Continuous coordinates; ink is box-filter coverage of round-ended strokes and discs instead of "
-    "a 2x supersampled drawing resized with Lanczos (antialias_scale is kept but unused); intensities "
-    "are clipped at 1 instead of rescaled by the image maximum. At 32 px this changes two things "
-    "(measured against a port of snakes2): Lanczos overshoot makes snakes2's thin distractor paddles "
-    "the brightest pixels, so its markers come out at ~221 (a value almost only markers have), ours "
-    "at 255 (shared with distractors); and its ringing leaves a faint halo (45% of pixels non-zero, "
-    "ours 22%). Targets are 191 and distractors 255 in both.",
+    "Continuous coordinates. The default render='coverage' inks box-filter coverage of round-ended "
+    "strokes and discs, clipped at 1, instead of a 2x supersampled drawing resized with Lanczos and "
+    "rescaled by the image maximum. At 32 px that changes two things (measured against a port of "
+    "snakes2): Lanczos overshoot makes snakes2's thin distractor paddles the brightest pixels, so its "
+    "markers come out at ~221 (a value almost only markers have), coverage's at 255 (shared with "
+    "distractors); and its ringing leaves a faint halo (45% of pixels non-zero, coverage 22%). "
+    "render='lanczos' draws snakes2's way (markers ~221, 52% non-zero) on the same geometry.",
     "Markers are kept unambiguous: a marker's ink stays farther from the target it does not mark "
     "(and, with label 0, from the other marker) than the widest gap inside one snake, and distractors "
     "keep out of the markers' neighbourhoods; snakes2 can put a marker next to the wrong snake.",
@@ -337,6 +342,46 @@ def _disc_ink(centre: tuple[float, float], radius: float, out: np.ndarray) -> No
     _blend(out, gy, gx, np.clip(radius + 0.5 - np.hypot(gy - centre[0], gx - centre[1]), 0.0, 1.0))
 
 
+def _lanczos_ink(p: PathfinderParams, paddles: list[Paddle], discs: Sequence[tuple[float, float]] = ()) -> np.ndarray:
+    """snakes2's drawing: hard-edged ink at about ``antialias_scale`` times the size, Lanczos-resized.
+
+    As snakes2 does, each paddle is drawn on its own small canvas centred on the paddle's first
+    pixel: ``2 s r + 1`` big pixels resized to ``2 r + 1`` (``r = length + ceil(thickness) + margin``,
+    ``s = antialias_scale``), with a stroke ``round(thickness * s)`` big pixels wide. That ratio
+    puts the stroke's start on a pixel centre, so a thin stroke peaks at ~0.58 (contrast 2
+    overshoots 1); the Lanczos kernel leaves faint ringing around all ink. A disc (marker) covers
+    the big pixels within ``marker_radius * s`` of its centre on a canvas of exactly ``s`` times the
+    size. Returns the max-blend of all of them, in [0, 1].
+    """
+    from PIL import Image, ImageDraw
+
+    s, size = p.antialias_scale, p.resolution
+    out = np.zeros((size, size))
+    r = p.paddle_length + math.ceil(p.paddle_thickness) + max(p.paddle_margins)
+    small, big = 2 * r + 1, 2 * s * r + 1
+    ratio = big / small
+    width = max(1, round(p.paddle_thickness * s))
+    for y0, x0, y1, x1 in paddles:
+        cy, cx = round(y0), round(x0)
+        # a small pixel centre u (relative to the canvas centre) sits at big pixel s * r + u * ratio
+        ends = [(s * r + (x - cx) * ratio, s * r + (y - cy) * ratio) for y, x in ((y0, x0), (y1, x1))]
+        mini = Image.new("L", (big, big), 0)
+        ImageDraw.Draw(mini).line(ends, fill=255, width=width)
+        ink = np.asarray(mini.resize((small, small), Image.LANCZOS), dtype=np.float64) / 255
+        gy = np.arange(cy - r, cy + r + 1, dtype=np.float64)[:, None]
+        gx = np.arange(cx - r, cx + r + 1, dtype=np.float64)[None, :]
+        _blend(out, gy, gx, ink)
+    if discs:
+        # a small pixel centre y is the big point s * y + (s - 1) / 2
+        gy, gx = np.mgrid[0 : size * s, 0 : size * s].astype(np.float64) - (s - 1) / 2
+        pixels = np.zeros((size * s, size * s), dtype=np.uint8)
+        for cy, cx in discs:
+            pixels[np.hypot(gy - s * cy, gx - s * cx) <= p.marker_radius * s] = 255
+        resized = np.asarray(Image.fromarray(pixels).resize((size, size), Image.LANCZOS), dtype=np.float64) / 255
+        np.maximum(out, resized, out=out)
+    return out
+
+
 def _visible(intensity: np.ndarray) -> np.ndarray:
     """Pixels that survive the 8-bit conversion (round(255 * v) >= 1)."""
     return intensity * 255 >= 0.5
@@ -456,15 +501,23 @@ def make_sample(
     difficulty: str = "curv_contour_length_14",
     seed: int = 0,
     index: int = 0,
+    render: str = "coverage",
 ) -> PathfinderSample:
     """Render image ``index`` of the stream ``seed`` (the same pixels :func:`generate_pathfinder` saves).
 
+    ``render`` picks how the geometry becomes pixels (:data:`RENDERS`): ``"coverage"``, exact box-filter
+    ink clipped at 1; or ``"lanczos"``, snakes2's own way (ink drawn at twice the size, Lanczos-resized,
+    the image divided by its maximum), which gives the released data's intensities: markers ~221 (a
+    value almost only they have), faint ringing around every stroke. The geometry is the same.
+
     Raises:
-        ValueError: for an unknown resolution or difficulty.
+        ValueError: for an unknown resolution, difficulty or render.
         RuntimeError: if no valid target pair is found (does not happen with the shipped parameters).
     """
     p = _params(resolution)
     contour_length = _contour_length(difficulty)
+    if render not in RENDERS:
+        raise ValueError(f"render must be one of {', '.join(RENDERS)}, got {render!r}")
     rng = _image_rng(seed, resolution, contour_length, index)
     label, margin, origin = _header_draws(rng, p)
     owners = (origin, origin if label == 1 else 1 - origin)
@@ -496,18 +549,27 @@ def make_sample(
         _snake_ink(p, snake, distractor_ink)
 
     contrast = p.snake_contrast * p.paddle_contrast
-    intensity = np.maximum.reduce(
-        [contrast * ink for ink in targets.inks] + [p.snake_contrast * distractor_ink] + targets.markers
-    )
-    image = np.rint(np.clip(intensity, 0.0, 1.0) * 255).astype(np.uint8)
+    if render == "coverage":
+        inks = [*targets.inks, distractor_ink, *targets.markers]
+        top = 1.0  # clip
+    else:
+        every_distractor = [paddle for snake in distractors for paddle in snake]
+        inks = [_lanczos_ink(p, snake) for snake in targets.paddles] + [_lanczos_ink(p, every_distractor)]
+        inks += [_lanczos_ink(p, [], [tip]) for tip in targets.tips]
+    # layers: target 1, target 2, distractors, marker 1, marker 2
+    layers = [contrast * inks[0], contrast * inks[1], p.snake_contrast * inks[2], inks[3], inks[4]]
+    if render == "lanczos":
+        top = max(float(layer.max()) for layer in layers)  # snakes2 rescales by the image maximum
+    layers = [np.clip(layer / top, 0.0, 1.0) for layer in layers]
+    image = np.rint(np.maximum.reduce(layers) * 255).astype(np.uint8)
     return PathfinderSample(
         image=image,
         label=label,
         margin=margin,
         targets=targets.paddles,
-        target_masks=np.stack([_visible(np.minimum(contrast * ink, 1.0)) for ink in targets.inks]),
-        distractor_mask=_visible(np.minimum(p.snake_contrast * distractor_ink, 1.0)),
-        marker_masks=np.stack([_visible(ink) for ink in targets.markers]),
+        target_masks=np.stack([_visible(layer) for layer in layers[:2]]),
+        distractor_mask=_visible(layers[2]),
+        marker_masks=np.stack([_visible(layer) for layer in layers[3:]]),
         marker_snakes=owners,
         num_distractors=len(distractors),
         distractors=distractors,
@@ -568,7 +630,7 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 def _generate_chunk(job: tuple) -> list[tuple[int, int, int]]:
     """Worker: make (or, when present, skip) images; return ``(global_index, label, margin)`` rows."""
-    folder, resolution, difficulty, seed, batch_size, indices = job
+    folder, resolution, difficulty, seed, batch_size, render, indices = job
     p = PARAMETERS[resolution]
     contour_length = DIFFICULTIES[difficulty]
     rows = []
@@ -578,7 +640,7 @@ def _generate_chunk(job: tuple) -> list[tuple[int, int, int]]:
         if path.is_file() and path.stat().st_size > 0:
             label, margin, _ = _header_draws(_image_rng(seed, resolution, contour_length, index), p)
         else:
-            sample = make_sample(resolution, difficulty, seed, index)
+            sample = make_sample(resolution, difficulty, seed, index, render)
             _write_png(path, sample.image)
             label, margin = sample.label, sample.margin
         rows.append((index, label, margin))
@@ -594,6 +656,7 @@ def generate_pathfinder(
     workers: int | None = None,
     batch_size: int = 1000,
     progress: bool = True,
+    render: str = "coverage",
 ) -> Path:
     """Write ``n`` Pathfinder images and their metadata in the released LRA layout.
 
@@ -607,6 +670,8 @@ def generate_pathfinder(
         workers: processes (default: all CPUs); 1 runs in this process.
         batch_size: images per ``imgs/<batch>/`` folder and per metadata file (1000 in the release).
         progress: show a tqdm bar.
+        render: ``"coverage"`` or ``"lanczos"`` (snakes2's intensities); see :func:`make_sample`. It is
+            recorded in ``.hopformer-render`` in the folder so that a resumed run cannot mix the two.
 
     Images already on disk are kept (their metadata rows are rebuilt from the seed), and batches
     whose metadata file lists all their images are skipped, so an interrupted run resumes where it
@@ -626,8 +691,16 @@ def generate_pathfinder(
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int or None, got {workers!r}")
 
+    if render not in RENDERS:
+        raise ValueError(f"render must be one of {', '.join(RENDERS)}, got {render!r}")
+
     folder = Path(out_root) / f"pathfinder{resolution}" / difficulty
     (folder / "metadata").mkdir(parents=True, exist_ok=True)
+    stamp = folder / ".hopformer-render"
+    earlier = stamp.read_text().strip() if stamp.is_file() else ("coverage" if any(folder.glob("imgs/*")) else None)
+    if earlier is not None and earlier != render:
+        raise ValueError(f"render={render!r}, but {folder} holds images drawn with render={earlier!r}")
+    stamp.write_text(render + "\n")
     n_batches = -(-n // batch_size)
     todo: dict[int, list[int]] = {}
     for batch in range(n_batches):
@@ -639,7 +712,7 @@ def generate_pathfinder(
 
     chunk = 50  # images per task: large enough to amortise IPC, small enough for a lively bar
     jobs = [
-        (str(folder), resolution, difficulty, seed, batch_size, indices[k : k + chunk])
+        (str(folder), resolution, difficulty, seed, batch_size, render, indices[k : k + chunk])
         for indices in todo.values()
         for k in range(0, len(indices), chunk)
     ]
@@ -694,6 +767,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random stream seed")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     parser.add_argument("--batch-size", type=int, default=1000, help="images per imgs/<batch>/ folder")
+    parser.add_argument(
+        "--render", default="coverage", choices=RENDERS, help="how geometry becomes pixels (lanczos: snakes2's)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -713,6 +789,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             workers=args.workers,
             batch_size=getattr(args, "batch_size", 1000),
             progress=not getattr(args, "no_progress", False),
+            render=getattr(args, "render", "coverage"),
         )
     except ValueError as error:
         print(f"hopformer data pathfinder: {error}", file=sys.stderr)
