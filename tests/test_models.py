@@ -250,5 +250,13 @@ def test_init_schemes():
     classifier = SequenceClassifier(default, 3)
     first = classifier.head[0]
     assert first.weight.abs().max() <= first.in_features**-0.5 and first.weight.std() > 0.05
+    # "lra": the JAX LRA encoder's Glorot-uniform weights, zero biases, N(0, 1) token embeddings
+    lra = TransformerEncoder(300, dim=64, mlp_dim=256, init="lra")
+    for name, module in lra.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            bound = (6 / (module.in_features + module.out_features)) ** 0.5
+            assert module.weight.abs().max() <= bound and module.weight.std() > 0.45 * bound, name
+            assert module.bias is None or (module.bias == 0).all()
+    assert abs(lra.embed.weight[1:].std().item() - 1.0) < 0.05 and (lra.embed.weight[0] == 0).all()
     with pytest.raises(ValueError, match="init='xavier' is not known"):
         TransformerEncoder(20, init="xavier")

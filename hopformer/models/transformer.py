@@ -39,7 +39,7 @@ from hopformer.attention.rotary import RotaryEmbedding
 
 NORMS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
-INITS = ("normal", "torch")
+INITS = ("normal", "torch", "lra")
 POOLINGS = ("mean", "cls")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -240,10 +240,13 @@ class TransformerEncoder(PretrainedModel):
         pad_to_multiple: pad the hidden sequence internally to a multiple of this (masked, trimmed
             from the output), e.g. 128 for FlexAttention tiles when a CLS vector adds one position.
         gradient_checkpointing: recompute each block in backward to save activation memory.
-        init: ``"normal"`` (BERT / LRA: every weight N(0, 0.02), zero biases) or ``"torch"``
-            (PyTorch's default Linear init, embeddings N(0, 0.02): the Nystromformer LRA code's). At
-            width 64, N(0, 0.02) starts attention near uniform, and models leave the majority-class
-            plateau much later (measured on ListOps at lr 1e-4).
+        init: ``"normal"`` (BERT: every weight N(0, 0.02), zero biases), ``"torch"`` (PyTorch's
+            default Linear init, embeddings N(0, 0.02): the Nystromformer LRA code's) or ``"lra"``
+            (the official JAX LRA encoder's: token embeddings N(0, 1), Linear weights Glorot-uniform,
+            zero biases). At width 64, N(0, 0.02) starts attention near uniform, and models leave the
+            majority-class plateau much later (measured on ListOps at lr 1e-4). Beside sinusoidal
+            positions (amplitude ~0.7), N(0, 0.02) token embeddings start ~35 times weaker than the
+            positions; the LRA encoder's N(0, 1) do not.
 
     ``forward(input_ids, attention_mask=None, prefix=None) -> (batch, P + seq, dim)`` where
     ``prefix`` is an optional ``(batch, P, dim)`` of vectors placed before the embedded tokens.
@@ -365,17 +368,22 @@ def _check_encoder_config(config: EncoderConfig) -> None:
 
 
 def _init_weights(module: nn.Module, scheme: str = "normal") -> None:
-    # "normal" (BERT / LRA): N(0, 0.02) weights, zero biases; "torch": Linear keeps PyTorch's default
-    # (uniform, scaled by 1 / sqrt(fan_in)). Both: embeddings N(0, 0.02), the padding embedding zero.
+    # "normal" (BERT): N(0, 0.02) weights, zero biases; "torch": Linear keeps PyTorch's default
+    # (uniform, scaled by 1 / sqrt(fan_in)); "lra" (lra_benchmarks' encoder): Glorot-uniform Linear
+    # weights, zero biases, N(0, 1) token embeddings. Embeddings are N(0, 0.02) otherwise; the padding
+    # embedding is zero in all three.
     if isinstance(module, nn.Linear):
         if scheme == "torch":
             module.reset_parameters()
             return
-        nn.init.normal_(module.weight, std=0.02)
+        if scheme == "lra":  # (on the fused qkv projection: over all three, where Flax inits each)
+            nn.init.xavier_uniform_(module.weight)
+        else:
+            nn.init.normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=1.0 if scheme == "lra" else 0.02)
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
