@@ -89,6 +89,14 @@ class DualEncoderClassifierConfig:
     head_dim: int | None = None
 
 
+@dataclass
+class MaskedTokenModelConfig:
+    """Hyperparameters of :class:`MaskedTokenModel`."""
+
+    encoder: EncoderConfig
+    vocab_size: int
+
+
 # ----------------------------------------------------------------------------- save / load support
 class PretrainedModel(nn.Module):
     """Base of the models here: a ``config`` dataclass and HF-like save / load.
@@ -513,8 +521,38 @@ class DualEncoderClassifier(_PoolingEncoder):
         return self.head(torch.cat([u, v, u * v, u - v], dim=-1))
 
 
+class MaskedTokenModel(PretrainedModel):
+    """Encoder and a linear token head: ``(batch, seq) -> (batch, seq, vocab_size)`` logits.
+
+    For masked-token pretraining on a task's own inputs ("self-pretraining", Amos et al. 2023): the
+    trainer hides some tokens and trains the model to name them; a classifier then starts from the
+    encoder (``train.init_from``).
+
+    ``forward(input_ids, attention_mask=None) -> logits (batch, seq, vocab_size)``.
+    """
+
+    config_class = MaskedTokenModelConfig
+    model_type = "masked_token_model"
+
+    def __init__(self, encoder: TransformerEncoder, vocab_size: int) -> None:
+        super().__init__()
+        if not isinstance(encoder, TransformerEncoder):
+            raise TypeError(f"encoder must be a TransformerEncoder, got {type(encoder).__name__}")
+        self.encoder = encoder
+        self.config = MaskedTokenModelConfig(encoder.config, vocab_size)
+        self.head = nn.Linear(encoder.config.dim, vocab_size)
+        self.head.apply(functools.partial(_init_weights, scheme=encoder.config.init))
+
+    @classmethod
+    def from_config(cls, config: MaskedTokenModelConfig) -> MaskedTokenModel:
+        return cls(TransformerEncoder.from_config(config.encoder), config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.encoder(input_ids, attention_mask))
+
+
 MODEL_TYPES: dict[str, type[PretrainedModel]] = {
-    cls.model_type: cls for cls in (TransformerEncoder, SequenceClassifier, DualEncoderClassifier)
+    cls.model_type: cls for cls in (TransformerEncoder, SequenceClassifier, DualEncoderClassifier, MaskedTokenModel)
 }
 
 

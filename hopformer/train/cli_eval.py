@@ -41,7 +41,7 @@ def checkpoint_folder(path: Path, which: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, evaluate, print the accuracy."""
-    from hopformer.models import from_pretrained
+    from hopformer.models import MaskedTokenModel, from_pretrained
     from hopformer.train.trainer import CONFIG_NAME, Runtime, evaluate, max_tokens, prefix_length, resolve_device
 
     path = Path(args.checkpoint)
@@ -63,10 +63,15 @@ def run(args: argparse.Namespace) -> int:
         examples = load_task(config, progress=False).splits[args.split]
         source = f"{config.task} {args.split}"
     runtime = Runtime(device, device.type == "cuda", model.encoder.config.pad_to_multiple, limit, prefix_length(model))
+    if isinstance(model, MaskedTokenModel):  # a pretraining run: the accuracy is over hidden tokens
+        if args.data:
+            raise ValueError("a masked-token model is evaluated on its own task's splits: use --split, not --data")
+        runtime.mask_rate, runtime.mask_id = config.train.mask_rate, model.config.vocab_size - 1
     result = evaluate(model, examples, runtime, args.batch_size)
     if args.json:
         print(json.dumps({"checkpoint": str(folder), "data": source, **result}))
     else:
         accuracy, loss, count = result["accuracy"], result["loss"], result["count"]
-        print(f"{folder} on {source}: accuracy {accuracy:.4f}, loss {loss:.4f} ({count} examples)")
+        unit = "hidden tokens" if isinstance(model, MaskedTokenModel) else "examples"
+        print(f"{folder} on {source}: accuracy {accuracy:.4f}, loss {loss:.4f} ({count} {unit})")
     return 0

@@ -118,6 +118,10 @@ class TrainConfig:
     ``time_limit_minutes``: stop cleanly (checkpoint ``last/``, return) before this much wall time has
     passed since :func:`~hopformer.train.train` was called (data loading included); None = no limit.
     Resume with ``--resume`` to continue exactly.
+    ``objective``: ``"classify"`` (the task's labels) or ``"masked"`` (self-pretraining: ``mask_rate`` of
+    the real tokens are replaced by a mask id and predicted from the rest; accuracy is over the
+    hidden tokens). ``init_from``: a run (its ``best/`` checkpoint) or checkpoint folder whose encoder
+    weights start this run, e.g. a ``masked`` run before a ``classify`` one on the same task.
     """
 
     steps: int = 1500
@@ -135,6 +139,9 @@ class TrainConfig:
     run_dir: str | None = None
     progress: bool = True
     time_limit_minutes: float | None = None
+    objective: str = "classify"
+    mask_rate: float = 0.15
+    init_from: str | None = None
 
 
 @dataclass

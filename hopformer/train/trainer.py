@@ -4,7 +4,9 @@ setup (device, seeds, run folder) -> data -> model + AdamW -> resume -> loop -> 
 
 The loop, per optimiser step: set the learning rate, run ``grad_accum`` micro-batches (task loss +
 every module's ``aux_loss``; bf16 autocast on CUDA), clip, step; log; every ``eval_every`` steps
-validate, keep ``best/`` when validation accuracy improves, save ``last/``.
+validate, keep ``best/`` when validation accuracy improves, save ``last/``. The task loss is the
+labels' cross-entropy, or with ``train.objective="masked"`` the cross-entropy of hidden tokens
+(self-pretraining; ``train.init_from`` starts a later run from that encoder).
 
 Resuming is exact: the data order is a seeded :class:`BatchStream` whose position is saved with the
 optimiser and every RNG state, so a run killed after a checkpoint and resumed with ``resume=`` gives
@@ -39,12 +41,21 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.data.batching import collate, dihedral
-from hopformer.models import DualEncoderClassifier, SequenceClassifier, TransformerEncoder, aux_loss, count_parameters
+from hopformer.models import (
+    DualEncoderClassifier,
+    MaskedTokenModel,
+    SequenceClassifier,
+    TransformerEncoder,
+    aux_loss,
+    count_parameters,
+)
 from hopformer.train import checkpoint as ckpt
 from hopformer.train.config import Config, load_config, save_config
 from hopformer.train.tasks import TaskData, load_task
 
 SCHEDULES = ("linear", "cosine", "constant", "rsqrt")
+OBJECTIVES = ("classify", "masked")
+IGNORE = -100  # the label of tokens a masked-token loss does not score
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
 CONFIG_NAME = "config.yaml"
@@ -155,6 +166,8 @@ def build_model(config: Config, data: TaskData, pad_to_multiple: int) -> torch.n
     cls_extra = 1 if m.pooling == "cls" else 0
     max_len = m.max_len or -(-data.longest() // 128) * 128 + cls_extra
     vocab = max(data.spec.vocab_size, 1 + max(int(e["input_ids"].max()) for e in data.splits["train"]))
+    if config.train.objective == "masked":
+        vocab += 1  # the mask token, after every id the task uses (a classifier drops its row: init_from)
     encoder = TransformerEncoder(
         vocab_size=vocab,
         dim=m.dim,
@@ -173,8 +186,53 @@ def build_model(config: Config, data: TaskData, pad_to_multiple: int) -> torch.n
         gradient_checkpointing=m.gradient_checkpointing,
         init=m.init,
     )
+    if config.train.objective == "masked":
+        if data.spec.pair:
+            raise ValueError(f"train.objective='masked' reads one sequence per example; {data.spec.name!r} has pairs")
+        return MaskedTokenModel(encoder, vocab)
     head = DualEncoderClassifier if data.spec.pair else SequenceClassifier
     return head(encoder, data.spec.num_classes, pooling=m.pooling, head_dim=m.head_dim)
+
+
+def load_encoder_weights(model: torch.nn.Module, source: str | Path) -> Path:
+    """Copy the encoder of a run (its ``best/``, else ``last/`` checkpoint) or of a checkpoint folder
+    into ``model.encoder``; returns the checkpoint folder read."""
+    from safetensors.torch import load_file
+
+    from hopformer.models.transformer import WEIGHTS_NAME
+
+    source = Path(source).expanduser()
+    found = ckpt.find_checkpoint(source / "best") or ckpt.find_checkpoint(source / "last")
+    if found is None and (source / WEIGHTS_NAME).is_file():
+        found = source
+    if found is None:
+        raise FileNotFoundError(
+            f"train.init_from={source}: no checkpoint there (a run folder with best/ or last/, or a checkpoint "
+            f"folder with {WEIGHTS_NAME})"
+        )
+    device = next(model.parameters()).device
+    weights = load_file(str(found / WEIGHTS_NAME), device=str(device))
+    encoder = {name.removeprefix("encoder."): t for name, t in weights.items() if name.startswith("encoder.")}
+    rows = model.encoder.embed.num_embeddings
+    if "embed.weight" in encoder and len(encoder["embed.weight"]) == rows + 1:
+        encoder["embed.weight"] = encoder["embed.weight"][:rows]  # a masked-token model's mask row
+    try:
+        model.encoder.load_state_dict(encoder)
+    except RuntimeError as error:
+        raise ValueError(f"train.init_from={source}: its encoder does not fit this model: {error}") from error
+    return found
+
+
+def objective_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean cross-entropy, number correct and number scored: per sequence (``(batch, classes)``
+    logits), or per hidden token (``(batch, seq, vocab)`` logits, labels :data:`IGNORE` elsewhere)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).sum(), len(labels)
+    logits, labels = logits.flatten(0, 1), labels.flatten()
+    scored = labels != IGNORE
+    count = int(scored.sum())
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE) if count else logits.sum() * 0.0
+    return loss, ((logits.argmax(-1) == labels) & scored).sum(), count
 
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
@@ -192,7 +250,7 @@ def max_tokens(model: torch.nn.Module) -> int:
 
 def prefix_length(model: torch.nn.Module) -> int:
     """Positions the classifier puts before the tokens: 1 for the CLS vector, else 0."""
-    return 1 if model.pooling == "cls" else 0
+    return 1 if getattr(model, "pooling", None) == "cls" else 0
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -210,9 +268,15 @@ class Runtime:
     pad_to_multiple: int
     max_length: int
     prefix: int = 0
+    mask_rate: float = 0.0  # > 0: masked-token objective
+    mask_id: int = 0
 
-    def batch(self, examples: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
-        """Collate and move to the device; returns (model inputs, labels, number of real tokens)."""
+    def batch(self, examples: list[dict], mask_seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+        """Collate and move to the device; returns (model inputs, labels, number of real tokens).
+
+        With ``mask_rate``, each real token is hidden (replaced by ``mask_id``) with that probability,
+        drawn from ``mask_seed``, and the labels are the hidden tokens' ids (:data:`IGNORE` elsewhere).
+        """
         batch = collate(examples, max_length=self.max_length)
         for ids_key, mask_key in (("input_ids", "attention_mask"), ("input_ids_2", "attention_mask_2")):
             if ids_key in batch:
@@ -223,6 +287,12 @@ class Runtime:
                     batch[ids_key] = F.pad(batch[ids_key], (0, target - width))
                     batch[mask_key] = F.pad(batch[mask_key], (0, target - width), value=False)
         tokens = sum(int(mask.sum()) for key, mask in batch.items() if key.startswith("attention_mask"))
+        if self.mask_rate > 0:
+            ids = batch["input_ids"]
+            draws = torch.rand(ids.shape, generator=torch.Generator().manual_seed(mask_seed))
+            hidden = (draws < self.mask_rate) & batch["attention_mask"]
+            batch["label"] = torch.where(hidden, ids, IGNORE)
+            batch["input_ids"] = torch.where(hidden, self.mask_id, ids)
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
         return batch, batch.pop("label"), tokens
 
@@ -240,15 +310,17 @@ def evaluate(
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(order), batch_size):
-        inputs, labels, _ = runtime.batch([examples[i] for i in order[start : start + batch_size]])
+        inputs, labels, _ = runtime.batch([examples[i] for i in order[start : start + batch_size]], mask_seed=start)
         with runtime.context():
             logits = model(**inputs).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
+        loss, right, scored = objective_loss(logits, labels)
+        loss_sum += loss.item() * scored
+        correct += right.item()
+        count += scored
     model.train(was_training)
-    return {"loss": loss_sum / len(examples), "accuracy": correct / len(examples), "count": len(examples)}
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "count": count}
 
 
 # ----------------------------------------------------------------------------------------- logging
@@ -478,8 +550,12 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
 
     # ---- model and optimiser
     model = build_model(config, data, pad).to(device)
+    if tc.init_from and not resume:
+        log(f"encoder weights from {load_encoder_weights(model, tc.init_from)}")
     optimizer = make_optimizer(model, config)
     runtime = Runtime(device, autocast, pad, max_tokens(model), prefix_length(model))
+    if tc.objective == "masked":
+        runtime.mask_rate, runtime.mask_id = tc.mask_rate, model.config.vocab_size - 1
     parameters = count_parameters(model)
     majority = data.majority_rate("test")
     log(
@@ -554,17 +630,19 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(tc.grad_accum):
-                inputs, labels, tokens = runtime.batch(_augmented(train_set, stream, config))
+            for micro in range(tc.grad_accum):
+                # hidden tokens (masked objective) are drawn from (seed, step, micro-batch): resume is exact
+                mask_seed = (tc.seed * 1_000_003 + step) * tc.grad_accum + micro
+                inputs, labels, tokens = runtime.batch(_augmented(train_set, stream, config), mask_seed)
                 with runtime.context():
                     logits = model(**inputs).float()
-                    loss = F.cross_entropy(logits, labels)
+                    loss, right, scored = objective_loss(logits, labels)
                     extra = aux_loss(model)
                     total = loss if extra is None else loss + extra
                 (total / tc.grad_accum).backward()
-                window["loss"] += loss.detach() * len(labels)
-                window["correct"] += (logits.argmax(-1) == labels).sum()
-                window["count"] += len(labels)
+                window["loss"] += loss.detach() * scored
+                window["correct"] += right
+                window["count"] += scored
                 window["tokens"] += tokens
             if config.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
@@ -655,10 +733,8 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
         extra={"task": data.spec.name, "attention": config.model.attention, **training_cost(run_dir)},
     )  # fmt: skip
     (run_dir / RESULTS_NAME).write_text(json.dumps(result.__dict__, indent=2) + "\n")
-    log(
-        f"best val accuracy {best:.4f}; test accuracy {test['accuracy']:.4f} "
-        f"(majority class {majority:.4f}); run folder {run_dir}"
-    )
+    baseline = "over hidden tokens" if tc.objective == "masked" else f"majority class {majority:.4f}"
+    log(f"best val accuracy {best:.4f}; test accuracy {test['accuracy']:.4f} ({baseline}); run folder {run_dir}")
     return result
 
 
@@ -715,6 +791,10 @@ def _check_config(config: Config) -> None:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum={tc.grad_accum}")
     if tc.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"train.precision must be auto, bf16 or fp32, got {tc.precision!r}")
+    if tc.objective not in OBJECTIVES:
+        raise ValueError(f"train.objective={tc.objective!r} is not known; choose one of {list(OBJECTIVES)}")
+    if tc.objective == "masked" and not 0 < tc.mask_rate < 1:
+        raise ValueError(f"train.mask_rate must be in (0, 1) for the masked objective, got {tc.mask_rate!r}")
     if oc.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={oc.schedule!r} is not known; choose one of {list(SCHEDULES)}")
     if oc.lr <= 0:
