@@ -551,15 +551,14 @@ def make_sample(
     contrast = p.snake_contrast * p.paddle_contrast
     if render == "coverage":
         inks = [*targets.inks, distractor_ink, *targets.markers]
-        top = 1.0  # clip
     else:
         every_distractor = [paddle for snake in distractors for paddle in snake]
         inks = [_lanczos_ink(p, snake) for snake in targets.paddles] + [_lanczos_ink(p, every_distractor)]
         inks += [_lanczos_ink(p, [], [tip]) for tip in targets.tips]
     # layers: target 1, target 2, distractors, marker 1, marker 2
     layers = [contrast * inks[0], contrast * inks[1], p.snake_contrast * inks[2], inks[3], inks[4]]
-    if render == "lanczos":
-        top = max(float(layer.max()) for layer in layers)  # snakes2 rescales by the image maximum
+    # coverage clips at 1; snakes2 divides by the image maximum
+    top = 1.0 if render == "coverage" else max(float(layer.max()) for layer in layers)
     layers = [np.clip(layer / top, 0.0, 1.0) for layer in layers]
     image = np.rint(np.maximum.reduce(layers) * 255).astype(np.uint8)
     return PathfinderSample(
