@@ -491,20 +491,25 @@ def test_a_nan_loss_stops_the_run_before_it_is_saved(tmp_path, data, monkeypatch
 
 
 def test_masked_tokens_are_real_tokens_drawn_from_the_seed():
-    from hopformer.train.trainer import IGNORE, Runtime
+    from hopformer.models import MaskedTokenModel, TransformerEncoder
+    from hopformer.train.trainer import Runtime
 
     examples = [{"input_ids": torch.arange(1, n + 1), "label": 0} for n in (300, 180)]
     runtime = Runtime(torch.device("cpu"), False, 1, 512, mask_rate=0.25, mask_id=99)
     inputs, labels, tokens = runtime.batch(examples, mask_seed=7)
     real, ids = inputs["attention_mask"], torch.stack([torch.arange(1, 301), torch.arange(1, 301)])
-    hidden = labels != IGNORE
+    hidden = inputs["select"]
     assert tokens == 480 and not (hidden & ~real).any()  # padding is never hidden
     assert 0.18 < hidden.sum().item() / 480 < 0.32
-    assert (labels[hidden] == ids[hidden]).all() and (inputs["input_ids"][hidden] == 99).all()
+    assert torch.equal(labels, ids[hidden]) and (inputs["input_ids"][hidden] == 99).all()
     assert (inputs["input_ids"][real & ~hidden] == ids[real & ~hidden]).all()
-    again, same, _ = runtime.batch(examples, mask_seed=7)
-    other, different, _ = runtime.batch(examples, mask_seed=8)
-    assert torch.equal(same, labels) and not torch.equal(different, labels)
+    same = runtime.batch(examples, mask_seed=7)[0]["select"]
+    different = runtime.batch(examples, mask_seed=8)[0]["select"]
+    assert torch.equal(same, hidden) and not torch.equal(different, hidden)
+    # the model scores the selected positions only: the same logits as the whole table's rows there
+    model = MaskedTokenModel(TransformerEncoder(301, dim=16, depth=1, heads=2, mlp_dim=16, max_len=512), 301).eval()
+    every = model(inputs["input_ids"], inputs["attention_mask"])
+    torch.testing.assert_close(model(**inputs), every[hidden])
 
 
 def test_masked_pretraining_learns_resumes_and_starts_a_classifier(tmp_path, data, monkeypatch, capsys):

@@ -528,7 +528,9 @@ class MaskedTokenModel(PretrainedModel):
     trainer hides some tokens and trains the model to name them; a classifier then starts from the
     encoder (``train.init_from``).
 
-    ``forward(input_ids, attention_mask=None) -> logits (batch, seq, vocab_size)``.
+    ``forward(input_ids, attention_mask=None, select=None) -> logits (batch, seq, vocab_size)``, or
+    with a boolean ``select`` of shape ``(batch, seq)``, ``(N, vocab_size)`` logits at its N True
+    positions only (the head and the loss then cost a fraction of the full table).
     """
 
     config_class = MaskedTokenModelConfig
@@ -547,8 +549,11 @@ class MaskedTokenModel(PretrainedModel):
     def from_config(cls, config: MaskedTokenModelConfig) -> MaskedTokenModel:
         return cls(TransformerEncoder.from_config(config.encoder), config.vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.encoder(input_ids, attention_mask))
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, select: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden = self.encoder(input_ids, attention_mask)
+        return self.head(hidden if select is None else hidden[select])
 
 
 MODEL_TYPES: dict[str, type[PretrainedModel]] = {

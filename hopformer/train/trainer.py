@@ -55,7 +55,6 @@ from hopformer.train.tasks import TaskData, load_task
 
 SCHEDULES = ("linear", "cosine", "constant", "rsqrt")
 OBJECTIVES = ("classify", "masked")
-IGNORE = -100  # the label of tokens a masked-token loss does not score
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
 CONFIG_NAME = "config.yaml"
@@ -224,15 +223,10 @@ def load_encoder_weights(model: torch.nn.Module, source: str | Path) -> Path:
 
 
 def objective_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean cross-entropy, number correct and number scored: per sequence (``(batch, classes)``
-    logits), or per hidden token (``(batch, seq, vocab)`` logits, labels :data:`IGNORE` elsewhere)."""
-    if logits.dim() == 2:
-        return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).sum(), len(labels)
-    logits, labels = logits.flatten(0, 1), labels.flatten()
-    scored = labels != IGNORE
-    count = int(scored.sum())
-    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE) if count else logits.sum() * 0.0
-    return loss, ((logits.argmax(-1) == labels) & scored).sum(), count
+    """Mean cross-entropy, number correct and number scored, for ``(N, classes)`` logits: one row per
+    sequence, or per hidden token (masked objective; a batch may hide none)."""
+    loss = F.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
+    return loss, (logits.argmax(-1) == labels).sum(), len(labels)
 
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
@@ -275,7 +269,8 @@ class Runtime:
         """Collate and move to the device; returns (model inputs, labels, number of real tokens).
 
         With ``mask_rate``, each real token is hidden (replaced by ``mask_id``) with that probability,
-        drawn from ``mask_seed``, and the labels are the hidden tokens' ids (:data:`IGNORE` elsewhere).
+        drawn from ``mask_seed``; the inputs then carry ``select`` (where tokens are hidden) and the
+        labels are the hidden tokens' ids, in row-major order.
         """
         batch = collate(examples, max_length=self.max_length)
         for ids_key, mask_key in (("input_ids", "attention_mask"), ("input_ids_2", "attention_mask_2")):
@@ -291,7 +286,7 @@ class Runtime:
             ids = batch["input_ids"]
             draws = torch.rand(ids.shape, generator=torch.Generator().manual_seed(mask_seed))
             hidden = (draws < self.mask_rate) & batch["attention_mask"]
-            batch["label"] = torch.where(hidden, ids, IGNORE)
+            batch["label"], batch["select"] = ids[hidden], hidden
             batch["input_ids"] = torch.where(hidden, self.mask_id, ids)
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
         return batch, batch.pop("label"), tokens
