@@ -42,18 +42,28 @@ def checkpoint_folder(path: Path, which: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Load the model, evaluate, print the accuracy."""
     from hopformer.models import MaskedTokenModel, from_pretrained
-    from hopformer.train.trainer import CONFIG_NAME, Runtime, evaluate, max_tokens, prefix_length, resolve_device
+    from hopformer.train.trainer import (
+        CONFIG_NAME,
+        Runtime,
+        evaluate,
+        masking,
+        max_tokens,
+        prefix_length,
+        resolve_device,
+    )
 
     path = Path(args.checkpoint)
     folder = checkpoint_folder(path, args.which)
     device = resolve_device(args.device)
     model = from_pretrained(folder, device)
     limit = max_tokens(model)
+    if isinstance(model, MaskedTokenModel) and args.data:
+        raise ValueError("a masked-token model is evaluated on its own task's splits: use --split, not --data")
     if args.data:
         from hopformer.data.listops import load_listops_tsv
 
         examples = load_listops_tsv(args.data, max_length=limit)
-        source = args.data
+        source, hiding = args.data, {}
     else:
         from hopformer.train.config import load_config
         from hopformer.train.tasks import load_task
@@ -61,12 +71,9 @@ def run(args: argparse.Namespace) -> int:
         run_dir = path if (path / CONFIG_NAME).is_file() else folder.parent
         config = load_config(run_dir / CONFIG_NAME)
         examples = load_task(config, progress=False).splits[args.split]
-        source = f"{config.task} {args.split}"
-    runtime = Runtime(device, device.type == "cuda", model.encoder.config.pad_to_multiple, limit, prefix_length(model))
-    if isinstance(model, MaskedTokenModel):  # a pretraining run: the accuracy is over hidden tokens
-        if args.data:
-            raise ValueError("a masked-token model is evaluated on its own task's splits: use --split, not --data")
-        runtime.mask_rate, runtime.mask_id = config.train.mask_rate, model.config.vocab_size - 1
+        source, hiding = f"{config.task} {args.split}", masking(model, config)
+    pad = model.encoder.config.pad_to_multiple
+    runtime = Runtime(device, device.type == "cuda", pad, limit, prefix_length(model), **hiding)
     result = evaluate(model, examples, runtime, args.batch_size)
     if args.json:
         print(json.dumps({"checkpoint": str(folder), "data": source, **result}))

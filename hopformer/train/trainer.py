@@ -162,6 +162,8 @@ def learning_rate(step: int, config: Config) -> float:
 def build_model(config: Config, data: TaskData, pad_to_multiple: int) -> torch.nn.Module:
     """The classifier of ``config.model`` for ``data`` (vocabulary and labels from the task)."""
     m = config.model
+    if config.train.objective == "masked" and data.spec.pair:
+        raise ValueError(f"train.objective='masked' reads one sequence per example; {data.spec.name!r} has pairs")
     cls_extra = 1 if m.pooling == "cls" else 0
     max_len = m.max_len or -(-data.longest() // 128) * 128 + cls_extra
     vocab = max(data.spec.vocab_size, 1 + max(int(e["input_ids"].max()) for e in data.splits["train"]))
@@ -186,8 +188,6 @@ def build_model(config: Config, data: TaskData, pad_to_multiple: int) -> torch.n
         init=m.init,
     )
     if config.train.objective == "masked":
-        if data.spec.pair:
-            raise ValueError(f"train.objective='masked' reads one sequence per example; {data.spec.name!r} has pairs")
         return MaskedTokenModel(encoder, vocab)
     head = DualEncoderClassifier if data.spec.pair else SequenceClassifier
     return head(encoder, data.spec.num_classes, pooling=m.pooling, head_dim=m.head_dim)
@@ -240,6 +240,14 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
 def max_tokens(model: torch.nn.Module) -> int:
     """Longest input the model takes (the encoder's ``max_len`` less the CLS vector)."""
     return model.encoder.config.max_len - prefix_length(model)
+
+
+def masking(model: torch.nn.Module, config: Config) -> dict[str, float | int]:
+    """:class:`Runtime` settings of the masked objective for a :class:`MaskedTokenModel` (its mask is the
+    last row of the embedding table, see :func:`build_model`); none for a classifier."""
+    if not isinstance(model, MaskedTokenModel):
+        return {}
+    return {"mask_rate": config.train.mask_rate, "mask_id": model.config.vocab_size - 1}
 
 
 def prefix_length(model: torch.nn.Module) -> int:
@@ -548,9 +556,7 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
     if tc.init_from and not resume:
         log(f"encoder weights from {load_encoder_weights(model, tc.init_from)}")
     optimizer = make_optimizer(model, config)
-    runtime = Runtime(device, autocast, pad, max_tokens(model), prefix_length(model))
-    if tc.objective == "masked":
-        runtime.mask_rate, runtime.mask_id = tc.mask_rate, model.config.vocab_size - 1
+    runtime = Runtime(device, autocast, pad, max_tokens(model), prefix_length(model), **masking(model, config))
     parameters = count_parameters(model)
     majority = data.majority_rate("test")
     log(
