@@ -175,3 +175,44 @@ def test_lra_time_limit_leaves_cells_for_the_next_call(trained, tmp_path, capsys
     table = json.loads((runs / "results.json").read_text())
     assert all("listops" in row["tasks"] for row in table["rows"])
     assert "not finished" not in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_lra_pretrains_each_cell_before_its_classifier(trained, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from hopformer.train import trainer
+
+    runs, config_dir = tmp_path / "lra", tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "listops.yaml").write_text(f"data: {{data_dir: {trained / 'data'}}}\n")
+    argv = ["lra", "--tasks", "listops", "--attentions", "local", "--config-dir", str(config_dir),
+            "--runs-dir", str(runs), "--no-progress", "--device", "cpu", "--set", "train.steps=30",
+            "--set", "train.batch_size=8", "--set", "model.dim=16", "--set", "model.depth=1",
+            "--set", "train.threads=1", "--set", "train.eval_every=10", "--time-limit", "3",
+            "--pretrain-steps", "60", "--pretrain-set", "optim.lr=0.003"]  # fmt: skip
+    calls = 0
+    while not (runs / "listops-local-s0" / "results.json").is_file():  # each call goes on where the last stopped
+        calls += 1
+        assert calls < 12
+        monkeypatch.setattr(trainer, "_now", FakeClock())
+        assert main(argv) == 0
+    assert calls > 1  # the deadline cut the stages, so resuming across them was exercised
+    pretrain, cell = runs / "listops-local-s0-pretrain", runs / "listops-local-s0"
+    pre_config = yaml.safe_load((pretrain / "config.yaml").read_text())
+    assert pre_config["train"]["objective"] == "masked" and pre_config["train"]["steps"] == 60
+    assert pre_config["optim"]["lr"] == 0.003  # --pretrain-set reaches the pretraining only
+    cell_config = yaml.safe_load((cell / "config.yaml").read_text())
+    assert cell_config["train"]["objective"] == "classify" and cell_config["train"]["steps"] == 30
+    assert cell_config["train"]["init_from"] == str(pretrain) and cell_config["optim"]["lr"] != 0.003
+    assert json.loads((pretrain / "results.json").read_text())["step"] == 60
+    table = json.loads((runs / "results.json").read_text())
+    assert table["pretrain_steps"] == 60 and [row["model"] for row in table["rows"]] == ["hopformer local"]
+    assert "self-pretrained 60 steps" in (runs / "results.md").read_text()
+
+
+def test_lra_pretraining_options_are_checked(tmp_path):
+    base = ["lra", "--tasks", "listops", "--runs-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--pretrain-steps must be a positive step count, got 0"):
+        main([*base, "--pretrain-steps", "0"])
+    with pytest.raises(SystemExit, match="--pretrain-set needs --pretrain-steps"):
+        main([*base, "--pretrain-set", "optim.lr=0.001"])

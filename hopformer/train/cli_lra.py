@@ -9,6 +9,12 @@ Each cell is the run folder ``<runs-dir>/<task>-<attention>-s<seed>`` trained wi
 setting). A finished run (``results.json``) is collected, a killed, interrupted or time-limited one
 resumed (from its ``last/``), a missing one trained (unless ``--collect-only``).
 
+``--pretrain-steps N`` self-pretrains every cell first (Amos et al. 2023): the run folder
+``<cell>-pretrain`` trains the same model for N steps on the masked objective
+(``train.objective=masked``; ``--pretrain-set KEY=VALUE`` adds settings for this stage only, e.g.
+``optim.lr=3e-4``), and the cell's classifier then starts from its encoder (``train.init_from``). Both
+stages are resumed like any run.
+
 ``--time-limit MIN`` (or ``--set train.time_limit_minutes=MIN``) is one deadline for the whole grid,
 counted from the start of the command: the running cell checkpoints and stops before it, cells not yet
 started are left for the next call, and the table is written with what is finished. Running the same
@@ -73,6 +79,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override train.device")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting")
     parser.add_argument("--collect-only", action="store_true", help="do not train; tabulate the runs that exist")
+    parser.add_argument("--pretrain-steps", type=int, metavar="N",
+                        help="self-pretrain each cell N steps first (masked objective, <cell>-pretrain)")  # fmt: skip
+    parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for the pretraining stage only, e.g. optim.lr=3e-4")  # fmt: skip
     parser.add_argument(
         "--time-limit", type=float, metavar="MIN", help="stop cleanly before MIN minutes; run again to continue"
     )
@@ -86,9 +96,8 @@ def _names(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Train or collect every cell, then write ``results.md`` and ``results.json``."""
     from hopformer.train import trainer as loop
-    from hopformer.train.checkpoint import find_checkpoint
-    from hopformer.train.config import load_config, parse_assignment
-    from hopformer.train.trainer import RESULTS_NAME, train
+    from hopformer.train.config import parse_assignment
+    from hopformer.train.trainer import RESULTS_NAME
 
     started = loop._now()
     tasks, attentions = _names(args.tasks), _names(args.attentions)
@@ -96,7 +105,12 @@ def run(args: argparse.Namespace) -> int:
     unknown = [task for task in tasks if task not in COLUMNS]
     if unknown:
         raise SystemExit(f"hopformer lra: unknown task(s) {unknown}; choose from {list(COLUMNS)}")
+    if args.pretrain_steps is not None and args.pretrain_steps < 1:
+        raise SystemExit(f"hopformer lra: --pretrain-steps must be a positive step count, got {args.pretrain_steps}")
     assignments = dict(parse_assignment(text) for text in args.set)
+    pretrain_assignments = dict(parse_assignment(text) for text in args.pretrain_set)
+    if pretrain_assignments and args.pretrain_steps is None:
+        raise SystemExit("hopformer lra: --pretrain-set needs --pretrain-steps")
     limit = args.time_limit if args.time_limit is not None else assignments.get("train.time_limit_minutes")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
         raise SystemExit(f"hopformer lra: the time limit must be a positive number of minutes, got {limit!r}")
@@ -105,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     suffix = "" if args.scale == "official" else "_pytorch"
     cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
     unfinished: list[str] = []
+    failed: list[str] = []  # the error.txt of each run that raised
     stopped = False  # a Ctrl-C or SIGTERM ends the grid
     for task in tasks:
         for attention in attentions:
@@ -115,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                     if stopped or (deadline is not None and deadline - loop._now() < _MIN_CELL_SECONDS):
                         unfinished.append(run_dir.name)
                         continue
-                    overrides = {"model.attention": attention, "train.seed": seed, "train.run_dir": str(run_dir)}
+                    overrides = {"model.attention": attention, "train.seed": seed}
                     if args.data_dir:
                         overrides["data.data_dir"] = args.data_dir
                     if args.device:
@@ -125,29 +140,32 @@ def run(args: argparse.Namespace) -> int:
                     overrides.update(assignments)
                     if limit is not None:
                         overrides["train.time_limit_minutes"] = limit
-                    print(f"== {task} / {attention} / seed {seed} -> {run_dir}")
-                    try:
-                        if find_checkpoint(run_dir / "last") is not None:
-                            resume = {"train.time_limit_minutes": limit} if limit is not None else None
-                            if args.no_progress:
-                                resume = {**(resume or {}), "train.progress": False}
-                            result = train(resume=run_dir, resume_overrides=resume, deadline=deadline)
-                        else:
-                            config = load_config(Path(args.config_dir) / f"{task}{suffix}.yaml", overrides)
-                            result = train(config, deadline=deadline)
+                    stages = []  # (run folder, its overrides): the pretraining first, when asked for
+                    if args.pretrain_steps is not None:
+                        pretrain_dir = run_dir.with_name(run_dir.name + "-pretrain")
+                        pretrain = {**overrides, "train.objective": "masked", "train.steps": args.pretrain_steps}
+                        stages.append((pretrain_dir, {**pretrain, **pretrain_assignments}))
+                        overrides["train.init_from"] = str(pretrain_dir)
+                    stages.append((run_dir, overrides))
+                    config_path = Path(args.config_dir) / f"{task}{suffix}.yaml"
+                    for stage_dir, stage_overrides in stages:
+                        if (stage_dir / RESULTS_NAME).is_file():
+                            continue
+                        print(f"== {task} / {attention} / seed {seed} -> {stage_dir}")
+                        result = _train_stage(stage_dir, config_path, stage_overrides, limit, args, deadline)
+                        if result is None:
+                            failed.append(str(stage_dir / "error.txt"))
+                            break
                         if result.interrupted:
                             unfinished.append(run_dir.name)
                             stopped = result.stop_reason != "time_limit"
-                    except KeyboardInterrupt:
-                        raise
-                    except Exception:  # one failing cell (missing data...) must not stop the grid
-                        traceback.print_exc()
-                        (run_dir.mkdir(parents=True, exist_ok=True))
-                        (run_dir / "error.txt").write_text(traceback.format_exc())
+                            break
                 if results.is_file():
                     cells.setdefault((task, attention), []).append(json.loads(results.read_text()))
 
     table = summarise(tasks, attentions, cells, args.scale)
+    if args.pretrain_steps is not None:
+        table["pretrain_steps"] = args.pretrain_steps
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / "results.json").write_text(json.dumps(table, indent=2) + "\n")
     markdown = to_markdown(table)
@@ -156,7 +174,42 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {runs_dir / 'results.md'} and {runs_dir / 'results.json'}")
     if unfinished:
         print(f"not finished: {', '.join(unfinished)}; run the same command again to continue")
+    if failed:
+        print(f"failed: see {', '.join(failed)}")
     return 0
+
+
+def _train_stage(
+    run_dir: Path,
+    config_path: Path,
+    overrides: dict[str, Any],
+    limit: float | None,
+    args: argparse.Namespace,
+    deadline: float | None,
+) -> Any:
+    """Resume ``run_dir`` from its ``last/``, or start it from ``config_path``; None when it failed.
+
+    A failing run (missing data...) must not stop the grid: its traceback goes to ``error.txt``.
+    """
+    from hopformer.train.checkpoint import find_checkpoint
+    from hopformer.train.config import load_config
+    from hopformer.train.trainer import train
+
+    try:
+        if find_checkpoint(run_dir / "last") is not None:
+            resume: dict[str, Any] = {"train.time_limit_minutes": limit} if limit is not None else {}
+            if args.no_progress:
+                resume["train.progress"] = False
+            return train(resume=run_dir, resume_overrides=resume or None, deadline=deadline)
+        config = load_config(config_path, {**overrides, "train.run_dir": str(run_dir)})
+        return train(config, deadline=deadline)
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        traceback.print_exc()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        return None
 
 
 def summarise(
@@ -223,6 +276,8 @@ def to_markdown(table: dict[str, Any]) -> str:
         f"\nTest accuracy (%), best-validation checkpoint. Avg = mean over the {len(tasks)} task(s) above "
         f"(published rows re-averaged over the same tasks); {source}. Scale: {table['scale']}.\n"
     )
+    if "pretrain_steps" in table:
+        note += f"Each hopformer run was first self-pretrained {table['pretrain_steps']} steps (masked objective).\n"
     return "\n".join(lines) + "\n" + note + _cost_markdown(table)
 
 
