@@ -151,16 +151,22 @@ def test_time_limit_exits_cleanly_and_resume_finishes(trained, tmp_path, capsys,
     assert json.loads((run / "results.json").read_text())["step"] == 30
 
 
+def _timed_grid(trained, tmp_path, attentions: str, steps: int, eval_every: int) -> list[str]:
+    """``hopformer lra`` arguments of a tiny ListOps grid under a 3-minute deadline (runs in tmp_path/lra)."""
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "listops.yaml").write_text(f"data: {{data_dir: {trained / 'data'}}}\n")
+    return ["lra", "--tasks", "listops", "--attentions", attentions, "--config-dir", str(config_dir),
+            "--runs-dir", str(tmp_path / "lra"), "--no-progress", "--device", "cpu", "--set", f"train.steps={steps}",
+            "--set", "train.batch_size=8", "--set", "model.dim=16", "--set", "model.depth=1",
+            "--set", "train.threads=1", "--set", f"train.eval_every={eval_every}", "--time-limit", "3"]  # fmt: skip
+
+
 def test_lra_time_limit_leaves_cells_for_the_next_call(trained, tmp_path, capsys, monkeypatch):
     from hopformer.train import trainer
 
-    runs, config_dir = tmp_path / "lra", tmp_path / "configs"
-    config_dir.mkdir()
-    (config_dir / "listops.yaml").write_text(f"data: {{data_dir: {trained / 'data'}}}\n")
-    argv = ["lra", "--tasks", "listops", "--attentions", "full,local", "--config-dir", str(config_dir),
-            "--runs-dir", str(runs), "--no-progress", "--device", "cpu", "--set", "train.steps=100",
-            "--set", "train.batch_size=8", "--set", "model.dim=16", "--set", "model.depth=1",
-            "--set", "train.threads=1", "--set", "train.eval_every=20", "--time-limit", "3"]  # fmt: skip
+    runs = tmp_path / "lra"
+    argv = _timed_grid(trained, tmp_path, "full,local", steps=100, eval_every=20)
     monkeypatch.setattr(trainer, "_now", FakeClock())
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -182,14 +188,9 @@ def test_lra_pretrains_each_cell_before_its_classifier(trained, tmp_path, capsys
 
     from hopformer.train import trainer
 
-    runs, config_dir = tmp_path / "lra", tmp_path / "configs"
-    config_dir.mkdir()
-    (config_dir / "listops.yaml").write_text(f"data: {{data_dir: {trained / 'data'}}}\n")
-    argv = ["lra", "--tasks", "listops", "--attentions", "local", "--config-dir", str(config_dir),
-            "--runs-dir", str(runs), "--no-progress", "--device", "cpu", "--set", "train.steps=30",
-            "--set", "train.batch_size=8", "--set", "model.dim=16", "--set", "model.depth=1",
-            "--set", "train.threads=1", "--set", "train.eval_every=10", "--time-limit", "3",
-            "--pretrain-steps", "60", "--pretrain-set", "optim.lr=0.003"]  # fmt: skip
+    runs = tmp_path / "lra"
+    argv = _timed_grid(trained, tmp_path, "local", steps=30, eval_every=10)
+    argv += ["--pretrain-steps", "60", "--pretrain-set", "optim.lr=0.003"]
     calls = 0
     while not (runs / "listops-local-s0" / "results.json").is_file():  # each call goes on where the last stopped
         calls += 1
