@@ -26,6 +26,9 @@
 #                         (the rsqrt schedule of the _h200 configs does not depend on it; never below
 #                         the step a cell has reached: the trainer refuses)
 #   EXTRA_SET="k=v ..."   extra --set settings for new cells (smoke tests: tiny model, few steps)
+#   PRETRAIN_STEPS=N      self-pretrain each cell first: <cell>-pretrain trains N steps on the masked
+#                         objective, then the cell's classifier starts from its encoder (train.init_from)
+#   PRETRAIN_SET="k=v ..."  extra --set settings for the pretraining only, e.g. "optim.lr=3e-4"
 #   OPTS_<attention>="k=v ..."  extra --attention-option settings for new cells of that attention
 #   DATA_DIR=data/lra_release  RUNS_DIR=runs/lra  CONFIG_DIR=configs/lra  CONFIG_SUFFIX=_h200
 #   PF_N=200000           Pathfinder images (LRA: 200,000 per folder, split 80/10/10)
@@ -126,29 +129,79 @@ print('pixel cache ready')" || { log "Pathfinder-32: pixel cache not built yet (
 
 has_checkpoint() { [[ -f $1/last/state.pt || -f $1/.last.old/state.pt ]]; }
 
-# Start (or resume) one cell in the background; its pid is appended to PIDS.
-launch() {
-  local task=$1 attention=$2 limit=$3
-  local dir=$RUNS_DIR/$task-$attention-s$SEED
-  local -a args
-  mkdir -p "$dir"
+# ARGS: the `hopformer` arguments of one stage of a cell, resuming its folder or starting it.
+# $1 task, $2 attention, $3 time limit (minutes), $4 stage: `pretrain` (the masked objective, in
+# <cell>-pretrain) or `classify` (the cell itself; it starts from the pretrained encoder when there is one).
+stage_args() {
+  local task=$1 attention=$2 limit=$3 stage=$4
+  local cell=$RUNS_DIR/$task-$attention-s$SEED dir kv
+  dir=$cell
+  if [[ $stage == pretrain ]]; then dir=$cell-pretrain; fi
   if has_checkpoint "$dir"; then
-    args=(train --resume "$dir" --time-limit "$limit" --no-progress)
+    ARGS=(train --resume "$dir" --time-limit "$limit" --no-progress)
   else
-    args=(train --config "$CONFIG_DIR/${task}${CONFIG_SUFFIX}.yaml" --attention "$attention" --seed "$SEED"
+    ARGS=(train --config "$CONFIG_DIR/${task}${CONFIG_SUFFIX}.yaml" --attention "$attention" --seed "$SEED"
       --data-dir "$DATA_DIR" --run-dir "$dir" --time-limit "$limit" --no-progress)
-    local kv name=OPTS_$attention
-    for kv in ${EXTRA_SET:-}; do args+=(--set "$kv"); done
+    local name=OPTS_$attention
+    for kv in ${EXTRA_SET:-}; do ARGS+=(--set "$kv"); done
     if [[ $task == pathfinder32 && $PF_DIFFICULTY != curv_contour_length_14 ]]; then
-      args+=(--set "data.pathfinder_difficulty=$PF_DIFFICULTY")
+      ARGS+=(--set "data.pathfinder_difficulty=$PF_DIFFICULTY")
     fi
-    for kv in ${!name:-}; do args+=(--attention-option "$kv"); done
-    if [[ -n ${DEVICE:-} ]]; then args+=(--device "$DEVICE"); fi
+    for kv in ${!name:-}; do ARGS+=(--attention-option "$kv"); done
+    if [[ -n ${DEVICE:-} ]]; then ARGS+=(--device "$DEVICE"); fi
+    if [[ $stage == pretrain ]]; then
+      ARGS+=(--set train.objective=masked)
+      for kv in ${PRETRAIN_SET:-}; do ARGS+=(--set "$kv"); done
+    elif [[ -n ${PRETRAIN_STEPS:-} ]]; then
+      ARGS+=(--set "train.init_from=$cell-pretrain")
+    fi
   fi
   local steps=STEPS_$task
-  if [[ -n ${!steps:-} ]]; then args+=(--steps "${!steps}"); fi
-  echo "=== $(date '+%F %T') ${HOP[*]} ${args[*]}" >>"$dir/stdout.log"
-  "${HOP[@]}" "${args[@]}" >>"$dir/stdout.log" 2>&1 &
+  if [[ $stage == pretrain ]]; then
+    ARGS+=(--steps "$PRETRAIN_STEPS")
+  elif [[ -n ${!steps:-} ]]; then
+    ARGS+=(--steps "${!steps}")
+  fi
+}
+
+NO_TIME=75  # run_cell's exit status when too little time was left to start the cell's next stage
+
+# One cell, run in the background by launch: its pretraining first when PRETRAIN_STEPS is set, then
+# the classifier, each with what is left before END as its time limit. A TERM is passed on to the
+# stage running. The exit status is that of the last stage run.
+run_cell() {
+  local task=$1 attention=$2 least=$3 stage dir limit child code=0
+  local cell=$RUNS_DIR/$task-$attention-s$SEED
+  local -a stages=(classify)
+  if [[ -n ${PRETRAIN_STEPS:-} ]]; then stages=(pretrain classify); fi
+  for stage in "${stages[@]}"; do
+    dir=$cell
+    if [[ $stage == pretrain ]]; then dir=$cell-pretrain; fi
+    if [[ -f $dir/results.json ]]; then continue; fi
+    # the run's own time limit: what is left before END, less a little for starting Python
+    limit=$("$PY" -c "print(round(($END - $(date +%s)) / 60 - 0.2, 2))")
+    if ! "$PY" -c "import sys; sys.exit(0 if $limit >= $least else 1)"; then return "$NO_TIME"; fi
+    stage_args "$task" "$attention" "$limit" "$stage"
+    mkdir -p "$dir"
+    echo "=== $(date '+%F %T') ${HOP[*]} ${ARGS[*]}" >>"$dir/stdout.log"
+    "${HOP[@]}" "${ARGS[@]}" >>"$dir/stdout.log" 2>&1 &
+    child=$!
+    trap 'kill -TERM "$child" 2>/dev/null' TERM
+    while kill -0 "$child" 2>/dev/null; do  # a trapped signal interrupts `wait`: wait again
+      wait "$child"
+    done
+    wait "$child"  # the run's own exit status (bash keeps it), not that of an interrupted wait
+    code=$?
+    trap - TERM
+    if [[ ! -f $dir/results.json ]]; then return "$code"; fi
+  done
+  return "$code"
+}
+
+# Start (or resume) one cell in the background; its pid is appended to PIDS.
+launch() {
+  local task=$1 attention=$2 least=$3
+  run_cell "$task" "$attention" "$least" &
   PIDS+=($!)
 }
 
@@ -156,11 +209,10 @@ PIDS=()
 forward() { log "signal: asking the runs to checkpoint and stop"; kill -TERM "${PIDS[@]}" 2>/dev/null; }
 
 # The cells of one task in parallel; wait for all; report how each ended. $2: the fewest minutes
-# worth starting runs for (default 1.5).
+# worth starting a run for (default 1.5).
 train_task() {
-  local task=$1 least=${2:-1.5} limit attention dir
+  local task=$1 least=${2:-1.5} limit attention dir log_of
   local -a cells=()
-  # the runs' own time limit: what is left before END, less a little for starting Python
   limit=$("$PY" -c "print(round(($END - $(date +%s)) / 60 - 0.2, 2))")
   if ! "$PY" -c "import sys; sys.exit(0 if $limit >= $least else 1)"; then
     log "$task: only $limit min left in this call; no runs started"
@@ -169,25 +221,32 @@ train_task() {
   for attention in "${ATTN[@]}"; do
     dir=$RUNS_DIR/$task-$attention-s$SEED
     if [[ -f $dir/results.json ]]; then log "$task-$attention: finished earlier"; continue; fi
-    launch "$task" "$attention" "$limit"
+    launch "$task" "$attention" "$least"
     cells+=("$dir")
-    log "$task-$attention: running (pid ${PIDS[-1]}, time limit $limit min), log $dir/stdout.log"
+    log_of=$dir
+    if [[ -n ${PRETRAIN_STEPS:-} && ! -f $dir-pretrain/results.json ]]; then log_of=$dir-pretrain; fi
+    log "$task-$attention: running (pid ${PIDS[-1]}, $limit min left), log $log_of/stdout.log"
   done
   trap forward TERM INT
   local i code
   for i in "${!cells[@]}"; do
-    while :; do  # a trapped signal interrupts `wait`; wait again until the run has exited
-      wait "${PIDS[$i]}"
-      code=$?
-      kill -0 "${PIDS[$i]}" 2>/dev/null || break
-    done
-    if [[ $code == 0 && -f ${cells[$i]}/results.json ]]; then
-      log "${cells[$i]}: finished"
+    while kill -0 "${PIDS[$i]}" 2>/dev/null; do wait "${PIDS[$i]}"; done
+    wait "${PIDS[$i]}"
+    code=$?
+    dir=${cells[$i]}
+    log_of=$dir
+    if [[ -n ${PRETRAIN_STEPS:-} && ! -f $dir-pretrain/results.json ]]; then log_of=$dir-pretrain; fi
+    if [[ $code == 0 && -f $dir/results.json ]]; then
+      log "$dir: finished"
     elif [[ $code == 0 ]]; then
-      log "${cells[$i]}: stopped at its time limit (call again to continue)"
+      log "$log_of: stopped at its time limit (call again to continue)"
+    elif [[ $code == "$NO_TIME" ]]; then
+      log "$dir: its next stage waits for the next call (less than $least min left)"
+    elif [[ $code == 130 || $code == 143 ]]; then
+      log "$log_of: stopped by a signal, checkpoint saved (call again to continue)"
     else
-      log "${cells[$i]}: exit status $code; the end of its log:"
-      tail -n 5 "${cells[$i]}/stdout.log"
+      log "$log_of: exit status $code; the end of its log:"
+      tail -n 5 "$log_of/stdout.log"
     fi
   done
   trap - TERM INT
@@ -197,13 +256,16 @@ train_task() {
 collect() {
   local tasks=listops,pathfinder32 attentions
   attentions=$(IFS=,; echo "${ATTN[*]}")
-  "${HOP[@]}" lra --tasks "$tasks" --attentions "$attentions" --seeds "$SEED" --runs-dir "$RUNS_DIR" --collect-only
+  local -a scale=()
+  if [[ $CONFIG_SUFFIX == _pytorch ]]; then scale=(--scale pytorch); fi  # the published row of that setting
+  "${HOP[@]}" lra --tasks "$tasks" --attentions "$attentions" --seeds "$SEED" --runs-dir "$RUNS_DIR" \
+    "${scale[@]}" --collect-only
   status
   if [[ -n ${OUT:-} ]]; then
     local dir dest
     mkdir -p "$OUT/lra"
     cp "$RUNS_DIR/results.md" "$RUNS_DIR/results.json" "$OUT/lra/" 2>/dev/null
-    for dir in "$RUNS_DIR"/*-s"$SEED"; do
+    for dir in "$RUNS_DIR"/*-s"$SEED" "$RUNS_DIR"/*-s"$SEED"-pretrain; do
       [[ -d $dir ]] || continue
       dest=$OUT/lra/$(basename "$dir")
       mkdir -p "$dest"
@@ -228,10 +290,11 @@ from pathlib import Path
 runs, seed, attentions = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 for task in ("listops", "pathfinder32"):
     rows, gpu_min = [], 0.0
-    for attention in attentions:
-        run = runs / f"{task}-{attention}-s{seed}"
-        if not run.is_dir():
+    for attention, suffix in ((a, s) for a in attentions for s in ("-pretrain", "")):
+        run = runs / f"{task}-{attention}-s{seed}{suffix}"
+        if not run.is_dir() or not any(run.iterdir()):
             continue
+        attention += suffix
         steps = None
         if (run / "config.yaml").is_file():
             import yaml
@@ -245,9 +308,9 @@ for task in ("listops", "pathfinder32"):
         rate = train[-1].get("steps_per_s") if train else None
         if (run / "results.json").is_file():
             result = json.loads((run / "results.json").read_text())
-            rows.append(f"  {attention:10s} done: {step}/{steps} steps, test {100 * result['test_accuracy']:.2f}%")
+            rows.append(f"  {attention:19s} done: {step}/{steps} steps, test {100 * result['test_accuracy']:.2f}%")
             continue
-        text = f"  {attention:10s} step {step}/{steps}"
+        text = f"  {attention:19s} step {step}/{steps}"
         if val:
             text += f", val {100 * max(r['accuracy'] for r in val):.2f}% (best)"
         if rate and steps:
