@@ -31,7 +31,10 @@ import json
 import statistics
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hopformer.train.trainer import TrainResult
 
 _MIN_CELL_SECONDS = 90.0  # a cell is not started with less time than this left before the deadline
 COLUMNS = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image", "pathfinder32": "Path"}
@@ -186,7 +189,7 @@ def _train_stage(
     limit: float | None,
     args: argparse.Namespace,
     deadline: float | None,
-) -> Any:
+) -> TrainResult | None:
     """Resume ``run_dir`` from its ``last/``, or start it from ``config_path``; None when it failed.
 
     A failing run (missing data...) must not stop the grid: its traceback goes to ``error.txt``.
