@@ -140,7 +140,7 @@ stage_args() {
   if has_checkpoint "$dir"; then
     ARGS=(train --resume "$dir" --time-limit "$limit" --no-progress)
   else
-    ARGS=(train --config "$CONFIG_DIR/${task}${CONFIG_SUFFIX}.yaml" --attention "$attention" --seed "$SEED"
+    ARGS=(train --config "$CONFIG_DIR/${task}${CONFIG_SUFFIX}.yaml" --task "$task" --attention "$attention" --seed "$SEED"
       --data-dir "$DATA_DIR" --run-dir "$dir" --time-limit "$limit" --no-progress)
     local name=OPTS_$attention
     for kv in ${EXTRA_SET:-}; do ARGS+=(--set "$kv"); done

@@ -217,3 +217,15 @@ def test_lra_pretraining_options_are_checked(tmp_path):
         main([*base, "--pretrain-steps", "0"])
     with pytest.raises(SystemExit, match="--pretrain-set needs --pretrain-steps"):
         main([*base, "--pretrain-set", "optim.lr=0.001"])
+
+
+def test_lra_reports_a_failing_cell_and_goes_on(tmp_path, capsys):
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "image.yaml").write_text(f"data: {{data_dir: {tmp_path / 'missing'}}}\n")
+    code = main(["lra", "--tasks", "image", "--attentions", "full,local", "--config-dir", str(config_dir),
+                 "--runs-dir", str(tmp_path / "lra"), "--no-progress", "--device", "cpu"])  # fmt: skip
+    assert code == 0  # the grid goes on past a failing cell and still writes its table
+    for cell in ("image-full-s0", "image-local-s0"):
+        assert "missing" in (tmp_path / "lra" / cell / "error.txt").read_text()
+    assert "failed: see" in capsys.readouterr().out and (tmp_path / "lra" / "results.md").is_file()

@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
                     if stopped or (deadline is not None and deadline - loop._now() < _MIN_CELL_SECONDS):
                         unfinished.append(run_dir.name)
                         continue
-                    overrides = {"model.attention": attention, "train.seed": seed}
+                    # the cell's task wins over its config file's, so a cell never trains another task
+                    overrides = {"task": task, "model.attention": attention, "train.seed": seed}
                     if args.data_dir:
                         overrides["data.data_dir"] = args.data_dir
                     if args.device:
