@@ -164,6 +164,10 @@ stage_args() {
   fi
 }
 
+# A run's own time limit: the minutes left before END, less a little for starting Python.
+minutes_left() { "$PY" -c "print(round(($END - $(date +%s)) / 60 - 0.2, 2))"; }
+at_least() { "$PY" -c "import sys; sys.exit(0 if $1 >= $2 else 1)"; }  # $1 >= $2, as numbers
+
 NO_TIME=75  # run_cell's exit status when too little time was left to start the cell's next stage
 
 # One cell, run in the background by launch: its pretraining first when PRETRAIN_STEPS is set, then
@@ -178,9 +182,8 @@ run_cell() {
     dir=$cell
     if [[ $stage == pretrain ]]; then dir=$cell-pretrain; fi
     if [[ -f $dir/results.json ]]; then continue; fi
-    # the run's own time limit: what is left before END, less a little for starting Python
-    limit=$("$PY" -c "print(round(($END - $(date +%s)) / 60 - 0.2, 2))")
-    if ! "$PY" -c "import sys; sys.exit(0 if $limit >= $least else 1)"; then return "$NO_TIME"; fi
+    limit=$(minutes_left)
+    if ! at_least "$limit" "$least"; then return "$NO_TIME"; fi
     stage_args "$task" "$attention" "$limit" "$stage"
     mkdir -p "$dir"
     echo "=== $(date '+%F %T') ${HOP[*]} ${ARGS[*]}" >>"$dir/stdout.log"
@@ -213,8 +216,8 @@ forward() { log "signal: asking the runs to checkpoint and stop"; kill -TERM "${
 train_task() {
   local task=$1 least=${2:-1.5} limit attention dir log_of
   local -a cells=()
-  limit=$("$PY" -c "print(round(($END - $(date +%s)) / 60 - 0.2, 2))")
-  if ! "$PY" -c "import sys; sys.exit(0 if $limit >= $least else 1)"; then
+  limit=$(minutes_left)
+  if ! at_least "$limit" "$least"; then
     log "$task: only $limit min left in this call; no runs started"
     return 0
   fi
