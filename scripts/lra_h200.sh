@@ -131,12 +131,10 @@ has_checkpoint() { [[ -f $1/last/state.pt || -f $1/.last.old/state.pt ]]; }
 
 # ARGS: the `hopformer` arguments of one stage of a cell, resuming its folder or starting it.
 # $1 task, $2 attention, $3 time limit (minutes), $4 stage: `pretrain` (the masked objective, in
-# <cell>-pretrain) or `classify` (the cell itself; it starts from the pretrained encoder when there is one).
+# <cell>-pretrain) or `classify` (the cell itself; it starts from the pretrained encoder when there is
+# one), $5 the stage's folder.
 stage_args() {
-  local task=$1 attention=$2 limit=$3 stage=$4
-  local cell=$RUNS_DIR/$task-$attention-s$SEED dir kv
-  dir=$cell
-  if [[ $stage == pretrain ]]; then dir=$cell-pretrain; fi
+  local task=$1 attention=$2 limit=$3 stage=$4 dir=$5 kv
   if has_checkpoint "$dir"; then
     ARGS=(train --resume "$dir" --time-limit "$limit" --no-progress)
   else
@@ -153,7 +151,7 @@ stage_args() {
       ARGS+=(--set train.objective=masked)
       for kv in ${PRETRAIN_SET:-}; do ARGS+=(--set "$kv"); done
     elif [[ -n ${PRETRAIN_STEPS:-} ]]; then
-      ARGS+=(--set "train.init_from=$cell-pretrain")
+      ARGS+=(--set "train.init_from=$dir-pretrain")
     fi
   fi
   local steps=STEPS_$task
@@ -167,6 +165,11 @@ stage_args() {
 # A run's own time limit: the minutes left before END, less a little for starting Python.
 minutes_left() { "$PY" -c "print(round(($END - $(date +%s)) / 60 - 0.2, 2))"; }
 at_least() { "$PY" -c "import sys; sys.exit(0 if $1 >= $2 else 1)"; }  # $1 >= $2, as numbers
+
+# The folder of cell $1's current stage: its pretraining until that has finished, else the cell.
+current_stage_dir() {
+  if [[ -n ${PRETRAIN_STEPS:-} && ! -f $1-pretrain/results.json ]]; then echo "$1-pretrain"; else echo "$1"; fi
+}
 
 NO_TIME=75  # run_cell's exit status when too little time was left to start the cell's next stage
 
@@ -184,7 +187,7 @@ run_cell() {
     if [[ -f $dir/results.json ]]; then continue; fi
     limit=$(minutes_left)
     if ! at_least "$limit" "$least"; then return "$NO_TIME"; fi
-    stage_args "$task" "$attention" "$limit" "$stage"
+    stage_args "$task" "$attention" "$limit" "$stage" "$dir"
     mkdir -p "$dir"
     echo "=== $(date '+%F %T') ${HOP[*]} ${ARGS[*]}" >>"$dir/stdout.log"
     "${HOP[@]}" "${ARGS[@]}" >>"$dir/stdout.log" 2>&1 &
@@ -226,8 +229,7 @@ train_task() {
     if [[ -f $dir/results.json ]]; then log "$task-$attention: finished earlier"; continue; fi
     launch "$task" "$attention" "$least"
     cells+=("$dir")
-    log_of=$dir
-    if [[ -n ${PRETRAIN_STEPS:-} && ! -f $dir-pretrain/results.json ]]; then log_of=$dir-pretrain; fi
+    log_of=$(current_stage_dir "$dir")
     log "$task-$attention: running (pid ${PIDS[-1]}, $limit min left), log $log_of/stdout.log"
   done
   trap forward TERM INT
@@ -237,8 +239,7 @@ train_task() {
     wait "${PIDS[$i]}"
     code=$?
     dir=${cells[$i]}
-    log_of=$dir
-    if [[ -n ${PRETRAIN_STEPS:-} && ! -f $dir-pretrain/results.json ]]; then log_of=$dir-pretrain; fi
+    log_of=$(current_stage_dir "$dir")
     if [[ $code == 0 && -f $dir/results.json ]]; then
       log "$dir: finished"
     elif [[ $code == 0 ]]; then
