@@ -345,15 +345,16 @@ def test_matrix_on_cuda_matches_dense(causal):
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_auto_diffusion_on_cuda_picks_matrix_where_it_fits(monkeypatch):
-    """auto = matrix for diffusion where one attention matrix fits the limit, flex beyond it."""
+    """auto = matrix for diffusion where one attention matrix fits the limit, triton beyond it."""
     import hopformer.ops.sparse as ops_sparse
 
     calls = []
     monkeypatch.setattr(ops_sparse, "matrix_diffusion", lambda *a, **kw: calls.append("matrix") or a[2])
     monkeypatch.setattr(ops_sparse.flex_backend, "flex_diffuse", lambda *a, **kw: calls.append("flex") or a[2])
+    monkeypatch.setattr(ops_sparse.triton_backend, "triton_diffusion", lambda *a, **kw: calls.append("triton") or a[2])
     graph = G.bigbird(512, 128)
     (q, k, v), _ = _inputs(graph, dim=16, padding=False, device="cuda", dtype=torch.bfloat16)
     diffuse(q, k, v, graph)
     monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 512 * 512 * 2 * 2 * 2 - 1)  # one byte short
     diffuse(q, k, v, graph)
-    assert calls == ["matrix", "flex"]
+    assert calls == ["matrix", "triton" if ops_sparse.triton_backend.available() else "flex"]

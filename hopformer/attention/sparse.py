@@ -32,13 +32,14 @@ class GraphAttention(AttentionModule):
 
     Args:
         dim, heads, dropout, bias: as :class:`~hopformer.attention.base.AttentionModule`; ``dropout``
-            is attention (edge) dropout, which the ``flex`` and ``matrix`` backends cannot do: they raise.
+            is attention (edge) dropout, which the ``flex``, ``matrix`` and ``triton`` backends cannot do:
+            they raise.
         pattern: graph pattern name (``"local"``, ``"longformer"``, ``"bigbird"``, ``"diffuser"``,
             ``"hypercube"``, ``"full"``).
-        backend: ``"auto"`` (gather off CUDA; on CUDA flex, or matrix for diffusion up to 2,048 tokens),
-            ``"gather"``, ``"flex"``, ``"matrix"``
-            (attention materialised once per call: the fast Diffuser path on GPUs at LRA lengths) or
-            ``"dense"`` (see :mod:`hopformer.ops.sparse`).
+        backend: ``"auto"`` (gather off CUDA; on CUDA flex, and for diffusion matrix up to 2,048 tokens,
+            triton beyond), ``"gather"``, ``"flex"``, ``"matrix"`` (attention materialised once per
+            call: the fast Diffuser path on GPUs at LRA lengths), ``"triton"`` (hopformer's kernels:
+            the fast Diffuser path on long sequences) or ``"dense"`` (see :mod:`hopformer.ops.sparse`).
         causal: keep only keys at or before the query.
         **graph_options: the pattern's keyword arguments (``block_size``, ``window``, ``num_global``,
             ``num_random``, ``seed``, ...).
@@ -59,7 +60,7 @@ class GraphAttention(AttentionModule):
         super().__init__(dim, heads, dropout=dropout, bias=bias)
         if pattern not in PATTERNS:
             raise ValueError(f"pattern={pattern!r} is not known; choose one of {sorted(PATTERNS)}")
-        if backend in ("flex", "matrix") and dropout > 0:
+        if backend in ("flex", "matrix", "triton") and dropout > 0:
             raise ValueError(f"backend={backend!r} has no attention dropout; set dropout=0 or use backend='gather'")
         self.pattern, self.backend, self.causal = pattern, backend, causal
         self.graph_options = dict(graph_options, causal=causal)
@@ -75,7 +76,7 @@ class GraphAttention(AttentionModule):
         p = self.dropout if self.training else 0.0
         if p > 0 and self.backend == "auto" and q.is_cuda:
             raise ValueError(
-                f"attention dropout={self.dropout} is not available on the flex backend that 'auto' picks on CUDA; "
+                f"attention dropout={self.dropout} is not available on the backends that 'auto' picks on CUDA; "
                 "set dropout=0 (use hop or hidden dropout instead) or backend='gather'"
             )
         return p

@@ -46,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backends",
         default=None,
-        help="gather,flex,matrix,dense for sparse/diffuse (default: gather on CPU, flex on CUDA)",
+        help="gather,flex,matrix,triton,dense for sparse/diffuse (default: gather on CPU, flex on CUDA)",
     )
     parser.add_argument(
         "--combiner-variants",

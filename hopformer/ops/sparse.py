@@ -13,10 +13,17 @@ Backends:
   (:mod:`hopformer.ops.matrix`); any device, no attention dropout. Memory ``O(seq^2)``: the fast
   diffusion path on GPUs up to about 2K tokens (LRA's ListOps, Pathfinder), where ``flex``
   recomputes the scores in every hop.
-- ``"auto"``: ``gather`` off CUDA. On CUDA ``flex``, except that :func:`diffuse` takes ``matrix`` when
-  the sequence is at most :data:`MATRIX_AUTO_MAX_LEN` tokens and one attention matrix
+- ``"triton"``: hopformer's own Triton kernels (:mod:`hopformer.ops.triton_diffusion`); CUDA only.
+  Diffusion computes each query's softmax normaliser once, makes every hop a linear map, and runs
+  an adjoint backward: one transposed pass per hop plus a single ``dq``/``dk`` pass for all hops
+  (a loop of FlexAttention calls pays a full attention forward and backward per hop). Global rows
+  and columns are split over many programs. No attention dropout.
+- ``"auto"``: ``gather`` off CUDA. On CUDA ``flex`` for :func:`sparse_attention`; :func:`diffuse` takes
+  ``matrix`` when the sequence is at most :data:`MATRIX_AUTO_MAX_LEN` tokens and one attention matrix
   (``batch * heads * seq^2`` elements) takes at most :data:`MATRIX_AUTO_BYTES` and 1/32 of the GPU's
-  memory: there computing the matrix once instead of once per hop is faster (``benchmarks/results/``).
+  memory (computing the matrix once instead of once per hop is faster there), else ``triton`` where
+  Triton is installed and the block size is a multiple of 16 (1.8x faster than ``flex`` at 131K
+  tokens on an H200), else ``flex`` (``benchmarks/README.md``).
 
 Conventions (``specs``/DESIGN.md): q, k, v are ``(batch, heads, seq, head_dim)``; scores are
 ``q k^T * scale`` with ``scale = head_dim ** -0.5`` by default; ``key_padding_mask`` is bool
@@ -31,12 +38,13 @@ import torch.nn.functional as F
 
 from hopformer.graphs import BlockGraph
 from hopformer.ops import flex as flex_backend
+from hopformer.ops import triton_diffusion as triton_backend
 from hopformer.ops.checks import check_qkv
 from hopformer.ops.coefficients import check_diffusion_args, diffusion_coefficients, mixing_weights
 from hopformer.ops.gather import gather_diffusion
 from hopformer.ops.matrix import matrix_diffusion
 
-BACKENDS = ("auto", "dense", "gather", "flex", "matrix")
+BACKENDS = ("auto", "dense", "gather", "flex", "matrix", "triton")
 EDGE_DROPOUT = ("once", "per_hop")
 # Where "auto" diffuses with the materialised matrix on CUDA instead of FlexAttention (see above).
 MATRIX_AUTO_MAX_LEN = 2048
@@ -61,9 +69,10 @@ def sparse_attention(
         q, k, v: ``(batch, heads, seq, head_dim)``; ``v`` may have its own last dimension.
         graph: the attention pattern; ``graph.seq_len`` must equal ``seq``.
         key_padding_mask: bool ``(batch, seq)``, True = real token.
-        backend: ``"auto"``, ``"dense"``, ``"gather"``, ``"flex"`` or ``"matrix"`` (see module docstring).
+        backend: ``"auto"``, ``"dense"``, ``"gather"``, ``"flex"``, ``"matrix"`` or ``"triton"`` (see
+            module docstring).
         dropout_p: dropout on the attention probabilities (applied whenever > 0: pass 0 in eval).
-            Not available on ``flex`` and ``matrix``, which raise.
+            Not available on ``flex``, ``matrix`` and ``triton``, which raise.
         scale: score scale, default ``head_dim ** -0.5``.
         kernel_options: passed to FlexAttention (tile sizes, warps) on the ``flex`` backend.
 
@@ -76,6 +85,9 @@ def sparse_attention(
         return flex_backend.flex_apply(q, k, v, plan, scale, kernel_options)
     if backend == "gather":
         return gather_diffusion(q, k, v, graph, key_padding_mask, [0.0], scale, dropout_p)
+    if backend == "triton":
+        z = triton_backend.triton_diffusion(q, k, v, graph, key_padding_mask, [0.0], scale)
+        return _zero_padded_queries(z, key_padding_mask)
     if backend == "matrix":
         z = matrix_diffusion(q, k, v, graph, key_padding_mask, [0.0], scale)
         return _zero_padded_queries(z, key_padding_mask)
@@ -120,14 +132,17 @@ def diffuse(
             ``"renormalize"`` drops it and rescales (see :mod:`hopformer.ops.coefficients`).
         dropout_p: dropout on the edge weights ``A`` (pass 0 in eval); ``edge_dropout="once"`` samples
             one mask reused by every hop (the reference), ``"per_hop"`` a fresh one per hop (MAGNA).
-            Not available on ``flex`` and ``matrix``.
+            Not available on ``flex``, ``matrix`` and ``triton``.
         hop_dropout_p: feature dropout on every hop's state, after the alpha-mix (the reference).
         Other arguments as in :func:`sparse_attention`.
     """
     auto = backend == "auto"
     backend, scale = _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale)
-    if auto and backend == "flex" and _matrix_fits(q):
-        backend = "matrix"
+    if auto and backend == "flex":
+        if _matrix_fits(q):
+            backend = "matrix"
+        elif triton_backend.available() and graph.block_size % triton_backend.MIN_TILE == 0:
+            backend = "triton"
     check_diffusion_args(hops, alpha, kernel, heat_time, remainder)
     if edge_dropout not in EDGE_DROPOUT:
         raise ValueError(f"edge_dropout must be one of {EDGE_DROPOUT}, got {edge_dropout!r}")
@@ -143,6 +158,10 @@ def diffuse(
 
     if backend == "matrix":
         z = matrix_diffusion(q, k, v, graph, key_padding_mask, steps, scale, hop_dropout_p)
+        return _zero_padded_queries(z, key_padding_mask)
+
+    if backend == "triton":
+        z = triton_backend.triton_diffusion(q, k, v, graph, key_padding_mask, steps, scale, hop_dropout_p)
         return _zero_padded_queries(z, key_padding_mask)
 
     if backend == "flex":
@@ -234,9 +253,11 @@ def _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale) -
                 f"backend='flex' needs head_dim >= 16 (FlexAttention's minimum), got q/k {q.shape[-1]} and v "
                 f"{v.shape[-1]}; use fewer, wider heads or backend='gather' / 'matrix'"
             )
+    if backend == "triton":
+        triton_backend.check_triton_inputs(q, graph)
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0 and backend in ("flex", "matrix"):
+    if dropout_p > 0 and backend in ("flex", "matrix", "triton"):
         raise ValueError(
             f"backend={backend!r} has no attention dropout; use dropout_p=0 "
             "(e.g. hop_dropout_p for diffusion) or backend='gather'"

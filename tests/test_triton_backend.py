@@ -1,0 +1,161 @@
+"""The ``triton`` backend against the dense reference: outputs and q/k/v gradients in float64 on fresh
+random inputs, every pattern, causal or not, odd lengths, padding (including fully padded rows), split
+work (atomic adds), hop dropout and reset steps.
+
+Runs on CUDA, or on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set here before the
+kernels are first imported); skipped where Triton is not installed (the CPU CI)."""
+
+import os
+
+import pytest
+import torch
+
+import hopformer.graphs as G
+from hopformer.ops import diffuse, sparse_attention
+from hopformer.ops import triton_diffusion as T
+
+CUDA = torch.cuda.is_available()
+if not CUDA and T.available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = [
+    pytest.mark.skipif(not T.available(), reason="needs triton"),
+    pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1", reason="needs CUDA or the interpreter"),
+]
+
+
+def _inputs(graph, dim=16, vdim=None, padding=True, batch=2, heads=2, dtype=torch.float64):
+    seq = graph.seq_len
+    q, k = (torch.randn(batch, heads, seq, dim, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
+    v = torch.randn(batch, heads, seq, vdim or dim, dtype=dtype, device=DEVICE, requires_grad=True)
+    mask = None
+    if padding:
+        mask = torch.rand(batch, seq, device=DEVICE) > 0.25
+        mask[0, seq // 2 :] = False  # a right-padded row
+        mask[1] = False  # a fully padded sequence: no query has a key
+    return (q, k, v), mask
+
+
+def _outputs_and_grads(fn, tensors):
+    out = fn(*tensors)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+    return (out, *torch.autograd.grad((out * weights).sum(), tensors))
+
+
+def _assert_matches_dense(call, tensors, what):
+    expected = _outputs_and_grads(lambda q, k, v: call(q, k, v, "dense"), tensors)
+    got = _outputs_and_grads(lambda q, k, v: call(q, k, v, "triton"), tensors)
+    for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
+        assert torch.isfinite(g).all(), f"{what} {name}"
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=f"{what} {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_len, block_size", [(37, 16), (150, 32), (200, 64)])
+@pytest.mark.parametrize("padding", [False, True])
+def test_matches_dense(seq_len, block_size, causal, padding):
+    patterns = [
+        G.full(seq_len, block_size, causal=causal),
+        G.local(seq_len, block_size, window=1, causal=causal),
+        G.longformer(seq_len, block_size, window=1, num_global=1, causal=causal),
+        G.bigbird(seq_len, block_size, window=1, num_global=1, num_random=1, seed=3, causal=causal),
+        G.diffuser(seq_len, block_size, window=1, num_global=1, num_random=1, seed=3, causal=causal),
+        G.hypercube(seq_len, block_size, causal=causal),
+    ]
+    for graph in patterns:
+        tensors, mask = _inputs(graph, padding=padding)
+
+        def sparse(q, k, v, backend, graph=graph, mask=mask):
+            return sparse_attention(q, k, v, graph, mask, backend)
+
+        def diffusion(q, k, v, backend, graph=graph, mask=mask):
+            return diffuse(q, k, v, graph, hops=3, alpha=0.2, key_padding_mask=mask, backend=backend)
+
+        _assert_matches_dense(sparse, tensors, f"{graph.name} sparse")
+        _assert_matches_dense(diffusion, tensors, f"{graph.name} diffuse")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tile, split", [(16, 1), (16, 3), (32, 2)])
+def test_split_rows_and_columns_add_up(tile, split, monkeypatch):
+    """Cut every row and column into short segments: their partial results add atomically."""
+    graph = G.bigbird(300, 32, window=1, num_global=2, num_random=2, seed=1)
+    monkeypatch.setattr(T, "DEFAULT_SPLIT", split)
+    monkeypatch.setattr(T, "DEFAULT_TILE", tile)
+    plan = T.tile_plan(graph, torch.device(DEVICE), tile, split)
+    assert plan.rows.num_slots > 0 and plan.cols.num_slots > 0
+    tensors, mask = _inputs(graph)
+
+    def call(q, k, v, backend):
+        return diffuse(q, k, v, graph, hops=2, alpha=0.3, key_padding_mask=mask, backend=backend)
+
+    _assert_matches_dense(call, tensors, f"tile {tile} split {split}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel, remainder", [("ppr", "renormalize"), ("heat", "keep"), ("heat", "renormalize")])
+def test_kernels_and_reset_steps(kernel, remainder):
+    """Heat kernel and renormalised remainders (a first step of weight 1 resets the state to v)."""
+    graph = G.bigbird(130, 16, window=1, num_global=1, num_random=1, seed=2)
+    tensors, mask = _inputs(graph, dim=24, vdim=40)  # head dims padded to powers of two inside
+
+    def call(q, k, v, backend):
+        return diffuse(q, k, v, graph, 4, 0.3, mask, backend, kernel=kernel, remainder=remainder, heat_time=1.5)
+
+    _assert_matches_dense(call, tensors, f"{kernel} {remainder}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("remainder", ["keep", "renormalize"])
+def test_hop_dropout_gradient_matches_finite_differences(remainder):
+    """With hop dropout, the adjoint backward equals the directional derivative of the forward
+    (same random masks in every call: the generator is reseeded)."""
+    graph = G.bigbird(96, 16, window=1, num_global=1, num_random=1, seed=4)
+    (q, k, v), mask = _inputs(graph)
+
+    def forward(q, k, v):
+        torch.manual_seed(7)
+        out = diffuse(q, k, v, graph, 3, 0.2, mask, "triton", remainder=remainder, hop_dropout_p=0.3)
+        return (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)).sum()
+
+    grads = torch.autograd.grad(forward(q, k, v), (q, k, v))
+    assert all(g.abs().sum() > 0 for g in grads)
+    eps = 1e-6
+    for i, g in enumerate(grads):
+        direction = torch.randn_like(g)
+        plus, minus = [[t.detach().clone() for t in (q, k, v)] for _ in range(2)]
+        plus[i] += eps * direction
+        minus[i] -= eps * direction
+        with torch.no_grad():
+            numeric = (forward(*plus) - forward(*minus)) / (2 * eps)
+        torch.testing.assert_close((g * direction).sum(), numeric, rtol=1e-6, atol=1e-8, msg=f"input {i}")
+
+
+def test_tile_plan_covers_every_tile_pair_once():
+    graph = G.bigbird(1000, 64, window=3, num_global=2, num_random=3, seed=0, causal=True)
+    plan = T.tile_plan(graph, torch.device("cpu"), tile=32, split=5)
+    expected = graph.block_adjacency().repeat_interleave(2, 0).repeat_interleave(2, 1)
+    expected = expected[: plan.padded_len // 32, : plan.padded_len // 32].tril()
+    for segs, transpose in ((plan.rows, False), (plan.cols, True)):
+        seen = torch.zeros_like(expected, dtype=torch.int64)
+        for tile, begin, end in zip(segs.tile.tolist(), segs.begin.tolist(), segs.end.tolist()):
+            assert end - begin <= 5
+            for loop in segs.loop_tiles[begin:end].tolist():
+                seen[(loop, tile) if transpose else (tile, loop)] += 1
+        assert torch.equal(seen, expected.long())
+        assert segs.row_segments[-1] == segs.count  # every tile has at least one segment
+        assert torch.equal(segs.tile.bincount(minlength=len(segs.row_segments) - 1), segs.row_segments.diff())
+
+
+def test_bad_inputs_name_the_argument():
+    graph = G.local(96, 24)
+    q = torch.randn(1, 1, 96, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="block_size"):
+        sparse_attention(q, q, q, graph, backend="triton")
+    with pytest.raises(ValueError, match="dropout"):
+        diffuse(q, q, q, G.local(96, 32), backend="triton", dropout_p=0.1)
+    with pytest.raises(ValueError, match="tile"):
+        T.tile_plan(G.local(96, 32), torch.device("cpu"), tile=64)
+    with pytest.raises(ValueError, match="split"):
+        T.tile_plan(G.local(96, 32), torch.device("cpu"), split=0)
