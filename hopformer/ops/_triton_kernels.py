@@ -50,62 +50,6 @@ def _real(real_ptr, batch_offset, idx, HAS_PAD: tl.constexpr):
 
 
 @triton.jit
-def lse_kernel(
-    q_ptr, k_ptr, part_ptr, real_ptr,
-    seg_tile_ptr, seg_begin_ptr, seg_end_ptr, loop_tiles_ptr,
-    seq, heads, padded_len, num_segments, scalars_ptr,
-    D: tl.constexpr, T: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Per segment, the base-2 log-sum-exp of each query row's scores over the segment's key tiles,
-    into ``part[bh, segment, :]`` (merged per row by :func:`merge_lse_kernel`)."""
-    seg = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    batch_offset = (bh // heads) * padded_len
-    tile = tl.load(seg_tile_ptr + seg)
-    begin = tl.load(seg_begin_ptr + seg)
-    end = tl.load(seg_end_ptr + seg)
-    dims = tl.arange(0, D)
-    rows = tile * T + tl.arange(0, T)
-    base = bh * padded_len * D
-    q = tl.load(q_ptr + base + rows[:, None] * D + dims[None, :])
-    real_rows = _real(real_ptr, batch_offset, rows, HAS_PAD)
-    scale2 = tl.load(scalars_ptr)
-    m = tl.full((T,), float("-inf"), scale2.dtype)
-    l = tl.zeros((T,), scale2.dtype)
-    for t in range(begin, end):
-        cols = tl.load(loop_tiles_ptr + t) * T + tl.arange(0, T)
-        k = tl.load(k_ptr + base + cols[:, None] * D + dims[None, :])
-        s = _dot(q, tl.trans(k), PRECISION).to(scale2.dtype) * scale2
-        real_cols = _real(real_ptr, batch_offset, cols, HAS_PAD)
-        valid = _valid(rows[:, None], cols[None, :], seq, real_rows[:, None], real_cols[None, :], HAS_PAD, CAUSAL)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no edge yet stays (-inf, 0)
-        l = l * tl.exp2(m - shift) + tl.sum(tl.exp2(s - shift[:, None]), 1)
-        m = m_new
-    tl.store(part_ptr + (bh * num_segments + seg) * T + tl.arange(0, T), m + tl.log2(l))
-
-
-@triton.jit
-def merge_lse_kernel(part_ptr, lse_ptr, row_segments_ptr, padded_len, num_segments, T: tl.constexpr):
-    """``lse[bh, rows of tile]`` = log-sum-exp over the tile's segments (none: -inf)."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    first = tl.load(row_segments_ptr + tile)
-    last = tl.load(row_segments_ptr + tile + 1)
-    offsets = tl.arange(0, T)
-    m = tl.full((T,), float("-inf"), part_ptr.dtype.element_ty)
-    l = tl.zeros((T,), part_ptr.dtype.element_ty)
-    for seg in range(first, last):
-        x = tl.load(part_ptr + (bh * num_segments + seg) * T + offsets)
-        m_new = tl.maximum(m, x)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - shift) + tl.exp2(x - shift)
-        m = m_new
-    tl.store(lse_ptr + bh * padded_len + tile * T + offsets, m + tl.log2(l))
-
-
-@triton.jit
 def _hop_epilogue(acc, rows, bh, padded_len, v_ptr, keep_ptr, out_ptr, a, keep_scale, DV: tl.constexpr,
                   DROPOUT: tl.constexpr):  # fmt: skip
     """Forward hop: ``out = drop((1 - a) acc + a v)`` at ``rows`` (``acc = P z`` there)."""
@@ -203,6 +147,79 @@ def pass_kernel(
                           a_mix, keep_scale, DV, DROPOUT, WRITE_H)  # fmt: skip
     else:
         _hop_epilogue(acc, rows, bh, padded_len, v_ptr, keep_ptr, out_ptr, a_mix, keep_scale, DV, DROPOUT)
+
+
+@triton.jit
+def first_hop_kernel(
+    q_ptr, k_ptr, x_ptr, lse_ptr, real_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, v_ptr, keep_ptr, out_ptr,
+    seg_tile_ptr, seg_begin_ptr, seg_end_ptr, seg_split_ptr, loop_tiles_ptr, row_segments_ptr, slot_tile_ptr,
+    seq, heads, padded_len, num_split, scalars_ptr,
+    D: tl.constexpr, DV: tl.constexpr, T: tl.constexpr,
+    FINISH: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The first forward hop with an online softmax: ``out = drop((1 - a) softmax(s) x + a v)`` and
+    each query's base-2 log-sum-exp ``lse``, which every later pass reuses.
+
+    A segment of a split tile stores its running ``(max, sum, acc)`` in ``part_*[split id]``; the
+    ``FINISH`` launch (one program per split tile) merges the tile's segments and runs the epilogue.
+    ``scalars = [scale * log2(e), a, keep_scale]``."""
+    bh = tl.program_id(1).to(tl.int64)
+    a_mix = tl.load(scalars_ptr + 1)
+    keep_scale = tl.load(scalars_ptr + 2)
+    acc_dtype = a_mix.dtype
+    vdims = tl.arange(0, DV)
+    m = tl.full((T,), float("-inf"), acc_dtype)
+    l = tl.zeros((T,), acc_dtype)
+    acc = tl.zeros((T, DV), acc_dtype)
+    split = -1
+    if FINISH:
+        tile = tl.load(slot_tile_ptr + tl.program_id(0))
+        for seg in range(tl.load(row_segments_ptr + tile), tl.load(row_segments_ptr + tile + 1)):
+            part = bh * num_split + tl.load(seg_split_ptr + seg)
+            m_seg = tl.load(part_m_ptr + part * T + tl.arange(0, T))
+            m_new = tl.maximum(m, m_seg)
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            old, new = tl.exp2(m - shift), tl.exp2(m_seg - shift)
+            l = l * old + tl.load(part_l_ptr + part * T + tl.arange(0, T)) * new
+            acc_seg = tl.load(part_acc_ptr + (part * T + tl.arange(0, T)[:, None]) * DV + vdims[None, :])
+            acc = acc * old[:, None] + acc_seg * new[:, None]
+            m = m_new
+    else:
+        seg = tl.program_id(0)
+        tile = tl.load(seg_tile_ptr + seg)
+        split = tl.load(seg_split_ptr + seg)
+        batch_offset = (bh // heads) * padded_len
+        dims = tl.arange(0, D)
+        rows = tile * T + tl.arange(0, T)
+        q = tl.load(q_ptr + bh * padded_len * D + rows[:, None] * D + dims[None, :])
+        real_rows = _real(real_ptr, batch_offset, rows, HAS_PAD)
+        scale2 = tl.load(scalars_ptr)
+        for t in range(tl.load(seg_begin_ptr + seg), tl.load(seg_end_ptr + seg)):
+            cols = tl.load(loop_tiles_ptr + t) * T + tl.arange(0, T)
+            k = tl.load(k_ptr + bh * padded_len * D + cols[:, None] * D + dims[None, :])
+            s = _dot(q, tl.trans(k), PRECISION).to(acc_dtype) * scale2
+            real_cols = _real(real_ptr, batch_offset, cols, HAS_PAD)
+            valid = _valid(rows[:, None], cols[None, :], seq, real_rows[:, None], real_cols[None, :], HAS_PAD, CAUSAL)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no edge yet stays (-inf, 0, 0)
+            old = tl.exp2(m - shift)
+            p = tl.exp2(s - shift[:, None])
+            l = l * old + tl.sum(p, 1)
+            x = tl.load(x_ptr + bh * padded_len * DV + cols[:, None] * DV + vdims[None, :])
+            acc = acc * old[:, None] + _dot(p.to(x.dtype), x, PRECISION).to(acc_dtype)
+            m = m_new
+    rows = tile * T + tl.arange(0, T)
+    if split >= 0:  # part of a split tile: the FINISH launch merges
+        part = bh * num_split + split
+        tl.store(part_m_ptr + part * T + tl.arange(0, T), m)
+        tl.store(part_l_ptr + part * T + tl.arange(0, T), l)
+        tl.store(part_acc_ptr + (part * T + tl.arange(0, T)[:, None]) * DV + vdims[None, :], acc)
+    else:
+        tl.store(lse_ptr + bh * padded_len + rows, m + tl.log2(l))
+        attended = acc / tl.where(l > 0, l, 1.0)[:, None]  # a row without edges attends to nothing: 0
+        _hop_epilogue(attended, rows, bh, padded_len, v_ptr, keep_ptr, out_ptr, a_mix, keep_scale, DV, DROPOUT)
 
 
 @triton.jit

@@ -4,8 +4,9 @@ Why a backend of its own. Every hop of the diffusion ``Z <- (1 - a) P Z + a V`` 
 attention ``P = softmax(q k^T)``: only the values change. A loop of FlexAttention calls pays for a
 full attention (online softmax) per hop and for a full attention backward per hop. Here:
 
-- **Forward.** One pass computes each query's log-sum-exp (``lse``); every hop is then the linear map
-  ``P z`` with ``P = exp(s - lse)``: no running maximum, no rescaling.
+- **Forward.** The first hop runs an online softmax and keeps each query's log-sum-exp (``lse``);
+  every later hop is then the linear map ``P z`` with ``P = exp(s - lse)``: no running maximum, no
+  rescaling.
 - **Backward (adjoint).** The hops' state gradients run backwards through ``P^T`` (one transposed
   pass per hop, same ``lse``). The score gradient of all hops together is
   ``dS = P * (sum_t h_t z_t^T - delta)``, so *one* pass computes ``dq`` and ``dk`` for every hop,
@@ -13,8 +14,8 @@ full attention (online softmax) per hop and for a full attention backward per ho
 - **Balance.** Work is cut into segments of at most ``split`` tile pairs, so the few global rows and
   columns that pair with every tile are spread over many programs (their parts add atomically).
 
-With ``hops`` hops that is ``1 + 2 hops`` matmul passes forward and ``2 hops + 2 + hops`` backward, and
-every pass is balanced; ``benchmarks/README.md`` has the measured times.
+With ``hops`` hops that is ``2 hops`` tile matmuls per tile pair forward and ``2 (hops - 1) + 4 + hops``
+backward, and every pass is balanced; ``benchmarks/README.md`` has the measured times.
 
 Conventions as in :mod:`hopformer.ops.sparse`. CUDA only (and the Triton interpreter,
 ``TRITON_INTERPRET=1``, which runs these kernels on CPU tensors for tests). Graphs whose block size
@@ -40,8 +41,8 @@ LOG2E = 1.4426950408889634
 # Triton launch options per (kernel, tile), measured on an H200 at 131K tokens (benchmarks/README.md);
 # other tiles use (4 warps, 2 stages)
 LAUNCH = {
-    ("lse", 64): {"num_warps": 4, "num_stages": 3},
-    ("lse", 128): {"num_warps": 4, "num_stages": 2},
+    ("first", 64): {"num_warps": 4, "num_stages": 2},
+    ("first", 128): {"num_warps": 4, "num_stages": 3},
     ("pass", 64): {"num_warps": 4, "num_stages": 2},
     ("pass", 128): {"num_warps": 4, "num_stages": 3},
     ("dqdk", 64): {"num_warps": 4, "num_stages": 3},
@@ -86,6 +87,7 @@ class Segments:
     loop_tiles: torch.Tensor
     row_segments: torch.Tensor
     slot_tiles: torch.Tensor
+    split: torch.Tensor  # per segment, its index among the segments of split tiles (-1 elsewhere)
 
     @property
     def count(self) -> int:
@@ -94,6 +96,10 @@ class Segments:
     @property
     def num_slots(self) -> int:
         return self.slot_tiles.numel()
+
+    @property
+    def num_split(self) -> int:
+        return int(self.split.max()) + 1 if self.count else 0
 
     def to(self, device: torch.device) -> Segments:
         return Segments(*(getattr(self, name).to(device) for name in Segments.__dataclass_fields__))
@@ -170,8 +176,10 @@ def _segments(out_tiles: torch.Tensor, loop_tiles: torch.Tensor, num_tiles: int,
     def i32(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.int32).contiguous()
 
+    in_split_tile = slot_of_tile[tile] >= 0
+    split = torch.where(in_split_tile, torch.cumsum(in_split_tile, 0) - 1, -1)
     return Segments(i32(tile), i32(begin), i32(end), i32(slot_of_tile[tile]), i32(loop_tiles), i32(row_segments),
-                    i32(split_tiles))  # fmt: skip
+                    i32(split_tiles), i32(split))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ passes
@@ -197,22 +205,30 @@ class _Passes:
     def _flags(self) -> dict:
         return dict(HAS_PAD=self.real is not None, CAUSAL=self.causal, PRECISION=self.precision, T=self.plan.tile)
 
-    def lse(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        """Base-2 log-sum-exp of every query row ``(batch * heads, padded_len)``, in the accumulation dtype."""
+    def first_hop(self, q, k, x, scale: float, *, a: float, keep_scale: float, v, keep, out) -> torch.Tensor:
+        """``out = drop((1 - a) softmax(s) x + a v)``; returns each query's base-2 log-sum-exp
+        ``(batch * heads, padded_len)`` in the accumulation dtype."""
         segs = self.plan.rows
         bh, length, dim = q.shape
-        part = torch.empty(bh, segs.count, self.plan.tile, device=q.device, dtype=self.acc_dtype)
-        real = self.real if self.real is not None else q  # never read without HAS_PAD
-        self.kernels.lse_kernel[(segs.count, bh)](
-            q, k, part, real, segs.tile, segs.begin, segs.end, segs.loop_tiles,
-            self.seq, self.heads, length, segs.count, self.scalars(scale * LOG2E),
-            D=dim, **self._flags(), **self.launch("lse"),
-        )  # fmt: skip
+        vdim = v.shape[-1]
         lse = torch.empty(bh, length, device=q.device, dtype=self.acc_dtype)
-        num_tiles = length // self.plan.tile
-        self.kernels.merge_lse_kernel[(num_tiles, bh)](
-            part, lse, segs.row_segments, length, segs.count, T=self.plan.tile
-        )
+        num_split = max(segs.num_split, 1)
+        part_m = torch.empty(bh, num_split, self.plan.tile, device=q.device, dtype=self.acc_dtype)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(bh, num_split, self.plan.tile, vdim, device=q.device, dtype=self.acc_dtype)
+        real = self.real if self.real is not None else q  # never read without HAS_PAD
+
+        def launch(grid, finish):
+            self.kernels.first_hop_kernel[grid](
+                q, k, x, lse, real, part_m, part_l, part_acc, v, keep if keep is not None else q, out,
+                segs.tile, segs.begin, segs.end, segs.split, segs.loop_tiles, segs.row_segments, segs.slot_tiles,
+                self.seq, self.heads, length, num_split, self.scalars(scale * LOG2E, a, keep_scale),
+                D=dim, DV=vdim, FINISH=finish, DROPOUT=keep is not None, **self._flags(), **self.launch("first"),
+            )  # fmt: skip
+
+        launch((segs.count, bh), False)
+        if segs.num_slots:
+            launch((segs.num_slots, bh), True)
         return lse
 
     def run_pass(self, q, k, x, lse, scale: float, *, transposed: bool, a: float, keep_scale: float = 1.0,
@@ -285,19 +301,22 @@ class _Diffusion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, z0, passes: _Passes, steps: tuple[float, ...], scale: float, hop_dropout_p: float):
-        lse = passes.lse(q, k, scale)
         hops = len(steps)
         states = torch.empty((max(hops - 1, 1), *v.shape), device=v.device, dtype=v.dtype)  # Z_1 .. Z_{hops-1}
         keep_scale = 1 / (1 - hop_dropout_p)
         keeps = []
-        z = z0
+        z, lse = z0, None
         for t, a in enumerate(steps):
             keep = None
             if hop_dropout_p > 0:
                 keep = (torch.rand(v.shape, device=v.device) >= hop_dropout_p).view(torch.uint8)
                 keeps.append(keep)
             out = states[t] if t < hops - 1 else torch.empty_like(v)
-            passes.run_pass(q, k, z, lse, scale, transposed=False, a=a, keep_scale=keep_scale, v=v, keep=keep, out=out)
+            hop = dict(a=a, keep_scale=keep_scale, v=v, keep=keep, out=out)
+            if lse is None:  # the first hop also finds each query's log-sum-exp
+                lse = passes.first_hop(q, k, z, scale, **hop)
+            else:
+                passes.run_pass(q, k, z, lse, scale, transposed=False, **hop)
             z = out
         ctx.passes, ctx.steps, ctx.scale, ctx.keep_scale = passes, steps, scale, keep_scale
         ctx.z0_is_v = z0 is v
