@@ -42,7 +42,7 @@ LOG2E = 1.4426950408889634
 # other tiles use (4 warps, 2 stages)
 LAUNCH = {
     ("first", 64): {"num_warps": 4, "num_stages": 2},
-    ("first", 128): {"num_warps": 4, "num_stages": 3},
+    ("first", 128): {"num_warps": 4, "num_stages": 2},
     ("pass", 64): {"num_warps": 4, "num_stages": 2},
     ("pass", 128): {"num_warps": 4, "num_stages": 3},
     ("dqdk", 64): {"num_warps": 4, "num_stages": 3},
