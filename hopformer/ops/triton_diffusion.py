@@ -192,7 +192,9 @@ class _Passes:
         self.kernels = kernels
         self.plan, self.seq, self.causal, self.heads, self.real = plan, graph.seq_len, graph.is_causal, heads, real
         self.device = plan.all_tiles.device
-        self.precision = {torch.float64: "fma", torch.float32: "ieee"}.get(dtype, "tf32")  # tf32: unused for 16-bit
+        # float64 on CUDA multiplies in registers (see _triton_kernels._dot); the interpreter has no such limit
+        fp64 = "fma" if self.device.type == "cuda" else "ieee"
+        self.precision = {torch.float64: fp64, torch.float32: "ieee"}.get(dtype, "tf32")  # tf32: unused for 16-bit
         self.acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
     def scalars(self, *values: float) -> torch.Tensor:
@@ -369,8 +371,8 @@ def triton_diffusion(
     steps = steps[last_reset + 1 :]
     if not steps:
         return v
-    if q.dtype == torch.float64:
-        tile = MIN_TILE  # float64 multiplies in registers (see _triton_kernels._dot): small tiles
+    if q.dtype == torch.float64 and q.is_cuda:
+        tile = MIN_TILE  # float64 on CUDA multiplies in registers (see _triton_kernels._dot): small tiles
     plan = tile_plan(graph, q.device, tile, split)
     batch, heads, seq, dim = q.shape
     vdim = v.shape[-1]
