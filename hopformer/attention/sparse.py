@@ -15,6 +15,7 @@ from hopformer.attention.registry import register
 from hopformer.graphs import PATTERNS, BlockGraph, build_graph
 from hopformer.ops import diffuse, sparse_attention
 from hopformer.ops.coefficients import check_diffusion_args
+from hopformer.ops.sparse import NO_ATTENTION_DROPOUT
 
 
 @functools.lru_cache(maxsize=256)
@@ -60,7 +61,7 @@ class GraphAttention(AttentionModule):
         super().__init__(dim, heads, dropout=dropout, bias=bias)
         if pattern not in PATTERNS:
             raise ValueError(f"pattern={pattern!r} is not known; choose one of {sorted(PATTERNS)}")
-        if backend in ("flex", "matrix", "triton") and dropout > 0:
+        if backend in NO_ATTENTION_DROPOUT and dropout > 0:
             raise ValueError(f"backend={backend!r} has no attention dropout; set dropout=0 or use backend='gather'")
         self.pattern, self.backend, self.causal = pattern, backend, causal
         self.graph_options = dict(graph_options, causal=causal)

@@ -1,7 +1,7 @@
 """Functional attention ops on ``(batch, heads, seq, head_dim)`` tensors.
 
 - :func:`sparse_attention`, :func:`diffuse`: attention on a BlockGraph and multi-hop diffusion,
-  with ``dense`` / ``gather`` / ``flex`` backends.
+  with ``dense`` / ``gather`` / ``flex`` / ``matrix`` / ``triton`` backends.
 - :func:`combiner`, :func:`routing`: Combiner and Routing attention.
 """
 

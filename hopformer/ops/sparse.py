@@ -45,6 +45,7 @@ from hopformer.ops.gather import gather_diffusion
 from hopformer.ops.matrix import matrix_diffusion
 
 BACKENDS = ("auto", "dense", "gather", "flex", "matrix", "triton")
+NO_ATTENTION_DROPOUT = ("flex", "matrix", "triton")  # backends that raise on dropout_p > 0
 EDGE_DROPOUT = ("once", "per_hop")
 # Where "auto" diffuses with the materialised matrix on CUDA instead of FlexAttention (see above).
 MATRIX_AUTO_MAX_LEN = 2048
@@ -257,7 +258,7 @@ def _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale) -
         triton_backend.check_triton_inputs(q, graph)
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0 and backend in ("flex", "matrix", "triton"):
+    if dropout_p > 0 and backend in NO_ATTENTION_DROPOUT:
         raise ValueError(
             f"backend={backend!r} has no attention dropout; use dropout_p=0 "
             "(e.g. hop_dropout_p for diffusion) or backend='gather'"
