@@ -57,6 +57,7 @@ def available() -> bool:
 
 
 def interpreting() -> bool:
+    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``): the backend then takes CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
