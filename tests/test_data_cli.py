@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from hopformer.cli import main
-from hopformer.data.listops import evaluate_listops, generate_listops, load_listops_tsv
+from hopformer.data.listops import evaluate_listops, generate_listops, load_listops_tsv, write_listops_tsv
 
 SMALL = ["--min-length", "10", "--max-length", "100"]
 
@@ -79,3 +79,23 @@ def test_pathfinder_is_configured_by_its_module(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "hopformer.data.pathfinder", fake)
     assert main(["data", "pathfinder", "--n", "7"]) == 0
     assert calls == [7]
+
+
+def test_listops_baseline_prints_each_split(tmp_path, capsys):
+    rows = generate_listops(120, seed=5, workers=1, progress=False, min_length=10, max_length=100)
+    folder = tmp_path / "listops-1000"
+    folder.mkdir()
+    for split, part in (("train", rows[:80]), ("val", rows[80:100]), ("test", rows[100:])):
+        write_listops_tsv(folder / f"basic_{split}.tsv", part)
+    assert main(["data", "listops-baseline", str(tmp_path)]) == 0  # finds the listops-1000/ subfolder
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["split", "examples", "root", "operator", "majority", "class"]
+    assert [line.split()[:2] for line in lines[1:]] == [["train", "80"], ["val", "20"], ["test", "20"]]
+    for line in lines[1:]:
+        root, majority = (float(cell.rstrip("%")) for cell in line.split()[2:])
+        assert 0 <= root <= 100 and 0 < majority <= 100
+
+
+def test_listops_baseline_missing_files(tmp_path, capsys):
+    assert main(["data", "listops-baseline", str(tmp_path)]) == 2
+    assert "basic_train.tsv" in capsys.readouterr().err

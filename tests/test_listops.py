@@ -18,6 +18,7 @@ from hopformer.data.listops import (
     evaluate_listops,
     generate_listops,
     load_listops_tsv,
+    root_operator_baseline,
     write_listops_tsv,
 )
 
@@ -362,3 +363,31 @@ def test_write_rejects_bad_examples(tmp_path):
     with pytest.raises(ValueError, match="without tabs"):
         write_listops_tsv(tmp_path / "x.tsv", [("[MIN 1\t2 ]", 1)])
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def _examples(rows: list[tuple[str, int]]) -> list[dict]:
+    return [{"input_ids": encode_listops(source), "label": label} for source, label in rows]
+
+
+def test_root_operator_baseline_hand_made():
+    train = _examples(
+        [("[MAX 9 1 ]", 9), ("[MAX 9 2 ]", 9), ("[MAX 3 2 ]", 3), ("[MIN 0 5 ]", 0), ("[MIN 3 4 ]", 3),
+         ("[MIN 0 1 ]", 0), ("7", 7)]
+    )  # fmt: skip
+    # guesses: MAX -> 9, MIN -> 0, "7" -> 7, SM (never seen) -> the overall majority 0 (tie 0/9: smaller)
+    evaluate = _examples([("[MAX 1 2 ]", 2), ("[MAX 9 9 ]", 9), ("[MIN 5 6 ]", 5), ("7", 7), ("[SM 5 5 ]", 0)])
+    assert root_operator_baseline(train, evaluate) == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="both sets"):
+        root_operator_baseline(train, [])
+
+
+def test_root_operator_baseline_matches_a_direct_count(small_set):
+    examples = _examples(small_set)
+    train, evaluate = examples[:200], examples[200:]
+    by_root: dict[int, Counter] = {}
+    for example in train:
+        by_root.setdefault(int(example["input_ids"][0]), Counter())[example["label"]] += 1
+    guess = {root: min(c, key=lambda label: (-c[label], label)) for root, c in by_root.items()}
+    expected = np.mean([guess[int(e["input_ids"][0])] == e["label"] for e in evaluate])
+    assert root_operator_baseline(train, evaluate) == pytest.approx(expected)
+    assert root_operator_baseline(train, evaluate) > 0.2  # the root operator carries real information

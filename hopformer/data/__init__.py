@@ -14,6 +14,7 @@ _EXPORTS = {
     "write_listops_tsv": "listops",
     "load_listops_tsv": "listops",
     "evaluate_listops": "listops",
+    "root_operator_baseline": "listops",
     # batching of examples into padded tensors (hopformer/data/batching.py)
     "collate": "batching",
     # every LRA task behind one call (hopformer/data/lra.py)

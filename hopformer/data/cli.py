@@ -1,6 +1,7 @@
 """``hopformer data``: generate task data in the released LRA layout.
 
 hopformer data listops --out DIR --train N --val N --test N --seed S
+hopformer data listops-baseline DIR  (the root-operator floor of a ListOps data set)
 hopformer data pathfinder ...        (arguments defined by hopformer.data.pathfinder)
 """
 
@@ -36,6 +37,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     listops.add_argument("--workers", type=_count, default=None, help="processes (default: all cores)")
     listops.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     listops.set_defaults(handler=_run_listops)
+
+    baseline = tasks.add_parser(
+        "listops-baseline",
+        help="accuracy of guessing ListOps labels from the root operator alone (the floor a model must clear)",
+        description="For each split, the accuracy of guessing every label from the tree's root operator "
+        "alone (the most common label under that operator in basic_train.tsv), beside the majority-class "
+        "rate. A model at this number reads nothing beyond the first token.",
+    )
+    baseline.add_argument(
+        "data_dir", type=Path, help="folder with basic_{train,val,test}.tsv (or its listops-1000/ subfolder)"
+    )
+    baseline.set_defaults(handler=_run_listops_baseline)
 
     pathfinder_help = "Pathfinder images and metadata in the released pathfinder<res>/ layout"
     try:
@@ -115,6 +128,31 @@ def _run_listops(args: argparse.Namespace) -> int:
         path = write_listops_tsv(args.out / f"basic_{split}.tsv", examples[start : start + size])
         print(f"wrote {size} examples to {path}")
         start += size
+    return 0
+
+
+def _run_listops_baseline(args: argparse.Namespace) -> int:
+    from hopformer.data.listops import load_listops_tsv, root_operator_baseline
+
+    folder = args.data_dir
+    if not (folder / "basic_train.tsv").is_file() and (folder / "listops-1000" / "basic_train.tsv").is_file():
+        folder = folder / "listops-1000"
+    paths = {split: folder / f"basic_{split}.tsv" for split in ("train", "val", "test")}
+    missing = [str(path) for path in paths.values() if not path.is_file()]
+    if missing:
+        print(f"hopformer data listops-baseline: error: missing {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        splits = {split: load_listops_tsv(path, max_length=None) for split, path in paths.items()}
+    except ValueError as error:  # names the file, line and reason
+        print(f"hopformer data listops-baseline: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{'split':6s} {'examples':>9s} {'root operator':>14s} {'majority class':>15s}")
+    for split, examples in splits.items():
+        labels = [example["label"] for example in examples]
+        majority = max(labels.count(label) for label in set(labels)) / len(labels)
+        accuracy = root_operator_baseline(splits["train"], examples)
+        print(f"{split:6s} {len(examples):9d} {100 * accuracy:13.2f}% {100 * majority:14.2f}%")
     return 0
 
 
