@@ -261,7 +261,7 @@ collect() {
   local tasks=listops,pathfinder32 attentions
   attentions=$(IFS=,; echo "${ATTN[*]}")
   local -a scale=()
-  if [[ $CONFIG_SUFFIX == _pytorch ]]; then scale=(--scale pytorch); fi  # the published row of that setting
+  if [[ $CONFIG_SUFFIX == _pytorch* ]]; then scale=(--scale pytorch); fi  # the published row of that setting
   "${HOP[@]}" lra --tasks "$tasks" --attentions "$attentions" --seeds "$SEED" --runs-dir "$RUNS_DIR" \
     "${scale[@]}" --collect-only
   status

@@ -344,8 +344,9 @@ def test_matrix_on_cuda_matches_dense(causal):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_auto_diffusion_on_cuda_picks_matrix_where_it_fits(monkeypatch):
-    """auto = matrix for diffusion where one attention matrix fits the limit, triton beyond it."""
+def test_auto_diffusion_on_cuda_picks_triton_then_matrix(monkeypatch):
+    """auto diffusion = triton where Triton runs (not float64); matrix for float64 where one
+    attention matrix fits the limit, or without Triton; flex when neither does."""
     import hopformer.ops.sparse as ops_sparse
 
     calls = []
@@ -354,7 +355,16 @@ def test_auto_diffusion_on_cuda_picks_matrix_where_it_fits(monkeypatch):
     monkeypatch.setattr(ops_sparse.triton_backend, "triton_diffusion", lambda *a, **kw: calls.append("triton") or a[2])
     graph = G.bigbird(512, 128)
     (q, k, v), _ = _inputs(graph, dim=16, padding=False, device="cuda", dtype=torch.bfloat16)
+    (q64, k64, v64), _ = _inputs(graph, dim=16, padding=False, device="cuda", dtype=torch.float64)
+    has_triton = ops_sparse.triton_backend.available()
     diffuse(q, k, v, graph)
-    monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 512 * 512 * 2 * 2 * 2 - 1)  # one byte short
+    diffuse(q64, k64, v64, graph)
+    monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 2 * 2 * 512 * 512 * 8 - 1)  # float64: one byte short
+    diffuse(q64, k64, v64, graph)
+    monkeypatch.setattr(ops_sparse.triton_backend, "available", lambda: False)
+    monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 2 * 2 * 512 * 512 * 2)  # the bf16 matrix fits exactly
     diffuse(q, k, v, graph)
-    assert calls == ["matrix", "triton" if ops_sparse.triton_backend.available() else "flex"]
+    monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 2 * 2 * 512 * 512 * 2 - 1)
+    diffuse(q, k, v, graph)
+    expected = ["triton" if has_triton else "matrix", "matrix", "triton" if has_triton else "flex", "matrix", "flex"]
+    assert calls == expected

@@ -19,11 +19,12 @@ Backends:
   (a loop of FlexAttention calls pays a full attention forward and backward per hop). Global rows
   and columns are split over many programs. No attention dropout.
 - ``"auto"``: ``gather`` off CUDA. On CUDA ``flex`` for :func:`sparse_attention`; :func:`diffuse` takes
-  ``matrix`` when the sequence is at most :data:`MATRIX_AUTO_MAX_LEN` tokens and one attention matrix
-  (``batch * heads * seq^2`` elements) takes at most :data:`MATRIX_AUTO_BYTES` and 1/32 of the GPU's
-  memory (computing the matrix once instead of once per hop is faster there), else ``triton`` where
-  Triton is installed and the block size is a multiple of 16 (1.8x faster than ``flex`` at 131K
-  tokens on an H200), else ``flex`` (``benchmarks/README.md``).
+  ``triton`` where Triton is installed and the block size is a multiple of 16 (on an H200: 1.8x
+  faster than ``flex`` at 131K tokens, and 1.5-2x faster than ``matrix`` in whole ListOps and
+  Pathfinder training steps), except for float64 inputs; else ``matrix`` when the sequence is at
+  most :data:`MATRIX_AUTO_MAX_LEN` tokens and one attention matrix (``batch * heads * seq^2``
+  elements) takes at most :data:`MATRIX_AUTO_BYTES` and 1/32 of the GPU's memory; else ``flex``
+  (``benchmarks/README.md``).
 
 Conventions (``specs``/DESIGN.md): q, k, v are ``(batch, heads, seq, head_dim)``; scores are
 ``q k^T * scale`` with ``scale = head_dim ** -0.5`` by default; ``key_padding_mask`` is bool
@@ -47,7 +48,7 @@ from hopformer.ops.matrix import matrix_diffusion
 BACKENDS = ("auto", "dense", "gather", "flex", "matrix", "triton")
 NO_ATTENTION_DROPOUT = ("flex", "matrix", "triton")  # backends that raise on dropout_p > 0
 EDGE_DROPOUT = ("once", "per_hop")
-# Where "auto" diffuses with the materialised matrix on CUDA instead of FlexAttention (see above).
+# Where "auto" diffuses with the materialised matrix on CUDA when Triton cannot (see above).
 MATRIX_AUTO_MAX_LEN = 2048
 MATRIX_AUTO_BYTES = 2 << 30
 
@@ -140,10 +141,7 @@ def diffuse(
     auto = backend == "auto"
     backend, scale = _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale)
     if auto and backend == "flex":
-        if _matrix_fits(q):
-            backend = "matrix"
-        elif triton_backend.available() and graph.block_size % triton_backend.MIN_TILE == 0:
-            backend = "triton"
+        backend = _auto_diffusion_backend(q, graph)
     check_diffusion_args(hops, alpha, kernel, heat_time, remainder)
     if edge_dropout not in EDGE_DROPOUT:
         raise ValueError(f"edge_dropout must be one of {EDGE_DROPOUT}, got {edge_dropout!r}")
@@ -214,6 +212,18 @@ class _DenseOperator:
 def _zero_padded_queries(z: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
     """Outputs at padded query positions are zero (the convention of every backend)."""
     return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
+
+
+def _auto_diffusion_backend(q: torch.Tensor, graph: BlockGraph) -> str:
+    """What ``auto`` diffusion runs on CUDA: ``triton`` where it can (the fastest in whole training
+    steps at every length measured), ``matrix`` for float64 inputs that fit (Triton multiplies
+    float64 in registers on 16-token tiles) or where Triton is missing, else ``flex``."""
+    triton_fits = triton_backend.available() and graph.block_size % triton_backend.MIN_TILE == 0
+    if triton_fits and q.dtype != torch.float64:
+        return "triton"
+    if _matrix_fits(q):
+        return "matrix"
+    return "triton" if triton_fits else "flex"
 
 
 def _matrix_fits(q: torch.Tensor) -> bool:

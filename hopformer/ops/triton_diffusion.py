@@ -24,6 +24,7 @@ is a multiple of 16; head dimensions are zero-padded to a power of two >= 16.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -200,7 +201,7 @@ class _Passes:
 
     def scalars(self, *values: float) -> torch.Tensor:
         """Scalars for a kernel, in the accumulation dtype (a Python float argument would be float32)."""
-        return torch.tensor(values, dtype=self.acc_dtype, device=self.device)
+        return _scalar_tensor(values, self.acc_dtype, self.device)
 
     def launch(self, kernel: str) -> dict:
         return LAUNCH.get((kernel, self.plan.tile), {"num_warps": 4, "num_stages": 2})
@@ -392,6 +393,14 @@ def triton_diffusion(
     z0 = F.dropout(v, hop_dropout_p) if last_reset >= 0 and hop_dropout_p > 0 else v  # the reset state
     z = _Diffusion.apply(layout(q, width), layout(k, width), v, z0, passes, tuple(steps), scale, hop_dropout_p)
     return z.view(batch, heads, plan.padded_len, vwidth)[:, :, :seq, :vdim]
+
+
+@functools.lru_cache(maxsize=1024)
+def _scalar_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A device tensor of a few kernel scalars, made once per (values, dtype, device): building it
+    is a blocking host-to-device copy (a stream synchronisation per kernel launch otherwise, which on
+    a GPU time-shared with other processes also waits for their work). The kernels only read it."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _pow2(n: int) -> int:

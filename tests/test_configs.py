@@ -1,0 +1,24 @@
+"""Every config file shipped in ``configs/`` loads and passes the trainer's checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hopformer.train.config import load_config
+from hopformer.train.trainer import _check_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_configs_are_found():
+    assert len(CONFIGS) >= 13, [c.name for c in CONFIGS]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_shipped_config_loads_and_checks(path):
+    config = load_config(path)
+    _check_config(config)
+    assert config.task, f"{path}: no task"
+    assert config.train.eval_every <= config.train.steps
