@@ -342,6 +342,26 @@ def test_matrix_on_cuda_matches_dense(causal):
             assert error < 0.03, f"{graph.name} {name}: {error:.2e}"
 
 
+def test_auto_diffusion_on_cpu_picks_matrix_for_short_sequences(monkeypatch):
+    """auto diffusion off CUDA = matrix up to CPU_MATRIX_AUTO_MAX_LEN tokens without attention
+    dropout, gather beyond it or with dropout; the result is the same as gather's."""
+    import hopformer.ops.sparse as ops_sparse
+
+    graph = G.bigbird(200, 32, seed=3)
+    (q, k, v), mask = _inputs(graph)
+    expected = diffuse(q, k, v, graph, key_padding_mask=mask, backend="gather")
+    calls = []
+    for name in ("matrix_diffusion", "gather_diffusion"):
+        real = getattr(ops_sparse, name)
+        monkeypatch.setattr(ops_sparse, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n[:6]) or _f(*a, **kw))
+    got = diffuse(q, k, v, graph, key_padding_mask=mask)
+    torch.testing.assert_close(got, expected)
+    diffuse(q, k, v, graph, key_padding_mask=mask, dropout_p=0.1)
+    monkeypatch.setattr(ops_sparse, "CPU_MATRIX_AUTO_MAX_LEN", 199)
+    diffuse(q, k, v, graph, key_padding_mask=mask)
+    assert calls == ["matrix", "gather", "gather"]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_auto_diffusion_on_cuda_picks_triton_then_matrix(monkeypatch):

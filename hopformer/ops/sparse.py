@@ -18,9 +18,12 @@ Backends:
   an adjoint backward: one transposed pass per hop plus a single ``dq``/``dk`` pass for all hops
   (a loop of FlexAttention calls pays a full attention forward and backward per hop). Global rows
   and columns are split over many programs. No attention dropout.
-- ``"auto"``: ``gather`` off CUDA. On CUDA ``flex`` for :func:`sparse_attention`; :func:`diffuse` takes
+- ``"auto"``: ``gather`` off CUDA, except that :func:`diffuse` takes ``matrix`` there up to
+  :data:`CPU_MATRIX_AUTO_MAX_LEN` tokens when there is no attention dropout (one CPU thread,
+  batch 32 x 2 heads: 1.6x / 1.5x / 1.35x faster than ``gather`` at 128 / 256 / 512 tokens, slower
+  from 1,024). On CUDA ``flex`` for :func:`sparse_attention`; :func:`diffuse` takes
   ``triton`` where Triton is installed and the block size is a multiple of 16 (on an H200: 1.8x
-  faster than ``flex`` at 131K tokens, and 1.5-2x faster than ``matrix`` in whole ListOps and
+  faster than ``flex`` at 131K tokens, and 2.5-2.9x faster than ``matrix`` in whole ListOps and
   Pathfinder training steps), except for float64 inputs; else ``matrix`` when the sequence is at
   most :data:`MATRIX_AUTO_MAX_LEN` tokens and one attention matrix (``batch * heads * seq^2``
   elements) takes at most :data:`MATRIX_AUTO_BYTES` and 1/32 of the GPU's memory; else ``flex``
@@ -51,6 +54,8 @@ EDGE_DROPOUT = ("once", "per_hop")
 # Where "auto" diffuses with the materialised matrix on CUDA when Triton cannot (see above).
 MATRIX_AUTO_MAX_LEN = 2048
 MATRIX_AUTO_BYTES = 2 << 30
+# Where "auto" diffuses with the materialised matrix off CUDA instead of gathering blocks (see above).
+CPU_MATRIX_AUTO_MAX_LEN = 512
 
 
 def sparse_attention(
@@ -140,8 +145,8 @@ def diffuse(
     """
     auto = backend == "auto"
     backend, scale = _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale)
-    if auto and backend == "flex":
-        backend = _auto_diffusion_backend(q, graph)
+    if auto:
+        backend = _auto_diffusion_backend(q, graph, dropout_p)
     check_diffusion_args(hops, alpha, kernel, heat_time, remainder)
     if edge_dropout not in EDGE_DROPOUT:
         raise ValueError(f"edge_dropout must be one of {EDGE_DROPOUT}, got {edge_dropout!r}")
@@ -214,10 +219,14 @@ def _zero_padded_queries(z: torch.Tensor, key_padding_mask: torch.Tensor | None)
     return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
 
 
-def _auto_diffusion_backend(q: torch.Tensor, graph: BlockGraph) -> str:
-    """What ``auto`` diffusion runs on CUDA: ``triton`` where it can (the fastest in whole training
+def _auto_diffusion_backend(q: torch.Tensor, graph: BlockGraph, dropout_p: float) -> str:
+    """What ``auto`` diffusion runs. On CUDA: ``triton`` where it can (the fastest in whole training
     steps at every length measured), ``matrix`` for float64 inputs that fit (Triton multiplies
-    float64 in registers on 16-token tiles) or where Triton is missing, else ``flex``."""
+    float64 in registers on 16-token tiles) or where Triton is missing, else ``flex``. Off CUDA:
+    ``matrix`` up to :data:`CPU_MATRIX_AUTO_MAX_LEN` tokens without attention dropout, else ``gather``."""
+    if not q.is_cuda:
+        short = q.shape[2] <= CPU_MATRIX_AUTO_MAX_LEN and _matrix_bytes(q) <= MATRIX_AUTO_BYTES
+        return "matrix" if short and dropout_p == 0 else "gather"
     triton_fits = triton_backend.available() and graph.block_size % triton_backend.MIN_TILE == 0
     if triton_fits and q.dtype != torch.float64:
         return "triton"
@@ -226,13 +235,17 @@ def _auto_diffusion_backend(q: torch.Tensor, graph: BlockGraph) -> str:
     return "triton" if triton_fits else "flex"
 
 
+def _matrix_bytes(q: torch.Tensor) -> int:
+    batch, heads, seq, _ = q.shape
+    return batch * heads * seq * seq * q.element_size()
+
+
 def _matrix_fits(q: torch.Tensor) -> bool:
     """Whether ``auto`` diffusion on CUDA takes the ``matrix`` backend for inputs like ``q``: short
     enough, and one matrix within ``MATRIX_AUTO_BYTES`` and 1/32 of the GPU's memory (a model keeps
     one per layer for backward; a 4-layer ListOps model peaked at 15.7 GiB with 2 GiB matrices)."""
-    batch, heads, seq, _ = q.shape
     limit = min(MATRIX_AUTO_BYTES, torch.cuda.get_device_properties(q.device).total_memory // 32)
-    return seq <= MATRIX_AUTO_MAX_LEN and batch * heads * seq * seq * q.element_size() <= limit
+    return q.shape[2] <= MATRIX_AUTO_MAX_LEN and _matrix_bytes(q) <= limit
 
 
 def _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale) -> tuple[str, float]:
