@@ -260,3 +260,18 @@ def test_init_schemes():
     assert abs(lra.embed.weight[1:].std().item() - 1.0) < 0.05 and (lra.embed.weight[0] == 0).all()
     with pytest.raises(ValueError, match="init='xavier' is not known"):
         TransformerEncoder(20, init="xavier")
+
+
+def test_list_graph_options_from_a_config_work():
+    """A list option (``global_blocks`` as YAML gives it) builds, caches and uses the graph it names."""
+    from hopformer.attention import build
+    from hopformer.attention.sparse import cached_graph
+
+    module = build("diffuser", dim=16, heads=2, block_size=16, global_blocks=[0, 5], hops=2)
+    x = torch.randn(2, 100, 16)
+    out = module(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    graph = cached_graph("diffuser", 100, block_size=16, global_blocks=[0, 5])
+    assert graph is cached_graph("diffuser", 100, block_size=16, global_blocks=(0, 5))
+    dense = graph.to_dense()
+    assert dense[:, 0].all() and dense[0, :].all()  # block 0 is global: every token sees it, it sees every token

@@ -25,7 +25,9 @@ def _graph(pattern: str, seq_len: int, options: tuple[tuple[str, Any], ...]) -> 
 
 def cached_graph(pattern: str, seq_len: int, **options: Any) -> BlockGraph:
     """The graph of ``pattern`` at ``seq_len``, built on first use and shared afterwards."""
-    return _graph(pattern, seq_len, tuple(sorted(options.items())))
+    # list options (``global_blocks=[0, 5]``, e.g. from a YAML config) become tuples: the cache key must hash
+    key = tuple(sorted((name, tuple(v) if isinstance(v, list) else v) for name, v in options.items()))
+    return _graph(pattern, seq_len, key)
 
 
 class GraphAttention(AttentionModule):
