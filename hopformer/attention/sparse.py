@@ -39,10 +39,10 @@ class GraphAttention(AttentionModule):
             they raise.
         pattern: graph pattern name (``"local"``, ``"longformer"``, ``"bigbird"``, ``"diffuser"``,
             ``"hypercube"``, ``"full"``).
-        backend: ``"auto"`` (gather off CUDA; on CUDA flex, and for diffusion triton, or matrix where
-            Triton is missing), ``"gather"``, ``"flex"``, ``"matrix"`` (attention materialised once per
-            call), ``"triton"`` (hopformer's kernels: the fast Diffuser path on GPUs at every length)
-            or ``"dense"`` (see :mod:`hopformer.ops.sparse`).
+        backend: ``"auto"`` (gather off CUDA, matrix for diffusion up to 512 tokens; on CUDA flex, and
+            for diffusion triton, or matrix where Triton is missing), ``"gather"``, ``"flex"``,
+            ``"matrix"`` (attention materialised once per call), ``"triton"`` (hopformer's kernels:
+            the fast Diffuser path on GPUs at every length) or ``"dense"`` (see :mod:`hopformer.ops.sparse`).
         causal: keep only keys at or before the query.
         **graph_options: the pattern's keyword arguments (``block_size``, ``window``, ``num_global``,
             ``num_random``, ``seed``, ...).
