@@ -86,9 +86,10 @@ def test_lra_collects_runs_into_a_table(trained, tmp_path, capsys):
     table = json.loads((runs / "results.json").read_text())
     full, diffuser = table["rows"]
     assert full["tasks"]["listops"]["mean"] == pytest.approx(35.0) and full["avg"] == pytest.approx(35.0)
+    assert full["tasks"]["listops"]["std"] == pytest.approx(50**0.5)  # sample std of 30 and 40 (n - 1)
     assert diffuser["tasks"] == {} and diffuser["avg"] is None
     markdown = (runs / "results.md").read_text()
-    assert "35.00 ± 5.00" in markdown and "Transformer (published)" in markdown and "36.37" in markdown
+    assert "35.00 ± 7.07" in markdown and "Transformer (published)" in markdown and "36.37" in markdown
     assert full["tasks"]["listops"]["steps_per_s"] == pytest.approx(11.0)  # median over seeds
     assert "| hopformer full | 11.00 | 1.5 |" in markdown  # steps/s, peak GiB
 

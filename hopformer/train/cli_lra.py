@@ -228,7 +228,7 @@ def summarise(
             if accuracies:
                 row["tasks"][task] = {
                     "mean": statistics.fmean(accuracies),
-                    "std": statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0,
+                    "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,  # sample std (n - 1)
                     "seeds": len(accuracies),
                 }
                 for key in ("steps_per_s", "peak_memory_mib"):  # training cost, median over seeds
@@ -277,7 +277,8 @@ def to_markdown(table: dict[str, Any]) -> str:
         else "published row: Nyströmformer paper (small PyTorch pipeline)"
     )
     note = (
-        f"\nTest accuracy (%), best-validation checkpoint. Avg = mean over the {len(tasks)} task(s) above "
+        "\nTest accuracy (%), best-validation checkpoint; mean ± sample std over seeds. "
+        f"Avg = mean over the {len(tasks)} task(s) above "
         f"(published rows re-averaged over the same tasks); {source}. Scale: {table['scale']}.\n"
     )
     if "pretrain_steps" in table:
