@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# LRA ListOps and Pathfinder-32 on one GPU (an H200): six attentions side by side, one seed, the same
-# budget (configs/lra/<task>_h200.yaml). Run from the repository root; every call fits in one
+# LRA ListOps and Pathfinder-32 on one GPU (an H200): six attentions side by side (and several seeds, if
+# asked), the same budget (configs/lra/<task>_h200.yaml). Run from the repository root; every call fits in one
 # 10-minute command and is resumable: call the same phase again to continue unfinished cells.
 #
 #   scripts/lra_h200.sh data           # ListOps (LRA settings) + Pathfinder-32 into data/lra_release, skip what is there
@@ -12,7 +12,7 @@
 #   scripts/lra_h200.sh collect        # hopformer lra --collect-only; results + metrics to $OUT
 #   scripts/lra_h200.sh status         # per cell: step / steps, speed, time to finish
 #
-# Run folders are <RUNS_DIR>/<task>-<attention>-s<SEED>, the naming of `hopformer lra`, so
+# Run folders are <RUNS_DIR>/<task>-<attention>-s<seed>, the naming of `hopformer lra`, so
 # `hopformer lra --collect-only` finds them. Each run logs to <run folder>/stdout.log. A cell with
 # results.json is done; one with a checkpoint (last/) is resumed with --resume; any other is started.
 # The runs stop themselves before the call's budget (hopformer train --time-limit: checkpoint, exit 0).
@@ -20,7 +20,8 @@
 # Environment (all optional):
 #   BUDGET_MIN=9          minutes this call may take in all (the command limit is 10); the runs get what
 #                         is left after data preparation, less 1 minute for collecting
-#   SEED=0                the seed of every cell
+#   SEEDS="0"             the seeds: every (attention, seed) cell runs side by side, e.g. SEEDS="0 1 2"
+#                         (SEED=N is accepted for one seed)
 #   ATTENTIONS="full bigbird hypercube diffuser routing combiner"
 #   STEPS_listops=N, STEPS_pathfinder32=N   step budget for every cell of that task, new or resumed
 #                         (the rsqrt schedule of the _h200 configs does not depend on it; never below
@@ -50,7 +51,7 @@ cd "$(dirname "$SELF")/.." || exit 1
 PHASE=${1:-}
 START=$(date +%s)
 BUDGET_MIN=${BUDGET_MIN:-9}
-SEED=${SEED:-0}
+read -r -a SEED_LIST <<<"${SEEDS:-${SEED:-0}}"
 ATTENTIONS=${ATTENTIONS:-"full bigbird hypercube diffuser routing combiner"}
 DATA_DIR=${DATA_DIR:-data/lra_release}
 RUNS_DIR=${RUNS_DIR:-runs/lra}
@@ -130,15 +131,15 @@ print('pixel cache ready')" || { log "Pathfinder-32: pixel cache not built yet (
 has_checkpoint() { [[ -f $1/last/state.pt || -f $1/.last.old/state.pt ]]; }
 
 # ARGS: the `hopformer` arguments of one stage of a cell, resuming its folder or starting it.
-# $1 task, $2 attention, $3 time limit (minutes), $4 stage: `pretrain` (the masked objective, in
-# <cell>-pretrain) or `classify` (the cell itself; it starts from the pretrained encoder when there is
-# one), $5 the stage's folder.
+# $1 task, $2 attention, $3 seed, $4 time limit (minutes), $5 stage: `pretrain` (the masked objective,
+# in <cell>-pretrain) or `classify` (the cell itself; it starts from the pretrained encoder when there
+# is one), $6 the stage's folder.
 stage_args() {
-  local task=$1 attention=$2 limit=$3 stage=$4 dir=$5 kv
+  local task=$1 attention=$2 seed=$3 limit=$4 stage=$5 dir=$6 kv
   if has_checkpoint "$dir"; then
     ARGS=(train --resume "$dir" --time-limit "$limit" --no-progress)
   else
-    ARGS=(train --config "$CONFIG_DIR/${task}${CONFIG_SUFFIX}.yaml" --task "$task" --attention "$attention" --seed "$SEED"
+    ARGS=(train --config "$CONFIG_DIR/${task}${CONFIG_SUFFIX}.yaml" --task "$task" --attention "$attention" --seed "$seed"
       --data-dir "$DATA_DIR" --run-dir "$dir" --time-limit "$limit" --no-progress)
     local name=OPTS_$attention
     for kv in ${EXTRA_SET:-}; do ARGS+=(--set "$kv"); done
@@ -177,8 +178,8 @@ NO_TIME=75  # run_cell's exit status when too little time was left to start the 
 # the classifier, each with what is left before END as its time limit. A TERM is passed on to the
 # stage running. The exit status is that of the last stage run.
 run_cell() {
-  local task=$1 attention=$2 least=$3 stage dir limit child code=0
-  local cell=$RUNS_DIR/$task-$attention-s$SEED
+  local task=$1 attention=$2 seed=$3 least=$4 stage dir limit child code=0
+  local cell=$RUNS_DIR/$task-$attention-s$seed
   local -a stages=(classify)
   if [[ -n ${PRETRAIN_STEPS:-} ]]; then stages=(pretrain classify); fi
   for stage in "${stages[@]}"; do
@@ -187,7 +188,7 @@ run_cell() {
     if [[ -f $dir/results.json ]]; then continue; fi
     limit=$(minutes_left)
     if ! at_least "$limit" "$least"; then return "$NO_TIME"; fi
-    stage_args "$task" "$attention" "$limit" "$stage" "$dir"
+    stage_args "$task" "$attention" "$seed" "$limit" "$stage" "$dir"
     mkdir -p "$dir"
     echo "=== $(date '+%F %T') ${HOP[*]} ${ARGS[*]}" >>"$dir/stdout.log"
     "${HOP[@]}" "${ARGS[@]}" >>"$dir/stdout.log" 2>&1 &
@@ -204,10 +205,10 @@ run_cell() {
   return "$code"
 }
 
-# Start (or resume) one cell in the background; its pid is appended to PIDS.
+# Start (or resume) one cell ($1 task, $2 attention, $3 seed) in the background; its pid is appended to PIDS.
 launch() {
-  local task=$1 attention=$2 least=$3
-  run_cell "$task" "$attention" "$least" &
+  local task=$1 attention=$2 seed=$3 least=$4
+  run_cell "$task" "$attention" "$seed" "$least" &
   PIDS+=($!)
 }
 
@@ -217,7 +218,7 @@ forward() { log "signal: asking the runs to checkpoint and stop"; kill -TERM "${
 # The cells of one task in parallel; wait for all; report how each ended. $2: the fewest minutes
 # worth starting a run for (default 1.5).
 train_task() {
-  local task=$1 least=${2:-1.5} limit attention dir log_of
+  local task=$1 least=${2:-1.5} limit attention seed dir log_of
   local -a cells=()
   limit=$(minutes_left)
   if ! at_least "$limit" "$least"; then
@@ -225,12 +226,14 @@ train_task() {
     return 0
   fi
   for attention in "${ATTN[@]}"; do
-    dir=$RUNS_DIR/$task-$attention-s$SEED
-    if [[ -f $dir/results.json ]]; then log "$task-$attention: finished earlier"; continue; fi
-    launch "$task" "$attention" "$least"
-    cells+=("$dir")
-    log_of=$(current_stage_dir "$dir")
-    log "$task-$attention: running (pid ${PIDS[-1]}, $limit min left), log $log_of/stdout.log"
+    for seed in "${SEED_LIST[@]}"; do
+      dir=$RUNS_DIR/$task-$attention-s$seed
+      if [[ -f $dir/results.json ]]; then log "$(basename "$dir"): finished earlier"; continue; fi
+      launch "$task" "$attention" "$seed" "$least"
+      cells+=("$dir")
+      log_of=$(current_stage_dir "$dir")
+      log "$(basename "$dir"): running (pid ${PIDS[-1]}, $limit min left), log $log_of/stdout.log"
+    done
   done
   trap forward TERM INT
   local i code
@@ -258,19 +261,22 @@ train_task() {
 }
 
 collect() {
-  local tasks=listops,pathfinder32 attentions
+  local tasks=listops,pathfinder32 attentions seeds seed
   attentions=$(IFS=,; echo "${ATTN[*]}")
+  seeds=$(IFS=,; echo "${SEED_LIST[*]}")
   local -a scale=()
   if [[ $CONFIG_SUFFIX == _pytorch* ]]; then scale=(--scale pytorch); fi  # the published row of that setting
-  "${HOP[@]}" lra --tasks "$tasks" --attentions "$attentions" --seeds "$SEED" --runs-dir "$RUNS_DIR" \
+  "${HOP[@]}" lra --tasks "$tasks" --attentions "$attentions" --seeds "$seeds" --runs-dir "$RUNS_DIR" \
     "${scale[@]}" --collect-only
   status
   if [[ -n ${OUT:-} ]]; then
     local dir dest
     mkdir -p "$OUT/lra"
     cp "$RUNS_DIR/results.md" "$RUNS_DIR/results.json" "$OUT/lra/" 2>/dev/null
-    for dir in "$RUNS_DIR"/*-s"$SEED" "$RUNS_DIR"/*-s"$SEED"-pretrain; do
+    for dir in "$RUNS_DIR"/*; do
       [[ -d $dir ]] || continue
+      seed=${dir##*-s}; seed=${seed%-pretrain}
+      [[ " ${SEED_LIST[*]} " == *" $seed "* ]] || continue
       dest=$OUT/lra/$(basename "$dir")
       mkdir -p "$dest"
       for f in metrics.jsonl stdout.log results.json config.yaml error.txt; do
@@ -288,17 +294,17 @@ collect() {
 
 # Per cell: step reached, speed of the last log window (while sharing the GPU), finish estimate.
 status() {
-  "$PY" - "$RUNS_DIR" "$SEED" "${ATTN[@]}" <<'EOF'
+  "$PY" - "$RUNS_DIR" "${SEED_LIST[*]}" "${ATTN[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
-runs, seed, attentions = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+runs, seeds, attentions = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3:]
 for task in ("listops", "pathfinder32"):
     rows, gpu_min = [], 0.0
-    for attention, suffix in ((a, s) for a in attentions for s in ("-pretrain", "")):
+    for attention, seed, suffix in ((a, s, x) for a in attentions for s in seeds for x in ("-pretrain", "")):
         run = runs / f"{task}-{attention}-s{seed}{suffix}"
         if not run.is_dir() or not any(run.iterdir()):
             continue
-        attention += suffix
+        attention = f"{attention}-s{seed}{suffix}"
         steps = None
         if (run / "config.yaml").is_file():
             import yaml
@@ -312,9 +318,9 @@ for task in ("listops", "pathfinder32"):
         rate = train[-1].get("steps_per_s") if train else None
         if (run / "results.json").is_file():
             result = json.loads((run / "results.json").read_text())
-            rows.append(f"  {attention:19s} done: {step}/{steps} steps, test {100 * result['test_accuracy']:.2f}%")
+            rows.append(f"  {attention:24s} done: {step}/{steps} steps, test {100 * result['test_accuracy']:.2f}%")
             continue
-        text = f"  {attention:19s} step {step}/{steps}"
+        text = f"  {attention:24s} step {step}/{steps}"
         if val:
             text += f", val {100 * max(r['accuracy'] for r in val):.2f}% (best)"
         if rate and steps:
@@ -336,8 +342,10 @@ EOF
 }
 
 finished() {  # every cell of task $1 has results.json
-  local attention
-  for attention in "${ATTN[@]}"; do [[ -f $RUNS_DIR/$1-$attention-s$SEED/results.json ]] || return 1; done
+  local attention seed
+  for attention in "${ATTN[@]}"; do
+    for seed in "${SEED_LIST[@]}"; do [[ -f $RUNS_DIR/$1-$attention-s$seed/results.json ]] || return 1; done
+  done
 }
 
 # ListOps data, Pathfinder generated meanwhile on the idle CPUs (niced), the ListOps cells.
