@@ -93,3 +93,78 @@ def test_rope_model_saves_and_loads(tmp_path):
     assert loaded.encoder.blocks[0].attention.rotary is not None
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids))
+
+
+def test_grid_rotation_turns_by_column_then_row():
+    """2-D: pairs (i, i + d/2) turn by column * base^(-i/(d/4)) for i < d/4, by row * ... after."""
+    torch.manual_seed(4)
+    d, side = 8, 5
+    q = torch.randn(1, 2, side * side, d, dtype=torch.float64)
+    rq, _ = RotaryEmbedding(d, base=100.0, grid=True)(q, q)
+    position = torch.arange(side * side, dtype=torch.float64)
+    frequency = 100.0 ** (-torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+    angle = torch.cat([(position % side)[:, None] * frequency, (position // side)[:, None] * frequency], -1)
+    z = torch.complex(q[..., : d // 2], q[..., d // 2 :]) * torch.polar(torch.ones_like(angle), angle)
+    torch.testing.assert_close(rq, torch.cat([z.real, z.imag], -1), rtol=0, atol=1e-12)
+
+
+def test_grid_scores_depend_on_the_2d_offset_only():
+    """On a 6 x 6 image: the same (row, column) offset scores the same anywhere; 1-D neighbours do not."""
+    torch.manual_seed(5)
+    d, side = 16, 6
+    q, k = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    queries = q.expand(1, 1, side * side, d).clone()
+    keys = k.expand(1, 1, side * side, d).clone()
+    rq, rk = RotaryEmbedding(d, base=100.0, grid=True)(queries, keys)
+    scores = (rq @ rk.transpose(-1, -2))[0, 0]
+    at = lambda row, col: row * side + col  # noqa: E731
+    torch.testing.assert_close(scores[at(0, 0), at(1, 2)], scores[at(3, 3), at(4, 5)])
+    torch.testing.assert_close(scores[at(2, 5), at(0, 4)], scores[at(4, 1), at(2, 0)])
+    # the last pixel of row 0 and the first of row 1 are 1-D neighbours but 5 columns apart
+    assert not torch.allclose(scores[at(0, 5), at(1, 0)], scores[at(2, 2), at(2, 3)])
+
+
+def test_grid_needs_a_square_sequence_and_head_dim_divisible_by_4():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        RotaryEmbedding(6, grid=True)
+    with pytest.raises(ValueError, match="head dim divisible by 4"):
+        TransformerEncoder(vocab_size=10, dim=12, heads=2, positions="rope2d")  # head dim 6
+    rotary = RotaryEmbedding(8, grid=True)
+    x = torch.randn(1, 1, 30, 8)
+    with pytest.raises(ValueError, match="square image of tokens, got a sequence of 30"):
+        rotary(x, x)
+    encoder = TransformerEncoder(vocab_size=10, dim=16, heads=2, positions="rope2d", max_len=64)
+    with pytest.raises(ValueError, match="pooling='cls'"):
+        SequenceClassifier(encoder, 2, pooling="cls")
+
+
+@pytest.mark.parametrize("attention", ["full", "bigbird", "diffuser"])
+def test_rope2d_model_trains_and_is_translation_equivariant(attention):
+    """rope2d on an 8 x 8 image: every attention trains with it; full attention has no absolute position
+    anywhere, so its outputs move with the image."""
+    torch.manual_seed(6)
+    encoder = TransformerEncoder(
+        vocab_size=256, dim=16, depth=2, heads=2, mlp_dim=32, max_len=64, attention=attention,
+        positions="rope2d", pad_id=None, dropout=0.0,
+        attention_options={} if attention == "full" else {"block_size": 16},
+    )  # fmt: skip
+    model = SequenceClassifier(encoder, 2).double()
+    ids = torch.randint(0, 256, (3, 64))
+    logits = model(ids)
+    logits.sum().backward()
+    assert torch.isfinite(logits).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    if attention == "full":
+        # Only the image's own pixels are attended (the rest is masked), so moving the whole image two
+        # rows down moves every output with it: rope2d sees offsets, not places.
+        image = ids[:1].view(1, 8, 8).clone()
+        real = torch.zeros(1, 8, 8, dtype=torch.bool)
+        real[:, :6] = True
+        with torch.no_grad():
+            a = encoder(image.view(1, 64), real.view(1, 64)).view(8, 8, -1)
+            b = encoder(torch.roll(image, 2, dims=1).view(1, 64), torch.roll(real, 2, dims=1).view(1, 64)).view(
+                8, 8, -1
+            )
+            shifted = encoder(torch.roll(image, 1, dims=2).view(1, 64), real.view(1, 64)).view(8, 8, -1)
+        torch.testing.assert_close(b[2:], a[:6])
+        assert not torch.allclose(shifted[:6, 1:], a[:6, :7])  # wrapping a column around changes things

@@ -6,9 +6,17 @@ and a key at ``n`` then score ``q . R(n - m) k``: attention sees relative offset
 backend, because the rotation happens before the attention core. On the Long Range Arena this
 matters most: its tasks are largely local (Miralles-Gonzalez et al., "On the locality bias and
 results in the Long Range Arena", 2025).
+
+Axial 2-D rotary (``grid=True``; Heo et al., "Rotary Position Embedding for Vision Transformer", 2024)
+is for a square image read in raster order, as Pathfinder and LRA Image are: token ``p`` of an
+``S x S`` grid sits at row ``p // S``, column ``p % S``; the first half of the channel pairs turns by the
+column, the second half by the row. Scores then see the 2-D offset ``(dr, dc)``, so a pixel and the
+one above it are neighbours, not 32 tokens apart.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -18,21 +26,25 @@ class RotaryEmbedding(nn.Module):
     """Rotates ``(batch, heads, seq, head_dim)`` queries and keys by their positions ``0 .. seq - 1``.
 
     Args:
-        head_dim: channels per head; must be even.
-        base: the wavelength base (10,000 as in RoFormer).
+        head_dim: channels per head; must be even (a multiple of 4 with ``grid``).
+        base: the wavelength base (10,000 as in RoFormer; 100 suits a 32-pixel side, as in Heo et al.).
+        grid: axial 2-D positions on a square grid (see the module docstring); the sequence length
+            must then be a perfect square.
 
     The angles are cached per (length, device, dtype); the rotation runs in float32 (float64 for
     float64 inputs) and returns the input dtype. No parameters: a model with rotary attention saves
     and loads as before.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, *, grid: bool = False) -> None:
         super().__init__()
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
-            raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim!r}")
+        multiple = 4 if grid else 2
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % multiple:
+            need = "a head_dim divisible by 4 (2-D)" if grid else "an even head_dim"
+            raise ValueError(f"rotary positions need {need}, got head_dim={head_dim!r}")
         if not base > 1.0:
             raise ValueError(f"rotary base must be > 1, got {base!r}")
-        self.head_dim, self.base = head_dim, float(base)
+        self.head_dim, self.base, self.grid = head_dim, float(base), grid
         self._cache: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def angles(
@@ -41,9 +53,21 @@ class RotaryEmbedding(nn.Module):
         """``cos`` and ``sin`` tables, each ``(seq, head_dim)``."""
         key = (seq, str(device), dtype)
         if key not in self._cache:
-            half = self.head_dim // 2
-            frequency = self.base ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
-            angle = torch.arange(seq, dtype=torch.float64, device=device)[:, None] * frequency
+            position = torch.arange(seq, dtype=torch.float64, device=device)[:, None]
+            if self.grid:
+                side = math.isqrt(seq)
+                if side * side != seq:
+                    raise ValueError(
+                        f"2-D rotary positions need a square image of tokens, got a sequence of {seq} "
+                        "(a CLS vector or padding adds positions: use mean pooling and pad_to_multiple=1)"
+                    )
+                quarter = self.head_dim // 4
+                frequency = self.base ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+                angle = torch.cat([(position % side) * frequency, (position // side) * frequency], dim=-1)
+            else:
+                half = self.head_dim // 2
+                frequency = self.base ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+                angle = position * frequency
             angle = torch.cat([angle, angle], dim=-1)
             self._cache[key] = (angle.cos().to(dtype), angle.sin().to(dtype))
         return self._cache[key]
@@ -54,10 +78,12 @@ class RotaryEmbedding(nn.Module):
         compute = torch.promote_types(q.dtype, torch.float32)
         cos, sin = self.angles(max(q.shape[-2], k.shape[-2]), q.device, compute)
         q_len, k_len = q.shape[-2], k.shape[-2]
+        if self.grid and q_len != k_len:
+            raise ValueError(f"2-D rotary positions need as many queries as keys, got {q_len} and {k_len}")
         return _rotate(q, cos[:q_len], sin[:q_len]), _rotate(k, cos[:k_len], sin[:k_len])
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, base={self.base:g}"
+        return f"head_dim={self.head_dim}, base={self.base:g}" + (", grid=True" if self.grid else "")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

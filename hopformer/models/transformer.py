@@ -38,7 +38,7 @@ from hopformer.attention import build as build_attention
 from hopformer.attention.rotary import RotaryEmbedding
 
 NORMS = ("pre", "post")
-POSITIONS = ("learned", "sinusoidal", "rope", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "rope2d", "none")
 INITS = ("normal", "torch", "lra")
 POOLINGS = ("mean", "cls")
 CONFIG_NAME = "config.json"
@@ -201,6 +201,8 @@ class Block(nn.Module):
         self.attention = build_attention(config.attention, config.dim, config.heads, **options)
         if config.positions == "rope":
             self.attention.rotary = RotaryEmbedding(config.dim // config.heads)
+        elif config.positions == "rope2d":
+            self.attention.rotary = RotaryEmbedding(config.dim // config.heads, base=100.0, grid=True)
         self.norm1 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.norm2 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.mlp = nn.Sequential(
@@ -240,7 +242,9 @@ class TransformerEncoder(PretrainedModel):
             (RoBERTa: LayerNorm after each residual, and on the embeddings).
         positions: ``"learned"`` or ``"sinusoidal"`` (added to the embeddings), ``"rope"`` (rotary:
             every attention rotates its queries and keys by position, so scores see relative
-            offsets; needs an even head dim) or ``"none"``.
+            offsets; needs an even head dim), ``"rope2d"`` (axial 2-D rotary for square images in raster
+            order, Pathfinder and Image: scores see the (row, column) offset; needs a head dim divisible
+            by 4 and a square sequence, so mean pooling) or ``"none"``.
         dropout: on embeddings and after attention and MLP (before the residual add).
         attention_dropout: passed to the attention module as ``dropout`` when > 0.
         pad_id: the embedding's ``padding_idx`` (0 for tokens). ``None`` for pixel tasks, where 0
@@ -296,7 +300,7 @@ class TransformerEncoder(PretrainedModel):
             self.positions = nn.Parameter(torch.zeros(max_len, dim))
         elif positions == "sinusoidal":
             self.register_buffer("positions", sinusoidal_positions(max_len, dim), persistent=False)
-        else:  # "rope" lives in the attention modules; "none" has no positions
+        else:  # "rope" and "rope2d" live in the attention modules; "none" has no positions
             self.positions = None
         self.embed_norm = nn.LayerNorm(dim, eps=layer_norm_eps) if norm == "post" else nn.Identity()
         self.dropout = nn.Dropout(dropout)
@@ -366,6 +370,11 @@ def _check_encoder_config(config: EncoderConfig) -> None:
             f"positions='rope' needs an even head dim, got dim={config.dim} / heads={config.heads} = "
             f"{config.dim // config.heads}"
         )
+    if config.positions == "rope2d" and (config.dim // config.heads) % 4:
+        raise ValueError(
+            f"positions='rope2d' needs a head dim divisible by 4, got dim={config.dim} / heads={config.heads} = "
+            f"{config.dim // config.heads}"
+        )
     for name in ("dropout", "attention_dropout"):
         if not 0.0 <= getattr(config, name) < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)!r}")
@@ -416,6 +425,10 @@ class _PoolingEncoder(PretrainedModel):
             raise TypeError(f"encoder must be a TransformerEncoder, got {type(encoder).__name__}")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not known; choose one of {list(POOLINGS)}")
+        if pooling == "cls" and encoder.config.positions == "rope2d":
+            raise ValueError(
+                "pooling='cls' adds a position before the image, which positions='rope2d' cannot place; use 'mean'"
+            )
         self.encoder = encoder
         self.pooling = pooling
         self.cls = nn.Parameter(torch.randn(encoder.config.dim) * 0.02) if pooling == "cls" else None
