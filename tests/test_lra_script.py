@@ -29,6 +29,7 @@ def run_script(phase: str, tmp_path: Path, **env: str) -> subprocess.CompletedPr
         "LISTOPS_ARGS": "--train 48 --val 16 --test 16 --min-length 10 --max-length 60",
         "EXTRA_SET": "train.steps=3 train.batch_size=8 train.eval_every=2 model.dim=16 model.mlp_dim=32 "
         "model.depth=1 train.threads=1",
+        "OUT": "",  # not the caller's: where the script copies results is each test's own choice
         **env,
     }
     return subprocess.run(
