@@ -187,3 +187,25 @@ def test_train_step_benchmark_runs_every_variant_on_the_same_batches(tmp_path):
     ]
     assert result["rows"][0]["time_ratio"] == 1.0
     assert all(r["ms_per_step"] > 0 and math.isfinite(r["final_loss"]) for r in result["rows"])
+
+
+def test_pathfinder_cnn_probe_trains_and_writes_its_record(tmp_path):
+    """benchmarks/pathfinder_cnn.py on 40 generated images: per-epoch rows, a test accuracy, the command."""
+    import importlib.util
+    from pathlib import Path
+
+    from hopformer.data.pathfinder import generate_pathfinder
+
+    generate_pathfinder(tmp_path / "data", n=40, workers=1, progress=False)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pathfinder_cnn.py"
+    spec = importlib.util.spec_from_file_location("pathfinder_cnn", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "cnn.json"
+    args = ["--data-dir", str(tmp_path / "data"), "--epochs", "2", "--batch-size", "8", "--channels", "4"]
+    assert module.main([*args, "--depth", "3", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [row["epoch"] for row in record["epochs"]] == [1, 2]
+    assert record["settings"]["train_images"] == 32 and record["settings"]["parameters"] > 0
+    assert 0.0 <= record["test_accuracy"] <= 1.0 and math.isfinite(record["test_loss"])
+    assert "--depth 3" in record["command"]
