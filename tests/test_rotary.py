@@ -133,6 +133,8 @@ def test_grid_needs_a_square_sequence_and_head_dim_divisible_by_4():
     x = torch.randn(1, 1, 30, 8)
     with pytest.raises(ValueError, match="square image of tokens, got a sequence of 30"):
         rotary(x, x)
+    with pytest.raises(ValueError, match="as many queries as keys, got 16 and 36"):
+        rotary(torch.randn(1, 1, 16, 8), torch.randn(1, 1, 36, 8))
     encoder = TransformerEncoder(vocab_size=10, dim=16, heads=2, positions="rope2d", max_len=64)
     with pytest.raises(ValueError, match="pooling='cls'"):
         SequenceClassifier(encoder, 2, pooling="cls")

@@ -75,11 +75,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if q.shape[-1] != self.head_dim or k.shape[-1] != self.head_dim:
             raise ValueError(f"rotary head_dim={self.head_dim}, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-        compute = torch.promote_types(q.dtype, torch.float32)
-        cos, sin = self.angles(max(q.shape[-2], k.shape[-2]), q.device, compute)
         q_len, k_len = q.shape[-2], k.shape[-2]
         if self.grid and q_len != k_len:
             raise ValueError(f"2-D rotary positions need as many queries as keys, got {q_len} and {k_len}")
+        compute = torch.promote_types(q.dtype, torch.float32)
+        cos, sin = self.angles(max(q_len, k_len), q.device, compute)
         return _rotate(q, cos[:q_len], sin[:q_len]), _rotate(k, cos[:k_len], sin[:k_len])
 
     def extra_repr(self) -> str:

@@ -365,15 +365,11 @@ def _check_encoder_config(config: EncoderConfig) -> None:
         raise ValueError(f"init={config.init!r} is not known; choose one of {list(INITS)}")
     if config.positions == "sinusoidal" and config.dim % 2:
         raise ValueError(f"positions='sinusoidal' needs an even dim, got {config.dim}")
-    if config.positions == "rope" and (config.dim // config.heads) % 2:
+    multiple = {"rope": 2, "rope2d": 4}.get(config.positions)  # channel pairs; 2-D splits them in two
+    if multiple and (config.dim // config.heads) % multiple:
         raise ValueError(
-            f"positions='rope' needs an even head dim, got dim={config.dim} / heads={config.heads} = "
-            f"{config.dim // config.heads}"
-        )
-    if config.positions == "rope2d" and (config.dim // config.heads) % 4:
-        raise ValueError(
-            f"positions='rope2d' needs a head dim divisible by 4, got dim={config.dim} / heads={config.heads} = "
-            f"{config.dim // config.heads}"
+            f"positions={config.positions!r} needs a head dim divisible by {multiple}, got dim={config.dim} / "
+            f"heads={config.heads} = {config.dim // config.heads}"
         )
     for name in ("dropout", "attention_dropout"):
         if not 0.0 <= getattr(config, name) < 1.0:
