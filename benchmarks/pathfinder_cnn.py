@@ -9,7 +9,8 @@ images carry it and the transformers' failure is one of optimisation or inductiv
         --out benchmarks/results/pathfinder_cnn_cpu/cnn.json
 
 Model: ``depth`` 3x3 convolutions of ``channels`` channels (BatchNorm, ReLU) at full resolution with
-dilations 1, 1, 2, 4, 8, 1, 2, 4, ... (a receptive field over the whole 32x32 image), global average
+dilations 1, 1, 2, 4, 8, 1, 2, 4, ... (a receptive field over the whole 32x32 image; ``--max-dilation``
+caps them, e.g. 1 for a plain stack whose receptive field is ``2 * depth + 1`` pixels), global average
 and max pooling, a linear head. AdamW, one-cycle schedule. Pixels are scaled to [0, 1]. Validation
 after every epoch; test on the best-validation weights. Writes JSON with the command, environment,
 settings and per-epoch metrics (after every epoch, so an interrupted run keeps what it measured).
@@ -36,9 +37,9 @@ from hopformer.data import load_lra  # noqa: E402
 class DilatedCNN(nn.Module):
     """``depth`` same-size 3x3 convolutions with growing dilations, then global pooling and a linear head."""
 
-    def __init__(self, channels: int = 16, depth: int = 8, classes: int = 2) -> None:
+    def __init__(self, channels: int = 16, depth: int = 8, classes: int = 2, max_dilation: int = 8) -> None:
         super().__init__()
-        dilations = [1, 1] + [2 ** (i % 4) for i in range(1, depth - 1)]
+        dilations = [min(d, max_dilation) for d in [1, 1] + [2 ** (i % 4) for i in range(1, depth - 1)]]
         layers: list[nn.Module] = []
         width = 1
         for dilation in dilations[:depth]:
@@ -83,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--max-dilation", type=int, default=8, help="cap on the dilations (1: plain 3x3 convolutions)")
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "channels", "depth"):
+    for name in ("epochs", "batch_size", "channels", "depth", "max_dilation"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.depth < 2:
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_limit:
         splits["train"] = splits["train"][: args.train_limit]
     data = {s: tensors(examples, 32) for s, examples in splits.items()}
-    model = DilatedCNN(args.channels, args.depth)
+    model = DilatedCNN(args.channels, args.depth, max_dilation=args.max_dilation)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps_per_epoch = -(-len(data["train"][1]) // args.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)

@@ -203,9 +203,11 @@ def test_pathfinder_cnn_probe_trains_and_writes_its_record(tmp_path):
     spec.loader.exec_module(module)
     out = tmp_path / "cnn.json"
     args = ["--data-dir", str(tmp_path / "data"), "--epochs", "2", "--batch-size", "8", "--channels", "4"]
-    assert module.main([*args, "--depth", "3", "--out", str(out)]) == 0
+    assert module.main([*args, "--depth", "3", "--max-dilation", "1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert [row["epoch"] for row in record["epochs"]] == [1, 2]
     assert record["settings"]["train_images"] == 32 and record["settings"]["parameters"] > 0
     assert 0.0 <= record["test_accuracy"] <= 1.0 and math.isfinite(record["test_loss"])
-    assert "--depth 3" in record["command"]
+    assert "--depth 3" in record["command"] and record["settings"]["max_dilation"] == 1
+    plain = module.DilatedCNN(4, 3, max_dilation=1)
+    assert [layer.dilation for layer in plain.features if isinstance(layer, torch.nn.Conv2d)] == [(1, 1)] * 3
