@@ -42,7 +42,7 @@ class DilatedCNN(nn.Module):
         dilations = [min(d, max_dilation) for d in [1, 1] + [2 ** (i % 4) for i in range(1, depth - 1)]]
         layers: list[nn.Module] = []
         width = 1
-        for dilation in dilations[:depth]:
+        for dilation in dilations:
             layers += [
                 nn.Conv2d(width, channels, 3, padding=dilation, dilation=dilation, bias=False),
                 nn.BatchNorm2d(channels),

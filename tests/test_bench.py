@@ -166,15 +166,21 @@ def test_routing_and_combiner_rows_on_cuda(tmp_path):
     }
 
 
-def test_train_step_benchmark_runs_every_variant_on_the_same_batches(tmp_path):
-    """benchmarks/train_step.py on CPU, tiny model: one row per variant, ratios to the first, JSON."""
+def _benchmark_script(name: str):
+    """Import ``benchmarks/<name>.py`` (a script folder, not a package) as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
-    spec = importlib.util.spec_from_file_location("train_step", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_benchmark_runs_every_variant_on_the_same_batches(tmp_path):
+    """benchmarks/train_step.py on CPU, tiny model: one row per variant, ratios to the first, JSON."""
+    module = _benchmark_script("train_step")
     out = tmp_path / "steps.json"
     tiny = ["--seq-len", "512", "--batch", "2", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--depth", "1"]
     variants = ["--variant", "full", "--variant", "diffuser:backend=matrix,hops=2", "--variant", "bigbird"]
@@ -191,16 +197,10 @@ def test_train_step_benchmark_runs_every_variant_on_the_same_batches(tmp_path):
 
 def test_pathfinder_cnn_probe_trains_and_writes_its_record(tmp_path):
     """benchmarks/pathfinder_cnn.py on 40 generated images: per-epoch rows, a test accuracy, the command."""
-    import importlib.util
-    from pathlib import Path
-
     from hopformer.data.pathfinder import generate_pathfinder
 
     generate_pathfinder(tmp_path / "data", n=40, workers=1, progress=False)
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pathfinder_cnn.py"
-    spec = importlib.util.spec_from_file_location("pathfinder_cnn", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark_script("pathfinder_cnn")
     out = tmp_path / "cnn.json"
     args = ["--data-dir", str(tmp_path / "data"), "--epochs", "2", "--batch-size", "8", "--channels", "4"]
     assert module.main([*args, "--depth", "3", "--max-dilation", "1", "--out", str(out)]) == 0
