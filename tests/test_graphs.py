@@ -30,6 +30,7 @@ def _all_patterns(seq_len, block_size=16):
         G.bigbird(seq_len, block_size, window=window, num_global=min(2, nb), num_random=2, seed=3),
         G.diffuser(seq_len, block_size, window=window, num_global=min(2, nb - 1), num_random=2, seed=3),
         G.hypercube(seq_len, block_size),
+        G.grid2d(seq_len, side=9, radius=1, num_random=2, seed=3),
     ]
 
 
@@ -168,11 +169,40 @@ def test_partial_last_block_never_leaks():
         (lambda: G.bigbird(100, 16, seed="0"), "seed"),
         (lambda: G.diffuser(100, 16, random_granularity="edge"), "random_granularity"),
         (lambda: G.build_graph("star", 100), "pattern"),
+        (lambda: G.grid2d(99), "side"),
+        (lambda: G.grid2d(100, 16), "block_size"),
+        (lambda: G.grid2d(100, radius=0), "radius"),
+        (lambda: G.grid2d(100, side=-10), "side"),
+        (lambda: G.grid2d(100, num_random=-1), "num_random"),
     ],
 )
 def test_bad_arguments_name_the_argument(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+@pytest.mark.parametrize("side, radius", [(5, 1), (7, 2), (6, 1)])
+def test_grid2d_connects_exactly_the_pixel_neighbourhoods(side, radius):
+    seq_len = side * side + side // 2  # a ragged extra row, as padding makes
+    graph = G.grid2d(seq_len, side=side, radius=radius)
+    expected = torch.zeros(seq_len, seq_len, dtype=torch.bool)
+    for i in range(seq_len):
+        for j in range(seq_len):
+            expected[i, j] = abs(i // side - j // side) <= radius and abs(i % side - j % side) <= radius
+    assert torch.equal(graph.to_dense(), expected)
+    assert torch.equal(graph.to_dense(), graph.to_dense().T)  # neighbourhoods are symmetric
+    assert graph.keys_per_query().max() == (2 * radius + 1) ** 2
+    assert G.grid2d(side * side, radius=radius) == G.grid2d(side * side, side=side, radius=radius)
+
+
+def test_grid2d_random_keys_are_seeded_and_outside_the_neighbourhood():
+    plain = G.grid2d(100).to_dense()
+    noisy = G.grid2d(100, num_random=3, seed=1)
+    extra = noisy.to_dense() & ~plain
+    assert torch.equal(noisy.to_dense() | plain, noisy.to_dense())
+    assert torch.equal(extra.sum(1), torch.full((100,), 3))
+    assert noisy == G.grid2d(100, num_random=3, seed=1)
+    assert noisy != G.grid2d(100, num_random=3, seed=2)
 
 
 def test_plot_writes_png(tmp_path):

@@ -67,6 +67,30 @@ def test_padded_positions_never_leak_into_the_output(attention):
         torch.testing.assert_close(model(ids, mask), model(noisy, mask), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["local", "diffuser"])
+def test_grid2d_attentions_on_padded_images(attention):
+    """Pixel-neighbourhood graphs in a model: images of 9 x 9 pixels padded to 128 tokens train, and the
+    garbage under padding never reaches the real pixels' logits (padding rows lie below the image)."""
+    torch.manual_seed(0)
+    options = dict(pattern="grid2d", side=9, radius=1)
+    model = SequenceClassifier(encoder(attention, attention_options=options, pad_to_multiple=128), num_classes=2)
+    ids, mask = batch([81, 81], 81)
+    (model(ids, mask).sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    ids, mask = batch([81, 50], 81, pad_value=0)
+    garbage, _ = batch([81, 50], 81, seed=1, pad_value=None)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), model(torch.where(mask, ids, garbage), mask))
+
+
+def test_local_attention_names_its_patterns():
+    with pytest.raises(ValueError, match="pattern='local' or 'grid2d'"):
+        encoder("local", attention_options=dict(pattern="bigbird"))
+    with pytest.raises(ValueError, match="perfect square"):
+        encoder("local", attention_options=dict(pattern="grid2d"))(*batch([70], 70))
+
+
 # Attentions whose graph for the real tokens does not depend on how far the batch is padded. Graphs
 # with random or scattered parts (bigbird, diffuser), length-derived structure (hypercube, combiner
 # with automatic block size, routing) are drawn per padded length, so they are not in this list.

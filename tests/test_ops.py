@@ -21,6 +21,7 @@ def _patterns(seq_len: int, block_size: int, causal: bool):
         G.bigbird(seq_len, block_size, window=3, num_global=2, num_random=2, seed=5, causal=causal),
         G.diffuser(seq_len, block_size, window=3, num_global=2, num_random=2, seed=5, causal=causal),
         G.hypercube(seq_len, block_size, causal=causal),
+        G.grid2d(seq_len, side=7, radius=1, num_random=2, seed=5, causal=causal),  # token level, ragged last row
     ]
 
 

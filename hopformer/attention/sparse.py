@@ -38,7 +38,7 @@ class GraphAttention(AttentionModule):
             is attention (edge) dropout, which the ``flex``, ``matrix`` and ``triton`` backends cannot do:
             they raise.
         pattern: graph pattern name (``"local"``, ``"longformer"``, ``"bigbird"``, ``"diffuser"``,
-            ``"hypercube"``, ``"full"``).
+            ``"hypercube"``, ``"full"``, ``"grid2d"``).
         backend: ``"auto"`` (gather off CUDA, matrix for diffusion up to 512 tokens; on CUDA flex, and
             for diffusion triton, or matrix where Triton is missing), ``"gather"``, ``"flex"``,
             ``"matrix"`` (attention materialised once per call), ``"triton"`` (hopformer's kernels:
@@ -105,7 +105,18 @@ def _sparse(pattern: str):
     return register(pattern)(cls)
 
 
-LocalAttention = _sparse("local")
+@register("local")
+class LocalAttention(SparseAttention):
+    """Sparse attention on a local neighbourhood: the 1-D band of ``window`` blocks (``pattern="local"``,
+    the default) or, for images in raster order, each pixel's 2-D neighbourhood (``pattern="grid2d"``:
+    ``side``, ``radius``; see :func:`hopformer.graphs.grid2d`). Other arguments as :class:`GraphAttention`."""
+
+    def __init__(self, dim: int, heads: int, *, pattern: str = "local", **options: Any) -> None:
+        if pattern not in ("local", "grid2d"):
+            raise ValueError(f"local attention takes pattern='local' or 'grid2d', got pattern={pattern!r}")
+        super().__init__(dim, heads, pattern=pattern, **options)
+
+
 LongformerAttention = _sparse("longformer")
 BigBirdAttention = _sparse("bigbird")
 HypercubeAttention = _sparse("hypercube")
@@ -121,7 +132,8 @@ class DiffuserAttention(GraphAttention):
         edge_dropout: ``"once"`` (one mask for all hops, the reference) or ``"per_hop"``; the rate is
             ``dropout``.
         hop_dropout: feature dropout on every hop's state.
-        pattern: the graph, ``"diffuser"`` by default; any pattern name works.
+        pattern: the graph, ``"diffuser"`` by default; any pattern name works (``"grid2d"``: pixel
+            neighbourhoods of an image, which diffusion then spreads along paths).
         Other arguments as :class:`GraphAttention`.
     """
 

@@ -8,6 +8,9 @@ pure function of ``(seed, seq_len, block_size)``, so every rank and every call b
 
 ``window`` is the number of blocks in the sliding band centred on the query block (odd: 3 means the
 own block and one on each side, as in BigBird's ``num_sliding_blocks``).
+
+``grid2d`` is the exception: a token-level graph (``block_size=1``) of pixel neighbourhoods, for
+images in raster order, where a 1-D band cannot reach the pixels above and below.
 """
 
 from __future__ import annotations
@@ -182,6 +185,56 @@ def hypercube(seq_len: int, block_size: int = 16, *, causal: bool = False) -> Bl
     return BlockGraph.from_row_chunks(seq_len, block_size, rows, causal=causal, name=f"hypercube(k={k})")
 
 
+def grid2d(
+    seq_len: int,
+    block_size: int = 1,
+    *,
+    side: int | None = None,
+    radius: int = 1,
+    num_random: int = 0,
+    seed: int = 0,
+    causal: bool = False,
+) -> BlockGraph:
+    """Pixel neighbourhoods of an image in raster order, at token granularity.
+
+    Token ``i`` is pixel ``(i // side, i % side)`` and sees every pixel within ``radius`` rows and
+    ``radius`` columns (a ``(2 * radius + 1) ** 2`` square; no wrap-around at the edges), plus
+    ``num_random`` random keys (seeded, directed). ``side=None`` takes the image as square, so
+    ``seq_len`` must then be a perfect square; with ``side`` set, tokens past the image (padding)
+    form further rows. A grid is a poor expander: spreading information across it takes about
+    ``side / radius`` hops, which is what Diffuser's multi-hop diffusion supplies in one layer.
+    """
+    _check_positive_int("seq_len", seq_len)
+    if block_size != 1:
+        raise ValueError(f"grid2d is a token-level graph: block_size must be 1, got {block_size!r}")
+    if side is None:
+        side = math.isqrt(seq_len)
+        if side * side != seq_len:
+            raise ValueError(
+                f"grid2d without side needs a square image, but seq_len={seq_len} is not a perfect square; "
+                "pass side=<image width in pixels>"
+            )
+    _check_positive_int("side", side)
+    _check_positive_int("radius", radius)
+    count = _check_count("num_random", num_random, seq_len)
+    generator = _generator(seed)
+    row, col = torch.arange(seq_len) // side, torch.arange(seq_len) % side
+
+    reach = radius * (side + 1)  # raster distance to the farthest neighbour
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        lo, hi = max(0, start - reach), min(seq_len, stop + reach)  # compare only where neighbours can be
+        near = torch.zeros(stop - start, seq_len, dtype=torch.bool)
+        near[:, lo:hi] = (row[None, lo:hi] - row[start:stop, None]).abs() <= radius
+        near[:, lo:hi] &= (col[None, lo:hi] - col[start:stop, None]).abs() <= radius
+        return near | _random(start, stop, seq_len, count, near, causal, generator)
+
+    random = f", r={count}" if count else ""
+    return BlockGraph.from_row_chunks(
+        seq_len, 1, rows, causal=causal, name=f"grid2d(side={side}, radius={radius}{random})"
+    )
+
+
 PATTERNS = {
     "full": full,
     "local": local,
@@ -189,12 +242,13 @@ PATTERNS = {
     "bigbird": bigbird,
     "diffuser": diffuser,
     "hypercube": hypercube,
+    "grid2d": grid2d,
 }
 
 
 def build_graph(pattern: str, seq_len: int, block_size: int | None = None, **options: Any) -> BlockGraph:
     """Build a pattern by name (``"full"``, ``"local"``, ``"longformer"``, ``"bigbird"``, ``"diffuser"``,
-    ``"hypercube"``) with its keyword options; ``block_size=None`` takes the pattern's default."""
+    ``"hypercube"``, ``"grid2d"``) with its keyword options; ``block_size=None`` takes the pattern's default."""
     if pattern not in PATTERNS:
         raise ValueError(f"pattern={pattern!r} is not known; choose one of {sorted(PATTERNS)}")
     if block_size is not None:
