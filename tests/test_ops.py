@@ -274,6 +274,28 @@ def test_bad_shapes_and_masks():
         sparse_attention(q, k, v, graph, backend="flex")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_len", [300, 1024])
+def test_flex_tile_plan_describes_every_graph(seq_len, causal):
+    """The FlexAttention plan, built on the CPU: a tile marked empty holds no edge, a tile marked full
+    holds only edges, and the mask_mod's lookup is the graph (token-level grid2d included)."""
+    from hopformer.ops.flex import TILE, _tile_codes
+
+    for graph in _patterns(seq_len, 16, causal):
+        codes, lookup = _tile_codes(graph, "cpu")
+        padded = codes.shape[0] * TILE
+        dense = torch.zeros(padded, padded, dtype=torch.bool)
+        dense[:seq_len, :seq_len] = graph.to_dense()
+        tiles = dense.view(codes.shape[0], TILE, codes.shape[0], TILE)
+        assert torch.equal(codes > 0, tiles.any(3).any(1)), graph.name
+        assert not ((codes == 2) & ~tiles.all(3).all(1)).any(), graph.name
+        token = torch.arange(seq_len) // graph.block_size
+        allowed = lookup[token[:, None], token[None, :]]
+        if causal:  # the mask_mod cuts inside blocks by position
+            allowed = allowed.tril()
+        assert torch.equal(allowed, graph.to_dense()), graph.name
+
+
 # ------------------------------------------------------------------------------- CUDA (flex)
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
