@@ -94,6 +94,17 @@ def test_level_and_pattern_options(tmp_path, capsys):
     assert "hypercube takes no --window, --num-random, --seed" in captured.err
 
 
+def test_grid2d_options(capsys):
+    """An image 16 pixels wide (not square) with 5 x 5 neighbourhoods: diameter ceil(15 / 2) = 8 hops."""
+    code = main(["graph", "grid2d", "bigbird", "--seq-len", "192", "--side", "16", "--radius", "2"])
+    captured = capsys.readouterr()
+    assert code == 0
+    rows = [[cell.strip() for cell in line.split("|")] for line in captured.out.splitlines() if "|" in line]
+    grid = next(row for row in rows if row[1] == "grid2d")
+    assert grid[7] == "8"  # the diameter column
+    assert "bigbird takes no --side, --radius" in captured.err
+
+
 def test_disconnected_and_isolated_graphs_are_reported_not_raised(tmp_path, capsys):
     """local with a 1-block window: at token level the blocks are separate cliques (disconnected:
     diameter inf, NIP 0); at block level every block is isolated (NIP undefined, not a crash)."""

@@ -24,7 +24,7 @@ from typing import Any
 from hopformer.graphs import PATTERNS, BlockGraph, build_graph
 
 # Pattern options the verb forwards (to the patterns whose constructor takes them).
-PATTERN_OPTIONS = ("window", "num_global", "num_random", "seed", "random_granularity")
+PATTERN_OPTIONS = ("window", "num_global", "num_random", "seed", "random_granularity", "side", "radius")
 # Largest number of nodes whose full spectrum the spectrum figure computes (dense); beyond, the top 64.
 SPECTRUM_FULL_MAX = 1024
 
@@ -74,6 +74,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="diffuser: random edges per block or per token",
     )
+    options.add_argument("--side", type=int, default=None, help="grid2d: image width in pixels (default: square)")
+    options.add_argument("--radius", type=int, default=None, help="grid2d: neighbourhood radius in pixels (1: 3 x 3)")
 
 
 def run(args: argparse.Namespace) -> int:
