@@ -11,7 +11,8 @@ images carry it and the transformers' failure is one of optimisation or inductiv
 Model: ``depth`` 3x3 convolutions of ``channels`` channels (BatchNorm, ReLU) at full resolution with
 dilations 1, 1, 2, 4, 8, 1, 2, 4, ... (a receptive field over the whole 32x32 image; ``--max-dilation``
 caps them, e.g. 1 for a plain stack whose receptive field is ``2 * depth + 1`` pixels), global average
-and max pooling, a linear head. AdamW, one-cycle schedule. Pixels are scaled to [0, 1]. Validation
+and max pooling, a linear head. AdamW, one-cycle schedule. Pixels are scaled to [0, 1] (``--inputs table``:
+looked up in a learned 256-entry table instead, as a transformer's token embedding sees them). Validation
 after every epoch; test on the best-validation weights. Writes JSON with the command, environment,
 settings and per-epoch metrics (after every epoch, so an interrupted run keeps what it measured).
 """
@@ -37,11 +38,15 @@ from hopformer.data import load_lra  # noqa: E402
 class DilatedCNN(nn.Module):
     """``depth`` same-size 3x3 convolutions with growing dilations, then global pooling and a linear head."""
 
-    def __init__(self, channels: int = 16, depth: int = 8, classes: int = 2, max_dilation: int = 8) -> None:
+    def __init__(
+        self, channels: int = 16, depth: int = 8, classes: int = 2, max_dilation: int = 8, inputs: str = "intensity"
+    ) -> None:
         super().__init__()
+        # "table": one learned vector per pixel value (as the transformers' token embedding), not the intensity
+        self.table = nn.Embedding(256, channels) if inputs == "table" else None
         dilations = [min(d, max_dilation) for d in [1, 1] + [2 ** (i % 4) for i in range(1, depth - 1)]]
         layers: list[nn.Module] = []
-        width = 1
+        width = channels if self.table is not None else 1
         for dilation in dilations:
             layers += [
                 nn.Conv2d(width, channels, 3, padding=dilation, dilation=dilation, bias=False),
@@ -53,6 +58,8 @@ class DilatedCNN(nn.Module):
         self.head = nn.Linear(2 * channels, classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.table is not None:
+            images = self.table((images * 255).round().long().squeeze(1)).permute(0, 3, 1, 2)
         x = self.features(images)
         return self.head(torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1))
 
@@ -85,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--max-dilation", type=int, default=8, help="cap on the dilations (1: plain 3x3 convolutions)")
+    parser.add_argument(
+        "--inputs",
+        choices=["intensity", "table"],
+        default="intensity",
+        help="pixels as scaled intensities, or through a 256-entry embedding table as the transformers see them",
+    )
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -105,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_limit:
         splits["train"] = splits["train"][: args.train_limit]
     data = {s: tensors(examples, 32) for s, examples in splits.items()}
-    model = DilatedCNN(args.channels, args.depth, max_dilation=args.max_dilation)
+    model = DilatedCNN(args.channels, args.depth, max_dilation=args.max_dilation, inputs=args.inputs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps_per_epoch = -(-len(data["train"][1]) // args.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)

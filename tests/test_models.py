@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hopformer.attention import available
 from hopformer.models import (
@@ -299,3 +300,54 @@ def test_list_graph_options_from_a_config_work():
     assert graph is cached_graph("diffuser", 100, block_size=16, global_blocks=(0, 5))
     dense = graph.to_dense()
     assert dense[:, 0].all() and dense[0, :].all()  # block 0 is global: every token sees it, it sees every token
+
+
+def test_intensity_embedding_reads_grey_levels():
+    """``embedding="intensity"``: one line through the grey levels, a learned row for the mask token, clear errors."""
+    torch.manual_seed(0)
+    model = TransformerEncoder(257, dim=8, depth=1, heads=2, mlp_dim=8, max_len=64, pad_id=None, embedding="intensity")
+    embed = model.embed
+    ids = torch.randint(0, 256, (2, 20))
+    ids[0, :3] = torch.tensor([0, 255, 256])  # black, white, the masked objective's mask token
+    expected = embed.proj.weight[:, 0] * (ids[..., None].double() / 127.5 - 1.0) + embed.proj.bias
+    got = embed(ids)
+    torch.testing.assert_close(got[0, 3:], expected[0, 3:].float())
+    torch.testing.assert_close(got[1], expected[1].float())
+    torch.testing.assert_close(got[0, 0], embed.proj.bias - embed.proj.weight[:, 0])
+    torch.testing.assert_close(got[0, 1], embed.proj.bias + embed.proj.weight[:, 0])
+    torch.testing.assert_close(got[0, 2], embed.special.weight[0])
+    out = model(ids)
+    out.sum().backward()
+    assert out.shape == (2, 20, 8)
+    assert embed.proj.weight.grad.abs().sum() > 0 and embed.special.weight.grad.abs().sum() > 0
+    assert TransformerEncoder(256, dim=8, pad_id=None, embedding="intensity").embed.special is None
+    with pytest.raises(ValueError, match="embedding='intensity'.*pad_id=0"):
+        TransformerEncoder(256, dim=8, embedding="intensity")
+    with pytest.raises(ValueError, match="vocab_size >= 256.*got 20"):
+        TransformerEncoder(20, dim=8, pad_id=None, embedding="intensity")
+    with pytest.raises(ValueError, match="embedding='linear' is not known"):
+        TransformerEncoder(20, dim=8, embedding="linear")
+
+
+def test_conv_embedding_is_a_3x3_convolution_of_the_grey_levels():
+    """``embedding="conv"`` equals a 3 x 3 convolution of the image padded with black; a mask token reads as black."""
+    torch.manual_seed(1)
+    model = TransformerEncoder(257, dim=8, depth=1, heads=2, mlp_dim=8, max_len=64, pad_id=None, embedding="conv")
+    embed = model.embed
+    ids = torch.randint(0, 256, (2, 49))
+    image = (ids.double() / 127.5 - 1.0).view(2, 1, 7, 7)
+    weight = embed.proj.weight.double().view(8, 1, 3, 3)
+    expected = F.conv2d(F.pad(image, (1, 1, 1, 1), value=-1.0), weight, embed.proj.bias.double())
+    torch.testing.assert_close(embed(ids), expected.flatten(2).transpose(1, 2).float())
+    hidden = ids.clone()
+    hidden[0, 24] = 256  # the centre pixel hidden by the masked objective
+    black = ids.clone()
+    black[0, 24] = 0
+    out, reference = embed(hidden), embed(black)
+    torch.testing.assert_close(out[0, 24], embed.special.weight[0])
+    keep = torch.ones(2, 49, dtype=torch.bool)
+    keep[0, 24] = False
+    torch.testing.assert_close(out[keep], reference[keep])  # neighbours see black, nothing of the hidden value
+    assert model(ids).shape == (2, 49, 8)
+    with pytest.raises(ValueError, match="embedding='conv' reads a square image.*48 tokens"):
+        model(ids[:, :48])

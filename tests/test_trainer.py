@@ -564,3 +564,35 @@ def test_masked_pretraining_learns_resumes_and_starts_a_classifier(tmp_path, dat
         train(tiny_config(tmp_path, "bad", objective="mlm"), log=quiet)
     with pytest.raises(ValueError, match="train.mask_rate must be in"):
         train(tiny_config(tmp_path, "bad", objective="masked", mask_rate=0.0), log=quiet)
+
+
+def test_intensity_embedding_pretrains_and_starts_a_classifier(tmp_path, data):
+    """``model.embedding=intensity`` on Pathfinder: masked pretraining (a mask row beside the grey levels), then a
+    classifier from that encoder (no mask row); a text task refuses it by name."""
+    from hopformer.data.pathfinder import generate_pathfinder
+
+    generate_pathfinder(tmp_path / "pf", n=40, workers=1, progress=False)
+    quiet = lambda *_: None  # noqa: E731
+
+    def config(run: str, **train_settings) -> Config:
+        settings = {
+            "task": "pathfinder32",
+            "data": {"data_dir": str(tmp_path / "pf")},
+            "model": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "embedding": "intensity"},
+            "train": {"steps": 6, "batch_size": 8, "eval_every": 3, "log_every": 1, "progress": False,
+                      "device": "cpu", "threads": 1, "run_dir": str(tmp_path / run), **train_settings},
+        }  # fmt: skip
+        return from_dict(settings)
+
+    pretrained = train(config("pre", objective="masked", mask_rate=0.2), log=quiet)
+    assert pretrained.step == 6 and np.isfinite(pretrained.best_val_accuracy)
+    logs: list[str] = []
+    fine = train(config("fine", init_from=str(tmp_path / "pre")), log=logs.append)
+    assert fine.step == 6 and any("encoder weights from" in line for line in logs)
+    pre = load_file(str(tmp_path / "pre" / "best" / "model.safetensors"))
+    fine_weights = load_file(str(tmp_path / "fine" / "last" / "model.safetensors"))
+    assert pre["encoder.embed.special.weight"].shape == (1, 16) and "encoder.embed.special.weight" not in fine_weights
+    text = tiny_config(tmp_path, "text")
+    text.model.embedding = "intensity"
+    with pytest.raises(ValueError, match="embedding='intensity'.*pixel tasks"):
+        train(text, log=quiet)

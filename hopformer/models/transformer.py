@@ -41,6 +41,7 @@ NORMS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope", "rope2d", "none")
 INITS = ("normal", "torch", "lra")
 POOLINGS = ("mean", "cls")
+EMBEDDINGS = ("table", "intensity", "conv")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -67,6 +68,7 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-5
     gradient_checkpointing: bool = False
     init: str = "normal"
+    embedding: str = "table"
 
 
 @dataclass
@@ -219,6 +221,47 @@ class Block(nn.Module):
         return self.norm2(x + self.dropout(self.mlp(x)))
 
 
+class IntensityEmbedding(nn.Module):
+    """Pixel ids as grey levels (0-255 scaled to [-1, 1]) through one linear map.
+
+    ``kernel_size`` 1: each pixel alone, ``Linear(1, dim)``. 3: the 3 x 3 pixels around it (a square image
+    in raster order, zero-padded with black), i.e. one 3 x 3 convolution, the convolutional stem of
+    Xiao et al. (2021). Ids from 256 up (the masked objective's mask token) are not intensities: the
+    pixel reads as black to its neighbours and its own vector is a learned row.
+    """
+
+    GREY_LEVELS = 256
+
+    def __init__(self, vocab_size: int, dim: int, kernel_size: int = 1) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.proj = nn.Linear(kernel_size * kernel_size, dim)
+        extra = vocab_size - self.GREY_LEVELS
+        self.special = nn.Embedding(extra, dim) if extra > 0 else None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        special = input_ids >= self.GREY_LEVELS
+        grey = input_ids.masked_fill(special, 0).to(self.proj.weight.dtype) * (1.0 / 255.0)  # black = 0
+        if self.kernel_size == 1:
+            patches = grey.unsqueeze(-1)
+        else:
+            batch, seq = grey.shape
+            side = math.isqrt(seq)
+            if side * side != seq:
+                raise ValueError(
+                    f"embedding='conv' reads a square image in raster order; a sequence of {seq} tokens is not "
+                    "square (use embedding='intensity')"
+                )
+            image = grey.view(batch, 1, side, side)
+            size = self.kernel_size
+            patches = F.unfold(image, size, padding=size // 2).transpose(1, 2)  # (batch, seq, size * size)
+        x = self.proj(patches * 2.0 - 1.0)
+        if self.special is None:
+            return x
+        rows = self.special((input_ids - self.GREY_LEVELS).clamp(min=0))
+        return torch.where(special.unsqueeze(-1), rows, x)
+
+
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     """The fixed sin / cos position table of "Attention is all you need", ``(length, dim)``."""
     position = torch.arange(length, dtype=torch.float32)[:, None]
@@ -259,6 +302,11 @@ class TransformerEncoder(PretrainedModel):
             majority-class plateau much later (measured on ListOps at lr 1e-4). Beside sinusoidal
             positions (amplitude ~0.7), N(0, 0.02) token embeddings start ~35 times weaker than the
             positions; the LRA encoder's N(0, 1) do not.
+        embedding: ``"table"`` (one learned vector per id), ``"intensity"`` (pixel tasks: ids 0-255 are
+            grey levels, scaled to [-1, 1] and mapped by one ``Linear(1, dim)``, as a convolution or the S4
+            pipeline reads pixels; a table starts a faint anti-aliased pixel as far from black as a lit
+            one), or ``"conv"`` (the same, of the 3 x 3 pixels around each one: a convolutional stem, for square
+            images in raster order). The last two need ``pad_id=None``.
 
     ``forward(input_ids, attention_mask=None, prefix=None) -> (batch, P + seq, dim)`` where
     ``prefix`` is an optional ``(batch, P, dim)`` of vectors placed before the embedded tokens.
@@ -286,16 +334,20 @@ class TransformerEncoder(PretrainedModel):
         layer_norm_eps: float = 1e-5,
         gradient_checkpointing: bool = False,
         init: str = "normal",
+        embedding: str = "table",
     ) -> None:
         super().__init__()
         config = EncoderConfig(
             vocab_size, dim, depth, heads, mlp_dim, max_len, attention, dict(attention_options or {}), norm,
             positions, dropout, attention_dropout, pad_id, pad_to_multiple, layer_norm_eps, gradient_checkpointing,
-            init,
+            init, embedding,
         )  # fmt: skip
         _check_encoder_config(config)
         self.config = config
-        self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        if embedding == "table":
+            self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        else:
+            self.embed = IntensityEmbedding(vocab_size, dim, kernel_size=3 if embedding == "conv" else 1)
         if positions == "learned":
             self.positions = nn.Parameter(torch.zeros(max_len, dim))
         elif positions == "sinusoidal":
@@ -363,6 +415,17 @@ def _check_encoder_config(config: EncoderConfig) -> None:
         raise ValueError(f"positions={config.positions!r} is not known; choose one of {list(POSITIONS)}")
     if config.init not in INITS:
         raise ValueError(f"init={config.init!r} is not known; choose one of {list(INITS)}")
+    if config.embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding={config.embedding!r} is not known; choose one of {list(EMBEDDINGS)}")
+    if config.embedding != "table" and config.pad_id is not None:
+        raise ValueError(
+            f"embedding={config.embedding!r} reads ids as pixel grey levels and has no padding id, got "
+            f"pad_id={config.pad_id}; use it on pixel tasks (Pathfinder, Image), or embedding='table'"
+        )
+    if config.embedding != "table" and config.vocab_size < IntensityEmbedding.GREY_LEVELS:
+        raise ValueError(
+            f"embedding={config.embedding!r} needs vocab_size >= 256 (the grey levels), got {config.vocab_size}"
+        )
     if config.positions == "sinusoidal" and config.dim % 2:
         raise ValueError(f"positions='sinusoidal' needs an even dim, got {config.dim}")
     multiple = {"rope": 2, "rope2d": 4}.get(config.positions)  # channel pairs; 2-D splits them in two

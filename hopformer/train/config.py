@@ -87,6 +87,7 @@ class ModelConfig:
     head_dim: int | None = None
     gradient_checkpointing: bool = False
     init: str = "normal"  # "normal" (N(0, 0.02)) or "torch" (PyTorch's Linear default); see TransformerEncoder
+    embedding: str = "table"  # pixel tasks: "intensity" (grey levels, linear) or "conv" (3x3); see TransformerEncoder
 
 
 @dataclass

@@ -186,6 +186,7 @@ def build_model(config: Config, data: TaskData, pad_to_multiple: int) -> torch.n
         pad_to_multiple=pad_to_multiple,
         gradient_checkpointing=m.gradient_checkpointing,
         init=m.init,
+        embedding=m.embedding,
     )
     if config.train.objective == "masked":
         return MaskedTokenModel(encoder, vocab)
@@ -212,9 +213,12 @@ def load_encoder_weights(model: torch.nn.Module, source: str | Path) -> Path:
     device = next(model.parameters()).device
     weights = load_file(str(found / WEIGHTS_NAME), device=str(device))
     encoder = {name.removeprefix("encoder."): t for name, t in weights.items() if name.startswith("encoder.")}
-    rows = model.encoder.embed.num_embeddings
-    if "embed.weight" in encoder and len(encoder["embed.weight"]) == rows + 1:
-        encoder["embed.weight"] = encoder["embed.weight"][:rows]  # a masked-token model's mask row
+    # A masked-token model has one more row, its mask token: in the table, or as the intensity embedding's special row.
+    embed = model.encoder.embed
+    if isinstance(embed, torch.nn.Embedding) and len(encoder.get("embed.weight", ())) == embed.num_embeddings + 1:
+        encoder["embed.weight"] = encoder["embed.weight"][: embed.num_embeddings]
+    elif getattr(embed, "special", True) is None:
+        encoder.pop("embed.special.weight", None)
     try:
         model.encoder.load_state_dict(encoder)
     except RuntimeError as error:
