@@ -566,10 +566,13 @@ def test_masked_pretraining_learns_resumes_and_starts_a_classifier(tmp_path, dat
         train(tiny_config(tmp_path, "bad", objective="masked", mask_rate=0.0), log=quiet)
 
 
-def test_intensity_embedding_pretrains_and_starts_a_classifier(tmp_path, data):
-    """``model.embedding=intensity`` on Pathfinder: masked pretraining (a mask row beside the grey levels), then a
-    classifier from that encoder (no mask row); a text task refuses it by name."""
+@pytest.mark.parametrize("embedding", ["intensity", "conv"])
+def test_pixel_embeddings_pretrain_and_start_a_classifier(tmp_path, data, embedding):
+    """``model.embedding=intensity|conv`` on Pathfinder: masked pretraining (a mask row beside the grey levels),
+    then a classifier from that encoder (no mask row); a text task refuses it by name."""
     from hopformer.data.pathfinder import generate_pathfinder
+    from hopformer.models import SequenceClassifier, TransformerEncoder
+    from hopformer.train.trainer import load_encoder_weights
 
     generate_pathfinder(tmp_path / "pf", n=40, workers=1, progress=False)
     quiet = lambda *_: None  # noqa: E731
@@ -578,7 +581,7 @@ def test_intensity_embedding_pretrains_and_starts_a_classifier(tmp_path, data):
         settings = {
             "task": "pathfinder32",
             "data": {"data_dir": str(tmp_path / "pf")},
-            "model": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "embedding": "intensity"},
+            "model": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "embedding": embedding},
             "train": {"steps": 6, "batch_size": 8, "eval_every": 3, "log_every": 1, "progress": False,
                       "device": "cpu", "threads": 1, "run_dir": str(tmp_path / run), **train_settings},
         }  # fmt: skip
@@ -592,7 +595,12 @@ def test_intensity_embedding_pretrains_and_starts_a_classifier(tmp_path, data):
     pre = load_file(str(tmp_path / "pre" / "best" / "model.safetensors"))
     fine_weights = load_file(str(tmp_path / "fine" / "last" / "model.safetensors"))
     assert pre["encoder.embed.special.weight"].shape == (1, 16) and "encoder.embed.special.weight" not in fine_weights
+    saved = json.loads((tmp_path / "pre" / "best" / "config.json").read_text())["encoder"]
+    classifier = SequenceClassifier(TransformerEncoder(**{**saved, "vocab_size": 256}), 2)
+    load_encoder_weights(classifier, tmp_path / "pre")
+    for name, tensor in classifier.encoder.state_dict().items():
+        assert torch.equal(tensor, pre[f"encoder.{name}"]), name
     text = tiny_config(tmp_path, "text")
-    text.model.embedding = "intensity"
-    with pytest.raises(ValueError, match="embedding='intensity'.*pixel tasks"):
+    text.model.embedding = embedding
+    with pytest.raises(ValueError, match=f"embedding='{embedding}'.*pixel tasks"):
         train(text, log=quiet)
