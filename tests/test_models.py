@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -339,6 +340,15 @@ def test_conv_embedding_is_a_3x3_convolution_of_the_grey_levels():
     weight = embed.proj.weight.double().view(8, 1, 3, 3)
     expected = F.conv2d(F.pad(image, (1, 1, 1, 1), value=-1.0), weight, embed.proj.bias.double())
     torch.testing.assert_close(embed(ids), expected.flatten(2).transpose(1, 2).float())
+    # gradients of the map's weights, in float64, against the same through conv2d
+    stem = copy.deepcopy(embed).double()
+    upstream = torch.randn(2, 49, 8, dtype=torch.float64)
+    (stem(ids) * upstream).sum().backward()
+    weight, bias = (t.detach().clone().requires_grad_() for t in (stem.proj.weight.view(8, 1, 3, 3), stem.proj.bias))
+    direct = F.conv2d(F.pad(image, (1, 1, 1, 1), value=-1.0), weight, bias).flatten(2).transpose(1, 2)
+    (direct * upstream).sum().backward()
+    torch.testing.assert_close(stem.proj.weight.grad, weight.grad.view(8, 9))
+    torch.testing.assert_close(stem.proj.bias.grad, bias.grad)
     hidden = ids.clone()
     hidden[0, 24] = 256  # the centre pixel hidden by the masked objective
     black = ids.clone()
