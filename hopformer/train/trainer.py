@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from hopformer.data.batching import collate, dihedral
 from hopformer.models import (
     DualEncoderClassifier,
+    IntensityEmbedding,
     MaskedTokenModel,
     SequenceClassifier,
     TransformerEncoder,
@@ -213,11 +214,11 @@ def load_encoder_weights(model: torch.nn.Module, source: str | Path) -> Path:
     device = next(model.parameters()).device
     weights = load_file(str(found / WEIGHTS_NAME), device=str(device))
     encoder = {name.removeprefix("encoder."): t for name, t in weights.items() if name.startswith("encoder.")}
-    # A masked-token model has one more row, its mask token: in the table, or as the intensity embedding's special row.
+    # A masked-token model has one more id, its mask token: a last table row, or a pixel embedding's special row.
     embed = model.encoder.embed
     if isinstance(embed, torch.nn.Embedding) and len(encoder.get("embed.weight", ())) == embed.num_embeddings + 1:
         encoder["embed.weight"] = encoder["embed.weight"][: embed.num_embeddings]
-    elif getattr(embed, "special", True) is None:
+    elif isinstance(embed, IntensityEmbedding) and embed.special is None:
         encoder.pop("embed.special.weight", None)
     try:
         model.encoder.load_state_dict(encoder)
