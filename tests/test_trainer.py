@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 from pathlib import Path
 
@@ -164,6 +165,51 @@ def test_time_limit_stops_cleanly_and_resume_continues_exactly(tmp_path, data, m
         a = load_file(str(tmp_path / "reference" / name / "model.safetensors"))
         b = load_file(str(tmp_path / "limited" / name / "model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("validation_improves", [True, False])
+def test_a_run_resumed_without_its_best_checkpoint_says_which_weights_it_tested(
+    tmp_path, data, monkeypatch, validation_improves
+):
+    """A run folder copied without best/ (only last/ travelled) warns on resume, and results.json names the
+    weights its test scored: a new best/ if validation beat the recorded best after the resume, else the final."""
+    quiet = lambda *_: None  # noqa: E731
+    settings = {"steps": 20, "eval_every": 2, "log_every": 5}
+    reference = train(tiny_config(tmp_path, "reference", **settings), log=quiet)
+    assert reference.extra["test_checkpoint"] == "best"
+
+    monkeypatch.setattr(trainer_module, "_now", FakeClock())
+    first = train(tiny_config(tmp_path, "copied", time_limit_minutes=0.5, **settings), log=quiet)
+    assert first.interrupted and 2 <= first.step < 20
+    best_before = load_state(tmp_path / "copied" / "last")["best_val_accuracy"]
+    shutil.rmtree(tmp_path / "copied" / "best")
+
+    if not validation_improves:  # every validation after the resume scores 0; the test (the last call) is real
+        validations_left = sum(1 for s in range(first.step + 1, 21) if s % 2 == 0)
+        real_evaluate, calls = trainer_module.evaluate, []
+
+        def evaluate(*args, **kwargs):
+            calls.append(1)
+            result = real_evaluate(*args, **kwargs)
+            return {**result, "accuracy": 0.0} if len(calls) <= validations_left else result
+
+        monkeypatch.setattr(trainer_module, "evaluate", evaluate)
+
+    lines = []
+    monkeypatch.setattr(trainer_module, "_now", FakeClock(tick=0.0))
+    final = train(resume=tmp_path / "copied", log=lines.append, resume_overrides={"train.time_limit_minutes": None})
+    assert any("holds no best/ checkpoint" in line for line in lines)
+    records = [json.loads(line) for line in (tmp_path / "copied" / "metrics.jsonl").read_text().splitlines()]
+    improved = any(r["split"] == "val" and r["step"] > first.step and r["accuracy"] > best_before for r in records)
+    assert improved == validation_improves  # the trivial task keeps improving unless validation is stubbed out
+    assert final.extra["test_checkpoint"] == ("best" if improved else "final")
+    assert (tmp_path / "copied" / "best").exists() == improved
+    saved = json.loads((tmp_path / "copied" / "results.json").read_text())
+    assert saved["extra"]["test_checkpoint"] == final.extra["test_checkpoint"]
+    if not improved:  # the final weights were tested: the uninterrupted run's last/
+        expected = load_file(str(tmp_path / "reference" / "last" / "model.safetensors"))
+        ours = load_file(str(tmp_path / "copied" / "last" / "model.safetensors"))
+        assert all(torch.equal(expected[k], ours[k]) for k in expected)
 
 
 def test_a_time_limit_already_spent_saves_step_zero(tmp_path, data, monkeypatch):

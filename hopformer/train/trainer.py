@@ -18,7 +18,9 @@ still ends before the limit, and otherwise saves ``last/`` and returns.
 
 Run folder: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON record per log line),
 ``last/`` and ``best/`` checkpoints, ``results.json`` (final numbers), ``tensorboard/`` when
-TensorBoard is installed.
+TensorBoard is installed. A folder moved with ``last/`` alone resumes with a warning; its test then
+scores the final weights unless validation improves again, and ``results.json`` says which
+(``extra.test_checkpoint``: ``best`` or ``final``).
 """
 
 from __future__ import annotations
@@ -591,6 +593,11 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
         window.update(state.get("window", {}))
         metrics.truncate(step)
         log(f"resumed from {found} at step {step}")
+        if best is not None and ckpt.find_checkpoint(run_dir / "best") is None:
+            log(
+                f"warning: {run_dir} records a best validation accuracy of {best:.4f} but holds no best/ checkpoint "
+                "(copied without it?); unless validation beats it, the test scores the final weights instead"
+            )
     else:
         metrics.truncate(0)  # a folder whose earlier attempt died before its first checkpoint
     window.update(start=time.perf_counter(), steps=0)  # timing (steps/s): not part of the checkpoint
@@ -731,16 +738,21 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
     best_dir = ckpt.find_checkpoint(run_dir / "best")
     if best_dir is not None:
         ckpt.load_weights(model, best_dir)
+    tested = "best" if best_dir is not None else "final"  # final: no validation ran, or best/ was lost
     test = evaluate(model, data.splits["test"], runtime, eval_batch)
     metrics.write({"step": step, "split": "test", "loss": test["loss"], "accuracy": test["accuracy"]})
     metrics.close()
     result = TrainResult(
         str(run_dir), step, best, test["accuracy"], test["loss"], majority, parameters,
-        extra={"task": data.spec.name, "attention": config.model.attention, **training_cost(run_dir)},
+        extra={"task": data.spec.name, "attention": config.model.attention, "test_checkpoint": tested,
+               **training_cost(run_dir)},
     )  # fmt: skip
     (run_dir / RESULTS_NAME).write_text(json.dumps(result.__dict__, indent=2) + "\n")
     baseline = "over hidden tokens" if tc.objective == "masked" else f"majority class {majority:.4f}"
-    log(f"best val accuracy {best:.4f}; test accuracy {test['accuracy']:.4f} ({baseline}); run folder {run_dir}")
+    log(
+        f"best val accuracy {best:.4f}; test accuracy {test['accuracy']:.4f} of the {tested} weights ({baseline}); "
+        f"run folder {run_dir}"
+    )
     return result
 
 
