@@ -92,6 +92,17 @@ def test_lra_collects_runs_into_a_table(trained, tmp_path, capsys):
     assert "35.00 ± 7.07" in markdown and "Transformer (published)" in markdown and "36.37" in markdown
     assert full["tasks"]["listops"]["steps_per_s"] == pytest.approx(11.0)  # median over seeds
     assert "| hopformer full | 11.00 | 1.5 |" in markdown  # steps/s, peak GiB
+    assert "†" not in markdown
+
+    # a run whose best/ went missing tested its final weights: the cell and the note say so
+    saved = {"test_accuracy": 0.3, "extra": {"test_checkpoint": "final"}}
+    (runs / "listops-full-s0" / "results.json").write_text(json.dumps(saved))
+    assert main(["lra", "--tasks", "listops", "--attentions", "full", "--seeds", "0,1",
+                 "--runs-dir", str(runs), "--collect-only"]) == 0  # fmt: skip
+    table = json.loads((runs / "results.json").read_text())
+    assert table["rows"][0]["tasks"]["listops"]["final_weights"] == 1
+    markdown = (runs / "results.md").read_text()
+    assert "| **hopformer full** | 35.00 ± 7.07 † |" in markdown and "test scored the final weights" in markdown
 
 
 def test_lra_trains_a_missing_cell(trained, tmp_path, capsys):

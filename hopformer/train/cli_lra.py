@@ -231,6 +231,9 @@ def summarise(
                     "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,  # sample std (n - 1)
                     "seeds": len(accuracies),
                 }
+                final = sum(r.get("extra", {}).get("test_checkpoint") == "final" for r in cells[(task, attention)])
+                if final:  # runs whose best/ checkpoint was missing at the end: the test scored the final weights
+                    row["tasks"][task]["final_weights"] = final
                 for key in ("steps_per_s", "peak_memory_mib"):  # training cost, median over seeds
                     values = [r["extra"][key] for r in cells[(task, attention)] if key in r.get("extra", {})]
                     if values:
@@ -262,10 +265,9 @@ def to_markdown(table: dict[str, Any]) -> str:
             cell = row["tasks"].get(task)
             if cell is None:
                 cells.append("–")
-            elif cell["seeds"] > 1:
-                cells.append(f"{cell['mean']:.2f} ± {cell['std']:.2f}")
             else:
-                cells.append(f"{cell['mean']:.2f}")
+                text = f"{cell['mean']:.2f} ± {cell['std']:.2f}" if cell["seeds"] > 1 else f"{cell['mean']:.2f}"
+                cells.append(text + (" †" if cell.get("final_weights") else ""))
         average = "–" if row["avg"] is None else f"{row['avg']:.2f}"
         lines.append(f"| **{row['model']}** | " + " | ".join(cells) + f" | {average} |")
     for row in table["reference"]:
@@ -281,6 +283,8 @@ def to_markdown(table: dict[str, Any]) -> str:
         f"Avg = mean over the {len(tasks)} task(s) above "
         f"(published rows re-averaged over the same tasks); {source}. Scale: {table['scale']}.\n"
     )
+    if any(cell.get("final_weights") for row in table["rows"] for cell in row["tasks"].values()):
+        note += "† includes runs whose best-validation checkpoint was missing: their test scored the final weights.\n"
     if "pretrain_steps" in table:
         note += f"Each hopformer run was first self-pretrained {table['pretrain_steps']} steps (masked objective).\n"
     return "\n".join(lines) + "\n" + note + _cost_markdown(table)
