@@ -224,18 +224,19 @@ def summarise(
     for attention in attentions:
         row: dict[str, Any] = {"model": f"hopformer {attention}", "tasks": {}}
         for task in tasks:
-            accuracies = [100 * r["test_accuracy"] for r in cells.get((task, attention), [])]
+            runs = cells.get((task, attention), [])
+            accuracies = [100 * r["test_accuracy"] for r in runs]
             if accuracies:
                 row["tasks"][task] = {
                     "mean": statistics.fmean(accuracies),
                     "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,  # sample std (n - 1)
                     "seeds": len(accuracies),
                 }
-                final = sum(r.get("extra", {}).get("test_checkpoint") == "final" for r in cells[(task, attention)])
+                final = sum(r.get("extra", {}).get("test_checkpoint") == "final" for r in runs)
                 if final:  # runs whose best/ checkpoint was missing at the end: the test scored the final weights
                     row["tasks"][task]["final_weights"] = final
                 for key in ("steps_per_s", "peak_memory_mib"):  # training cost, median over seeds
-                    values = [r["extra"][key] for r in cells[(task, attention)] if key in r.get("extra", {})]
+                    values = [r["extra"][key] for r in runs if key in r.get("extra", {})]
                     if values:
                         row["tasks"][task][key] = statistics.median(values)
         done = [row["tasks"][t]["mean"] for t in tasks if t in row["tasks"]]
