@@ -361,3 +361,37 @@ def test_conv_embedding_is_a_3x3_convolution_of_the_grey_levels():
     assert model(ids).shape == (2, 49, 8)
     with pytest.raises(ValueError, match="embedding='conv' reads a square image.*48 tokens"):
         model(ids[:, :48])
+
+
+def test_a_deeper_conv_stem_is_a_stack_of_3x3_convolutions_with_a_7x7_view():
+    """``stem_depth=3``: two 16-channel 3 x 3 convolutions with GELU, then the 3 x 3 map to ``dim``, the image
+    padded with black and the hidden maps with zeros; float64, forward and gradients against ``F.conv2d``."""
+    torch.manual_seed(2)
+    model = TransformerEncoder(
+        256, dim=8, depth=1, heads=2, mlp_dim=8, max_len=81, pad_id=None, embedding="conv", stem_depth=3
+    ).double()
+    embed = model.embed
+    ids = torch.randint(0, 256, (2, 81))
+    params = [p for conv in embed.hidden for p in (conv.weight, conv.bias)] + [embed.proj.weight, embed.proj.bias]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    image = (ids.double() / 127.5 - 1.0).view(2, 1, 9, 9)
+    x = F.gelu(F.conv2d(F.pad(image, (1, 1, 1, 1), value=-1.0), copies[0], copies[1]))
+    x = F.gelu(F.conv2d(F.pad(x, (1, 1, 1, 1)), copies[2], copies[3]))
+    expected = F.conv2d(F.pad(x, (1, 1, 1, 1)), copies[4].view(8, 16, 3, 3), copies[5]).flatten(2).transpose(1, 2)
+    upstream = torch.randn(2, 81, 8, dtype=torch.float64)
+    (embed(ids) * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(embed(ids), expected)
+    for param, copy_ in zip(params, copies):
+        torch.testing.assert_close(param.grad, copy_.grad.view_as(param.grad))
+    # each token sees the 7 x 7 square around it: a change 3 pixels away reaches it, 4 pixels away does not
+    changed = ids.clone()
+    changed[0, 4 * 9 + 4] = 255 - ids[0, 4 * 9 + 4]
+    moved = (embed(changed) - embed(ids))[0].abs().sum(-1).view(9, 9) > 0
+    rows, cols = torch.meshgrid(torch.arange(9), torch.arange(9), indexing="ij")
+    assert torch.equal(moved, ((rows - 4).abs() <= 3) & ((cols - 4).abs() <= 3))
+    assert sum(p.numel() for p in embed.parameters()) == (16 * 9 + 16) + (16 * 16 * 9 + 16) + (16 * 9 * 8 + 8)
+    with pytest.raises(ValueError, match="stem_depth=2 .* needs embedding='conv', got embedding='intensity'"):
+        TransformerEncoder(256, dim=8, pad_id=None, embedding="intensity", stem_depth=2)
+    with pytest.raises(ValueError, match="stem_depth must be a positive integer, got 0"):
+        TransformerEncoder(256, dim=8, pad_id=None, embedding="conv", stem_depth=0)

@@ -69,6 +69,7 @@ class EncoderConfig:
     gradient_checkpointing: bool = False
     init: str = "normal"
     embedding: str = "table"
+    stem_depth: int = 1
 
 
 @dataclass
@@ -225,23 +226,31 @@ class IntensityEmbedding(nn.Module):
     """Pixel ids as grey levels (0-255 scaled to [-1, 1]) through one linear map.
 
     ``kernel_size`` 1: each pixel alone, ``Linear(1, dim)``. 3: the 3 x 3 pixels around it (a square image
-    in raster order, zero-padded with black), i.e. one 3 x 3 convolution, the convolutional stem of
-    Xiao et al. (2021). Ids from 256 up (the masked objective's mask token) are not intensities: the
-    pixel reads as black to its neighbours and its own vector is a learned row.
+    in raster order, padded with black), i.e. one 3 x 3 convolution, the convolutional stem of
+    Xiao et al. (2021). ``depth`` > 1 (with ``kernel_size`` 3) puts ``depth - 1`` 3 x 3 convolutions of
+    ``STEM_CHANNELS`` channels with GELU before that map, so each token sees the (2 depth + 1)-pixel square
+    around it (He-initialised, so the pixel signal keeps its scale). Ids from 256 up (the masked objective's mask token)
+    are not intensities: the pixel reads as black to its neighbours and its own vector is a learned row.
     """
 
     GREY_LEVELS = 256
+    STEM_CHANNELS = 16  # the width of the CNN that solves the generated Pathfinder-32 (docs/lra.md)
 
-    def __init__(self, vocab_size: int, dim: int, kernel_size: int = 1) -> None:
+    def __init__(self, vocab_size: int, dim: int, kernel_size: int = 1, depth: int = 1) -> None:
         super().__init__()
         self.kernel_size = kernel_size
-        self.proj = nn.Linear(kernel_size * kernel_size, dim)
+        width = self.STEM_CHANNELS
+        self.hidden = nn.ModuleList(nn.Conv2d(1 if i == 0 else width, width, 3) for i in range(depth - 1))
+        for conv in self.hidden:  # He init: PyTorch's default shrinks the signal ~3x a layer, drowning the pixels
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        self.proj = nn.Linear((width if depth > 1 else 1) * kernel_size * kernel_size, dim)
         extra = vocab_size - self.GREY_LEVELS
         self.special = nn.Embedding(extra, dim) if extra > 0 else None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         special = input_ids >= self.GREY_LEVELS
-        grey = input_ids.masked_fill(special, 0).to(self.proj.weight.dtype) * (1.0 / 255.0)  # black = 0
+        grey = input_ids.masked_fill(special, 0).to(self.proj.weight.dtype) * (2.0 / 255.0) - 1.0  # black = -1
         if self.kernel_size == 1:
             patches = grey.unsqueeze(-1)
         else:
@@ -252,10 +261,13 @@ class IntensityEmbedding(nn.Module):
                     f"embedding='conv' reads a square image in raster order; a sequence of {seq} tokens is not "
                     "square (use embedding='intensity')"
                 )
-            image = grey.view(batch, 1, side, side)
+            image, border = grey.view(batch, 1, side, side), -1.0  # pixels outside the image are black
+            for conv in self.hidden:
+                image, border = F.gelu(conv(F.pad(image, (1, 1, 1, 1), value=border))), 0.0
             size = self.kernel_size
-            patches = F.unfold(image, size, padding=size // 2).transpose(1, 2)  # (batch, seq, size * size)
-        x = self.proj(patches * 2.0 - 1.0)
+            image = F.pad(image, (size // 2,) * 4, value=border)
+            patches = F.unfold(image, size).transpose(1, 2)  # (batch, seq, channels * size * size)
+        x = self.proj(patches)
         if self.special is None:
             return x
         rows = self.special((input_ids - self.GREY_LEVELS).clamp(min=0))
@@ -307,6 +319,8 @@ class TransformerEncoder(PretrainedModel):
             pipeline reads pixels; a table starts a faint anti-aliased pixel as far from black as a lit
             one), or ``"conv"`` (the same, of the 3 x 3 pixels around each one: a convolutional stem, for square
             images in raster order). The last two need ``pad_id=None``.
+        stem_depth: with ``embedding="conv"``, the number of 3 x 3 convolutions in the stem (the first
+            ``stem_depth - 1`` with 16 channels and GELU), so each token sees a (2 stem_depth + 1)-pixel square.
 
     ``forward(input_ids, attention_mask=None, prefix=None) -> (batch, P + seq, dim)`` where
     ``prefix`` is an optional ``(batch, P, dim)`` of vectors placed before the embedded tokens.
@@ -335,19 +349,20 @@ class TransformerEncoder(PretrainedModel):
         gradient_checkpointing: bool = False,
         init: str = "normal",
         embedding: str = "table",
+        stem_depth: int = 1,
     ) -> None:
         super().__init__()
         config = EncoderConfig(
             vocab_size, dim, depth, heads, mlp_dim, max_len, attention, dict(attention_options or {}), norm,
             positions, dropout, attention_dropout, pad_id, pad_to_multiple, layer_norm_eps, gradient_checkpointing,
-            init, embedding,
+            init, embedding, stem_depth,
         )  # fmt: skip
         _check_encoder_config(config)
         self.config = config
         if embedding == "table":
             self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
         else:
-            self.embed = IntensityEmbedding(vocab_size, dim, kernel_size=3 if embedding == "conv" else 1)
+            self.embed = IntensityEmbedding(vocab_size, dim, 3 if embedding == "conv" else 1, stem_depth)
         if positions == "learned":
             self.positions = nn.Parameter(torch.zeros(max_len, dim))
         elif positions == "sinusoidal":
@@ -403,7 +418,7 @@ class TransformerEncoder(PretrainedModel):
 
 
 def _check_encoder_config(config: EncoderConfig) -> None:
-    for name in ("vocab_size", "dim", "depth", "heads", "mlp_dim", "max_len", "pad_to_multiple"):
+    for name in ("vocab_size", "dim", "depth", "heads", "mlp_dim", "max_len", "pad_to_multiple", "stem_depth"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -425,6 +440,11 @@ def _check_encoder_config(config: EncoderConfig) -> None:
     if config.embedding != "table" and config.vocab_size < IntensityEmbedding.GREY_LEVELS:
         raise ValueError(
             f"embedding={config.embedding!r} needs vocab_size >= 256 (the grey levels), got {config.vocab_size}"
+        )
+    if config.stem_depth > 1 and config.embedding != "conv":
+        raise ValueError(
+            f"stem_depth={config.stem_depth} stacks 3 x 3 convolutions before the token embedding; it needs "
+            f"embedding='conv', got embedding={config.embedding!r}"
         )
     if config.positions == "sinusoidal" and config.dim % 2:
         raise ValueError(f"positions='sinusoidal' needs an even dim, got {config.dim}")

@@ -88,6 +88,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     init: str = "normal"  # "normal" (N(0, 0.02)) or "torch" (PyTorch's Linear default); see TransformerEncoder
     embedding: str = "table"  # pixel tasks: "intensity" (grey levels, linear) or "conv" (3x3); see TransformerEncoder
+    stem_depth: int = 1  # embedding "conv": 3x3 convolutions in the stem (16 channels, GELU between)
 
 
 @dataclass

@@ -190,6 +190,7 @@ def build_model(config: Config, data: TaskData, pad_to_multiple: int) -> torch.n
         gradient_checkpointing=m.gradient_checkpointing,
         init=m.init,
         embedding=m.embedding,
+        stem_depth=m.stem_depth,
     )
     if config.train.objective == "masked":
         return MaskedTokenModel(encoder, vocab)
