@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hopformer.attention import available
 from hopformer.models import (
     DualEncoderClassifier,
+    IntensityEmbedding,
     SequenceClassifier,
     TransformerEncoder,
     aux_loss,
@@ -395,3 +396,5 @@ def test_a_deeper_conv_stem_is_a_stack_of_3x3_convolutions_with_a_7x7_view():
         TransformerEncoder(256, dim=8, pad_id=None, embedding="intensity", stem_depth=2)
     with pytest.raises(ValueError, match="stem_depth must be a positive integer, got 0"):
         TransformerEncoder(256, dim=8, pad_id=None, embedding="conv", stem_depth=0)
+    with pytest.raises(ValueError, match="depth=2 needs kernel_size=3.*got kernel_size=1"):
+        IntensityEmbedding(256, 8, kernel_size=1, depth=2)

@@ -228,9 +228,10 @@ class IntensityEmbedding(nn.Module):
     ``kernel_size`` 1: each pixel alone, ``Linear(1, dim)``. 3: the 3 x 3 pixels around it (a square image
     in raster order, padded with black), i.e. one 3 x 3 convolution, the convolutional stem of
     Xiao et al. (2021). ``depth`` > 1 (with ``kernel_size`` 3) puts ``depth - 1`` 3 x 3 convolutions of
-    ``STEM_CHANNELS`` channels with GELU before that map, so each token sees the (2 depth + 1)-pixel square
-    around it (He-initialised, so the pixel signal keeps its scale). Ids from 256 up (the masked objective's mask token)
-    are not intensities: the pixel reads as black to its neighbours and its own vector is a learned row.
+    ``STEM_CHANNELS`` channels with GELU before that map, so each token sees the (2 depth + 1)-pixel
+    square around it (He-initialised, so the pixel signal keeps its scale). Ids from 256 up (the masked
+    objective's mask token) are not intensities: the pixel reads as black to its neighbours and its own
+    vector is a learned row.
     """
 
     GREY_LEVELS = 256
@@ -238,6 +239,10 @@ class IntensityEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int, kernel_size: int = 1, depth: int = 1) -> None:
         super().__init__()
+        if depth > 1 and kernel_size != 3:
+            raise ValueError(
+                f"a stem of depth={depth} needs kernel_size=3 (embedding='conv'), got kernel_size={kernel_size}"
+            )
         self.kernel_size = kernel_size
         width = self.STEM_CHANNELS
         self.hidden = nn.ModuleList(nn.Conv2d(1 if i == 0 else width, width, 3) for i in range(depth - 1))
