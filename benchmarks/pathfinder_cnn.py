@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hopformer.bench.harness import environment  # noqa: E402
+from hopformer.bench.harness import environment, positive_int  # noqa: E402
 from hopformer.data import load_lra  # noqa: E402
 
 
@@ -86,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="root holding pathfinder32/<difficulty>/")
     parser.add_argument("--difficulty", default="curv_contour_length_14")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=positive_int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--channels", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--max-dilation", type=int, default=8, help="cap on the dilations (1: plain 3x3 convolutions)")
+    parser.add_argument("--channels", type=positive_int, default=16)
+    parser.add_argument("--depth", type=positive_int, default=8)
+    parser.add_argument(
+        "--max-dilation", type=positive_int, default=8, help="cap on the dilations (1: plain 3x3 convolutions)"
+    )
     parser.add_argument(
         "--inputs",
         choices=["intensity", "table"],
@@ -103,9 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "channels", "depth", "max_dilation"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.depth < 2:
         parser.error(f"--depth must be at least 2, got {args.depth}")
     if args.threads:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hopformer.bench.harness import environment  # noqa: E402
+from hopformer.bench.harness import environment, positive_int  # noqa: E402
 from hopformer.data import load_lra  # noqa: E402
 from hopformer.models.transformer import SequenceClassifier, TransformerEncoder  # noqa: E402
 
@@ -69,13 +69,10 @@ def measure(attention: str, options: dict, ids: torch.Tensor, labels: torch.Tens
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder holding pathfinder32/")
-    parser.add_argument("--seeds", type=int, default=3, help="models (and batches) per setting")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seeds", type=positive_int, default=3, help="models (and batches) per setting")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
-    for name in ("seeds", "batch_size"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
     train = load_lra("pathfinder32", args.data_dir, "train")
     results = {}

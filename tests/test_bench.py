@@ -3,13 +3,14 @@ sizes. No timing assertions (times only have to be positive)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
 import pytest
 import torch
 
-from hopformer.bench.harness import Case, dense_skip_reason, label
+from hopformer.bench.harness import Case, dense_skip_reason, label, positive_int
 from hopformer.cli import main
 
 TINY = ["--seq-lens", "128,256", "--heads", "2", "--head-dim", "8", "--block-size", "16", "--repeats", "1"]
@@ -211,3 +212,13 @@ def test_pathfinder_cnn_probe_trains_and_writes_its_record(tmp_path):
     assert "--depth 3" in record["command"] and record["settings"]["max_dilation"] == 1
     plain = module.DilatedCNN(4, 3, max_dilation=1)
     assert [layer.dilation for layer in plain.features if isinstance(layer, torch.nn.Conv2d)] == [(1, 1)] * 3
+
+
+def test_positive_int_takes_counts_and_names_what_it_refuses():
+    """The argparse type of the benchmark scripts' counts: 1 and up pass, the error names the option and value."""
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--images", type=positive_int)
+    assert parser.parse_args(["--images", "7"]).images == 7
+    for bad, shown in (("0", "got 0"), ("-3", "got -3"), ("abc", "got 'abc'")):
+        with pytest.raises(argparse.ArgumentError, match=f"must be a positive integer, {shown}"):
+            parser.parse_args(["--images", bad])

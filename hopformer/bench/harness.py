@@ -10,6 +10,7 @@ gradient; what each op's step runs is in :data:`MEASURED` (written into every re
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -103,6 +104,17 @@ class _PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_mib())
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type of a count that must be at least 1; argparse's error names the option and value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def environment(device: torch.device) -> dict:

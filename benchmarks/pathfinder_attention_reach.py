@@ -1,0 +1,160 @@
+"""How far does a trained model's attention reach on Pathfinder images? Bigbird against Diffuser.
+
+Pathfinder asks whether two markers lie on one curve, which a model can only answer by following the
+curve pixel by pixel. Bigbird learns the task faster and better than Diffuser on the same graph budget
+(docs/lra.md, eighth and ninth rounds). This measures where each trained layer actually sends its
+attention. For every layer and head it builds the operator that mixes the values, on test images,
+exactly as the model computes it. The operator is obtained by running the model's own attention op on
+identity values:
+- bigbird: one hop, ``A``, the softmax of the query-key scores on the graph;
+- Diffuser: ``A`` and the diffused operator ``sum_k c_k A^k`` (its ``hops``, ``alpha`` and remainder).
+Also the same graphs with uniform weights (an untrained model's operator) for reference.
+
+    python benchmarks/pathfinder_attention_reach.py --data-dir data/lra_release \
+        --run runs/conv/bigbird-conv-lr3e-4 --run runs/conv/diffuser-conv-lr3e-4 \
+        --out benchmarks/results/pathfinder_variants_h200/attention_reach_cpu.json
+
+Reported per layer and head, as means over query pixels (all pixels, and the lit "ink" pixels alone):
+``distance``, the expected pixel distance from a query to what it attends to; ``local3`` and ``local7``,
+the weight on its 3 x 3 and 7 x 7 neighbourhoods; ``self``, the weight on itself; ``on_ink``, the weight on
+lit pixels; ``keys``, the effective number of keys attended to (the exponential of the row's entropy).
+The fraction of lit pixels in the images is reported beside them (``ink_fraction``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hopformer.bench.harness import environment, positive_int  # noqa: E402
+from hopformer.data import load_lra  # noqa: E402
+from hopformer.models import from_pretrained  # noqa: E402
+from hopformer.ops import diffuse, sparse_attention  # noqa: E402
+
+
+def pixel_geometry(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean and Chebyshev distances between the pixels of a ``side`` x ``side`` image, raster order."""
+    rows, cols = torch.div(torch.arange(side * side), side, rounding_mode="floor"), torch.arange(side * side) % side
+    dr, dc = (rows[:, None] - rows[None, :]).abs().double(), (cols[:, None] - cols[None, :]).abs().double()
+    return (dr**2 + dc**2).sqrt(), torch.maximum(dr, dc)
+
+
+def reach(operator: torch.Tensor, ink: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
+    """The reach measures (module docstring) of ``operator`` ``(batch, heads, L, L)``, each ``(batch, heads, L)``."""
+    euclid, cheb = pixel_geometry(side)
+    return {
+        "distance": (operator * euclid).sum(-1),
+        "local3": (operator * (cheb <= 1)).sum(-1),
+        "local7": (operator * (cheb <= 3)).sum(-1),
+        "self": operator.diagonal(dim1=-2, dim2=-1),
+        "on_ink": (operator * ink[:, None, None, :]).sum(-1),
+        "keys": torch.exp(-(operator * operator.clamp_min(1e-300).log()).sum(-1)),
+    }
+
+
+def operators(attention: torch.nn.Module, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The value-mixing operators of one trained attention module for captured ``q``, ``k``."""
+    batch, heads, seq, _ = q.shape
+    graph = attention.graph(seq)
+    eye = torch.eye(seq, dtype=torch.float64).expand(batch, heads, seq, seq)
+    q, k = q.double(), k.double()
+    zeros = torch.zeros_like(q)
+    found = {
+        "A": sparse_attention(q, k, eye, graph, backend="dense"),
+        "A, uniform": sparse_attention(zeros, zeros, eye, graph, backend="dense"),
+    }
+    if hasattr(attention, "hops"):
+        options = dict(kernel=attention.kernel, heat_time=attention.heat_time, remainder=attention.remainder)
+        found["diffused"] = diffuse(q, k, eye, graph, attention.hops, attention.alpha, None, "dense", **options)
+        found["diffused, uniform"] = diffuse(
+            zeros, zeros, eye, graph, attention.hops, attention.alpha, None, "dense", **options
+        )
+    return found
+
+
+def analyse(run: Path, images: torch.Tensor, batch_size: int) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Reach of every layer's operators of the run's best checkpoint over ``images`` (ids, raster order):
+    ``{"layer0 A": {"distance": {"all": [per head], "ink": [per head]}, ...}, ...}``."""
+    model = from_pretrained(run / "best").eval()
+    blocks = model.encoder.blocks
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    originals = [block.attention.attend for block in blocks]
+    for block, attend in zip(blocks, originals):
+        block.attention.attend = _recording(attend, captured)
+    side = round(images.shape[1] ** 0.5)
+    measured: dict[str, dict[str, list[torch.Tensor]]] = {}
+    try:
+        for start in range(0, len(images), batch_size):
+            ids = images[start : start + batch_size]
+            captured.clear()
+            with torch.no_grad():
+                model(ids)
+            for layer, (block, (q, k)) in enumerate(zip(blocks, captured)):
+                for name, operator in operators(block.attention, q, k).items():
+                    for measure, values in reach(operator, ids > 0, side).items():
+                        measured.setdefault(f"layer{layer} {name}", {}).setdefault(measure, []).append(values)
+    finally:
+        for block, attend in zip(blocks, originals):
+            block.attention.attend = attend
+    ink = (images > 0)[:, None, :].double()  # (images, 1, L)
+    return {
+        key: {
+            measure: {
+                "all": torch.cat(parts).mean((0, 2)).tolist(),
+                "ink": ((torch.cat(parts) * ink).sum((0, 2)) / ink.sum((0, 2))).tolist(),
+            }
+            for measure, parts in measures.items()
+        }
+        for key, measures in measured.items()
+    }
+
+
+def _recording(attend, captured: list):
+    """``attend`` that first records its queries and keys in ``captured``."""
+
+    def recorded(q, k, v, key_padding_mask):
+        captured.append((q, k))
+        return attend(q, k, v, key_padding_mask)
+
+    return recorded
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", required=True, help="folder holding pathfinder32/")
+    parser.add_argument("--run", action="append", required=True, help="run folder with a best/ checkpoint")
+    parser.add_argument("--images", type=positive_int, default=16, help="test images to average over")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    args = parser.parse_args(argv)
+    for run in args.run:
+        if not (Path(run) / "best").is_dir():
+            parser.error(f"--run {run}: no best/ checkpoint there")
+
+    test = load_lra("pathfinder32", args.data_dir, "test")[: args.images]
+    images = torch.stack([example["input_ids"] for example in test]).long()
+    results = {}
+    for run in args.run:
+        results[run] = analyse(Path(run), images, args.batch_size)
+        for key, slot in results[run].items():
+            summary = ", ".join(f"{m} {' / '.join(f'{v:.3f}' for v in slot[m]['ink'])}" for m in slot)
+            print(f"{Path(run).name} {key} (ink queries, per head): {summary}", flush=True)
+    report = {
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "environment": environment(torch.device("cpu")),
+        "settings": vars(args),
+        "ink_fraction": (images > 0).double().mean().item(),
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
