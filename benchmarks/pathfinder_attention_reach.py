@@ -4,8 +4,7 @@ Pathfinder asks whether two markers lie on one curve, which a model can only ans
 curve pixel by pixel. Bigbird learns the task faster and better than Diffuser on the same graph budget
 (docs/lra.md, eighth and ninth rounds). This measures where each trained layer actually sends its
 attention. For every layer and head it builds the operator that mixes the values, on test images,
-exactly as the model computes it. The operator is obtained by running the model's own attention op on
-identity values:
+exactly as the model computes it (``hopformer.analysis.attention_operators``):
 - bigbird: one hop, ``A``, the softmax of the query-key scores on the graph;
 - Diffuser: ``A`` and the diffused operator ``sum_k c_k A^k`` (its ``hops``, ``alpha`` and remainder).
 Also the same graphs with uniform weights (an untrained model's operator) for reference.
@@ -32,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hopformer.analysis import attention_operators  # noqa: E402
 from hopformer.bench.harness import environment, positive_int  # noqa: E402
 from hopformer.data import load_lra  # noqa: E402
 from hopformer.models import from_pretrained  # noqa: E402
-from hopformer.ops import diffuse, sparse_attention  # noqa: E402
 
 
 def pixel_geometry(side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,50 +57,20 @@ def reach(operator: torch.Tensor, ink: torch.Tensor, side: int) -> dict[str, tor
     }
 
 
-def operators(attention: torch.nn.Module, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The value-mixing operators of one trained attention module for captured ``q``, ``k``."""
-    batch, heads, seq, _ = q.shape
-    graph = attention.graph(seq)
-    eye = torch.eye(seq, dtype=torch.float64).expand(batch, heads, seq, seq)
-    q, k = q.double(), k.double()
-    zeros = torch.zeros_like(q)
-    found = {
-        "A": sparse_attention(q, k, eye, graph, backend="dense"),
-        "A, uniform": sparse_attention(zeros, zeros, eye, graph, backend="dense"),
-    }
-    if hasattr(attention, "hops"):
-        options = dict(kernel=attention.kernel, heat_time=attention.heat_time, remainder=attention.remainder)
-        found["diffused"] = diffuse(q, k, eye, graph, attention.hops, attention.alpha, None, "dense", **options)
-        found["diffused, uniform"] = diffuse(
-            zeros, zeros, eye, graph, attention.hops, attention.alpha, None, "dense", **options
-        )
-    return found
-
-
 def analyse(run: Path, images: torch.Tensor, batch_size: int) -> dict[str, dict[str, dict[str, list[float]]]]:
     """Reach of every layer's operators of the run's best checkpoint over ``images`` (ids, raster order):
     ``{"layer0 A": {"distance": {"all": [per head], "ink": [per head]}, ...}, ...}``."""
     model = from_pretrained(run / "best").eval()
-    blocks = model.encoder.blocks
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-    originals = [block.attention.attend for block in blocks]
-    for block, attend in zip(blocks, originals):
-        block.attention.attend = _recording(attend, captured)
     side = round(images.shape[1] ** 0.5)
     measured: dict[str, dict[str, list[torch.Tensor]]] = {}
-    try:
-        for start in range(0, len(images), batch_size):
-            ids = images[start : start + batch_size]
-            captured.clear()
-            with torch.no_grad():
-                model(ids)
-            for layer, (block, (q, k)) in enumerate(zip(blocks, captured)):
-                for name, operator in operators(block.attention, q, k).items():
+    for start in range(0, len(images), batch_size):
+        ids = images[start : start + batch_size]
+        for uniform in (False, True):
+            for layer, found in enumerate(attention_operators(model, ids, uniform=uniform)):
+                for name, operator in found.items():
+                    key = f"layer{layer} {name}" + (", uniform" if uniform else "")
                     for measure, values in reach(operator, ids > 0, side).items():
-                        measured.setdefault(f"layer{layer} {name}", {}).setdefault(measure, []).append(values)
-    finally:
-        for block, attend in zip(blocks, originals):
-            block.attention.attend = attend
+                        measured.setdefault(key, {}).setdefault(measure, []).append(values)
     ink = (images > 0)[:, None, :].double()  # (images, 1, L)
     return {
         key: {
@@ -113,16 +82,6 @@ def analyse(run: Path, images: torch.Tensor, batch_size: int) -> dict[str, dict[
         }
         for key, measures in measured.items()
     }
-
-
-def _recording(attend, captured: list):
-    """``attend`` that first records its queries and keys in ``captured``."""
-
-    def recorded(q, k, v, key_padding_mask):
-        captured.append((q, k))
-        return attend(q, k, v, key_padding_mask)
-
-    return recorded
 
 
 def main(argv: list[str] | None = None) -> None:

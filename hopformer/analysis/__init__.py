@@ -1,6 +1,7 @@
 """Measures of attention graphs: the spectral gap (expander quality, before and after diffusion) and
 the Normalized Information Payload (NIP), plus pictures (:mod:`hopformer.analysis.plots`, needs
-matplotlib) and the ``hopformer graph`` verb (:mod:`hopformer.analysis.cli`).
+matplotlib) and the ``hopformer graph`` verb (:mod:`hopformer.analysis.cli`). For trained models,
+:func:`attention_operators` rebuilds the matrices each attention layer applies to its values.
 
 Every measure takes a :class:`~hopformer.graphs.BlockGraph` or a square bool adjacency matrix.
 ``hopformer.analysis.nip`` is the NIP function (the contract name); its module, with the
@@ -15,6 +16,7 @@ from hopformer.analysis.nip import (
     information_payload,
     nip,
 )
+from hopformer.analysis.operators import attention_operators
 from hopformer.analysis.spectral import (
     adjacency_matrix,
     heat_spectral_map,
@@ -28,6 +30,7 @@ from hopformer.analysis.spectral import (
 __all__ = [
     "PayloadReport",
     "adjacency_matrix",
+    "attention_operators",
     "closed_form_nip",
     "degree_stats",
     "diameter",
