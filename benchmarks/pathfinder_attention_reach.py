@@ -84,6 +84,42 @@ def analyse(run: Path, images: torch.Tensor, batch_size: int) -> dict[str, dict[
     }
 
 
+def figure(runs: list[str], image: torch.Tensor, path: str) -> None:
+    """Where one lit pixel's query goes in layer 0 of each run, as heat maps over the image (mean of the
+    heads, log scale): the image with the query marked, then each run's ``A`` (and diffused operator)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    side = round(image.numel() ** 0.5)
+    lit = (image > 0).nonzero().flatten()
+    rows, cols = torch.div(lit, side, rounding_mode="floor"), lit % side
+    query = int(lit[((rows - side / 2) ** 2 + (cols - side / 2) ** 2).argmin()])  # the lit pixel nearest the centre
+    panels = [("image, query marked", image.double().view(side, side) / 255.0, None)]
+    for run in runs:
+        model = from_pretrained(Path(run) / "best").eval()
+        for name, operator in attention_operators(model, image[None])[0].items():
+            weights = operator[0, :, query].mean(0).view(side, side)
+            panels.append((f"{Path(run).name}\nlayer 0 {name}", weights, LogNorm(1e-4, 1.0)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    for ax, (title, values, norm) in zip(axes, panels):
+        shown = ax.imshow(
+            values.clamp_min(1e-4) if norm else values, cmap="gray" if norm is None else "magma", norm=norm
+        )
+        ax.plot(query % side, query // side, "c+", markersize=12, markeredgewidth=2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if norm is not None:
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder holding pathfinder32/")
@@ -91,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=positive_int, default=16, help="test images to average over")
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--figure", help="also draw where one lit pixel of the first image attends (PNG)")
     args = parser.parse_args(argv)
     for run in args.run:
         if not (Path(run) / "best").is_dir():
@@ -113,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if args.figure:
+        figure(args.run, images[0], args.figure)
 
 
 if __name__ == "__main__":
