@@ -6,10 +6,10 @@ that mixes the values from the queries and keys the layer computed:
 - ``"A"``: the softmax of the scores on the layer's graph (full attention: on every key);
 - ``"diffused"`` (Diffuser only): ``sum_k c_k A^k``, with the layer's hops, alpha, kernel and remainder.
 
-The graph layers' matrices come from the layer's own op (:func:`~hopformer.ops.sparse_attention`,
-:func:`~hopformer.ops.diffuse`) applied to identity values, so ``operator @ v`` is what the layer's
-attention core returns. They cost O(L^2) memory per head and input: they are meant for analysis at the
-lengths of LRA inputs, not at 100K tokens.
+The matrices come from the graph ops (:func:`~hopformer.ops.sparse_attention`,
+:func:`~hopformer.ops.diffuse`; full attention as the ``"full"`` pattern) applied to identity values, so
+``operator @ v`` is what the layer's attention core returns. They cost O(L^2) memory per head and input:
+they are meant for analysis at the lengths of LRA inputs, not at 100K tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hopformer.attention.base import AttentionModule, FullAttention
-from hopformer.attention.sparse import DiffuserAttention, GraphAttention
+from hopformer.attention.sparse import DiffuserAttention, GraphAttention, cached_graph
 from hopformer.ops import diffuse, sparse_attention
 
 SUPPORTED = (FullAttention, GraphAttention)
@@ -83,31 +83,14 @@ def _operators(
     layer: AttentionModule, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, uniform: bool
 ) -> dict[str, torch.Tensor]:
     batch, heads, seq, _ = q.shape
-    scale = q.shape[-1] ** -0.5
     q, k = (torch.zeros_like(q) if uniform else q).double(), (torch.zeros_like(k) if uniform else k).double()
-    if isinstance(layer, FullAttention):
-        return {"A": _full_operator(q, k, mask, layer.causal, scale)}
+    # full attention is the "full" pattern's graph, so every layer goes through the same graph ops
+    graph = cached_graph("full", seq, causal=layer.causal) if isinstance(layer, FullAttention) else layer.graph(seq)
     eye = torch.eye(seq, dtype=torch.float64, device=q.device).expand(batch, heads, seq, seq)
-    graph = layer.graph(seq)
-    found = {"A": sparse_attention(q, k, eye, graph, mask, "dense", scale=scale)}
+    found = {"A": sparse_attention(q, k, eye, graph, mask, "dense")}
     if isinstance(layer, DiffuserAttention):
         found["diffused"] = diffuse(
             q, k, eye, graph, layer.hops, layer.alpha, mask, "dense",
-            kernel=layer.kernel, heat_time=layer.heat_time, remainder=layer.remainder, scale=scale,
+            kernel=layer.kernel, heat_time=layer.heat_time, remainder=layer.remainder,
         )  # fmt: skip
     return found
-
-
-def _full_operator(
-    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float
-) -> torch.Tensor:
-    """Softmax of ``q k^T * scale`` over the real (and, if causal, earlier) keys; padded queries get 0."""
-    seq = q.shape[-2]
-    allowed = torch.ones(seq, seq, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed.tril()
-    if mask is not None:
-        allowed = allowed & mask[:, None, None, :]
-    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-    operator = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key at all: zeros
-    return operator if mask is None else operator * mask[:, None, :, None]
