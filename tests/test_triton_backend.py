@@ -132,6 +132,35 @@ def test_hop_dropout_gradient_matches_finite_differences(remainder):
         torch.testing.assert_close((g * direction).sum(), numeric, rtol=1e-6, atol=1e-8, msg=f"input {i}")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA: the interpreter's bfloat16 is not faithful (errors of 1e9)")
+@pytest.mark.parametrize("real_fraction", [1.0, 0.22])
+@pytest.mark.parametrize("op", ["sparse", "diffuse"])
+def test_bf16_is_close_to_float64(op, real_fraction):
+    """In bf16 (the GPU training dtype) the kernels stay within bf16 rounding of float64 dense, as the
+    matrix backend does (tests/test_ops.py), at Pathfinder's length with all tokens real or with a
+    lit-pixel-like mask (22% real, scattered), and with sharper-than-unit scores, as trained models have."""
+    graph = G.diffuser(1024, 64, window=1, num_global=1, num_random=1, seed=3)
+    (q, k, v), _ = _inputs(graph, dim=32, padding=False, batch=4)
+    mask = torch.rand(4, 1024, device=DEVICE) < real_fraction
+    mask[:, 0] = True
+    weights = torch.randn_like(v)
+
+    def outputs_and_grads(backend, dtype):
+        tensors = [t.detach().to(dtype).requires_grad_() for t in (2 * q, 2 * k, v)]
+        if op == "sparse":
+            out = sparse_attention(*tensors, graph, mask, backend)
+        else:
+            out = diffuse(*tensors, graph, 5, 0.1, mask, backend)
+        return (out, *torch.autograd.grad((out.double() * weights).sum(), tensors))
+
+    expected = outputs_and_grads("dense", torch.float64)
+    for name, e, g in zip(("out", "dq", "dk", "dv"), expected, outputs_and_grads("triton", torch.bfloat16)):
+        assert g.dtype == torch.bfloat16, name
+        error = (g.double() - e).norm() / e.norm()
+        assert error < 0.03, f"{name}: relative error {error:.2e}"
+
+
 def test_tile_plan_covers_every_tile_pair_once():
     graph = G.bigbird(1000, 64, window=3, num_global=2, num_random=3, seed=0, causal=True)
     plan = T.tile_plan(graph, torch.device("cpu"), tile=32, split=5)
