@@ -150,8 +150,8 @@ def test_16_bit_is_close_to_float64(dtype, op, real_fraction):
     mask[:, 0] = True
     weights = torch.randn_like(v)
 
-    def outputs_and_grads(backend, dtype):
-        tensors = [t.detach().to(dtype).requires_grad_() for t in (2 * q, 2 * k, v)]
+    def outputs_and_grads(backend, precision):
+        tensors = [t.detach().to(precision).requires_grad_() for t in (2 * q, 2 * k, v)]
         if op == "sparse":
             out = sparse_attention(*tensors, graph, mask, backend)
         else:
