@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hopformer.analysis import attention_operators  # noqa: E402
-from hopformer.bench.harness import environment, positive_int  # noqa: E402
+from hopformer.bench.harness import command_line, environment, positive_int  # noqa: E402
 from hopformer.data import load_lra  # noqa: E402
 from hopformer.models import from_pretrained  # noqa: E402
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             summary = ", ".join(f"{m} {' / '.join(f'{v:.3f}' for v in slot[m]['ink'])}" for m in slot)
             print(f"{Path(run).name} {key} (ink queries, per head): {summary}", flush=True)
     report = {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "environment": environment(torch.device("cpu")),
         "settings": vars(args),
         "ink_fraction": (images > 0).double().mean().item(),

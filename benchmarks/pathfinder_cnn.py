@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hopformer.bench.harness import environment, positive_int  # noqa: E402
+from hopformer.bench.harness import command_line, environment, positive_int  # noqa: E402
 from hopformer.data import load_lra  # noqa: E402
 
 
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * steps_per_epoch)
 
     record = {
-        "command": " ".join([os.path.relpath(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+        "command": command_line(argv),
         "environment": environment(torch.device("cpu")),
         "settings": {
             **vars(args),

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hopformer.bench.harness import environment, positive_int  # noqa: E402
+from hopformer.bench.harness import command_line, environment, positive_int  # noqa: E402
 from hopformer.data import load_lra  # noqa: E402
 from hopformer.models.transformer import SequenceClassifier, TransformerEncoder  # noqa: E402
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
         print(name, {key: round(value, 5) for key, value in results[name].items()}, flush=True)
     report = {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "environment": environment(torch.device("cpu")),
         "settings": vars(args),
         "results": results,

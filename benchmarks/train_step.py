@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from hopformer.bench.harness import environment
+from hopformer.bench.harness import command_line, environment
 from hopformer.models import SequenceClassifier, TransformerEncoder
 from hopformer.train.config import parse_assignment
 
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         if base["peak_memory_mib"]:
             row["memory_ratio"] = row["peak_memory_mib"] / base["peak_memory_mib"]
     result = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "environment": environment(device),
         "settings": {k: v for k, v in vars(args).items() if k not in ("variant", "out")},
         "ratios_against": args.variant[0],

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from hopformer.bench.harness import Case, dense_skip_reason, label, positive_int
+from hopformer.bench.harness import Case, command_line, dense_skip_reason, label, positive_int
 from hopformer.cli import main
 
 TINY = ["--seq-lens", "128,256", "--heads", "2", "--head-dim", "8", "--block-size", "16", "--repeats", "1"]
@@ -222,3 +222,11 @@ def test_positive_int_takes_counts_and_names_what_it_refuses():
     for bad, shown in (("0", "got 0"), ("-3", "got -3"), ("abc", "got 'abc'")):
         with pytest.raises(argparse.ArgumentError, match=f"must be a positive integer, {shown}"):
             parser.parse_args(["--images", bad])
+
+
+def test_command_line_is_the_script_relative_to_here_then_the_arguments_given(monkeypatch, tmp_path):
+    """What benchmark scripts record as their command: main(argv)'s arguments when given, else the command line's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", [str(tmp_path / "benchmarks" / "probe.py"), "--from", "shell"])
+    assert command_line(["--images", "7"]) == "benchmarks/probe.py --images 7"
+    assert command_line() == "benchmarks/probe.py --from shell"

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,13 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command a benchmark script ran as, for its JSON record: the script's path relative to the working
+    directory, then ``argv`` (the arguments ``main(argv)`` was given; ``None``: the command line's own)."""
+    args = argv if argv is not None else sys.argv[1:]
+    return " ".join([Path(os.path.relpath(sys.argv[0])).as_posix(), *args])
 
 
 def environment(device: torch.device) -> dict:
