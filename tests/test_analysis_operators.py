@@ -12,6 +12,7 @@ CASES = [
     ("bigbird", {"block_size": 8}),
     ("diffuser", {"block_size": 8}),
     ("diffuser", {"block_size": 8, "hops": 3, "alpha": 0.3, "kernel": "heat", "remainder": "renormalize"}),
+    ("diffuser", {"block_size": 8, "hops": 3, "learned_coefficients": True}),
 ]
 
 
@@ -38,6 +39,9 @@ def test_operators_applied_to_the_values_give_each_layers_output(attention, opti
     padded keys get no weight, padded queries get rows of zeros."""
     torch.manual_seed(sum(map(ord, attention)) + len(options))
     model = _encoder(attention, options)
+    for name, parameter in model.named_parameters():
+        if name.endswith("hop_logits"):  # learned hop weights: away from the kernel they start at
+            parameter.data.normal_()
     input_ids = torch.randint(1, 40, (3, 45))
     mask = torch.ones(3, 45, dtype=torch.bool)
     mask[1, 30:] = False

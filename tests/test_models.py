@@ -304,6 +304,41 @@ def test_list_graph_options_from_a_config_work():
     assert dense[:, 0].all() and dense[0, :].all()  # block 0 is global: every token sees it, it sees every token
 
 
+def test_diffuser_learned_coefficients():
+    """``learned_coefficients=True``: starts as the fixed kernel (same output, float64), keeps each head's
+    weights on the simplex, learns them (a gradient reaches the logits and a step moves them), saves and
+    loads them; bad settings fail with the argument named."""
+    from hopformer.attention import build
+
+    torch.manual_seed(int(torch.randint(1000, ())))
+    options = dict(dim=16, heads=2, block_size=16, hops=3, alpha=0.3)
+    fixed = build("diffuser", **options).double()
+    learned = build("diffuser", **options, learned_coefficients=True).double()
+    learned.load_state_dict(fixed.state_dict(), strict=False)  # the same projections; the logits stay
+    x = torch.randn(2, 45, 16, dtype=torch.float64)
+    mask = torch.rand(2, 45) > 0.2
+    torch.testing.assert_close(learned(x, mask), fixed(x, mask))
+    torch.testing.assert_close(learned.coefficients(), fixed.coefficients())
+    assert "learned_coefficients=True" in repr(learned) and "hop_logits" not in fixed.state_dict()
+
+    optimizer = torch.optim.SGD([learned.hop_logits], lr=1.0)
+    learned(x, mask).square().sum().backward()
+    assert learned.hop_logits.grad.abs().max() > 0
+    optimizer.step()
+    weights = learned.coefficients()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, dtype=torch.float64))
+    assert not torch.allclose(weights, fixed.coefficients())
+    copy_ = build("diffuser", **options, learned_coefficients=True).double()
+    copy_.load_state_dict(learned.state_dict())
+    torch.testing.assert_close(copy_.coefficients(), weights)
+
+    with pytest.raises(TypeError, match="learned_coefficients must be True or False, got 'yes'"):
+        build("diffuser", **options, learned_coefficients="yes")
+    with pytest.raises(ValueError, match="edge_dropout='per_hop'"):
+        build("diffuser", **options, learned_coefficients=True, dropout=0.1)
+    assert build("diffuser", **options, learned_coefficients=True, dropout=0.1, edge_dropout="per_hop").training
+
+
 def test_intensity_embedding_reads_grey_levels():
     """``embedding="intensity"``: one line through the grey levels, a learned row for the mask token, clear errors."""
     torch.manual_seed(0)

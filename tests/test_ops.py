@@ -8,7 +8,7 @@ import torch
 
 import hopformer.graphs as G
 import hopformer.ops.gather as gather_backend
-from hopformer.ops import diffuse, diffusion_coefficients, sparse_attention
+from hopformer.ops import diffuse, diffuse_weighted, diffusion_coefficients, sparse_attention
 
 CUDA = torch.cuda.is_available()
 
@@ -120,6 +120,58 @@ def test_diffuse_equals_matrix_power_series(kernel, remainder):
             q, k, v, graph, hops, alpha, mask, backend, kernel=kernel, heat_time=heat_time, remainder=remainder
         )
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather", "matrix"])
+@pytest.mark.parametrize("seq_len", [45, 100])
+def test_diffuse_weighted_equals_matrix_power_series_with_gradients(backend, seq_len):
+    """``diffuse_weighted``: fresh random per-head weights (any sign), float64, odd lengths and padding
+    (a fully padded sequence too): output and the gradients of q, k, v and the weights match the power
+    series of the dense attention matrix."""
+    graph = G.diffuser(seq_len, 16, window=3, num_global=1, num_random=1, seed=int(torch.randint(100, ())))
+    (q, k, v), mask = _inputs(graph, batch=2, heads=3, padding=True)
+    weights = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)  # hops = 4
+    inputs = (q, k, v, weights)
+    projection = torch.randn(2, 3, seq_len, 8, dtype=torch.float64)
+
+    matrix = _dense_attention_matrix(q, k, graph, mask)
+    powers = [v]
+    for _ in range(4):
+        powers.append(matrix @ powers[-1])
+    expected = sum(weights[None, :, hop, None, None] * power for hop, power in enumerate(powers))
+    expected = expected * mask[:, None, :, None]
+    expected_grads = torch.autograd.grad((expected * projection).sum(), inputs)
+
+    got = diffuse_weighted(q, k, v, graph, weights, mask, backend)
+    got_grads = torch.autograd.grad((got * projection).sum(), inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for name, g, e in zip(("dq", "dk", "dv", "dweights"), got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_diffuse_weighted_with_the_kernels_coefficients_is_diffuse():
+    """Shared (1-D) weights set to a kernel's coefficients give what the fused ``diffuse`` gives."""
+    graph = G.bigbird(77, 16, num_random=1, seed=3)
+    (q, k, v), mask = _inputs(graph, padding=True)
+    for kernel, remainder in (("ppr", "keep"), ("heat", "renormalize")):
+        weights = torch.tensor(diffusion_coefficients(5, 0.2, kernel=kernel, remainder=remainder), dtype=torch.float64)
+        expected = diffuse(q, k, v, graph, 5, 0.2, mask, "gather", kernel=kernel, remainder=remainder)
+        torch.testing.assert_close(diffuse_weighted(q, k, v, graph, weights, mask, "gather"), expected)
+
+
+def test_diffuse_weighted_bad_weights():
+    graph = G.local(32, 16)
+    (q, k, v), _ = _inputs(graph, padding=False)  # 2 heads
+    with pytest.raises(ValueError, match=r"weights must have shape .* got \(3, 4\)"):
+        diffuse_weighted(q, k, v, graph, torch.ones(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weights must have shape"):
+        diffuse_weighted(q, k, v, graph, torch.ones(2, 0, dtype=torch.float64))
+    with pytest.raises(TypeError, match="weights must be a floating-point tensor"):
+        diffuse_weighted(q, k, v, graph, [0.5, 0.5])
+    with pytest.raises(ValueError, match="hop_dropout_p"):
+        diffuse_weighted(q, k, v, graph, torch.ones(3, dtype=torch.float64), hop_dropout_p=1.0)
+    with pytest.raises(ValueError, match="attention dropout"):
+        diffuse_weighted(q, k, v, graph, torch.ones(3, dtype=torch.float64), backend="matrix", dropout_p=0.1)
 
 
 def test_ppr_coefficients_match_the_reference():
@@ -319,6 +371,30 @@ def _check_flex_against_dense(graphs):
                     assert torch.isfinite(g).all(), (graph.name, name)
                     error = (g.double() - e).norm() / e.norm().clamp_min(1e-12)
                     assert error < 1e-3, f"{graph.name} {fn.__name__} {name} padding={padding}: {error:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_diffuse_weighted_on_cuda_matches_dense(backend):
+    """float32 ``diffuse_weighted`` on the CUDA backends against float64 dense: output and the gradients
+    of q, k, v and the per-head weights, odd length, with and without padding."""
+    graph = G.diffuser(1000, 64, num_global=1, num_random=2, seed=4)
+    for padding in (False, True):
+        (q, k, v), mask = _inputs(graph, heads=2, dim=32, padding=padding, device="cuda")
+        weights = torch.randn(2, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+        projection = torch.randn(2, 2, 1000, 32, dtype=torch.float64, device="cuda")
+
+        def run(tensors, backend, mask=mask, projection=projection):
+            out = diffuse_weighted(*tensors[:3], graph, tensors[3], mask, backend)
+            return (out, *torch.autograd.grad((out.double() * projection).sum(), tensors))
+
+        expected = run((q, k, v, weights), "dense")
+        got = run([t.detach().float().requires_grad_() for t in (q, k, v, weights)], backend)
+        for name, e, g in zip(("out", "dq", "dk", "dv", "dweights"), expected, got):
+            assert torch.isfinite(g).all(), name
+            error = (g.double() - e).norm() / e.norm().clamp_min(1e-12)
+            assert error < 1e-3, f"{backend} {name} padding={padding}: {error:.2e}"
 
 
 @pytest.mark.cuda

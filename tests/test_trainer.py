@@ -650,3 +650,19 @@ def test_pixel_embeddings_pretrain_and_start_a_classifier(tmp_path, data, embedd
     text.model.embedding = embedding
     with pytest.raises(ValueError, match=f"embedding='{embedding}'.*pixel tasks"):
         train(text, log=quiet)
+
+
+def test_optimizer_decays_weight_matrices_only():
+    """Weight decay reaches the projection matrices, not biases, LayerNorm gains or Diffuser's hop logits."""
+    from hopformer.attention import build
+
+    model = torch.nn.Sequential(
+        build("diffuser", dim=16, heads=2, block_size=16, hops=2, learned_coefficients=True), torch.nn.LayerNorm(16)
+    )
+    optimizer = trainer_module.make_optimizer(model, from_dict({"optim": {"weight_decay": 0.05}}))
+    decayed, plain = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert id(model[0].hop_logits) in plain and id(model[1].weight) in plain
+    matrices = {id(p) for name, p in model.named_parameters() if p.dim() >= 2 and "hop_logits" not in name}
+    assert matrices and decayed == matrices
+    assert decayed | plain == {id(p) for p in model.parameters()}

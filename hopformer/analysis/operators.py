@@ -4,10 +4,11 @@
 that mixes the values from the queries and keys the layer computed:
 
 - ``"A"``: the softmax of the scores on the layer's graph (full attention: on every key);
-- ``"diffused"`` (Diffuser only): ``sum_k c_k A^k``, with the layer's hops, alpha, kernel and remainder.
+- ``"diffused"`` (Diffuser only): ``sum_k c_k A^k``, with the layer's coefficients (its hops, alpha,
+  kernel and remainder, or its learned weights).
 
 The matrices come from the graph ops (:func:`~hopformer.ops.sparse_attention`,
-:func:`~hopformer.ops.diffuse`; full attention as the ``"full"`` pattern) applied to identity values, so
+:func:`~hopformer.ops.diffuse_weighted`; full attention as the ``"full"`` pattern) applied to identity values, so
 ``operator @ v`` is what the layer's attention core returns. They cost O(L^2) memory per head and input:
 they are meant for analysis at the lengths of LRA inputs, not at 100K tokens.
 """
@@ -21,7 +22,7 @@ from torch import nn
 
 from hopformer.attention.base import AttentionModule, FullAttention
 from hopformer.attention.sparse import DiffuserAttention, GraphAttention, cached_graph
-from hopformer.ops import diffuse, sparse_attention
+from hopformer.ops import diffuse_weighted, sparse_attention
 
 SUPPORTED = (FullAttention, GraphAttention)
 
@@ -89,8 +90,6 @@ def _operators(
     eye = torch.eye(seq, dtype=torch.float64, device=q.device).expand(batch, heads, seq, seq)
     found = {"A": sparse_attention(q, k, eye, graph, mask, "dense")}
     if isinstance(layer, DiffuserAttention):
-        found["diffused"] = diffuse(
-            q, k, eye, graph, layer.hops, layer.alpha, mask, "dense",
-            kernel=layer.kernel, heat_time=layer.heat_time, remainder=layer.remainder,
-        )  # fmt: skip
+        weights = layer.coefficients().to(device=q.device, dtype=torch.float64)
+        found["diffused"] = diffuse_weighted(q, k, eye, graph, weights, mask, "dense")
     return found

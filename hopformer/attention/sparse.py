@@ -10,11 +10,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
+from torch import nn
+
 from hopformer.attention.base import AttentionModule
 from hopformer.attention.registry import register
 from hopformer.graphs import PATTERNS, BlockGraph, build_graph
-from hopformer.ops import diffuse, sparse_attention
-from hopformer.ops.coefficients import check_diffusion_args
+from hopformer.ops import diffuse, diffuse_weighted, sparse_attention
+from hopformer.ops.coefficients import check_diffusion_args, diffusion_coefficients
 from hopformer.ops.sparse import NO_ATTENTION_DROPOUT
 
 
@@ -134,6 +137,13 @@ class DiffuserAttention(GraphAttention):
         hop_dropout: feature dropout on every hop's state.
         pattern: the graph, ``"diffuser"`` by default; any pattern name works (``"grid2d"``: pixel
             neighbourhoods of an image, which diffusion then spreads along paths).
+        learned_coefficients: learn each head's weights on ``A^0 .. A^hops`` (a softmax over
+            ``hops + 1`` logits, started at the kernel's coefficients), as GPR-GNN does for graph
+            diffusion (Chien et al. 2021), instead of fixing them. Not in the Diffuser reference. PPR can
+            put at most 0.25 on the one-hop attention ``A`` (at alpha 0.5); learned weights can move
+            anywhere on the simplex. Runs through :func:`~hopformer.ops.diffuse_weighted`, about
+            ``hops`` times the cost of one sparse attention; edge dropout is then drawn per hop
+            (``edge_dropout="per_hop"``).
         Other arguments as :class:`GraphAttention`.
     """
 
@@ -150,15 +160,50 @@ class DiffuserAttention(GraphAttention):
         edge_dropout: str = "once",
         hop_dropout: float = 0.0,
         pattern: str = "diffuser",
+        learned_coefficients: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(dim, heads, pattern=pattern, **options)
         check_diffusion_args(hops, alpha, kernel, heat_time, remainder)
         self.hops, self.alpha, self.kernel, self.heat_time, self.remainder = hops, alpha, kernel, heat_time, remainder
         self.edge_dropout, self.hop_dropout = edge_dropout, hop_dropout
+        self.hop_logits = None
+        if not isinstance(learned_coefficients, bool):
+            raise TypeError(f"learned_coefficients must be True or False, got {learned_coefficients!r}")
+        if learned_coefficients:
+            if self.dropout > 0 and edge_dropout != "per_hop":
+                raise ValueError(
+                    f"learned_coefficients draws edge dropout afresh at every hop; with dropout={self.dropout} "
+                    f"pass edge_dropout='per_hop' (got {edge_dropout!r}) or dropout=0"
+                )
+            start = diffusion_coefficients(hops, alpha, kernel=kernel, heat_time=heat_time, remainder=remainder)
+            logits = torch.tensor(start).clamp_min(1e-6).log()  # a zero weight (renormalised tail) stays movable
+            self.hop_logits = nn.Parameter(logits.repeat(heads, 1))
+
+    def coefficients(self) -> torch.Tensor:
+        """The weights on ``A^0 .. A^hops``, ``(heads, hops + 1)``: learned (in the parameters' dtype and
+        device), or the kernel's for every head (float64, on the CPU)."""
+        if self.hop_logits is not None:
+            return self.hop_logits.softmax(dim=-1)
+        fixed = diffusion_coefficients(
+            self.hops, self.alpha, kernel=self.kernel, heat_time=self.heat_time, remainder=self.remainder
+        )
+        return torch.tensor(fixed, dtype=torch.float64).repeat(self.heads, 1)
 
     def attend(self, q, k, v, key_padding_mask):
         graph = self.graph(q.shape[2])
+        if self.hop_logits is not None:
+            return diffuse_weighted(
+                q,
+                k,
+                v,
+                graph,
+                self.coefficients(),
+                key_padding_mask,
+                self.backend,
+                dropout_p=self._dropout_p(q),
+                hop_dropout_p=self.hop_dropout if self.training else 0.0,
+            )
         return diffuse(
             q,
             k,
@@ -177,4 +222,5 @@ class DiffuserAttention(GraphAttention):
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, hops={self.hops}, alpha={self.alpha}, kernel={self.kernel!r}"
+        learned = ", learned_coefficients=True" if self.hop_logits is not None else ""
+        return f"{super().extra_repr()}, hops={self.hops}, alpha={self.alpha}, kernel={self.kernel!r}{learned}"

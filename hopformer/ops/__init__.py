@@ -1,19 +1,21 @@
 """Functional attention ops on ``(batch, heads, seq, head_dim)`` tensors.
 
-- :func:`sparse_attention`, :func:`diffuse`: attention on a BlockGraph and multi-hop diffusion,
-  with ``dense`` / ``gather`` / ``flex`` / ``matrix`` / ``triton`` backends.
+- :func:`sparse_attention`, :func:`diffuse`, :func:`diffuse_weighted`: attention on a BlockGraph and
+  multi-hop diffusion (fixed or learned hop weights), with ``dense`` / ``gather`` / ``flex`` /
+  ``matrix`` / ``triton`` backends.
 - :func:`combiner`, :func:`routing`: Combiner and Routing attention.
 """
 
 from __future__ import annotations
 
 from hopformer.ops.coefficients import diffusion_coefficients, mixing_weights, ppr_spectral_map, spectral_map
-from hopformer.ops.sparse import BACKENDS, diffuse, sparse_attention
+from hopformer.ops.sparse import BACKENDS, diffuse, diffuse_weighted, sparse_attention
 
 __all__ = [
     "BACKENDS",
     "combiner",
     "diffuse",
+    "diffuse_weighted",
     "diffusion_coefficients",
     "mixing_weights",
     "ppr_spectral_map",

@@ -193,6 +193,73 @@ def diffuse(
     return _zero_padded_queries(z, key_padding_mask)
 
 
+def diffuse_weighted(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    graph: BlockGraph,
+    weights: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    *,
+    dropout_p: float = 0.0,
+    hop_dropout_p: float = 0.0,
+    scale: float | None = None,
+    kernel_options: dict | None = None,
+) -> torch.Tensor:
+    """Diffusion with hop weights given as a tensor: ``sum_k w_k A^k V``, ``k = 0 .. hops``.
+
+    For weights that are learned (``DiffuserAttention(learned_coefficients=True)``), so that they get
+    gradients; :func:`diffuse` takes fixed PPR or heat-kernel weights and is faster.
+
+    Args:
+        weights: ``(hops + 1,)`` for all heads or ``(heads, hops + 1)`` per head; ``w_0`` weighs ``V``
+            itself. Not normalised here (pass a softmax to keep the operator row-stochastic).
+        dropout_p: edge dropout, drawn afresh at every hop (MAGNA's ``per_hop``); as in
+            :func:`sparse_attention`, not on ``flex``, ``matrix`` and ``triton``.
+        hop_dropout_p: feature dropout on every power ``A^k V`` before it is weighed.
+        Other arguments as in :func:`sparse_attention`.
+
+    Each hop is one :func:`sparse_attention` call on ``backend`` (``auto``: ``flex`` on CUDA,
+    ``gather`` elsewhere), which recomputes the scores and keeps every power for backward: about
+    ``hops`` times the cost of one sparse attention, where :func:`diffuse`'s ``triton``, ``matrix``
+    and ``gather`` paths compute ``A`` once.
+    """
+    backend, scale = _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale)
+    heads = q.shape[1]
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point tensor, got {type(weights).__name__}")
+    if weights.dim() == 1:
+        weights = weights.expand(heads, -1)
+    if weights.dim() != 2 or weights.shape[0] != heads or weights.shape[1] < 1:
+        raise ValueError(
+            f"weights must have shape (hops + 1,) or (heads, hops + 1) = ({heads}, hops + 1), "
+            f"got {tuple(weights.shape)}"
+        )
+    if weights.device != q.device:
+        raise ValueError(f"weights are on {weights.device} but q is on {q.device}")
+    if not 0.0 <= hop_dropout_p < 1.0:
+        raise ValueError(f"hop_dropout_p must be in [0, 1), got {hop_dropout_p!r}")
+    per_head = weights[:, :, None, None]  # (heads, hops + 1, 1, 1): broadcasts over (batch, heads, seq, dim)
+    power, out = v, per_head[:, 0] * v
+    for hop in range(1, weights.shape[1]):
+        power = sparse_attention(
+            q,
+            k,
+            power,
+            graph,
+            key_padding_mask,
+            backend,
+            dropout_p=dropout_p,
+            scale=scale,
+            kernel_options=kernel_options,
+        )
+        if hop_dropout_p > 0:
+            power = F.dropout(power, hop_dropout_p)
+        out = out + per_head[:, hop] * power
+    return _zero_padded_queries(out.to(v.dtype), key_padding_mask)
+
+
 # ------------------------------------------------------------------------------------ internals
 class _DenseOperator:
     """Reference: the full ``(batch, heads, seq, seq)`` attention matrix on the graph's edges."""
