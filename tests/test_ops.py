@@ -122,7 +122,7 @@ def test_diffuse_equals_matrix_power_series(kernel, remainder):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["dense", "gather", "matrix"])
+@pytest.mark.parametrize("backend", ["dense", "gather", "matrix", "auto"])
 @pytest.mark.parametrize("seq_len", [45, 100])
 def test_diffuse_weighted_equals_matrix_power_series_with_gradients(backend, seq_len):
     """``diffuse_weighted``: fresh random per-head weights (any sign), float64, odd lengths and padding
@@ -375,7 +375,7 @@ def _check_flex_against_dense(graphs):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["flex", "triton"])
+@pytest.mark.parametrize("backend", ["flex", "triton", "matrix", "auto"])
 def test_diffuse_weighted_on_cuda_matches_dense(backend):
     """float32 ``diffuse_weighted`` on the CUDA backends against float64 dense: output and the gradients
     of q, k, v and the per-head weights, odd length, with and without padding."""

@@ -46,7 +46,7 @@ from hopformer.ops import triton_diffusion as triton_backend
 from hopformer.ops.checks import check_qkv
 from hopformer.ops.coefficients import check_diffusion_args, diffusion_coefficients, mixing_weights
 from hopformer.ops.gather import gather_diffusion
-from hopformer.ops.matrix import matrix_diffusion
+from hopformer.ops.matrix import allowed_mask, matrix_diffusion
 
 BACKENDS = ("auto", "dense", "gather", "flex", "matrix", "triton")
 NO_ATTENTION_DROPOUT = ("flex", "matrix", "triton")  # backends that raise on dropout_p > 0
@@ -220,12 +220,17 @@ def diffuse_weighted(
         hop_dropout_p: feature dropout on every power ``A^k V`` before it is weighed.
         Other arguments as in :func:`sparse_attention`.
 
-    Each hop is one :func:`sparse_attention` call on ``backend`` (``auto``: ``flex`` on CUDA,
-    ``gather`` elsewhere), which recomputes the scores and keeps every power for backward: about
-    ``hops`` times the cost of one sparse attention, where :func:`diffuse`'s ``triton``, ``matrix``
-    and ``gather`` paths compute ``A`` once.
+    ``dense`` and ``matrix`` compute ``A`` once (materialised, plain autograd) and apply it ``hops``
+    times; the other backends run one :func:`sparse_attention` per hop, which recomputes the scores.
+    ``auto`` takes ``matrix`` where :func:`diffuse`'s ``auto`` would take ``matrix`` or ``triton``
+    and the matrix fits (there is no weighted Triton kernel), else one ``flex`` (CUDA) or
+    ``gather`` call per hop. Every power is kept for backward.
     """
+    auto = backend == "auto"
     backend, scale = _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale)
+    if auto and dropout_p == 0:  # A once where it fits (there is no weighted Triton kernel)
+        fits = _matrix_fits(q) if q.is_cuda else _auto_diffusion_backend(q, graph, dropout_p) == "matrix"
+        backend = "matrix" if fits else backend
     heads = q.shape[1]
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
         raise TypeError(f"weights must be a floating-point tensor, got {type(weights).__name__}")
@@ -240,20 +245,31 @@ def diffuse_weighted(
         raise ValueError(f"weights are on {weights.device} but q is on {q.device}")
     if not 0.0 <= hop_dropout_p < 1.0:
         raise ValueError(f"hop_dropout_p must be in [0, 1), got {hop_dropout_p!r}")
+    if backend in ("dense", "matrix"):
+        operator = _DenseOperator(q, k, graph, key_padding_mask, scale)
+
+        def attend(z: torch.Tensor) -> torch.Tensor:
+            return (operator.dropped(dropout_p) if dropout_p > 0 else operator).apply(z)
+
+    else:
+
+        def attend(z: torch.Tensor) -> torch.Tensor:
+            return sparse_attention(
+                q,
+                k,
+                z,
+                graph,
+                key_padding_mask,
+                backend,
+                dropout_p=dropout_p,
+                scale=scale,
+                kernel_options=kernel_options,
+            )
+
     per_head = weights[:, :, None, None]  # (heads, hops + 1, 1, 1): broadcasts over (batch, heads, seq, dim)
     power, out = v, per_head[:, 0] * v
     for hop in range(1, weights.shape[1]):
-        power = sparse_attention(
-            q,
-            k,
-            power,
-            graph,
-            key_padding_mask,
-            backend,
-            dropout_p=dropout_p,
-            scale=scale,
-            kernel_options=kernel_options,
-        )
+        power = attend(power)
         if hop_dropout_p > 0:
             power = F.dropout(power, hop_dropout_p)
         out = out + per_head[:, hop] * power
@@ -265,12 +281,13 @@ class _DenseOperator:
     """Reference: the full ``(batch, heads, seq, seq)`` attention matrix on the graph's edges."""
 
     def __init__(self, q, k, graph: BlockGraph, key_padding_mask, scale: float) -> None:
-        mask = graph.to_dense(q.device)[None, None]
+        mask = allowed_mask(graph, key_padding_mask, q.device)  # the graph's token mask is cached on it
         if key_padding_mask is not None:
-            mask = mask & key_padding_mask[:, None, None, :] & key_padding_mask[:, None, :, None]
+            mask = mask & key_padding_mask[:, None, :, None]
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        self.matrix = torch.softmax(scores, dim=-1) * mask
+        # in q's dtype: under bf16 autocast the softmax comes out fp32, and every hop would cast it again
+        self.matrix = (torch.softmax(scores, dim=-1) * mask).to(q.dtype)
 
     def dropped(self, p: float) -> _DenseOperator:
         other = object.__new__(_DenseOperator)
