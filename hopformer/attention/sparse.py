@@ -141,8 +141,11 @@ class DiffuserAttention(GraphAttention):
             ``hops + 1`` logits, started at the kernel's coefficients), as GPR-GNN does for graph
             diffusion (Chien et al. 2021), instead of fixing them. Not in the Diffuser reference. PPR can
             put at most 0.25 on the one-hop attention ``A`` (at alpha 0.5); learned weights can move
-            anywhere on the simplex. Runs through :func:`~hopformer.ops.diffuse_weighted`, about
-            ``hops`` times the cost of one sparse attention; edge dropout is then drawn per hop
+            anywhere on the simplex, but slowly at the model's learning rate (Pathfinder-32, 18,000 steps:
+            no weight moved by more than 0.14, docs/lra.md), so the start matters: ``alpha``, ``kernel`` and
+            ``heat_time`` set it (``kernel="heat", heat_time=1``: 0.37 on each of ``V`` and ``A``).
+            Runs through :func:`~hopformer.ops.diffuse_weighted`: one sparse attention per hop (a
+            training step 1.9x one with fixed weights on an H200); edge dropout is then drawn per hop
             (``edge_dropout="per_hop"``).
         Other arguments as :class:`GraphAttention`.
     """
