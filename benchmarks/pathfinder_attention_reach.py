@@ -17,7 +17,8 @@ Reported per layer and head, as means over query pixels (all pixels, and the lit
 ``distance``, the expected pixel distance from a query to what it attends to; ``local3`` and ``local7``,
 the weight on its 3 x 3 and 7 x 7 neighbourhoods; ``self``, the weight on itself; ``on_ink``, the weight on
 lit pixels; ``keys``, the effective number of keys attended to (the exponential of the row's entropy).
-The fraction of lit pixels in the images is reported beside them (``ink_fraction``).
+The fraction of lit pixels in the images is reported beside them (``ink_fraction``). A run trained with
+``data.mask_black_pixels=true`` is analysed with that mask, as it ran.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hopformer.analysis import attention_operators  # noqa: E402
+from hopformer.attention import use_portable_backends  # noqa: E402
 from hopformer.bench.harness import command_line, environment, positive_int  # noqa: E402
 from hopformer.data import load_lra  # noqa: E402
 from hopformer.models import from_pretrained  # noqa: E402
+from hopformer.train.config import load_config  # noqa: E402
 
 
 def pixel_geometry(side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,25 +60,45 @@ def reach(operator: torch.Tensor, ink: torch.Tensor, side: int) -> dict[str, tor
     }
 
 
+def masks_black_pixels(run: Path) -> bool:
+    """Whether the run trained with ``data.mask_black_pixels`` (attention over the lit pixels only)."""
+    return load_config(run / "config.yaml").data.mask_black_pixels
+
+
+def lit_mask(run: Path, ids: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask the run trained with: the lit pixels, or None (every pixel a real token)."""
+    return ids > 0 if masks_black_pixels(run) else None
+
+
+def load_on_cpu(run: Path) -> torch.nn.Module:
+    """The run's best checkpoint in eval mode; a CUDA-only backend it trained with (``triton``, ``flex``)
+    becomes ``auto``, which computes the same operator on the CPU."""
+    model = from_pretrained(run / "best").eval()
+    use_portable_backends(model)
+    return model
+
+
 def analyse(run: Path, images: torch.Tensor, batch_size: int) -> dict[str, dict[str, dict[str, list[float]]]]:
     """Reach of every layer's operators of the run's best checkpoint over ``images`` (ids, raster order):
-    ``{"layer0 A": {"distance": {"all": [per head], "ink": [per head]}, ...}, ...}``."""
-    model = from_pretrained(run / "best").eval()
+    ``{"layer0 A": {"distance": {"all": [per head], "ink": [per head]}, ...}, ...}``. For a run that masked
+    the black pixels, their queries have no operator rows, so only the ``ink`` means are given."""
+    model = load_on_cpu(run)
     side = round(images.shape[1] ** 0.5)
     measured: dict[str, dict[str, list[torch.Tensor]]] = {}
     for start in range(0, len(images), batch_size):
         ids = images[start : start + batch_size]
         for uniform in (False, True):
-            for layer, found in enumerate(attention_operators(model, ids, uniform=uniform)):
+            for layer, found in enumerate(attention_operators(model, ids, lit_mask(run, ids), uniform=uniform)):
                 for name, operator in found.items():
                     key = f"layer{layer} {name}" + (", uniform" if uniform else "")
                     for measure, values in reach(operator, ids > 0, side).items():
                         measured.setdefault(key, {}).setdefault(measure, []).append(values)
     ink = (images > 0)[:, None, :].double()  # (images, 1, L)
+    masked = masks_black_pixels(run)
     return {
         key: {
             measure: {
-                "all": torch.cat(parts).mean((0, 2)).tolist(),
+                "all": None if masked else torch.cat(parts).mean((0, 2)).tolist(),
                 "ink": ((torch.cat(parts) * ink).sum((0, 2)) / ink.sum((0, 2))).tolist(),
             }
             for measure, parts in measures.items()
@@ -99,8 +122,8 @@ def figure(runs: list[str], image: torch.Tensor, path: str) -> None:
     query = int(lit[((rows - side / 2) ** 2 + (cols - side / 2) ** 2).argmin()])  # the lit pixel nearest the centre
     panels = [("image, query marked", image.double().view(side, side) / 255.0, None)]
     for run in runs:
-        model = from_pretrained(Path(run) / "best").eval()
-        for name, operator in attention_operators(model, image[None])[0].items():
+        model = load_on_cpu(Path(run))
+        for name, operator in attention_operators(model, image[None], lit_mask(Path(run), image[None]))[0].items():
             weights = operator[0, :, query].mean(0).view(side, side)
             panels.append((f"{Path(run).name}\nlayer 0 {name}", weights, LogNorm(1e-4, 1.0)))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))

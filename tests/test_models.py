@@ -433,3 +433,29 @@ def test_a_deeper_conv_stem_is_a_stack_of_3x3_convolutions_with_a_7x7_view():
         TransformerEncoder(256, dim=8, pad_id=None, embedding="conv", stem_depth=0)
     with pytest.raises(ValueError, match="depth=2 needs kernel_size=3.*got kernel_size=1"):
         IntensityEmbedding(256, 8, kernel_size=1, depth=2)
+
+
+def test_use_portable_backends_lets_a_gpu_backend_checkpoint_run_anywhere():
+    """Layers saved with a CUDA-only backend (triton, flex) fail on the CPU with the backend named; after
+    ``use_portable_backends`` they run on ``auto`` and give what a model built with ``auto`` gives."""
+    from hopformer.attention import build, use_portable_backends
+
+    torch.manual_seed(int(torch.randint(1000, ())))
+    model = torch.nn.Sequential(
+        build("diffuser", dim=16, heads=2, block_size=16, backend="triton", learned_coefficients=True),
+        build("bigbird", dim=16, heads=2, block_size=16, backend="flex"),
+    ).double()
+    reference = torch.nn.Sequential(
+        build("diffuser", dim=16, heads=2, block_size=16, learned_coefficients=True),
+        build("bigbird", dim=16, heads=2, block_size=16),
+    ).double()
+    reference.load_state_dict(model.state_dict())
+    x, mask = torch.randn(2, 40, 16, dtype=torch.float64), torch.rand(2, 40) > 0.3
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="triton"):
+            model[0](x, mask)
+    assert use_portable_backends(model) == {"triton", "flex"}
+    assert use_portable_backends(model) == set()
+    for layer, expected in zip(model, reference):
+        assert layer.backend == "auto"
+        torch.testing.assert_close(layer(x, mask), expected(x, mask))

@@ -106,3 +106,18 @@ class FullAttention(AttentionModule):
             mask = mask & torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
         out = masked_sdpa(q, k, v, mask, dropout_p=dropout)
         return out * (key_padding_mask & has_real[:, None])[:, None, :, None].to(out.dtype)
+
+
+CUDA_ONLY_BACKENDS = ("flex", "triton")
+
+
+def use_portable_backends(model: nn.Module) -> set[str]:
+    """Set every attention layer of ``model`` whose backend runs on CUDA only (``flex``, ``triton``) to
+    ``"auto"``, which computes the same attention on any device; returns the backends replaced. For
+    evaluating or analysing a checkpoint trained on a GPU with an explicit backend on a CPU."""
+    replaced = set()
+    for module in model.modules():
+        if isinstance(module, AttentionModule) and getattr(module, "backend", None) in CUDA_ONLY_BACKENDS:
+            replaced.add(module.backend)
+            module.backend = "auto"
+    return replaced

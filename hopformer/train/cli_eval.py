@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -41,6 +42,7 @@ def checkpoint_folder(path: Path, which: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, evaluate, print the accuracy."""
+    from hopformer.attention import use_portable_backends
     from hopformer.models import MaskedTokenModel, from_pretrained
     from hopformer.train.trainer import (
         CONFIG_NAME,
@@ -56,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     folder = checkpoint_folder(path, args.which)
     device = resolve_device(args.device)
     model = from_pretrained(folder, device)
+    if device.type != "cuda":
+        replaced = use_portable_backends(model)
+        if replaced:
+            print(f"note: backend {sorted(replaced)} needs CUDA; evaluating with backend='auto'", file=sys.stderr)
     limit = max_tokens(model)
     if isinstance(model, MaskedTokenModel) and args.data:
         raise ValueError("a masked-token model is evaluated on its own task's splits: use --split, not --data")
