@@ -67,6 +67,7 @@ def test_operators_applied_to_the_values_give_each_layers_output(attention, opti
         real_queries = padded[:, None, :].expand(3, 2, 48)
         real_keys = padded[:, None, None, :].expand(3, 2, 48, 48)
         for operator in found.values():
+            assert not operator.requires_grad  # plain matrices, no autograd graph (learned weights included)
             rows = operator.sum(-1)[real_queries]
             torch.testing.assert_close(rows, torch.ones_like(rows))
             assert operator[~real_keys].abs().max() == 0  # no weight on padded keys

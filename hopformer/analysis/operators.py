@@ -61,13 +61,13 @@ def attention_operators(
     captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     for layer in layers:
         layer.attend = _recording(layer.attend, captured)
-    try:
-        with torch.no_grad():
+    with torch.no_grad():  # learned hop weights are parameters: keep their autograd graph out of the result
+        try:
             model(input_ids, attention_mask)
-    finally:
-        for layer in layers:
-            del layer.attend  # back to the class's method
-    return [_operators(layer, q, k, mask, uniform) for layer, (q, k, mask) in zip(layers, captured)]
+        finally:
+            for layer in layers:
+                del layer.attend  # back to the class's method
+        return [_operators(layer, q, k, mask, uniform) for layer, (q, k, mask) in zip(layers, captured)]
 
 
 def _recording(attend: Callable, captured: list) -> Callable:
