@@ -65,9 +65,9 @@ def masks_black_pixels(run: Path) -> bool:
     return load_config(run / "config.yaml").data.mask_black_pixels
 
 
-def lit_mask(run: Path, ids: torch.Tensor) -> torch.Tensor | None:
-    """The attention mask the run trained with: the lit pixels, or None (every pixel a real token)."""
-    return ids > 0 if masks_black_pixels(run) else None
+def lit_mask(masked: bool, ids: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask a run trained with: the lit pixels if it ``masked`` the black ones, else None."""
+    return ids > 0 if masked else None
 
 
 def load_on_cpu(run: Path) -> torch.nn.Module:
@@ -83,18 +83,18 @@ def analyse(run: Path, images: torch.Tensor, batch_size: int) -> dict[str, dict[
     ``{"layer0 A": {"distance": {"all": [per head], "ink": [per head]}, ...}, ...}``. For a run that masked
     the black pixels, their queries have no operator rows, so only the ``ink`` means are given."""
     model = load_on_cpu(run)
+    masked = masks_black_pixels(run)
     side = round(images.shape[1] ** 0.5)
     measured: dict[str, dict[str, list[torch.Tensor]]] = {}
     for start in range(0, len(images), batch_size):
         ids = images[start : start + batch_size]
         for uniform in (False, True):
-            for layer, found in enumerate(attention_operators(model, ids, lit_mask(run, ids), uniform=uniform)):
+            for layer, found in enumerate(attention_operators(model, ids, lit_mask(masked, ids), uniform=uniform)):
                 for name, operator in found.items():
                     key = f"layer{layer} {name}" + (", uniform" if uniform else "")
                     for measure, values in reach(operator, ids > 0, side).items():
                         measured.setdefault(key, {}).setdefault(measure, []).append(values)
     ink = (images > 0)[:, None, :].double()  # (images, 1, L)
-    masked = masks_black_pixels(run)
     return {
         key: {
             measure: {
@@ -122,8 +122,8 @@ def figure(runs: list[str], image: torch.Tensor, path: str) -> None:
     query = int(lit[((rows - side / 2) ** 2 + (cols - side / 2) ** 2).argmin()])  # the lit pixel nearest the centre
     panels = [("image, query marked", image.double().view(side, side) / 255.0, None)]
     for run in runs:
-        model = load_on_cpu(Path(run))
-        for name, operator in attention_operators(model, image[None], lit_mask(Path(run), image[None]))[0].items():
+        model, mask = load_on_cpu(Path(run)), lit_mask(masks_black_pixels(Path(run)), image[None])
+        for name, operator in attention_operators(model, image[None], mask)[0].items():
             weights = operator[0, :, query].mean(0).view(side, side)
             panels.append((f"{Path(run).name}\nlayer 0 {name}", weights, LogNorm(1e-4, 1.0)))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
