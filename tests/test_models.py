@@ -319,7 +319,7 @@ def test_diffuser_learned_coefficients():
     mask = torch.rand(2, 45) > 0.2
     torch.testing.assert_close(learned(x, mask), fixed(x, mask))
     torch.testing.assert_close(learned.coefficients(), fixed.coefficients())
-    assert "learned_coefficients=True" in repr(learned) and "hop_logits" not in fixed.state_dict()
+    assert "learned_coefficients='softmax'" in repr(learned) and "hop_logits" not in fixed.state_dict()
 
     optimizer = torch.optim.SGD([learned.hop_logits], lr=1.0)
     learned(x, mask).square().sum().backward()
@@ -332,11 +332,74 @@ def test_diffuser_learned_coefficients():
     copy_.load_state_dict(learned.state_dict())
     torch.testing.assert_close(copy_.coefficients(), weights)
 
-    with pytest.raises(TypeError, match="learned_coefficients must be True or False, got 'yes'"):
+    with pytest.raises(ValueError, match="learned_coefficients must be False, True, 'softmax' or 'free', got 'yes'"):
         build("diffuser", **options, learned_coefficients="yes")
     with pytest.raises(ValueError, match="edge_dropout='per_hop'"):
         build("diffuser", **options, learned_coefficients=True, dropout=0.1)
     assert build("diffuser", **options, learned_coefficients=True, dropout=0.1, edge_dropout="per_hop").training
+
+
+def test_diffuser_explicit_and_free_coefficients():
+    """``coefficients=[...]`` fixes the hop weights (``[0, 1]`` at one hop is plain sparse attention on the
+    graph); ``learned_coefficients="free"`` starts there and learns unconstrained weights that may turn
+    negative; bad lists fail with the argument named."""
+    from hopformer.attention import build
+    from hopformer.attention.sparse import SparseAttention
+
+    torch.manual_seed(int(torch.randint(1000, ())))
+    options = dict(dim=16, heads=2, block_size=16)
+    x = torch.randn(2, 45, 16, dtype=torch.float64)
+    mask = torch.rand(2, 45) > 0.2
+    mask[:, 0] = True
+    one_hop = build("diffuser", **options, hops=1, coefficients=[0, 1]).double()
+    sparse = SparseAttention(**options, pattern="diffuser").double()
+    sparse.load_state_dict(one_hop.state_dict())
+    torch.testing.assert_close(one_hop(x, mask), sparse(x, mask))
+    assert "coefficients=[0, 1]" in repr(one_hop)
+
+    weights = [0.05, 0.8, 0.05, 0.1]
+    fixed = build("diffuser", **options, hops=3, coefficients=weights).double()
+    free = build("diffuser", **options, hops=3, coefficients=weights, learned_coefficients="free").double()
+    free.load_state_dict(fixed.state_dict(), strict=False)
+    torch.testing.assert_close(free(x, mask), fixed(x, mask))
+    torch.testing.assert_close(free.coefficients(), torch.tensor([weights] * 2, dtype=torch.float64))
+    optimizer = torch.optim.SGD([free.hop_weights], lr=1.0)
+    free(x, mask).sum().backward()
+    optimizer.step()
+    free.hop_weights.data[0, 0] = -0.5  # any sign is allowed: the output follows the weights exactly
+    expected = sum(
+        free.hop_weights[None, :, hop, None, None].detach() * power
+        for hop, power in enumerate(_powers(free, x, mask, hops=3))
+    )
+    torch.testing.assert_close(free.attend(*_qkv(free, x), mask), expected * mask[:, None, :, None])
+
+    for bad, message in (
+        ([0.5, 0.5], "coefficients must have hops \\+ 1 = 4 entries"),
+        ([0.5, 0.6, -0.1, 0.0], "coefficients must be finite numbers >= 0"),
+        ([0.5, 0.5, 0.5, 0.5], "coefficients must sum to 1"),
+        ("0.25", "coefficients must be a list of hops \\+ 1 = 4 numbers"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build("diffuser", **options, hops=3, coefficients=bad)
+
+
+def _qkv(layer, x):
+    """A Diffuser layer's per-head queries, keys and values, ``(batch, heads, seq, head_dim)`` each."""
+    batch, seq, _ = x.shape
+    q, k, v = layer.qkv(x).view(batch, seq, 3, layer.heads, -1).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def _powers(layer, x, mask, hops):
+    """``A^0 V .. A^hops V`` from the dense attention matrix of ``layer`` on its graph."""
+    q, k, v = _qkv(layer, x)
+    allowed = layer.graph(x.shape[1]).to_dense() & mask[:, None, None, :]
+    scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~allowed, float("-inf"))
+    matrix = scores.softmax(-1).nan_to_num()
+    powers = [v]
+    for _ in range(hops):
+        powers.append(matrix @ powers[-1])
+    return powers
 
 
 def test_intensity_embedding_reads_grey_levels():

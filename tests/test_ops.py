@@ -122,6 +122,49 @@ def test_diffuse_equals_matrix_power_series(kernel, remainder):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def _explicit_coefficients(hops: int) -> list[list[float]]:
+    """Fresh random weights on the simplex, with zeros where the Horner steps are edge cases: none on
+    ``V``, none on a middle power, all on ``A^1``."""
+    random = torch.rand(hops + 1, dtype=torch.float64)
+    random[0] = 0.0
+    random[hops // 2] = 0.0
+    one_hop = [0.0, 1.0] + [0.0] * (hops - 1)
+    return [(random / random.sum()).tolist(), one_hop]
+
+
+@pytest.mark.parametrize("seq_len", [45, 100])
+def test_diffuse_with_explicit_coefficients_is_their_power_series(seq_len):
+    """``diffuse(coefficients=[...])``: output and q/k/v gradients match ``sum_k c_k A^k V`` of the dense
+    matrix, float64, odd lengths and padding, on every CPU backend."""
+    graph = G.diffuser(seq_len, 16, window=3, num_global=1, num_random=1, seed=int(torch.randint(100, ())))
+    (q, k, v), mask = _inputs(graph, batch=2, heads=2, padding=True)
+    projection = torch.randn(2, 2, seq_len, 8, dtype=torch.float64)
+    for coefficients in _explicit_coefficients(4):
+        matrix = _dense_attention_matrix(q, k, graph, mask)
+        expected = sum(c * torch.linalg.matrix_power(matrix, n) @ v for n, c in enumerate(coefficients))
+        expected = expected * mask[:, None, :, None]
+        expected_grads = torch.autograd.grad((expected * projection).sum(), (q, k, v))
+        for backend in ("dense", "gather", "matrix", "auto"):
+            got = diffuse(q, k, v, graph, 4, key_padding_mask=mask, backend=backend, coefficients=coefficients)
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+            got_grads = torch.autograd.grad((got * projection).sum(), (q, k, v))
+            for name, g, e in zip(("dq", "dk", "dv"), got_grads, expected_grads):
+                label = f"{backend} {name}"
+                torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=lambda m, n=label: f"{n}: {m}")
+
+
+def test_diffuse_bad_coefficients():
+    graph = G.local(32, 16)
+    (q, k, v), _ = _inputs(graph, padding=False)
+    with pytest.raises(ValueError, match=r"coefficients must have hops \+ 1 = 3 entries"):
+        diffuse(q, k, v, graph, 2, coefficients=[0.5, 0.5])
+    with pytest.raises(ValueError, match="coefficients must sum to 1"):
+        diffuse(q, k, v, graph, 1, coefficients=[0.5, 0.6])
+    with pytest.raises(ValueError, match="finite numbers >= 0"):
+        diffuse(q, k, v, graph, 1, coefficients=[float("nan"), 1.0])
+    assert diffuse(q, k, v, graph, 2, coefficients=[1.0, 0.0, 0.0]) is v
+
+
 @pytest.mark.parametrize("backend", ["dense", "gather", "matrix", "auto"])
 @pytest.mark.parametrize("seq_len", [45, 100])
 def test_diffuse_weighted_equals_matrix_power_series_with_gradients(backend, seq_len):
@@ -371,6 +414,29 @@ def _check_flex_against_dense(graphs):
                     assert torch.isfinite(g).all(), (graph.name, name)
                     error = (g.double() - e).norm() / e.norm().clamp_min(1e-12)
                     assert error < 1e-3, f"{graph.name} {fn.__name__} {name} padding={padding}: {error:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flex", "triton", "matrix"])
+def test_diffuse_with_explicit_coefficients_on_cuda(backend):
+    """float32 ``diffuse(coefficients=[...])`` on the CUDA backends against float64 dense, zeros included
+    (no weight on ``V``, on a middle power; all on ``A^1``), with padding: output and q/k/v gradients."""
+    graph = G.diffuser(1000, 64, num_global=1, num_random=2, seed=5)
+    (q, k, v), mask = _inputs(graph, heads=2, dim=32, padding=True, device="cuda")
+    projection = torch.randn(2, 2, 1000, 32, dtype=torch.float64, device="cuda")
+    for coefficients in _explicit_coefficients(5):
+
+        def run(tensors, backend, coefficients=coefficients):
+            out = diffuse(*tensors, graph, 5, key_padding_mask=mask, backend=backend, coefficients=coefficients)
+            return (out, *torch.autograd.grad((out.double() * projection).sum(), tensors))
+
+        expected = run((q, k, v), "dense")
+        got = run([t.detach().float().requires_grad_() for t in (q, k, v)], backend)
+        for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
+            assert torch.isfinite(g).all(), name
+            error = (g.double() - e).norm() / e.norm().clamp_min(1e-12)
+            assert error < 1e-3, f"{backend} {name} {coefficients}: {error:.2e}"
 
 
 @pytest.mark.cuda

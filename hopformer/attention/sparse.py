@@ -17,7 +17,7 @@ from hopformer.attention.base import AttentionModule
 from hopformer.attention.registry import register
 from hopformer.graphs import PATTERNS, BlockGraph, build_graph
 from hopformer.ops import diffuse, diffuse_weighted, sparse_attention
-from hopformer.ops.coefficients import check_diffusion_args, diffusion_coefficients
+from hopformer.ops.coefficients import check_coefficients, check_diffusion_args, diffusion_coefficients
 from hopformer.ops.sparse import NO_ATTENTION_DROPOUT
 
 
@@ -137,16 +137,19 @@ class DiffuserAttention(GraphAttention):
         hop_dropout: feature dropout on every hop's state.
         pattern: the graph, ``"diffuser"`` by default; any pattern name works (``"grid2d"``: pixel
             neighbourhoods of an image, which diffusion then spreads along paths).
-        learned_coefficients: learn each head's weights on ``A^0 .. A^hops`` (a softmax over
-            ``hops + 1`` logits, started at the kernel's coefficients), as GPR-GNN does for graph
-            diffusion (Chien et al. 2021), instead of fixing them. Not in the Diffuser reference. PPR can
-            put at most 0.25 on the one-hop attention ``A`` (at alpha 0.5); learned weights can move
-            anywhere on the simplex, but slowly at the model's learning rate (Pathfinder-32, 18,000 steps:
-            no weight moved by more than 0.14, docs/lra.md), so the start matters: ``alpha``, ``kernel`` and
-            ``heat_time`` set it (``kernel="heat", heat_time=1``: 0.37 on each of ``V`` and ``A``).
-            Runs through :func:`~hopformer.ops.diffuse_weighted`: one sparse attention per hop (a
-            training step 1.9x one with fixed weights on an H200); edge dropout is then drawn per hop
-            (``edge_dropout="per_hop"``).
+        coefficients: explicit weights on ``A^0 .. A^hops`` (``hops + 1`` non-negative numbers summing to
+            1) in place of the kernel's, e.g. ``[0, 1]`` with ``hops=1``: plain sparse attention on the
+            graph. With ``learned_coefficients`` they are the start.
+        learned_coefficients: learn each head's weights on ``A^0 .. A^hops`` instead of fixing them, as
+            GPR-GNN does for graph diffusion (Chien et al. 2021); not in the Diffuser reference.
+            ``True`` (or ``"softmax"``): a softmax over ``hops + 1`` logits per head, so the operator stays
+            row-stochastic. ``"free"``: the weights themselves, any sign (GPR-GNN's choice: a head can
+            then subtract, e.g. ``A V - V``, a high-pass filter). Both start at ``coefficients`` or the
+            kernel's; the learned weights get no weight decay. Softmax weights move slowly at the model's
+            learning rate (Pathfinder-32, 18,000 steps: no weight moved by more than 0.14, docs/lra.md),
+            so the start matters. Runs through :func:`~hopformer.ops.diffuse_weighted`: one sparse
+            attention per hop (a training step 1.9x one with fixed weights on an H200); edge dropout is
+            then drawn per hop (``edge_dropout="per_hop"``).
         Other arguments as :class:`GraphAttention`.
     """
 
@@ -163,39 +166,48 @@ class DiffuserAttention(GraphAttention):
         edge_dropout: str = "once",
         hop_dropout: float = 0.0,
         pattern: str = "diffuser",
-        learned_coefficients: bool = False,
+        coefficients: list[float] | None = None,
+        learned_coefficients: bool | str = False,
         **options: Any,
     ) -> None:
         super().__init__(dim, heads, pattern=pattern, **options)
         check_diffusion_args(hops, alpha, kernel, heat_time, remainder)
-        self.hops, self.alpha, self.kernel, self.heat_time, self.remainder = hops, alpha, kernel, heat_time, remainder
-        self.edge_dropout, self.hop_dropout = edge_dropout, hop_dropout
-        self.hop_logits = None
-        if not isinstance(learned_coefficients, bool):
-            raise TypeError(f"learned_coefficients must be True or False, got {learned_coefficients!r}")
-        if learned_coefficients:
-            if self.dropout > 0 and edge_dropout != "per_hop":
-                raise ValueError(
-                    f"learned_coefficients draws edge dropout afresh at every hop; with dropout={self.dropout} "
-                    f"pass edge_dropout='per_hop' (got {edge_dropout!r}) or dropout=0"
-                )
+        self.hops, self.edge_dropout, self.hop_dropout = hops, edge_dropout, hop_dropout
+        if coefficients is None:
             start = diffusion_coefficients(hops, alpha, kernel=kernel, heat_time=heat_time, remainder=remainder)
-            logits = torch.tensor(start).clamp_min(1e-6).log()  # a zero weight (renormalised tail) stays movable
+        else:
+            start = check_coefficients(coefficients, hops)
+        self.fixed_coefficients = start  # the weights, or with learned_coefficients where they start
+        if learned_coefficients is True:
+            learned_coefficients = "softmax"
+        if learned_coefficients not in (False, "softmax", "free"):
+            allowed = "False, True, 'softmax' or 'free'"
+            raise ValueError(f"learned_coefficients must be {allowed}, got {learned_coefficients!r}")
+        self.learned = learned_coefficients or None
+        if self.learned and self.dropout > 0 and edge_dropout != "per_hop":
+            raise ValueError(
+                f"learned_coefficients draws edge dropout afresh at every hop; with dropout={self.dropout} "
+                f"pass edge_dropout='per_hop' (got {edge_dropout!r}) or dropout=0"
+            )
+        self.hop_logits = self.hop_weights = None
+        if self.learned == "softmax":
+            logits = torch.tensor(start).clamp_min(1e-6).log()  # a zero weight stays movable
             self.hop_logits = nn.Parameter(logits.repeat(heads, 1))
+        elif self.learned == "free":
+            self.hop_weights = nn.Parameter(torch.tensor(start).repeat(heads, 1))
 
     def coefficients(self) -> torch.Tensor:
         """The weights on ``A^0 .. A^hops``, ``(heads, hops + 1)``: learned (in the parameters' dtype and
-        device), or the kernel's for every head (float64, on the CPU)."""
+        device), or the fixed ones for every head (float64, on the CPU)."""
         if self.hop_logits is not None:
             return self.hop_logits.softmax(dim=-1)
-        fixed = diffusion_coefficients(
-            self.hops, self.alpha, kernel=self.kernel, heat_time=self.heat_time, remainder=self.remainder
-        )
-        return torch.tensor(fixed, dtype=torch.float64).repeat(self.heads, 1)
+        if self.hop_weights is not None:
+            return self.hop_weights
+        return torch.tensor(self.fixed_coefficients, dtype=torch.float64).repeat(self.heads, 1)
 
     def attend(self, q, k, v, key_padding_mask):
         graph = self.graph(q.shape[2])
-        if self.hop_logits is not None:
+        if self.learned:
             return diffuse_weighted(
                 q,
                 k,
@@ -213,17 +225,15 @@ class DiffuserAttention(GraphAttention):
             v,
             graph,
             self.hops,
-            self.alpha,
-            key_padding_mask,
-            self.backend,
-            kernel=self.kernel,
-            heat_time=self.heat_time,
-            remainder=self.remainder,
+            key_padding_mask=key_padding_mask,
+            backend=self.backend,
+            coefficients=self.fixed_coefficients,
             dropout_p=self._dropout_p(q),
             edge_dropout=self.edge_dropout,
             hop_dropout_p=self.hop_dropout if self.training else 0.0,
         )
 
     def extra_repr(self) -> str:
-        learned = ", learned_coefficients=True" if self.hop_logits is not None else ""
-        return f"{super().extra_repr()}, hops={self.hops}, alpha={self.alpha}, kernel={self.kernel!r}{learned}"
+        weights = ", ".join(f"{c:.3g}" for c in self.fixed_coefficients)
+        learned = f", learned_coefficients={self.learned!r}" if self.learned else ""
+        return f"{super().extra_repr()}, hops={self.hops}, coefficients=[{weights}]{learned}"

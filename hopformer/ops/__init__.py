@@ -8,7 +8,13 @@
 
 from __future__ import annotations
 
-from hopformer.ops.coefficients import diffusion_coefficients, mixing_weights, ppr_spectral_map, spectral_map
+from hopformer.ops.coefficients import (
+    check_coefficients,
+    diffusion_coefficients,
+    mixing_weights,
+    ppr_spectral_map,
+    spectral_map,
+)
 from hopformer.ops.sparse import BACKENDS, diffuse, diffuse_weighted, sparse_attention
 
 __all__ = [
@@ -16,6 +22,7 @@ __all__ = [
     "combiner",
     "diffuse",
     "diffuse_weighted",
+    "check_coefficients",
     "diffusion_coefficients",
     "mixing_weights",
     "ppr_spectral_map",

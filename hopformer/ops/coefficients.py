@@ -6,7 +6,8 @@
 Truncation at ``hops`` leaves tail mass ``1 - sum_k c_k``. ``remainder="keep"`` puts it on the last
 term (for PPR this is exactly the Diffuser reference's power iteration, whose weight on ``A^hops`` is
 ``(1 - alpha)^hops``); ``"renormalize"`` drops the tail and rescales the kept terms (for PPR the terms
-``k < hops``) to sum to 1. Both give row-stochastic operators.
+``k < hops``) to sum to 1. Both give row-stochastic operators. :func:`check_coefficients` admits any
+other weights that do (an explicit list, e.g. all on the one-hop attention ``A``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,23 @@ def diffusion_coefficients(
     if total <= 0.0:
         raise ValueError(f"remainder='renormalize' leaves no weight for kernel={kernel!r}, hops={hops}, alpha={alpha}")
     return [w / total for w in weights]
+
+
+def check_coefficients(coefficients: object, hops: int) -> list[float]:
+    """An explicit weight list ``[c_0, ..., c_hops]``: ``hops + 1`` finite, non-negative numbers that sum to
+    1 (within 1e-6, then renormalised exactly), so the operator stays row-stochastic. Raises ValueError
+    naming what is wrong."""
+    if isinstance(coefficients, (str, bytes)) or not hasattr(coefficients, "__len__"):
+        raise ValueError(f"coefficients must be a list of hops + 1 = {hops + 1} numbers, got {coefficients!r}")
+    values = list(coefficients)
+    if len(values) != hops + 1:
+        raise ValueError(f"coefficients must have hops + 1 = {hops + 1} entries (A^0 .. A^{hops}), got {len(values)}")
+    if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0 for c in values):
+        raise ValueError(f"coefficients must be finite numbers >= 0, got {values!r}")
+    total = sum(values)
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"coefficients must sum to 1 (a row-stochastic operator), got {values!r} summing to {total}")
+    return [float(c) / total for c in values]
 
 
 def mixing_weights(coefficients: list[float]) -> list[float]:

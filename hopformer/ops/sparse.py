@@ -37,6 +37,8 @@ positions is zero, and a query with no allowed key gets zeros, never NaN.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +46,7 @@ from hopformer.graphs import BlockGraph
 from hopformer.ops import flex as flex_backend
 from hopformer.ops import triton_diffusion as triton_backend
 from hopformer.ops.checks import check_qkv
-from hopformer.ops.coefficients import check_diffusion_args, diffusion_coefficients, mixing_weights
+from hopformer.ops.coefficients import check_coefficients, check_diffusion_args, diffusion_coefficients, mixing_weights
 from hopformer.ops.gather import gather_diffusion
 from hopformer.ops.matrix import allowed_mask, matrix_diffusion
 
@@ -117,6 +119,7 @@ def diffuse(
     kernel: str = "ppr",
     heat_time: float = 1.0,
     remainder: str = "keep",
+    coefficients: Sequence[float] | None = None,
     dropout_p: float = 0.0,
     edge_dropout: str = "once",
     hop_dropout_p: float = 0.0,
@@ -137,6 +140,9 @@ def diffuse(
         heat_time: ``t`` of the heat kernel (> 0).
         remainder: ``"keep"`` puts the truncated tail mass on ``A^hops`` (the reference), or
             ``"renormalize"`` drops it and rescales (see :mod:`hopformer.ops.coefficients`).
+        coefficients: explicit weights ``[c_0, ..., c_hops]`` on ``A^0 .. A^hops`` (non-negative, summing
+            to 1) in place of the kernel's; ``alpha``, ``kernel``, ``heat_time`` and ``remainder`` are then
+            unused. ``[0, 1]`` with ``hops=1`` is plain sparse attention.
         dropout_p: dropout on the edge weights ``A`` (pass 0 in eval); ``edge_dropout="once"`` samples
             one mask reused by every hop (the reference), ``"per_hop"`` a fresh one per hop (MAGNA).
             Not available on ``flex``, ``matrix`` and ``triton``.
@@ -152,7 +158,11 @@ def diffuse(
         raise ValueError(f"edge_dropout must be one of {EDGE_DROPOUT}, got {edge_dropout!r}")
     if not 0.0 <= hop_dropout_p < 1.0:
         raise ValueError(f"hop_dropout_p must be in [0, 1), got {hop_dropout_p!r}")
-    steps = mixing_weights(diffusion_coefficients(hops, alpha, kernel=kernel, heat_time=heat_time, remainder=remainder))
+    if coefficients is None:
+        coefficients = diffusion_coefficients(hops, alpha, kernel=kernel, heat_time=heat_time, remainder=remainder)
+    else:
+        coefficients = check_coefficients(coefficients, hops)
+    steps = mixing_weights(coefficients)
     if all(a == 1.0 for a in steps):
         return v  # hops=0 or alpha=1: the operator is the identity
 

@@ -241,7 +241,7 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
     """AdamW; weight decay on weight matrices only (not biases, LayerNorm gains, the CLS vector, nor
     Diffuser's learned hop logits, which decay would pull towards equal weights on every hop)."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    decayed = [p.dim() >= 2 and not name.endswith("hop_logits") for name, p in trainable]
+    decayed = [p.dim() >= 2 and not name.endswith(("hop_logits", "hop_weights")) for name, p in trainable]
     decay = [p for (_, p), d in zip(trainable, decayed) if d]
     other = [p for (_, p), d in zip(trainable, decayed) if not d]
     groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": other, "weight_decay": 0.0}]
