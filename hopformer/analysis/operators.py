@@ -4,8 +4,8 @@
 that mixes the values from the queries and keys the layer computed:
 
 - ``"A"``: the softmax of the scores on the layer's graph (full attention: on every key);
-- ``"diffused"`` (Diffuser only): ``sum_k c_k A^k``, with the layer's coefficients (its hops, alpha,
-  kernel and remainder, or its learned weights).
+- ``"diffused"`` (Diffuser only): ``sum_k c_k A^k``, with the layer's coefficients (its kernel's,
+  its explicit ``coefficients`` or its learned weights).
 
 The matrices come from the graph ops (:func:`~hopformer.ops.sparse_attention`,
 :func:`~hopformer.ops.diffuse_weighted`; full attention as the ``"full"`` pattern) applied to identity values, so
