@@ -653,16 +653,21 @@ def test_pixel_embeddings_pretrain_and_start_a_classifier(tmp_path, data, embedd
 
 
 def test_optimizer_decays_weight_matrices_only():
-    """Weight decay reaches the projection matrices, not biases, LayerNorm gains or Diffuser's hop logits."""
+    """Weight decay reaches the projection matrices, not biases, LayerNorm gains or Diffuser's learned hop
+    weights (softmax logits or free weights)."""
     from hopformer.attention import build
 
+    options = dict(dim=16, heads=2, block_size=16, hops=2)
     model = torch.nn.Sequential(
-        build("diffuser", dim=16, heads=2, block_size=16, hops=2, learned_coefficients=True), torch.nn.LayerNorm(16)
+        build("diffuser", **options, learned_coefficients=True),
+        build("diffuser", **options, learned_coefficients="free"),
+        torch.nn.LayerNorm(16),
     )
     optimizer = trainer_module.make_optimizer(model, from_dict({"optim": {"weight_decay": 0.05}}))
     decayed, plain = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
     assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
-    assert id(model[0].hop_logits) in plain and id(model[1].weight) in plain
-    matrices = {id(p) for name, p in model.named_parameters() if p.dim() >= 2 and "hop_logits" not in name}
+    assert {id(model[0].hop_logits), id(model[1].hop_weights), id(model[2].weight)} <= plain
+    hop = ("hop_logits", "hop_weights")
+    matrices = {id(p) for name, p in model.named_parameters() if p.dim() >= 2 and not name.endswith(hop)}
     assert matrices and decayed == matrices
     assert decayed | plain == {id(p) for p in model.parameters()}

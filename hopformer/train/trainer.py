@@ -239,7 +239,7 @@ def objective_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
     """AdamW; weight decay on weight matrices only (not biases, LayerNorm gains, the CLS vector, nor
-    Diffuser's learned hop logits, which decay would pull towards equal weights on every hop)."""
+    Diffuser's learned hop logits or weights, which decay would pull towards equal or zero weights)."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     decayed = [p.dim() >= 2 and not name.endswith(("hop_logits", "hop_weights")) for name, p in trainable]
     decay = [p for (_, p), d in zip(trainable, decayed) if d]
