@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "graph": ("hopformer.analysis.cli", "analyse attention graphs: density, spectral gap, NIP, pictures"),
     "data": ("hopformer.data.cli", "generate task data (ListOps, Pathfinder) in the released LRA layout"),
     "lra": ("hopformer.train.cli_lra", "run or collect a grid of LRA runs and write one results table"),
+    "report": ("hopformer.train.cli_report", "one comparison table from any run folders, seeds grouped"),
 }
 
 

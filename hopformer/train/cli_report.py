@@ -1,0 +1,183 @@
+"""``hopformer report``: one comparison table from any run folders, seeds grouped.
+
+    hopformer report runs/pf/bigbird-s* runs/pf/diffuser-hops1-s* runs/pf/diffuser-attn-only
+    hopformer report runs/pf/* --out runs/pf          # also writes report.md and report.json there
+
+``hopformer lra`` tabulates a (task x attention) grid of runs named by its own scheme. Variants (other
+hops, another learning rate, an option) fall outside it; this verb takes run folders as they are. It reads
+each folder's ``config.yaml``, ``metrics.jsonl`` and, once the run has finished, ``results.json``. Runs
+whose settings differ only in the seed (and in where or how long they ran) form one row: test accuracy as
+mean ± sample std over the seeds. A row is named by the settings that tell it apart from the other rows,
+so ``attention=diffuser hops=1`` rather than the whole config. Unfinished runs appear with the steps they
+reached and their best validation so far, and no test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# settings that say where or how a run ran, not what was trained: never part of a row's identity
+_NOT_IDENTITY = {
+    "train.seed",
+    "train.run_dir",
+    "train.time_limit_minutes",
+    "train.progress",
+    "train.device",
+    "train.threads",
+    "train.log_every",
+    "train.checkpoint_every",
+    "data.data_dir",
+}
+_SHORT = {"model.attention_options.": "", "model.attention": "attention"}  # prefixes shortened in labels
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", help="run folders (each with config.yaml and metrics.jsonl)")
+    parser.add_argument("--out", help="folder to write report.md and report.json into")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = summarise([read_run(Path(path)) for path in args.runs])
+    text = to_markdown(report)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(text)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
+    return 0
+
+
+def read_run(folder: Path) -> dict[str, Any]:
+    """One run's settings (flattened, dotted keys), seed, progress and scores; ValueError naming the
+    folder and the file when it is not a run folder."""
+    config_path, metrics_path = folder / "config.yaml", folder / "metrics.jsonl"
+    for path in (config_path, metrics_path):
+        if not path.is_file():
+            raise ValueError(f"{folder} is not a run folder: {path.name} is missing")
+    config = yaml.safe_load(config_path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a mapping of settings, got {type(config).__name__}")
+    settings = _flatten(config)
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    val = [r for r in records if r.get("split") == "val"]
+    train = [r for r in records if r.get("split") == "train"]
+    best = max(val, key=lambda r: r["accuracy"], default=None)
+    results_path = folder / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    return {
+        "folder": str(folder),
+        "settings": settings,
+        "seed": settings.get("train.seed"),
+        "steps": settings.get("train.steps"),
+        "step": max((r["step"] for r in records), default=0),
+        "best_val": None if best is None else 100 * best["accuracy"],
+        "best_val_step": None if best is None else best["step"],
+        "train_accuracy_end": 100 * train[-1]["accuracy"] if train else None,
+        "steps_per_s": statistics.median(r["steps_per_s"] for r in train) if train else None,
+        "test": None if results is None or results.get("test_accuracy") is None else 100 * results["test_accuracy"],
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Group the runs into rows (same settings but the seed) and name each row by what sets it apart."""
+    if not runs:
+        raise ValueError("no run folders given")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in runs:
+        identity = {k: v for k, v in item["settings"].items() if k not in _NOT_IDENTITY}
+        groups.setdefault(json.dumps(identity, sort_keys=True), []).append(item)
+    identities = [json.loads(key) for key in groups]
+    keys = sorted({k for identity in identities for k in identity})
+    varying = [k for k in keys if len({json.dumps(identity.get(k)) for identity in identities}) > 1]
+    rows = []
+    for identity, members in zip(identities, groups.values()):
+        members.sort(key=lambda m: (m["seed"] is None, m["seed"]))
+        tests = [m["test"] for m in members if m["test"] is not None]
+        vals = [m["best_val"] for m in members if m["best_val"] is not None]
+        rows.append(
+            {
+                "label": " ".join(f"{_short(k)}={_text(identity[k])}" for k in varying if k in identity) or "all runs",
+                "seeds": [m["seed"] for m in members],
+                "test_mean": statistics.fmean(tests) if tests else None,
+                "test_std": statistics.stdev(tests) if len(tests) > 1 else None,
+                "tests": tests,
+                "best_val_mean": statistics.fmean(vals) if vals else None,
+                "finished": len(tests),
+                "runs": members,
+            }
+        )
+    rows.sort(key=lambda r: -(r["test_mean"] if r["test_mean"] is not None else -1.0))
+    shared = {_short(k): identities[0][k] for k in ("task", "train.steps") if k in keys and k not in varying}
+    return {"shared": shared, "varying": varying, "rows": rows}
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """Rows best first: test mean ± std over the finished seeds, then each run's details."""
+    lines = [
+        "| row | seeds | test % (mean ± std) | per seed | best validation % | runs finished |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if row["test_mean"] is None:
+            test = "–"
+        elif row["test_std"] is None:
+            test = f"{row['test_mean']:.2f}"
+        else:
+            test = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}"
+        per_seed = " / ".join(f"{t:.2f}" for t in row["tests"]) or "–"
+        val = "–" if row["best_val_mean"] is None else f"{row['best_val_mean']:.2f}"
+        seeds = ", ".join(str(s) for s in row["seeds"])
+        lines.append(
+            f"| {row['label']} | {seeds} | {test} | {per_seed} | {val} | {row['finished']} of {len(row['runs'])} |"
+        )
+    lines += [
+        "",
+        "| run | seed | step (of) | best validation % (step) | test % | training accuracy at end % | steps/s |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|")
+    for row in report["rows"]:
+        for m in row["runs"]:
+            val = "–" if m["best_val"] is None else f"{m['best_val']:.2f} ({m['best_val_step']})"
+            test = "–" if m["test"] is None else f"{m['test']:.2f}"
+            train = "–" if m["train_accuracy_end"] is None else f"{m['train_accuracy_end']:.1f}"
+            speed = "–" if m["steps_per_s"] is None else f"{m['steps_per_s']:.1f}"
+            lines.append(
+                f"| {m['folder']} | {m['seed']} | {m['step']} ({m['steps']}) | {val} | {test} | {train} | {speed} |"
+            )
+    shared = ", ".join(f"{k}={_text(v)}" for k, v in report["shared"].items())
+    note = (
+        "\nTest: the run's results.json (the best-validation checkpoint); mean ± sample std over the seeds that "
+        "finished. Rows are named by the settings that differ between them"
+        + (f"; shared: {shared}" if shared else "")
+        + ". steps/s: median over the logged windows (runs sharing a GPU run slower).\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):  # an empty mapping (no attention options) adds no setting
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _short(key: str) -> str:
+    for prefix, replacement in _SHORT.items():
+        if key.startswith(prefix):
+            return replacement + key[len(prefix) :]
+    return key
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)

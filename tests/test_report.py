@@ -1,0 +1,81 @@
+"""``hopformer report``: run folders grouped by settings (seeds merged), named by what differs, scored."""
+
+import json
+import random
+import statistics
+
+import pytest
+
+from hopformer.cli import main
+from hopformer.train.cli_report import read_run, summarise
+from hopformer.train.config import from_dict, save_config
+
+
+def _run(folder, *, attention, seed, options=None, vals=(), test=None, steps=1000, time_limit=None):
+    """A run folder as the trainer leaves it: config.yaml, metrics.jsonl, and results.json once finished."""
+    folder.mkdir(parents=True)
+    config = from_dict(
+        {
+            "task": "pathfinder32",
+            "model": {"attention": attention, "attention_options": options or {}},
+            "train": {"seed": seed, "steps": steps, "run_dir": str(folder), "time_limit_minutes": time_limit},
+        }
+    )
+    save_config(config, folder / "config.yaml")
+    records = []
+    for i, accuracy in enumerate(vals, start=1):
+        step = i * 100
+        records.append(
+            {"step": step, "split": "train", "loss": 0.6, "accuracy": accuracy + 0.01, "steps_per_s": 10.0 + i}
+        )
+        records.append({"step": step, "split": "val", "loss": 0.6, "accuracy": accuracy})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if test is not None:
+        (folder / "results.json").write_text(json.dumps({"test_accuracy": test, "step": steps}))
+    return folder
+
+
+def test_runs_differing_only_in_seed_form_one_row(tmp_path):
+    rng = random.Random()
+    bigbird_tests = [rng.uniform(0.55, 0.7) for _ in range(3)]
+    runs = [
+        _run(tmp_path / f"bb-{seed}", attention="bigbird", seed=seed, vals=(0.5, 0.6), test=t, time_limit=seed + 1.0)
+        for seed, t in enumerate(bigbird_tests)
+    ]
+    runs.append(_run(tmp_path / "d1-0", attention="diffuser", seed=0, options={"hops": 1}, vals=(0.5, 0.55), test=0.5))
+    runs.append(_run(tmp_path / "d1-1", attention="diffuser", seed=1, options={"hops": 1}, vals=(0.52, 0.51, 0.54)))
+    runs.append(
+        _run(tmp_path / "d-c", attention="diffuser", seed=0, options={"hops": 1, "coefficients": [0, 1]}, vals=(0.5,))
+    )
+    report = summarise([read_run(folder) for folder in runs])
+
+    labels = [row["label"] for row in report["rows"]]
+    assert labels == ["attention=bigbird", "attention=diffuser hops=1", "attention=diffuser coefficients=[0,1] hops=1"]
+    bigbird, one_hop, coefficients = report["rows"]
+    assert bigbird["seeds"] == [0, 1, 2] and bigbird["finished"] == 3
+    assert bigbird["test_mean"] == pytest.approx(100 * statistics.fmean(bigbird_tests))
+    assert bigbird["test_std"] == pytest.approx(100 * statistics.stdev(bigbird_tests))
+    assert one_hop["finished"] == 1 and one_hop["test_std"] is None and one_hop["test_mean"] == pytest.approx(50.0)
+    assert one_hop["best_val_mean"] == pytest.approx((55.0 + 54.0) / 2)  # each seed's best validation
+    unfinished = one_hop["runs"][1]
+    assert unfinished["step"] == 300 and unfinished["test"] is None and unfinished["steps_per_s"] == pytest.approx(12.0)
+    assert coefficients["test_mean"] is None and report["shared"] == {"task": "pathfinder32", "train.steps": 1000}
+
+
+def test_report_command_prints_and_writes(tmp_path, capsys):
+    a = _run(tmp_path / "a", attention="local", seed=0, vals=(0.4, 0.45), test=0.44)
+    b = _run(tmp_path / "b", attention="local", seed=1, vals=(0.4,), test=0.46)
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "| all runs | 0, 1 | 45.00 ± 1.41 | 44.00 / 46.00 | 42.50 | 2 of 2 |" in printed
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["rows"][0]["test_mean"] == pytest.approx(45.0)
+    assert (tmp_path / "out" / "report.md").read_text() in printed
+
+
+def test_report_names_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty is not a run folder: config.yaml is missing"):
+        read_run(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no run folders given"):
+        summarise([])
