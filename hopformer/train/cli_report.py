@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from hopformer.train.trainer import CONFIG_NAME, METRICS_NAME, RESULTS_NAME, training_cost
+
 # settings that say where or how a run ran, not what was trained: never part of a row's identity
 _NOT_IDENTITY = {
     "train.seed",
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 def read_run(folder: Path) -> dict[str, Any]:
     """One run's settings (flattened, dotted keys), seed, progress and scores; ValueError naming the
     folder and the file when it is not a run folder."""
-    config_path, metrics_path = folder / "config.yaml", folder / "metrics.jsonl"
+    config_path, metrics_path = folder / CONFIG_NAME, folder / METRICS_NAME
     for path in (config_path, metrics_path):
         if not path.is_file():
             raise ValueError(f"{folder} is not a run folder: {path.name} is missing")
@@ -70,7 +72,7 @@ def read_run(folder: Path) -> dict[str, Any]:
     val = [r for r in records if r.get("split") == "val"]
     train = [r for r in records if r.get("split") == "train"]
     best = max(val, key=lambda r: r["accuracy"], default=None)
-    results_path = folder / "results.json"
+    results_path = folder / RESULTS_NAME
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
     return {
         "folder": str(folder),
@@ -81,7 +83,7 @@ def read_run(folder: Path) -> dict[str, Any]:
         "best_val": None if best is None else 100 * best["accuracy"],
         "best_val_step": None if best is None else best["step"],
         "train_accuracy_end": 100 * train[-1]["accuracy"] if train else None,
-        "steps_per_s": statistics.median(r["steps_per_s"] for r in train) if train else None,
+        "steps_per_s": training_cost(folder).get("steps_per_s"),
         "test": None if results is None or results.get("test_accuracy") is None else 100 * results["test_accuracy"],
     }
 
