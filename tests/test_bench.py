@@ -196,6 +196,17 @@ def test_train_step_benchmark_runs_every_variant_on_the_same_batches(tmp_path):
     assert all(r["ms_per_step"] > 0 and math.isfinite(r["final_loss"]) for r in result["rows"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+@pytest.mark.parametrize("name", ["flex_tiles", "pathfinder_step_profile"])
+def test_cuda_only_benchmarks_say_so_without_a_gpu(name, tmp_path, capsys):
+    """The GPU-only scripts import on any machine and, without CUDA, exit 1 with a reason, writing nothing."""
+    out = tmp_path / "out.json"
+    assert _benchmark_script(name).main(["--out", str(out)]) == 1
+    message = capsys.readouterr().err
+    assert "CUDA" in message or "GPU" in message
+    assert not out.exists()
+
+
 def test_pathfinder_cnn_probe_trains_and_writes_its_record(tmp_path):
     """benchmarks/pathfinder_cnn.py on 40 generated images: per-epoch rows, a test accuracy, the command."""
     from hopformer.data.pathfinder import generate_pathfinder

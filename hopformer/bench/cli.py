@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from dataclasses import asdict
 
 import torch
@@ -24,6 +23,7 @@ from hopformer.bench.harness import (
     ratios,
     run_grid,
     table,
+    write_json,
 )
 
 
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     for mode in args.modes.split(","):
         print(table(result, mode))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    _write_atomic(args.out, json.dumps(result, indent=1))
+    write_json(args.out, result)
     png = os.path.splitext(args.out)[0] + ".png"
     try:
         plot(result, png)
@@ -239,10 +239,3 @@ def _merge(path: str, env: dict, settings: dict, rows: list[dict], this_run: dic
         row["run"] = len(runs)
     merged = sorted(kept + rows, key=lambda r: (r["seq_len"], r["mode"] != "fwd"))
     return merged, runs + [this_run], {**old.get("measured", {}), **measured}
-
-
-def _write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)

@@ -11,10 +11,12 @@ gradient; what each op's step runs is in :data:`MEASURED` (written into every re
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -123,6 +125,15 @@ def command_line(argv: list[str] | None = None) -> str:
     directory, then ``argv`` (the arguments ``main(argv)`` was given; ``None``: the command line's own)."""
     args = argv if argv is not None else sys.argv[1:]
     return " ".join([Path(os.path.relpath(sys.argv[0])).as_posix(), *args])
+
+
+def write_json(path: str | os.PathLike, record: dict) -> None:
+    """Write a benchmark's record atomically (a temporary file renamed over ``path``), folders made as needed."""
+    folder = Path(path).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
+        handle.write(json.dumps(record, indent=1) + "\n")
+    os.replace(handle.name, path)
 
 
 def environment(device: torch.device) -> dict:

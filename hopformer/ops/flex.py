@@ -37,10 +37,13 @@ RECOMPILE_LIMIT = 64
 
 MIN_HEAD_DIM = 16  # FlexAttention's smallest head dimension (narrower ones fail inside Inductor)
 
-# Kernel tiles for 16-bit inputs with head_dim <= 64 on Hopper. Measured on an H200 (bigbird, 131K
+# Kernel tiles for 16-bit inputs with 32 < head_dim <= 64 on Hopper. Measured on an H200 (bigbird, 131K
 # tokens, 12 heads x 64, fwd+bwd): Inductor's defaults 11.2 ms, these 8.7 ms. Half-height query tiles
 # double the programs, so the SMs balance the few long rows (global tokens) against the many short
 # ones. The fwd_/bwd_ prefixes exist from PyTorch 2.9; older versions keep their defaults.
+# benchmarks/flex_tiles.py (262K tokens per call, 1K-131K lengths): at head_dim 64 they take 0.50x
+# Inductor's time without key padding and 0.27-0.29x with it; at head_dim 32 they gain nothing without
+# padding (1.00-1.04x) and take 1.8-2.1x with it (every tile partial), so narrower heads keep Inductor's.
 TUNED_KERNEL_OPTIONS = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_warps": 4, "fwd_num_stages": 3,
     "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
@@ -48,16 +51,22 @@ TUNED_KERNEL_OPTIONS = {
 }  # fmt: skip
 
 
+def tuned_tiles_apply(head_dim: int, dtype: torch.dtype, capability_major: int, has_tile_prefixes: bool) -> bool:
+    """Whether :data:`TUNED_KERNEL_OPTIONS` were measured to beat Inductor's defaults for these inputs."""
+    return (
+        dtype in (torch.bfloat16, torch.float16)
+        and 32 < head_dim <= 64
+        and capability_major == 9
+        and has_tile_prefixes  # PyTorch >= 2.9, with the fwd_/bwd_ option prefixes
+    )
+
+
 def default_kernel_options(q: torch.Tensor) -> dict | None:
     """:data:`TUNED_KERNEL_OPTIONS` where they were measured to help (see there), else None (Inductor's)."""
     from torch.nn.attention import flex_attention as fa
 
-    if (
-        q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and q.shape[-1] <= 64
-        and torch.cuda.get_device_capability(q.device)[0] == 9
-        and hasattr(fa, "AuxRequest")  # PyTorch >= 2.9, with the fwd_/bwd_ option prefixes
+    if q.is_cuda and tuned_tiles_apply(
+        q.shape[-1], q.dtype, torch.cuda.get_device_capability(q.device)[0], hasattr(fa, "AuxRequest")
     ):
         return dict(TUNED_KERNEL_OPTIONS)
     return None
