@@ -179,8 +179,7 @@ def run(args: argparse.Namespace) -> int:
         print(ratio_line(entry))
     for mode in args.modes.split(","):
         print(table(result, mode))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_json(args.out, result)
+    write_json(args.out, result)  # makes the folder the PNG below goes into
     png = os.path.splitext(args.out)[0] + ".png"
     try:
         plot(result, png)
