@@ -1,12 +1,13 @@
 """Where a Pathfinder-32 training step's time goes on CUDA (conv recipe, lr 1e-3, lit-pixel mask, batch 256).
 
-For bigbird (FlexAttention with hopformer's tuned tiles and with Inductor's defaults), one-hop Diffuser
-(Triton kernels) and full attention (SDPA), each eager and under ``torch.compile``, it times one training
-step three ways: with a fresh batch collated on the CPU each step (``full_step_ms``, the trainer's loop),
-the same with the batch copied from pinned memory (``pinned_step_ms``), and on one batch already on the
-GPU (``fixed_batch_step_ms``: model and optimiser only). For eager bigbird it also lists the FlexAttention
-kernels' mean CUDA microseconds. Any data folder holding ``pathfinder32/`` works; a small generated set
-is enough (``hopformer data pathfinder --out /tmp/pfs --n 6000``).
+Variants: bigbird on FlexAttention with hopformer's tuned tiles and with Inductor's defaults, bigbird on
+hopformer's Triton kernels (which mask padding inside the tiles), one-hop Diffuser (Triton kernels) and
+full attention (SDPA), each eager and some under ``torch.compile``. Each is timed three ways: with a
+fresh batch collated on the CPU each step (``full_step_ms``, the trainer's loop), the same with the batch
+copied from pinned memory (``pinned_step_ms``), and on one batch already on the GPU
+(``fixed_batch_step_ms``: model and optimiser only). For eager bigbird on FlexAttention it also lists the
+FlexAttention kernels' mean CUDA microseconds. Any data folder holding ``pathfinder32/`` works; a small
+generated set is enough (``hopformer data pathfinder --out /tmp/pfs --n 6000``).
 
     python benchmarks/pathfinder_step_profile.py --data-dir /tmp/pfs --out benchmarks/results/step.json
 """
@@ -49,6 +50,7 @@ VARIANTS = [
     ("bigbird", {"attention": "bigbird"}, False, "inductor"),
     ("bigbird", {"attention": "bigbird"}, True, "tuned"),
     ("bigbird", {"attention": "bigbird"}, True, "inductor"),
+    ("bigbird-triton", {"attention": "bigbird", "attention_options": {"backend": "triton"}}, False, "-"),
     ("diffuser1", ONE_HOP, False, "-"),
     ("diffuser1", ONE_HOP, True, "-"),
     ("full", {"attention": "full"}, False, "-"),
@@ -103,7 +105,7 @@ def profile_variant(data, base: dict, model_settings: dict, compiled: bool, repe
     row["pinned_step_ms"] = timed(lambda: step(pin=True), repeats)
     row["fixed_batch_step_ms"] = timed(lambda: step(fixed, fixed_labels), repeats)
     row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    if model_settings["attention"] == "bigbird" and not compiled:
+    if model_settings == {"attention": "bigbird"} and not compiled:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
