@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hopformer.bench.harness import command_line, environment, write_json  # noqa: E402
+from hopformer.bench.harness import command_line, cuda_times_ms, environment, write_json  # noqa: E402
 from hopformer.graphs import build_graph  # noqa: E402
 from hopformer.ops import flex as flex_backend  # noqa: E402
 from hopformer.ops.sparse import sparse_attention  # noqa: E402
@@ -34,14 +34,7 @@ def time_ms(fn, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    times = cuda_times_ms(fn, repeats)
     return sorted(times)[len(times) // 2]
 
 

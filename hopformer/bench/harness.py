@@ -180,6 +180,19 @@ def _git_state() -> dict:
     return {"git_commit": commit.stdout.strip(), "git_modified": [line[3:] for line in status.stdout.splitlines()]}
 
 
+def cuda_times_ms(step: Callable[[], object], repeats: int, device: torch.device | None = None) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls of ``step``, timed by CUDA events (GPU time, one sync per call)."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def run_case(case: Case, settings: dict, device: torch.device, repeats: int, warmup: int) -> dict:
     """Measure one case; returns its row (``ms``, ``peak_mib``, or ``error``)."""
     dtype = getattr(torch, settings["dtype"])
@@ -208,20 +221,14 @@ def run_case(case: Case, settings: dict, device: torch.device, repeats: int, war
             for _ in range(warmup):
                 step()
             _sync(device)
-            times = []
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-                for _ in range(repeats):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    step()
-                    end.record()
-                    torch.cuda.synchronize(device)
-                    times.append(start.elapsed_time(end))
+                times = cuda_times_ms(step, repeats, device)
                 peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
             else:
                 _malloc_mode(measure_memory=False)
+                times = []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
                     step()
