@@ -73,6 +73,17 @@ def test_report_command_prints_and_writes(tmp_path, capsys):
     assert (tmp_path / "out" / "report.md").read_text() in printed
 
 
+def test_report_draws_validation_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    a = _run(tmp_path / "a", attention="bigbird", seed=0, vals=(0.5, 0.6, 0.62), test=0.6)
+    b = _run(tmp_path / "b", attention="diffuser", seed=0, vals=(0.5, 0.55))
+    report = summarise([read_run(a), read_run(b)])
+    steps, accuracies = zip(*report["rows"][0]["runs"][0]["val_curve"])
+    assert steps == (100, 200, 300) and accuracies == pytest.approx((50.0, 60.0, 62.0))
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_report_names_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty is not a run folder: config.yaml is missing"):

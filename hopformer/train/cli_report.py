@@ -1,7 +1,7 @@
 """``hopformer report``: one comparison table from any run folders, seeds grouped.
 
     hopformer report runs/pf/bigbird-s* runs/pf/diffuser-hops1-s* runs/pf/diffuser-attn-only
-    hopformer report runs/pf/* --out runs/pf          # also writes report.md and report.json there
+    hopformer report runs/pf/* --out runs/pf          # also report.md, report.json and curves.png there
 
 ``hopformer lra`` tabulates a (task x attention) grid of runs named by its own scheme. Variants (other
 hops, another learning rate, an option) fall outside it; this verb takes run folders as they are. It reads
@@ -9,7 +9,8 @@ each folder's ``config.yaml``, ``metrics.jsonl`` and, once the run has finished,
 whose settings differ only in the seed (and in where or how long they ran) form one row: test accuracy as
 mean ± sample std over the seeds. A row is named by the settings that tell it apart from the other rows,
 so ``attention=diffuser hops=1`` rather than the whole config. Unfinished runs appear with the steps they
-reached and their best validation so far, and no test.
+reached and their best validation so far, and no test. With ``--out``, ``curves.png`` draws every run's
+validation accuracy against the step, one colour per row, so runs can be compared at equal steps.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _SHORT = {"model.attention_options.": "", "model.attention": "attention"}  # pre
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run folders (each with config.yaml and metrics.jsonl)")
-    parser.add_argument("--out", help="folder to write report.md and report.json into")
+    parser.add_argument("--out", help="folder to write report.md, report.json and curves.png into")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
         (out / "report.md").write_text(text)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
+        try:
+            plot_curves(report, out / "curves.png")
+            print(f"wrote {out / 'curves.png'}")
+        except ImportError:
+            print("curves.png not drawn: matplotlib is missing (pip install 'hopformer[plot]')")
     return 0
 
 
@@ -83,6 +89,7 @@ def read_run(folder: Path) -> dict[str, Any]:
         "best_val": None if best is None else 100 * best["accuracy"],
         "best_val_step": None if best is None else best["step"],
         "train_accuracy_end": 100 * train[-1]["accuracy"] if train else None,
+        "val_curve": [[r["step"], 100 * r["accuracy"]] for r in val],
         "steps_per_s": training_cost(folder).get("steps_per_s"),
         "test": None if results is None or results.get("test_accuracy") is None else 100 * results["test_accuracy"],
     }
@@ -162,6 +169,34 @@ def to_markdown(report: dict[str, Any]) -> str:
         + ". steps/s: median over the logged windows (runs sharing a GPU run slower).\n"
     )
     return "\n".join(lines) + "\n" + note
+
+
+def plot_curves(report: dict[str, Any], path: Path) -> None:
+    """Validation accuracy (%) against the step for every run of ``report`` (from :func:`summarise`),
+    one colour per row and one line per seed, saved as a PNG at ``path``. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(8.0, 4.4 + 0.2 * len(report["rows"])), dpi=110)
+    for index, row in enumerate(report["rows"]):
+        for number, m in enumerate(row["runs"]):
+            if not m["val_curve"]:
+                continue
+            steps, accuracies = zip(*m["val_curve"])
+            label = row["label"] if number == 0 else None
+            ax.plot(steps, accuracies, color=f"C{index % 10}", lw=1.2, alpha=0.9 if number == 0 else 0.6, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)  # below: labels are long
+    shared = ", ".join(f"{k}={_text(v)}" for k, v in report["shared"].items())
+    if shared:
+        ax.set_title(shared, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
