@@ -80,6 +80,8 @@ def test_report_draws_validation_curves(tmp_path):
     report = summarise([read_run(a), read_run(b)])
     steps, accuracies = zip(*report["rows"][0]["runs"][0]["val_curve"])
     assert steps == (100, 200, 300) and accuracies == pytest.approx((50.0, 60.0, 62.0))
+    steps, accuracies = zip(*report["rows"][0]["runs"][0]["train_curve"])  # one training log per interval here
+    assert steps == (100, 200, 300) and accuracies == pytest.approx((51.0, 61.0, 63.0))
     assert main(["report", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,8 @@ whose settings differ only in the seed (and in where or how long they ran) form 
 mean ± sample std over the seeds. A row is named by the settings that tell it apart from the other rows,
 so ``attention=diffuser hops=1`` rather than the whole config. Unfinished runs appear with the steps they
 reached and their best validation so far, and no test. With ``--out``, ``curves.png`` draws every run's
-validation accuracy against the step, one colour per row, so runs can be compared at equal steps.
+validation accuracy against the step, one colour per row, so runs can be compared at equal steps, with
+training accuracy dashed (the mean over each evaluation interval), so overfitting shows as a widening gap.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def read_run(folder: Path) -> dict[str, Any]:
         "best_val_step": None if best is None else best["step"],
         "train_accuracy_end": 100 * train[-1]["accuracy"] if train else None,
         "val_curve": [[r["step"], 100 * r["accuracy"]] for r in val],
+        "train_curve": _interval_means(train, [r["step"] for r in val]),
         "steps_per_s": training_cost(folder).get("steps_per_s"),
         "test": None if results is None or results.get("test_accuracy") is None else 100 * results["test_accuracy"],
     }
@@ -173,7 +175,8 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def plot_curves(report: dict[str, Any], path: Path) -> None:
     """Validation accuracy (%) against the step for every run of ``report`` (from :func:`summarise`),
-    one colour per row and one line per seed, saved as a PNG at ``path``. Needs matplotlib."""
+    one colour per row and one line per seed, training accuracy dashed; saved as a PNG at ``path``.
+    Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,14 +184,17 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
 
     figure, ax = plt.subplots(figsize=(8.0, 4.4 + 0.2 * len(report["rows"])), dpi=110)
     for index, row in enumerate(report["rows"]):
+        colour = f"C{index % 10}"
         for number, m in enumerate(row["runs"]):
-            if not m["val_curve"]:
-                continue
-            steps, accuracies = zip(*m["val_curve"])
-            label = row["label"] if number == 0 else None
-            ax.plot(steps, accuracies, color=f"C{index % 10}", lw=1.2, alpha=0.9 if number == 0 else 0.6, label=label)
+            alpha = 0.9 if number == 0 else 0.6
+            if m["val_curve"]:
+                ax.plot(
+                    *zip(*m["val_curve"]), color=colour, lw=1.2, alpha=alpha, label=None if number else row["label"]
+                )
+            if m["train_curve"]:
+                ax.plot(*zip(*m["train_curve"]), color=colour, lw=0.8, ls="--", alpha=alpha * 0.6)
     ax.set_xlabel("training step")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel("accuracy (%): validation solid, training dashed")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)  # below: labels are long
     shared = ", ".join(f"{k}={_text(v)}" for k, v in report["shared"].items())
@@ -197,6 +203,18 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def _interval_means(train: list[dict[str, Any]], eval_steps: list[int]) -> list[list[float]]:
+    """Training accuracy (%) averaged over the logs in each interval ending at an evaluation step: the
+    per-batch accuracies are too noisy to plot one by one."""
+    curve, start = [], 0
+    for end in eval_steps:
+        window = [r["accuracy"] for r in train if start < r["step"] <= end]
+        if window:
+            curve.append([end, 100 * sum(window) / len(window)])
+        start = end
+    return curve
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
