@@ -77,11 +77,13 @@ def test_report_draws_validation_curves(tmp_path):
     pytest.importorskip("matplotlib")
     a = _run(tmp_path / "a", attention="bigbird", seed=0, vals=(0.5, 0.6, 0.62), test=0.6)
     b = _run(tmp_path / "b", attention="diffuser", seed=0, vals=(0.5, 0.55))
+    with (a / "metrics.jsonl").open("a") as f:  # a second training log in the first evaluation interval
+        f.write(json.dumps({"step": 50, "split": "train", "loss": 0.7, "accuracy": 0.3}) + "\n")
     report = summarise([read_run(a), read_run(b)])
     steps, accuracies = zip(*report["rows"][0]["runs"][0]["val_curve"])
     assert steps == (100, 200, 300) and accuracies == pytest.approx((50.0, 60.0, 62.0))
-    steps, accuracies = zip(*report["rows"][0]["runs"][0]["train_curve"])  # one training log per interval here
-    assert steps == (100, 200, 300) and accuracies == pytest.approx((51.0, 61.0, 63.0))
+    steps, accuracies = zip(*report["rows"][0]["runs"][0]["train_curve"])  # mean over each interval
+    assert steps == (100, 200, 300) and accuracies == pytest.approx(((30.0 + 51.0) / 2, 61.0, 63.0))
     assert main(["report", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
