@@ -766,8 +766,9 @@ def training_cost(run_dir: Path) -> dict[str, float]:
     records = [json.loads(line) for line in (run_dir / METRICS_NAME).read_text().splitlines() if line.strip()]
     train_records = [r for r in records if r.get("split") == "train"]
     cost = {}
-    if train_records:
-        cost["steps_per_s"] = statistics.median(r["steps_per_s"] for r in train_records)
+    speeds = [r["steps_per_s"] for r in train_records if "steps_per_s" in r]
+    if speeds:
+        cost["steps_per_s"] = statistics.median(speeds)
     peaks = [r["peak_memory_mib"] for r in train_records if "peak_memory_mib" in r]
     if peaks:
         cost["peak_memory_mib"] = max(peaks)
