@@ -498,11 +498,14 @@ def test_a_deeper_conv_stem_is_a_stack_of_3x3_convolutions_with_a_7x7_view():
         IntensityEmbedding(256, 8, kernel_size=1, depth=2)
 
 
-def test_use_portable_backends_lets_a_gpu_backend_checkpoint_run_anywhere():
+def test_use_portable_backends_lets_a_gpu_backend_checkpoint_run_anywhere(monkeypatch):
     """Layers saved with a CUDA-only backend (triton, flex) fail on the CPU with the backend named; after
     ``use_portable_backends`` they run on ``auto`` and give what a model built with ``auto`` gives."""
     from hopformer.attention import build, use_portable_backends
 
+    # tests/test_triton_backend.py turns Triton's CPU interpreter on for the session, where Triton is
+    # installed; with it the triton backend takes CPU tensors, so it must be off here
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     torch.manual_seed(int(torch.randint(1000, ())))
     model = torch.nn.Sequential(
         build("diffuser", dim=16, heads=2, block_size=16, backend="triton", learned_coefficients=True),

@@ -419,6 +419,15 @@ def test_flex_matches_dense(seq_len, block_size, causal):
     _check_flex_against_dense(_patterns(seq_len, block_size, causal))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_matches_dense_on_the_token_random_diffuser_graph(causal):
+    """The paper's token-level Diffuser graph (what ``auto`` now diffuses with flex on CUDA), odd length."""
+    graph = G.diffuser(1000, 32, num_global=1, num_random=1, random_granularity="token", seed=5, causal=causal)
+    _check_flex_against_dense([graph])
+
+
 def _check_flex_against_dense(graphs):
     """float32 flex against float64 dense: outputs and q/k/v gradients, with and without padding."""
     for graph in graphs:
@@ -546,11 +555,42 @@ def test_auto_diffusion_on_cpu_picks_matrix_for_short_sequences(monkeypatch):
     assert calls == ["matrix", "gather", "gather"]
 
 
+def test_auto_diffusion_choice_on_cuda_without_a_gpu(monkeypatch):
+    """The CUDA branch of auto's choice, on meta-like stand-ins: a token-level graph (no 16-token tiles)
+    takes flex up to FLEX_AUTO_MAX_HOPS hops and matrix beyond; float64 and narrow heads keep matrix;
+    block graphs keep triton; too large a matrix gives flex."""
+    import hopformer.ops.sparse as ops_sparse
+
+    class FakeCuda:  # only what _auto_diffusion_backend reads from q
+        is_cuda = True
+
+        def __init__(self, dtype, head_dim=32, seq=1024):
+            self.dtype, self.shape = dtype, (2, 2, seq, head_dim)
+
+        def element_size(self):
+            return torch.empty((), dtype=self.dtype).element_size()
+
+    monkeypatch.setattr(ops_sparse.triton_backend, "available", lambda: True)
+    monkeypatch.setattr(ops_sparse, "_matrix_fits", lambda q: q.shape[2] <= ops_sparse.MATRIX_AUTO_MAX_LEN)
+    token = G.diffuser(1024, 32, num_global=1, num_random=1, random_granularity="token")
+    block = G.diffuser(1024, 64)
+    choose = ops_sparse._auto_diffusion_backend
+    limit = ops_sparse.FLEX_AUTO_MAX_HOPS
+    assert choose(FakeCuda(torch.bfloat16), token, 0.0, hops=limit) == "flex"
+    assert choose(FakeCuda(torch.bfloat16), token, 0.0, hops=limit + 1) == "matrix"
+    assert choose(FakeCuda(torch.float64), token, 0.0, hops=1) == "matrix"
+    assert choose(FakeCuda(torch.bfloat16, head_dim=8), token, 0.0, hops=1) == "matrix"
+    assert choose(FakeCuda(torch.bfloat16, seq=4096), token, 0.0, hops=limit + 1) == "flex"
+    assert choose(FakeCuda(torch.bfloat16), block, 0.0, hops=limit + 1) == "triton"
+    assert choose(FakeCuda(torch.float64), block, 0.0, hops=1) == "matrix"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_auto_diffusion_on_cuda_picks_triton_then_matrix(monkeypatch):
     """auto diffusion = triton where Triton runs (not float64); matrix for float64 where one
-    attention matrix fits the limit, or without Triton; flex when neither does."""
+    attention matrix fits the limit, or without Triton beyond FLEX_AUTO_MAX_HOPS hops; flex up to
+    that many hops without Triton, and whenever the matrix does not fit."""
     import hopformer.ops.sparse as ops_sparse
 
     calls = []
@@ -567,8 +607,10 @@ def test_auto_diffusion_on_cuda_picks_triton_then_matrix(monkeypatch):
     diffuse(q64, k64, v64, graph)
     monkeypatch.setattr(ops_sparse.triton_backend, "available", lambda: False)
     monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 2 * 2 * 512 * 512 * 2)  # the bf16 matrix fits exactly
-    diffuse(q, k, v, graph)
+    many = ops_sparse.FLEX_AUTO_MAX_HOPS + 1
+    diffuse(q, k, v, graph, hops=many)
+    diffuse(q, k, v, graph, hops=ops_sparse.FLEX_AUTO_MAX_HOPS)
     monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 2 * 2 * 512 * 512 * 2 - 1)
-    diffuse(q, k, v, graph)
-    expected = ["triton" if has_triton else "matrix", "matrix", "triton" if has_triton else "flex", "matrix", "flex"]
-    assert calls == expected
+    diffuse(q, k, v, graph, hops=many)
+    expected = ["triton" if has_triton else "matrix", "matrix", "triton" if has_triton else "flex"]
+    assert calls == expected + ["matrix", "flex", "flex"]

@@ -24,10 +24,11 @@ Backends:
   from 1,024). On CUDA ``flex`` for :func:`sparse_attention`; :func:`diffuse` takes
   ``triton`` where Triton is installed and the block size is a multiple of 16 (on an H200: 1.8x
   faster than ``flex`` at 131K tokens, and 2.5-2.9x faster than ``matrix`` in whole ListOps and
-  Pathfinder training steps), except for float64 inputs; else ``matrix`` when the sequence is at
-  most :data:`MATRIX_AUTO_MAX_LEN` tokens and one attention matrix (``batch * heads * seq^2``
-  elements) takes at most :data:`MATRIX_AUTO_BYTES` and 1/32 of the GPU's memory; else ``flex``
-  (``benchmarks/README.md``).
+  Pathfinder training steps), except for float64 inputs. Other graphs (token-level ones such as the
+  paper's token-random Diffuser graph) take ``flex`` up to :data:`FLEX_AUTO_MAX_HOPS` hops, and
+  ``matrix`` for more hops (or float64) when the sequence is at most :data:`MATRIX_AUTO_MAX_LEN`
+  tokens and one attention matrix (``batch * heads * seq^2`` elements) takes at most
+  :data:`MATRIX_AUTO_BYTES` and 1/32 of the GPU's memory; else ``flex`` (``benchmarks/README.md``).
 
 Conventions (``specs``/DESIGN.md): q, k, v are ``(batch, heads, seq, head_dim)``; scores are
 ``q k^T * scale`` with ``scale = head_dim ** -0.5`` by default; ``key_padding_mask`` is bool
@@ -56,6 +57,11 @@ EDGE_DROPOUT = ("once", "per_hop")
 # Where "auto" diffuses with the materialised matrix on CUDA when Triton cannot (see above).
 MATRIX_AUTO_MAX_LEN = 2048
 MATRIX_AUTO_BYTES = 2 << 30
+# Up to this many hops "auto" prefers flex to matrix on CUDA when Triton cannot: flex recomputes the scores
+# every hop, the matrix is built once. On an H200 (token-level Diffuser graph, 262K tokens per call, bf16,
+# fwd+bwd) flex took 0.23-0.43x matrix's time at 1-2 hops from 1K tokens, 0.82-0.84x at 5 and 1.23-1.35x at 10
+# (benchmarks/results/diffusion_token_graph_crossover_h200.json).
+FLEX_AUTO_MAX_HOPS = 5
 # Where "auto" diffuses with the materialised matrix off CUDA instead of gathering blocks (see above).
 CPU_MATRIX_AUTO_MAX_LEN = 512
 
@@ -151,9 +157,9 @@ def diffuse(
     """
     auto = backend == "auto"
     backend, scale = _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale)
-    if auto:
-        backend = _auto_diffusion_backend(q, graph, dropout_p)
     check_diffusion_args(hops, alpha, kernel, heat_time, remainder)
+    if auto:
+        backend = _auto_diffusion_backend(q, graph, dropout_p, hops)
     if edge_dropout not in EDGE_DROPOUT:
         raise ValueError(f"edge_dropout must be one of {EDGE_DROPOUT}, got {edge_dropout!r}")
     if not 0.0 <= hop_dropout_p < 1.0:
@@ -239,8 +245,6 @@ def diffuse_weighted(
     """
     auto = backend == "auto"
     backend, scale = _check_inputs(q, k, v, graph, key_padding_mask, backend, dropout_p, scale)
-    if auto:
-        backend = _auto_diffusion_backend(q, graph, dropout_p)
     heads = q.shape[1]
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
         raise TypeError(f"weights must be a floating-point tensor, got {type(weights).__name__}")
@@ -255,6 +259,8 @@ def diffuse_weighted(
         raise ValueError(f"weights are on {weights.device} but q is on {q.device}")
     if not 0.0 <= hop_dropout_p < 1.0:
         raise ValueError(f"hop_dropout_p must be in [0, 1), got {hop_dropout_p!r}")
+    if auto:
+        backend = _auto_diffusion_backend(q, graph, dropout_p, hops=weights.shape[1] - 1)
     if backend in ("dense", "matrix"):
         operator = _DenseOperator(q, k, graph, key_padding_mask, scale)
 
@@ -313,18 +319,21 @@ def _zero_padded_queries(z: torch.Tensor, key_padding_mask: torch.Tensor | None)
     return z if key_padding_mask is None else z * key_padding_mask[:, None, :, None].to(z.dtype)
 
 
-def _auto_diffusion_backend(q: torch.Tensor, graph: BlockGraph, dropout_p: float) -> str:
+def _auto_diffusion_backend(q: torch.Tensor, graph: BlockGraph, dropout_p: float, hops: int) -> str:
     """What ``auto`` diffusion runs. On CUDA: ``triton`` where it can (the fastest in whole training
-    steps at every length measured), ``matrix`` for float64 inputs that fit (Triton multiplies
-    float64 in registers on 16-token tiles) or where Triton is missing, else ``flex``. Off CUDA:
-    ``matrix`` up to :data:`CPU_MATRIX_AUTO_MAX_LEN` tokens without attention dropout, else ``gather``."""
+    steps at every length measured); where it cannot, ``flex`` up to :data:`FLEX_AUTO_MAX_HOPS` hops
+    (it recomputes the scores every hop), else ``matrix`` if it fits (also for float64: Triton
+    multiplies float64 in registers on 16-token tiles), else ``flex``. Off CUDA: ``matrix`` up to
+    :data:`CPU_MATRIX_AUTO_MAX_LEN` tokens without attention dropout, else ``gather``."""
     if not q.is_cuda:
         short = q.shape[2] <= CPU_MATRIX_AUTO_MAX_LEN and _matrix_bytes(q) <= MATRIX_AUTO_BYTES
         return "matrix" if short and dropout_p == 0 else "gather"
+    low_precision = q.dtype != torch.float64
     triton_fits = triton_backend.available() and graph.block_size % triton_backend.MIN_TILE == 0
-    if triton_fits and q.dtype != torch.float64:
+    if triton_fits and low_precision:
         return "triton"
-    if _matrix_fits(q):
+    flex_preferred = low_precision and hops <= FLEX_AUTO_MAX_HOPS and q.shape[-1] >= flex_backend.MIN_HEAD_DIM
+    if _matrix_fits(q) and not flex_preferred:  # (reached with triton_fits only for float64: not preferred)
         return "matrix"
     return "triton" if triton_fits else "flex"
 
