@@ -12,13 +12,12 @@ random half of the keys padded, mean of 10 calls after 3 warm-up calls.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from hopformer.bench.harness import command_line, environment
+from hopformer.bench.harness import command_line, environment, write_json
 from hopformer.graphs import diffuser
 from hopformer.ops import diffuse
 
@@ -75,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_json(args.out, result)
     return result
 
 
