@@ -114,10 +114,10 @@ def diffuser(
 
     ``random_granularity="token"`` keeps the same random budget (``num_random * block_size`` keys per
     query) but draws single tokens, as the paper's figure does. That graph is returned at
-    ``block_size=1``: exact on every backend, but the Triton kernels need 16-token tiles and under the
-    128-token tiles of the ``flex`` backend it is effectively dense (``specs/gpu_and_kernels.md`` section 1),
-    so its cost grows with the square of the length. Hence the default is ``"block"``, a documented
-    deviation from the paper.
+    ``block_size=1``: the Triton kernels (16-token tiles) refuse it, every other backend runs it exactly,
+    and under the 128-token tiles of the ``flex`` backend it is effectively dense
+    (``specs/gpu_and_kernels.md`` section 1), so its cost grows with the square of the length. Hence the
+    default is ``"block"``, a documented deviation from the paper.
     """
     num_blocks = _num_blocks(seq_len, block_size)
     radius = _check_window(window, num_blocks, seq_len, block_size)
