@@ -197,7 +197,7 @@ def test_train_step_benchmark_runs_every_variant_on_the_same_batches(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
-@pytest.mark.parametrize("name", ["flex_tiles", "pathfinder_step_profile"])
+@pytest.mark.parametrize("name", ["flex_tiles", "pathfinder_step_profile", "token_graph_backends"])
 def test_cuda_only_benchmarks_say_so_without_a_gpu(name, tmp_path, capsys):
     """The GPU-only scripts import on any machine and, without CUDA, exit 1 with a reason, writing nothing."""
     out = tmp_path / "out.json"
