@@ -5,6 +5,7 @@ import random
 import statistics
 
 import pytest
+import yaml
 
 from hopformer.cli import main
 from hopformer.train.cli_report import read_run, summarise
@@ -67,10 +68,47 @@ def test_report_command_prints_and_writes(tmp_path, capsys):
     b = _run(tmp_path / "b", attention="local", seed=1, vals=(0.4,), test=0.46)
     assert main(["report", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "| all runs | 0, 1 | 45.00 ± 1.41 | 44.00 / 46.00 | 42.50 | 2 of 2 |" in printed
+    assert "| all runs | 0, 1 | 45.00 ± 1.41 | 44.00 / 46.00 | 42.50 ± 3.54 | – / – | 2 of 2 |" in printed
     written = json.loads((tmp_path / "out" / "report.json").read_text())
     assert written["rows"][0]["test_mean"] == pytest.approx(45.0)
     assert (tmp_path / "out" / "report.md").read_text() in printed
+
+
+def test_report_gives_each_row_its_gap_to_the_top_row(tmp_path):
+    rng = random.Random()
+    scores = {name: [rng.uniform(0.3, 0.4) for _ in range(count)] for name, count in (("local", 3), ("bigbird", 4))}
+    scores["local"][0] = 0.7  # so that local is the top row
+    runs = [
+        _run(tmp_path / f"{name}-{seed}", attention=name, seed=seed, vals=(test - 0.01, test + 0.02), test=test)
+        for name, tests in scores.items()
+        for seed, test in enumerate(tests)
+    ]
+    runs.append(_run(tmp_path / "full-0", attention="full", seed=0, vals=(0.2,), test=0.2))
+    top, second, single = summarise([read_run(folder) for folder in runs])["rows"]
+    labels = [top["label"], second["label"], single["label"]]
+    assert labels == ["attention=local", "attention=bigbird", "attention=full"]
+
+    def welch(a, b):  # difference of the means in points, and its standard error
+        a, b = [100 * x for x in a], [100 * x for x in b]
+        error = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+        return [statistics.fmean(a) - statistics.fmean(b), error]
+
+    assert top["test_gap"] is None and top["best_val_gap"] is None
+    assert second["test_gap"] == pytest.approx(welch(scores["bigbird"], scores["local"]))
+    best_vals = {name: [t + 0.02 for t in tests] for name, tests in scores.items()}
+    assert second["best_val_gap"] == pytest.approx(welch(best_vals["bigbird"], best_vals["local"]))
+    assert second["best_val_std"] == pytest.approx(100 * statistics.stdev(best_vals["bigbird"]))
+    assert single["test_gap"] is None  # one seed: no spread to compare with
+
+
+def test_a_run_made_before_a_setting_existed_groups_with_newer_runs(tmp_path):
+    old = _run(tmp_path / "old", attention="bigbird", seed=0, vals=(0.5,), test=0.5)
+    new = _run(tmp_path / "new", attention="bigbird", seed=1, vals=(0.6,), test=0.6)
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    del config["model"]["embedding"]  # as written before the setting was added (its default is the old behaviour)
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    (row,) = summarise([read_run(old), read_run(new)])["rows"]
+    assert row["seeds"] == [0, 1] and row["test_mean"] == pytest.approx(55.0)
 
 
 def test_report_draws_validation_curves(tmp_path):

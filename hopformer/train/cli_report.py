@@ -7,8 +7,10 @@
 hops, another learning rate, an option) fall outside it; this verb takes run folders as they are. It reads
 each folder's ``config.yaml``, ``metrics.jsonl`` and, once the run has finished, ``results.json``. Runs
 whose settings differ only in the seed (and in where or how long they ran) form one row: test accuracy as
-mean ± sample std over the seeds. A row is named by the settings that tell it apart from the other rows,
-so ``attention=diffuser hops=1`` rather than the whole config. Unfinished runs appear with the steps they
+mean ± sample std over the seeds (best validation likewise), and each row's gap to the top row with its
+standard error. A row is named by the settings that tell it apart from the other rows, so
+``attention=diffuser hops=1`` rather than the whole config; a setting added after a run was made counts at its
+default, so older runs group with newer ones. Unfinished runs appear with the steps they
 reached and their best validation so far, and no test. With ``--out``, ``curves.png`` draws every run's
 validation accuracy against the step, one colour per row, so runs can be compared at equal steps, with
 training accuracy dashed (the mean over each evaluation interval), so overfitting shows as a widening gap.
@@ -24,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from hopformer.train.config import Config
 from hopformer.train.trainer import CONFIG_NAME, METRICS_NAME, RESULTS_NAME, training_cost
 
 # settings that say where or how a run ran, not what was trained: never part of a row's identity
@@ -74,7 +77,8 @@ def read_run(folder: Path) -> dict[str, Any]:
     config = yaml.safe_load(config_path.read_text())
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a mapping of settings, got {type(config).__name__}")
-    settings = _flatten(config)
+    # settings added since the run was made take their defaults, so that it groups with newer runs
+    settings = {**_flatten(Config().to_dict()), **_flatten(config)}
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     val = [r for r in records if r.get("split") == "val"]
     train = [r for r in records if r.get("split") == "train"]
@@ -121,34 +125,46 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "test_std": statistics.stdev(tests) if len(tests) > 1 else None,
                 "tests": tests,
                 "best_val_mean": statistics.fmean(vals) if vals else None,
+                "best_val_std": statistics.stdev(vals) if len(vals) > 1 else None,
+                "best_vals": vals,
                 "finished": len(tests),
                 "runs": members,
             }
         )
     rows.sort(key=lambda r: -(r["test_mean"] if r["test_mean"] is not None else -1.0))
+    for index, row in enumerate(rows):  # the top row has no gap to itself
+        row["test_gap"] = _gap(row["tests"], rows[0]["tests"]) if index else None
+        row["best_val_gap"] = _gap(row["best_vals"], rows[0]["best_vals"]) if index else None
     shared = {_short(k): identities[0][k] for k in ("task", "train.steps") if k in keys and k not in varying}
     return {"shared": shared, "varying": varying, "rows": rows}
+
+
+def _gap(values: list[float], top: list[float]) -> list[float] | None:
+    """``[difference of the means, its standard error]`` of ``values`` against the top row's ``top``
+    (Welch: sqrt(s1^2/n1 + s2^2/n2)), or None when either has fewer than two seeds. A gap within about two
+    standard errors is within the seed-to-seed noise."""
+    if len(values) < 2 or len(top) < 2:
+        return None
+    error = (statistics.variance(values) / len(values) + statistics.variance(top) / len(top)) ** 0.5
+    return [statistics.fmean(values) - statistics.fmean(top), error]
 
 
 def to_markdown(report: dict[str, Any]) -> str:
     """Rows best first: test mean ± std over the finished seeds, then each run's details."""
     lines = [
-        "| row | seeds | test % (mean ± std) | per seed | best validation % | runs finished |",
-        "|---|---|---|---|---|---|",
+        "| row | seeds | test % (mean ± std) | per seed | best validation % (mean ± std) | gap to the top row: "
+        "test / validation (± SE) | runs finished |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
-        if row["test_mean"] is None:
-            test = "–"
-        elif row["test_std"] is None:
-            test = f"{row['test_mean']:.2f}"
-        else:
-            test = f"{row['test_mean']:.2f} ± {row['test_std']:.2f}"
+        test = _mean_std(row["test_mean"], row["test_std"])
         per_seed = " / ".join(f"{t:.2f}" for t in row["tests"]) or "–"
-        val = "–" if row["best_val_mean"] is None else f"{row['best_val_mean']:.2f}"
+        val = _mean_std(row["best_val_mean"], row["best_val_std"])
+        gaps = (row["test_gap"], row["best_val_gap"])
+        gap = " / ".join("–" if g is None else f"{g[0]:+.2f} ± {g[1]:.2f}" for g in gaps)
         seeds = ", ".join(str(s) for s in row["seeds"])
-        lines.append(
-            f"| {row['label']} | {seeds} | {test} | {per_seed} | {val} | {row['finished']} of {len(row['runs'])} |"
-        )
+        finished = f"{row['finished']} of {len(row['runs'])}"
+        lines.append(f"| {row['label']} | {seeds} | {test} | {per_seed} | {val} | {gap} | {finished} |")
     lines += [
         "",
         "| run | seed | step (of) | best validation % (step) | test % | training accuracy at end % | steps/s |",
@@ -166,7 +182,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     shared = ", ".join(f"{k}={_text(v)}" for k, v in report["shared"].items())
     note = (
         "\nTest: the run's results.json (the best-validation checkpoint); mean ± sample std over the seeds that "
-        "finished. Rows are named by the settings that differ between them"
+        "finished. Gap: the difference of the means from the top row's, ± its standard error (Welch; shown for "
+        "rows of two or more seeds); within about two standard errors, the seeds cannot rank the two rows. "
+        "Rows are named by the settings that differ between them"
         + (f"; shared: {shared}" if shared else "")
         + ". steps/s: median over the logged windows (runs sharing a GPU run slower).\n"
     )
@@ -203,6 +221,12 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
 def _interval_means(train: list[dict[str, Any]], eval_steps: list[int]) -> list[list[float]]:
