@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from hopformer.cli import main
-from hopformer.train.cli_report import read_run, summarise
+from hopformer.train.cli_report import read_run, seed_mean, summarise
 from hopformer.train.config import from_dict, save_config
 
 
@@ -122,8 +122,24 @@ def test_report_draws_validation_curves(tmp_path):
     assert steps == (100, 200, 300) and accuracies == pytest.approx((50.0, 60.0, 62.0))
     steps, accuracies = zip(*report["rows"][0]["runs"][0]["train_curve"])  # mean over each interval
     assert steps == (100, 200, 300) and accuracies == pytest.approx(((30.0 + 51.0) / 2, 61.0, 63.0))
-    assert main(["report", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    steps, losses = zip(*report["rows"][0]["runs"][0]["train_loss_curve"])
+    assert steps == (100, 200, 300) and losses == pytest.approx(((0.7 + 0.6) / 2, 0.6, 0.6))
+    assert [s for s, _ in report["rows"][0]["runs"][0]["val_loss_curve"]] == [100, 200, 300]
+    # a row of three seeds is drawn as a mean with a band, beside a row of one run
+    seeds = [_run(tmp_path / f"c{s}", attention="full", seed=s, vals=(0.4, 0.5 + 0.01 * s)) for s in range(3)]
+    assert main(["report", str(a), str(b), *map(str, seeds), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seed_mean_averages_over_the_runs_that_reached_each_step():
+    rng = random.Random()
+    curves = [[[100 * (i + 1), rng.uniform(0, 100)] for i in range(rng.randint(1, 6))] for _ in range(4)]
+    steps, means, stds = seed_mean(curves)
+    assert steps == sorted({step for curve in curves for step, _ in curve})
+    for step, mean, std in zip(steps, means, stds):
+        values = [value for curve in curves for s, value in curve if s == step]
+        assert mean == pytest.approx(statistics.fmean(values))
+        assert std == (pytest.approx(statistics.stdev(values)) if len(values) > 1 else None)
 
 
 def test_report_names_a_folder_that_is_not_a_run(tmp_path):

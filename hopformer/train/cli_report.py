@@ -11,9 +11,11 @@ mean ± sample std over the seeds (best validation likewise), and each row's gap
 standard error. A row is named by the settings that tell it apart from the other rows, so
 ``attention=diffuser hops=1`` rather than the whole config; a setting added after a run was made counts at its
 default, so older runs group with newer ones. Unfinished runs appear with the steps they
-reached and their best validation so far, and no test. With ``--out``, ``curves.png`` draws every run's
-validation accuracy against the step, one colour per row, so runs can be compared at equal steps, with
-training accuracy dashed (the mean over each evaluation interval), so overfitting shows as a widening gap.
+reached and their best validation so far, and no test. With ``--out``, ``curves.png`` draws validation
+accuracy and loss against the step, one colour per row, so rows can be compared at equal steps, with the
+training curves dashed (the mean over each evaluation interval), so overfitting shows as a widening gap. A
+row of three or more seeds is drawn as its mean over the seeds with a band of ± one standard deviation; a
+row of fewer, one line per run.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text(text)
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        # one line: the per-run curves would take a line per number; report.md is the readable form
+        (out / "report.json").write_text(json.dumps(report) + "\n")
         print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
         try:
             plot_curves(report, out / "curves.png")
@@ -95,7 +98,9 @@ def read_run(folder: Path) -> dict[str, Any]:
         "best_val_step": None if best is None else best["step"],
         "train_accuracy_end": 100 * train[-1]["accuracy"] if train else None,
         "val_curve": [[r["step"], 100 * r["accuracy"]] for r in val],
-        "train_curve": _interval_means(train, [r["step"] for r in val]),
+        "train_curve": _interval_means(train, [r["step"] for r in val], "accuracy", 100),
+        "val_loss_curve": [[r["step"], r["loss"]] for r in val if r.get("loss") is not None],
+        "train_loss_curve": _interval_means(train, [r["step"] for r in val], "loss", 1),
         "steps_per_s": training_cost(folder).get("steps_per_s"),
         "test": None if results is None or results.get("test_accuracy") is None else 100 * results["test_accuracy"],
     }
@@ -192,35 +197,81 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_curves(report: dict[str, Any], path: Path) -> None:
-    """Validation accuracy (%) against the step for every run of ``report`` (from :func:`summarise`),
-    one colour per row and one line per seed, training accuracy dashed; saved as a PNG at ``path``.
+    """Validation accuracy (%) and loss against the step for the rows of ``report`` (from
+    :func:`summarise`), one colour per row, training curves dashed; saved as a PNG at ``path``. A row of
+    three or more seeds is its mean with a ± std band (:func:`seed_mean`), fewer are one line per run.
     Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, ax = plt.subplots(figsize=(8.0, 4.4 + 0.2 * len(report["rows"])), dpi=110)
-    for index, row in enumerate(report["rows"]):
-        colour = f"C{index % 10}"
-        for number, m in enumerate(row["runs"]):
-            alpha = 0.9 if number == 0 else 0.6
-            if m["val_curve"]:
-                ax.plot(
-                    *zip(*m["val_curve"]), color=colour, lw=1.2, alpha=alpha, label=None if number else row["label"]
-                )
-            if m["train_curve"]:
-                ax.plot(*zip(*m["train_curve"]), color=colour, lw=0.8, ls="--", alpha=alpha * 0.6)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("accuracy (%): validation solid, training dashed")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)  # below: labels are long
+    figure, axes = plt.subplots(1, 2, figsize=(12.0, 4.4 + 0.2 * len(report["rows"])), dpi=110)
+    panels = [("val_curve", "train_curve", "accuracy (%)"), ("val_loss_curve", "train_loss_curve", "loss")]
+    for ax, (val_key, train_key, name) in zip(axes, panels):
+        plotted = []
+        for index, row in enumerate(report["rows"]):
+            colour, runs = f"C{index % 10}", row["runs"]
+            label = f"{row['label']} ({len(runs)} seeds)" if len(runs) > 1 else row["label"]
+            if len(runs) >= 3:  # one mean line: a dozen overlapping seeds hide the comparison
+                for key, style in ((val_key, "-"), (train_key, "--")):
+                    steps, means, stds = seed_mean([m.get(key) or [] for m in runs])
+                    if not steps:
+                        continue
+                    low = [m - (s or 0.0) for m, s in zip(means, stds)]
+                    high = [m + (s or 0.0) for m, s in zip(means, stds)]
+                    solid = style == "-"
+                    ax.plot(
+                        steps, means, color=colour, lw=1.4 if solid else 0.9, ls=style, label=label if solid else None
+                    )
+                    if solid:
+                        ax.fill_between(steps, low, high, color=colour, alpha=0.15, lw=0)
+                    plotted += list(zip(steps, low)) + list(zip(steps, high))
+                continue
+            for number, m in enumerate(runs):
+                alpha = 0.9 if number == 0 else 0.6
+                if m.get(val_key):
+                    ax.plot(*zip(*m[val_key]), color=colour, lw=1.2, alpha=alpha, label=None if number else label)
+                    plotted += m[val_key]
+                if m.get(train_key):
+                    ax.plot(*zip(*m[train_key]), color=colour, lw=0.8, ls="--", alpha=alpha * 0.6)
+                    plotted += m[train_key]
+        _zoom_past_warmup(ax, plotted)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{name}: validation solid, training dashed")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)  # labels are long
     shared = ", ".join(f"{k}={_text(v)}" for k, v in report["shared"].items())
     if shared:
-        ax.set_title(shared, fontsize=9)
+        figure.suptitle(shared, fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def seed_mean(curves: list[list[list[float]]]) -> tuple[list[float], list[float], list[float | None]]:
+    """Mean and sample std over the runs' curves (each ``[[step, value], ...]``) at every step any run
+    reached, over the runs that reached it (std None where only one did): ``(steps, means, stds)``."""
+    at: dict[float, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            at.setdefault(step, []).append(value)
+    steps = sorted(at)
+    means = [statistics.fmean(at[s]) for s in steps]
+    stds = [statistics.stdev(at[s]) if len(at[s]) > 1 else None for s in steps]
+    return steps, means, stds
+
+
+def _zoom_past_warmup(ax: Any, points: list[list[float]] | list[tuple[float, float]]) -> None:
+    """Fit the y-axis to the points after the first tenth of the steps: the first evaluations (chance
+    accuracy, the initial loss) would otherwise squeeze the part where the rows differ into a sliver."""
+    if not points:
+        return
+    last = max(step for step, _ in points)
+    late = [value for step, value in points if step >= 0.1 * last] or [value for _, value in points]
+    low, high = min(late), max(late)
+    pad = 0.05 * (high - low) or 0.5
+    ax.set_ylim(low - pad, high + pad)
 
 
 def _mean_std(mean: float | None, std: float | None) -> str:
@@ -229,14 +280,14 @@ def _mean_std(mean: float | None, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def _interval_means(train: list[dict[str, Any]], eval_steps: list[int]) -> list[list[float]]:
-    """Training accuracy (%) averaged over the logs in each interval ending at an evaluation step: the
-    per-batch accuracies are too noisy to plot one by one."""
+def _interval_means(train: list[dict[str, Any]], eval_steps: list[int], key: str, scale: float) -> list[list[float]]:
+    """Training ``key`` (times ``scale``) averaged over the logs in each interval ending at an evaluation
+    step: the per-batch values are too noisy to plot one by one."""
     curve, start = [], 0
     for end in eval_steps:
-        window = [r["accuracy"] for r in train if start < r["step"] <= end]
+        window = [r[key] for r in train if start < r["step"] <= end and r.get(key) is not None]
         if window:
-            curve.append([end, 100 * sum(window) / len(window)])
+            curve.append([end, scale * sum(window) / len(window)])
         start = end
     return curve
 
