@@ -218,8 +218,8 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
                     steps, means, stds = seed_mean([m.get(key) or [] for m in runs])
                     if not steps:
                         continue
-                    low = [m - (s or 0.0) for m, s in zip(means, stds)]
-                    high = [m + (s or 0.0) for m, s in zip(means, stds)]
+                    low = [mean - (std or 0.0) for mean, std in zip(means, stds)]
+                    high = [mean + (std or 0.0) for mean, std in zip(means, stds)]
                     solid = style == "-"
                     ax.plot(
                         steps, means, color=colour, lw=1.4 if solid else 0.9, ls=style, label=label if solid else None
