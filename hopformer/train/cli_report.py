@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ def read_run(folder: Path) -> dict[str, Any]:
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     val = [r for r in records if r.get("split") == "val"]
     train = [r for r in records if r.get("split") == "train"]
+    eval_steps = [r["step"] for r in val]
     best = max(val, key=lambda r: r["accuracy"], default=None)
     results_path = folder / RESULTS_NAME
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
@@ -98,9 +100,9 @@ def read_run(folder: Path) -> dict[str, Any]:
         "best_val_step": None if best is None else best["step"],
         "train_accuracy_end": 100 * train[-1]["accuracy"] if train else None,
         "val_curve": [[r["step"], 100 * r["accuracy"]] for r in val],
-        "train_curve": _interval_means(train, [r["step"] for r in val], "accuracy", 100),
+        "train_curve": _interval_means(train, eval_steps, "accuracy", 100),
         "val_loss_curve": [[r["step"], r["loss"]] for r in val if r.get("loss") is not None],
-        "train_loss_curve": _interval_means(train, [r["step"] for r in val], "loss", 1),
+        "train_loss_curve": _interval_means(train, eval_steps, "loss", 1),
         "steps_per_s": training_cost(folder).get("steps_per_s"),
         "test": None if results is None or results.get("test_accuracy") is None else 100 * results["test_accuracy"],
     }
@@ -262,7 +264,7 @@ def seed_mean(curves: list[list[list[float]]]) -> tuple[list[float], list[float]
     return steps, means, stds
 
 
-def _zoom_past_warmup(ax: Any, points: list[list[float]] | list[tuple[float, float]]) -> None:
+def _zoom_past_warmup(ax: Any, points: list[Sequence[float]]) -> None:
     """Fit the y-axis to the points after the first tenth of the steps: the first evaluations (chance
     accuracy, the initial loss) would otherwise squeeze the part where the rows differ into a sliver."""
     if not points:
