@@ -14,7 +14,8 @@
 # Env: TOTAL_S (default 560), CELLS="NAME ..." (only these), CONFIG (default configs/lra/listops_pytorch_long.yaml),
 # DATA_DIR (default data/lra_release; ListOps is generated into DATA_DIR/listops-1000 when absent, with
 # LISTOPS_ARGS as extra arguments of `hopformer data listops`), PYTHON (default python).
-# Used for benchmarks/results/lra_listops_seeds2_h200 and lra_listops_hop_dropout_h200 (cells.txt there).
+# Used for benchmarks/results/lra_listops_seeds2_h200, lra_listops_hop_dropout_h200 and lra_listops_hops_h200
+# (their cells files are there).
 set -u
 START=$(date +%s)
 RUNS=${1:?usage: TOTAL_S=570 $0 RUNS_DIR CELLS_FILE}

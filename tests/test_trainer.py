@@ -671,3 +671,40 @@ def test_optimizer_decays_weight_matrices_only():
     matrices = {id(p) for name, p in model.named_parameters() if p.dim() >= 2 and not name.endswith(hop)}
     assert matrices and decayed == matrices
     assert decayed | plain == {id(p) for p in model.parameters()}
+
+
+def test_hop_lr_scale_gives_the_hop_weights_their_own_rate(tmp_path, data):
+    """``optim.hop_lr_scale`` puts Diffuser's learned hop weights in a group of their own, the loop scales the
+    scheduled rate for it, and Adam's first steps move them in proportion (about ``lr`` per step)."""
+    from hopformer.attention import build
+
+    layer = build("diffuser", dim=16, heads=2, block_size=16, hops=2, learned_coefficients=True)
+    optimizer = trainer_module.make_optimizer(layer, from_dict({"optim": {"hop_lr_scale": 10.0}}))
+    assert [len(g["params"]) for g in optimizer.param_groups][2] == 1
+    assert optimizer.param_groups[2]["params"][0] is layer.hop_logits
+    assert optimizer.param_groups[2]["lr_scale"] == 10.0 and optimizer.param_groups[2]["weight_decay"] == 0.0
+
+    quiet = lambda *_: None  # noqa: E731
+    moved = {}
+    for scale in (1.0, 10.0):
+        config = tiny_config(tmp_path, f"scale{scale}", steps=3, eval_every=3)
+        config.model.attention = "diffuser"
+        config.model.attention_options = {"block_size": 16, "hops": 2, "learned_coefficients": True}
+        config.optim.hop_lr_scale = scale
+        train(config, log=quiet)
+        state = torch.load(tmp_path / f"scale{scale}" / "last" / "state.pt", weights_only=True)
+        weights = load_file(tmp_path / f"scale{scale}" / "last" / "model.safetensors")
+        logits = [v for k, v in weights.items() if k.endswith("hop_logits")]
+        start = build("diffuser", dim=32, heads=2, hops=2, learned_coefficients=True).hop_logits.detach()
+        moved[scale] = max((v - start).abs().max().item() for v in logits)
+        lrs = [g["lr"] for g in state["optimizer"]["param_groups"]]
+        if scale == 1.0:
+            assert len(lrs) == 2
+        else:
+            assert len(lrs) == 3 and lrs[2] == pytest.approx(scale * lrs[0]) and lrs[0] > 0
+    assert moved[10.0] > 5 * moved[1.0] > 0, moved
+    for bad in (0.0, -1.0, True):
+        config = tiny_config(tmp_path, "bad")
+        config.optim.hop_lr_scale = bad
+        with pytest.raises(ValueError, match=f"optim.hop_lr_scale must be a positive number, got {bad!r}"):
+            train(config, log=quiet)

@@ -239,12 +239,25 @@ def objective_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
     """AdamW; weight decay on weight matrices only (not biases, LayerNorm gains, the CLS vector, nor
-    Diffuser's learned hop logits or weights, which decay would pull towards equal or zero weights)."""
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    decayed = [p.dim() >= 2 and not name.endswith(("hop_logits", "hop_weights")) for name, p in trainable]
-    decay = [p for (_, p), d in zip(trainable, decayed) if d]
-    other = [p for (_, p), d in zip(trainable, decayed) if not d]
+    Diffuser's learned hop logits or weights, which decay would pull towards equal or zero weights).
+    With ``optim.hop_lr_scale != 1`` the hop weights form a third group whose ``lr_scale`` the loop
+    multiplies into the scheduled rate (only then, so checkpoints of two groups still resume)."""
+    hop_names = ("hop_logits", "hop_weights")
+    separate = config.optim.hop_lr_scale != 1.0
+    decay, other, hop = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_hop = name.endswith(hop_names)
+        if is_hop and separate:
+            hop.append(p)
+        elif p.dim() >= 2 and not is_hop:
+            decay.append(p)
+        else:
+            other.append(p)
     groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    if hop:
+        groups.append({"params": hop, "weight_decay": 0.0, "lr_scale": config.optim.hop_lr_scale})
     return torch.optim.AdamW(groups, lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps)
 
 
@@ -646,7 +659,7 @@ def _run(config: Config, run_dir: Path, resume: bool, log: Any, deadline: float 
             step_began = _now()
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             for micro in range(tc.grad_accum):
                 # hidden tokens (masked objective) are drawn from (seed, step, micro-batch): resume is exact
                 mask_seed = (tc.seed * 1_000_003 + step) * tc.grad_accum + micro
@@ -822,6 +835,9 @@ def _check_config(config: Config) -> None:
         raise ValueError(f"optim.schedule={oc.schedule!r} is not known; choose one of {list(SCHEDULES)}")
     if oc.lr <= 0:
         raise ValueError(f"optim.lr must be positive, got {oc.lr!r}")
+    scale = oc.hop_lr_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"optim.hop_lr_scale must be a positive number, got {scale!r}")
     if oc.warmup_steps < 0:
         raise ValueError(f"optim.warmup_steps must be >= 0, got {oc.warmup_steps!r}")
     limit = tc.time_limit_minutes
