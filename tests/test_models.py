@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hopformer.attention import available
+from hopformer.attention import available, option_names
+from hopformer.attention import build as build_attention
 from hopformer.models import (
     DualEncoderClassifier,
     IntensityEmbedding,
@@ -92,6 +93,25 @@ def test_local_attention_names_its_patterns():
         encoder("local", attention_options=dict(pattern="bigbird"))
     with pytest.raises(ValueError, match="perfect square"):
         encoder("local", attention_options=dict(pattern="grid2d"))(*batch([70], 70))
+
+
+@pytest.mark.parametrize("attention", available())
+def test_an_unknown_attention_option_is_named_with_the_ones_it_takes(attention):
+    """A misspelt option (a config's ``attention_options``) fails in ``build`` with the attention, the option,
+    its value and the accepted names, and every accepted name is taken (whatever a placeholder value does)."""
+    with pytest.raises(ValueError, match=rf"attention='{attention}' has no option 'hopz' \(got hopz=3\); it takes \["):
+        build_attention(attention, 16, 2, hopz=3)
+    names = option_names(attention)
+    assert {"dropout", "causal"} <= set(names) and "hopz" not in names
+    for name in names:
+        try:
+            build_attention(attention, 16, 2, **{name: None})
+        except Exception as error:  # a value error is fine here; an unknown name is not
+            assert "has no option" not in str(error), (name, error)
+    if attention == "diffuser":
+        assert {"hops", "alpha", "global_blocks", "block_size"} <= set(names)
+    if attention == "bigbird":
+        assert "hops" not in names and "pattern" not in names  # the pattern is fixed
 
 
 # Attentions whose graph for the real tokens does not depend on how far the batch is padded. Graphs

@@ -708,3 +708,12 @@ def test_hop_lr_scale_gives_the_hop_weights_their_own_rate(tmp_path, data):
         config.optim.hop_lr_scale = bad
         with pytest.raises(ValueError, match=f"optim.hop_lr_scale must be a positive number, got {bad!r}"):
             train(config, log=quiet)
+
+
+def test_a_bad_attention_option_fails_before_the_data_loads(tmp_path):
+    config = tiny_config(tmp_path)  # no data folder: the option is checked first
+    config.model.attention = "bigbird"
+    config.model.attention_options = {"hops": 2}
+    with pytest.raises(ValueError, match=r"attention='bigbird' has no option 'hops' \(got hops=2\); it takes \["):
+        train(config, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()

@@ -843,7 +843,11 @@ def _check_config(config: Config) -> None:
     limit = tc.time_limit_minutes
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
         raise ValueError(f"train.time_limit_minutes must be a positive number of minutes or null, got {limit!r}")
-    from hopformer.attention import available
+    from hopformer.attention import available, build
 
-    if config.model.attention not in available():
-        raise ValueError(f"model.attention={config.model.attention!r} is not known; choose one of {available()}")
+    m = config.model
+    if m.attention not in available():
+        raise ValueError(f"model.attention={m.attention!r} is not known; choose one of {available()}")
+    if not isinstance(m.attention_options, dict):
+        raise TypeError(f"model.attention_options must be a mapping, got {m.attention_options!r}")
+    build(m.attention, m.dim, m.heads, **m.attention_options)  # a bad option fails here, before the data loads
