@@ -14,3 +14,6 @@ run() {  # name seed options...
 run hops1-s0 0 --attention-option hops=1 & run hops2-s0 0 --attention-option hops=2 & wait
 run hops1-s1 1 --attention-option hops=1 & run hops2-s1 1 --attention-option hops=2 & wait
 run learned-s0 0 --attention-option learned_coefficients=true & run learned-s1 1 --attention-option learned_coefficients=true & wait
+# later (2026-11-25, at 2a1ab02): the learned weights with their own learning rate, 30x optim.lr
+run learned-lr30-s0 0 --attention-option learned_coefficients=true --set optim.hop_lr_scale=30 &
+run learned-lr30-s1 1 --attention-option learned_coefficients=true --set optim.hop_lr_scale=30 & wait
