@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import hopformer.ops.combiner as combiner_ops
+import hopformer.ops.combiner_attention as combiner_ops
 from hopformer.attention import build
-from hopformer.ops.combiner import (
-    SUMMARY_GROUP,
-    _fixed_tile_codes,
-    _region_summaries,
-    combiner,
-    combiner_partition,
-    combiner_reference,
-)
+from hopformer.ops.combiner_attention import SUMMARY_GROUP, _fixed_tile_codes, _region_summaries, combiner
+from hopformer.ops.reference import combiner_partition, combiner_reference
 
 CAUSAL = [False, True]
 # (variant, seq, block_size): lengths that are not multiples of the block, and ones that are.
@@ -258,7 +253,8 @@ def _dense_flex(monkeypatch, group: int) -> list[int]:
     """Route ``backend="flex"`` through ``_FixedSummaryAttention`` with the dense stand-in for FlexAttention
     (CPU, float64); returns a list that grows by one per call of the Function."""
     monkeypatch.setattr(combiner_ops, "SUMMARY_GROUP", group)
-    monkeypatch.setattr(combiner_ops, "_flex_fits", lambda q, v, dropout_p: True)
+    on_cpu = dataclasses.replace(combiner_ops.FlexCombiner.support, devices=("cpu", "cuda"), min_head_dim=1)
+    monkeypatch.setattr(combiner_ops.FlexCombiner, "support", on_cpu)
     monkeypatch.setattr(combiner_ops, "_fixed_flex", functools.partial(combiner_ops._fixed_flex, dense=True))
     calls: list[int] = []
     apply = combiner_ops._FixedSummaryAttention.apply
@@ -388,7 +384,7 @@ def test_backend_is_checked():
     q, k, v = _inputs(16)
     with pytest.raises(ValueError, match="backend='fast' is not known"):
         combiner(q, k, v, backend="fast")
-    with pytest.raises(ValueError, match="backend='flex' runs variant='fixed' on CUDA"):
+    with pytest.raises(ValueError, match="backend='flex' cannot run combiner.*runs on cuda.*'eager' can"):
         combiner(q, k, v, "fixed", backend="flex")  # CPU, head_dim 5
     with pytest.raises(ValueError, match="backend"):
         build("combiner", 16, 2, backend="triton")

@@ -527,16 +527,17 @@ def test_use_portable_backends_lets_a_gpu_backend_checkpoint_run_anywhere(monkey
     # installed; with it the triton backend takes CPU tensors, so it must be off here
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     torch.manual_seed(int(torch.randint(1000, ())))
+    # head_dim 16: FlexAttention's smallest, so the flex layer can be built at all
     model = torch.nn.Sequential(
-        build("diffuser", dim=16, heads=2, block_size=16, backend="triton", learned_coefficients=True),
-        build("bigbird", dim=16, heads=2, block_size=16, backend="flex"),
+        build("diffuser", dim=32, heads=2, block_size=16, backend="triton", learned_coefficients=True),
+        build("bigbird", dim=32, heads=2, block_size=16, backend="flex"),
     ).double()
     reference = torch.nn.Sequential(
-        build("diffuser", dim=16, heads=2, block_size=16, learned_coefficients=True),
-        build("bigbird", dim=16, heads=2, block_size=16),
+        build("diffuser", dim=32, heads=2, block_size=16, learned_coefficients=True),
+        build("bigbird", dim=32, heads=2, block_size=16),
     ).double()
     reference.load_state_dict(model.state_dict())
-    x, mask = torch.randn(2, 40, 16, dtype=torch.float64), torch.rand(2, 40) > 0.3
+    x, mask = torch.randn(2, 40, 32, dtype=torch.float64), torch.rand(2, 40) > 0.3
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="triton"):
             model[0](x, mask)

@@ -538,51 +538,51 @@ def test_matrix_on_cuda_matches_dense(causal):
 def test_auto_diffusion_on_cpu_picks_matrix_for_short_sequences(monkeypatch):
     """auto diffusion off CUDA = matrix up to CPU_MATRIX_AUTO_MAX_LEN tokens without attention
     dropout, gather beyond it or with dropout; the result is the same as gather's."""
-    import hopformer.ops.sparse as ops_sparse
+    import hopformer.ops.gather as gather_module
+    import hopformer.ops.matrix as matrix_module
+    from hopformer.ops import dispatch
 
     graph = G.bigbird(200, 32, seed=3)
     (q, k, v), mask = _inputs(graph)
     expected = diffuse(q, k, v, graph, key_padding_mask=mask, backend="gather")
     calls = []
-    for name in ("matrix_diffusion", "gather_diffusion"):
-        real = getattr(ops_sparse, name)
-        monkeypatch.setattr(ops_sparse, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n[:6]) or _f(*a, **kw))
+    for module, name in ((matrix_module, "matrix_diffusion"), (gather_module, "gather_diffusion")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n[:6]) or _f(*a, **kw))
     got = diffuse(q, k, v, graph, key_padding_mask=mask)
     torch.testing.assert_close(got, expected)
     diffuse(q, k, v, graph, key_padding_mask=mask, dropout_p=0.1)
-    monkeypatch.setattr(ops_sparse, "CPU_MATRIX_AUTO_MAX_LEN", 199)
+    monkeypatch.setattr(dispatch, "CPU_MATRIX_AUTO_MAX_LEN", 199)
     diffuse(q, k, v, graph, key_padding_mask=mask)
     assert calls == ["matrix", "gather", "gather"]
 
 
 def test_auto_diffusion_choice_on_cuda_without_a_gpu(monkeypatch):
-    """The CUDA branch of auto's choice, on meta-like stand-ins: a token-level graph (no 16-token tiles)
+    """The CUDA branch of auto's choice, on requests (no tensors): a token-level graph (no 16-token tiles)
     takes flex up to FLEX_AUTO_MAX_HOPS hops and matrix beyond; float64 and narrow heads keep matrix;
     block graphs keep triton; too large a matrix gives flex."""
-    import hopformer.ops.sparse as ops_sparse
+    import hopformer.ops.triton_diffusion as triton_module
+    from hopformer.ops import dispatch
+    from hopformer.ops.backend import Request
 
-    class FakeCuda:  # only what _auto_diffusion_backend reads from q
-        is_cuda = True
+    def choose(dtype, graph, hops, head_dim=32, seq=1024):
+        request = Request(
+            "diffuse", device="cuda", dtype=dtype, batch=2, heads=2, seq_len=seq, head_dim=head_dim,
+            value_dim=head_dim, block_size=graph.block_size, hops=hops,
+        )  # fmt: skip
+        return dispatch.choose(request).name
 
-        def __init__(self, dtype, head_dim=32, seq=1024):
-            self.dtype, self.shape = dtype, (2, 2, seq, head_dim)
-
-        def element_size(self):
-            return torch.empty((), dtype=self.dtype).element_size()
-
-    monkeypatch.setattr(ops_sparse.triton_backend, "available", lambda: True)
-    monkeypatch.setattr(ops_sparse, "_matrix_fits", lambda q: q.shape[2] <= ops_sparse.MATRIX_AUTO_MAX_LEN)
+    monkeypatch.setattr(triton_module, "available", lambda: True)
     token = G.diffuser(1024, 32, num_global=1, num_random=1, random_granularity="token")
     block = G.diffuser(1024, 64)
-    choose = ops_sparse._auto_diffusion_backend
-    limit = ops_sparse.FLEX_AUTO_MAX_HOPS
-    assert choose(FakeCuda(torch.bfloat16), token, 0.0, hops=limit) == "flex"
-    assert choose(FakeCuda(torch.bfloat16), token, 0.0, hops=limit + 1) == "matrix"
-    assert choose(FakeCuda(torch.float64), token, 0.0, hops=1) == "matrix"
-    assert choose(FakeCuda(torch.bfloat16, head_dim=8), token, 0.0, hops=1) == "matrix"
-    assert choose(FakeCuda(torch.bfloat16, seq=4096), token, 0.0, hops=limit + 1) == "flex"
-    assert choose(FakeCuda(torch.bfloat16), block, 0.0, hops=limit + 1) == "triton"
-    assert choose(FakeCuda(torch.float64), block, 0.0, hops=1) == "matrix"
+    limit = dispatch.FLEX_AUTO_MAX_HOPS
+    assert choose(torch.bfloat16, token, hops=limit) == "flex"
+    assert choose(torch.bfloat16, token, hops=limit + 1) == "matrix"
+    assert choose(torch.float64, token, hops=1) == "matrix"
+    assert choose(torch.bfloat16, token, hops=1, head_dim=8) == "matrix"
+    assert choose(torch.bfloat16, token, hops=limit + 1, seq=4096) == "flex"
+    assert choose(torch.bfloat16, block, hops=limit + 1) == "triton"
+    assert choose(torch.float64, block, hops=1) == "matrix"
 
 
 @pytest.mark.cuda
@@ -591,26 +591,29 @@ def test_auto_diffusion_on_cuda_picks_triton_then_matrix(monkeypatch):
     """auto diffusion = triton where Triton runs (not float64); matrix for float64 where one
     attention matrix fits the limit, or without Triton beyond FLEX_AUTO_MAX_HOPS hops; flex up to
     that many hops without Triton, and whenever the matrix does not fit."""
-    import hopformer.ops.sparse as ops_sparse
+    import hopformer.ops.flex as flex_module
+    import hopformer.ops.matrix as matrix_module
+    import hopformer.ops.triton_diffusion as triton_module
+    from hopformer.ops import dispatch
 
     calls = []
-    monkeypatch.setattr(ops_sparse, "matrix_diffusion", lambda *a, **kw: calls.append("matrix") or a[2])
-    monkeypatch.setattr(ops_sparse.flex_backend, "flex_diffuse", lambda *a, **kw: calls.append("flex") or a[2])
-    monkeypatch.setattr(ops_sparse.triton_backend, "triton_diffusion", lambda *a, **kw: calls.append("triton") or a[2])
+    monkeypatch.setattr(matrix_module, "matrix_diffusion", lambda *a, **kw: calls.append("matrix") or a[2])
+    monkeypatch.setattr(flex_module, "run_diffusion", lambda *a, **kw: calls.append("flex") or a[1])
+    monkeypatch.setattr(triton_module, "triton_diffusion", lambda *a, **kw: calls.append("triton") or a[2])
     graph = G.bigbird(512, 128)
     (q, k, v), _ = _inputs(graph, dim=16, padding=False, device="cuda", dtype=torch.bfloat16)
     (q64, k64, v64), _ = _inputs(graph, dim=16, padding=False, device="cuda", dtype=torch.float64)
-    has_triton = ops_sparse.triton_backend.available()
+    has_triton = triton_module.available()
     diffuse(q, k, v, graph)
     diffuse(q64, k64, v64, graph)
-    monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 2 * 2 * 512 * 512 * 8 - 1)  # float64: one byte short
+    monkeypatch.setattr(dispatch, "MATRIX_AUTO_BYTES", 2 * 2 * 512 * 512 * 8 - 1)  # float64: one byte short
     diffuse(q64, k64, v64, graph)
-    monkeypatch.setattr(ops_sparse.triton_backend, "available", lambda: False)
-    monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 2 * 2 * 512 * 512 * 2)  # the bf16 matrix fits exactly
-    many = ops_sparse.FLEX_AUTO_MAX_HOPS + 1
+    monkeypatch.setattr(triton_module, "available", lambda: False)
+    monkeypatch.setattr(dispatch, "MATRIX_AUTO_BYTES", 2 * 2 * 512 * 512 * 2)  # the bf16 matrix fits exactly
+    many = dispatch.FLEX_AUTO_MAX_HOPS + 1
     diffuse(q, k, v, graph, hops=many)
-    diffuse(q, k, v, graph, hops=ops_sparse.FLEX_AUTO_MAX_HOPS)
-    monkeypatch.setattr(ops_sparse, "MATRIX_AUTO_BYTES", 2 * 2 * 512 * 512 * 2 - 1)
+    diffuse(q, k, v, graph, hops=dispatch.FLEX_AUTO_MAX_HOPS)
+    monkeypatch.setattr(dispatch, "MATRIX_AUTO_BYTES", 2 * 2 * 512 * 512 * 2 - 1)
     diffuse(q, k, v, graph, hops=many)
     expected = ["triton" if has_triton else "matrix", "matrix", "triton" if has_triton else "flex"]
     assert calls == expected + ["matrix", "flex", "flex"]

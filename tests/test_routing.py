@@ -8,17 +8,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import hopformer.ops.routing as routing_ops
+import hopformer.ops.routing_attention as routing_ops
 from hopformer.attention import build
 from hopformer.attention.routing import local_attention
-from hopformer.ops.routing import (
+from hopformer.ops.reference import routing_reference
+from hopformer.ops.routing_attention import (
     clustered_attention,
     commitment_loss,
     memberships,
     normalise,
     rank,
     routing,
-    routing_reference,
     similarity,
 )
 

@@ -77,6 +77,12 @@ class AttentionModule(nn.Module):
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def explain(self, seq_len: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 1):
+        """Which backend runs this attention in training on ``(batch, seq_len)`` inputs on ``device`` in
+        ``dtype``, and why not the others (a :class:`hopformer.ops.Explanation`); None for attentions
+        without a choice of backends."""
+        return None
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, dropout={self.dropout}"
 
@@ -108,16 +114,17 @@ class FullAttention(AttentionModule):
         return out * (key_padding_mask & has_real[:, None])[:, None, :, None].to(out.dtype)
 
 
-CUDA_ONLY_BACKENDS = ("flex", "triton")
-
-
 def use_portable_backends(model: nn.Module) -> set[str]:
     """Set every attention layer of ``model`` whose backend runs on CUDA only (``flex``, ``triton``) to
     ``"auto"``, which computes the same attention on any device; returns the backends replaced. For
     evaluating or analysing a checkpoint trained on a GPU with an explicit backend on a CPU."""
+    from hopformer.ops import dispatch
+
     replaced = set()
     for module in model.modules():
-        if isinstance(module, AttentionModule) and getattr(module, "backend", None) in CUDA_ONLY_BACKENDS:
-            replaced.add(module.backend)
-            module.backend = "auto"
+        backend = getattr(module, "backend", "auto")
+        if isinstance(module, AttentionModule) and backend != "auto":
+            if "cpu" not in dispatch.backends_for(module.op)[backend].support.devices:
+                replaced.add(backend)
+                module.backend = "auto"
     return replaced

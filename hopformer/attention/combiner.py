@@ -6,14 +6,17 @@ import torch
 
 from hopformer.attention.base import AttentionModule
 from hopformer.attention.registry import register
-from hopformer.ops.combiner import BACKENDS, VARIANTS, combiner
+from hopformer.checks import check_int
+from hopformer.ops import dispatch
+from hopformer.ops.backend import Request
+from hopformer.ops.combiner_attention import VARIANTS, combiner
 
 
 @register("combiner")
 class CombinerAttention(AttentionModule):
     """Full-support attention factorised into direct keys plus region summaries.
 
-    See :mod:`hopformer.ops.combiner` for the variants and their partitions.
+    See :mod:`hopformer.ops.combiner_attention` for the variants and their partitions.
 
     Args:
         dim, heads, dropout, bias: as :class:`~hopformer.attention.base.AttentionModule`.
@@ -23,9 +26,11 @@ class CombinerAttention(AttentionModule):
             ``None`` picks ``ceil(sqrt(seq))`` per input (``logsparse``: 2); a fixed value larger
             than an input's length raises ``ValueError`` in ``forward``.
         causal: every query sees only positions up to itself.
-        backend: ``"auto"``, ``"eager"`` or ``"flex"`` (see :func:`hopformer.ops.combiner.combiner`):
-            ``auto`` runs ``fixed`` on FlexAttention on CUDA from 16K tokens, for its smaller memory.
+        backend: ``"auto"``, ``"eager"`` or ``"flex"`` (see :func:`hopformer.ops.combiner`); :meth:`explain`
+            says which runs and why.
     """
+
+    op = "combiner"
 
     def __init__(
         self,
@@ -42,15 +47,33 @@ class CombinerAttention(AttentionModule):
         super().__init__(dim, heads, dropout=dropout, bias=bias)
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not known; choose one of {list(VARIANTS)}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not known; choose one of {list(BACKENDS)}")
-        if block_size is not None and (
-            isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
-        ):
-            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+        dispatch.check_backend_name("combiner", backend)
+        if block_size is not None:
+            check_int("block_size", block_size, 1, allowed="a positive integer or None")
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         self.variant, self.block_size, self.causal, self.backend = variant, block_size, causal, backend
+        if backend != "auto":  # a named backend that cannot run this module fails here, whatever the device
+            dispatch.choose(self.request(), backend)
+
+    def request(self, seq_len: int | None = None, device: str | None = None, dtype=None, batch: int = 1) -> Request:
+        """What this module asks of Combiner's backends (with the training-time dropout)."""
+        return Request(
+            "combiner",
+            device=device,
+            dtype=dtype,
+            batch=batch if seq_len is not None else None,
+            heads=self.heads,
+            seq_len=seq_len,
+            head_dim=self.head_dim,
+            value_dim=self.head_dim,
+            attention_dropout=self.dropout > 0,
+            variant=self.variant,
+        )
+
+    def explain(self, seq_len: int, device: str = "cpu", dtype=torch.float32, batch: int = 1) -> dispatch.Explanation:
+        """Which backend runs this module in training on inputs like these, and why not the others."""
+        return dispatch.explain_request(self.request(seq_len, device, dtype, batch), self.backend)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None

@@ -45,10 +45,11 @@ import torch.nn.functional as F
 from hopformer import graphs
 from hopformer.attention.base import AttentionModule
 from hopformer.attention.registry import register
-from hopformer.ops import sparse_attention
-from hopformer.ops.combiner import grouped_attention
-from hopformer.ops.flex import MIN_HEAD_DIM, tiles_fit
-from hopformer.ops.routing import QK_NORMS, clustered_attention, commitment_loss, normalise, rank
+from hopformer.checks import check_int
+from hopformer.ops import dispatch, sparse_attention
+from hopformer.ops.backend import Request
+from hopformer.ops.combiner_attention import grouped_attention
+from hopformer.ops.routing_attention import QK_NORMS, clustered_attention, commitment_loss, normalise, rank
 
 UPDATES = ("auto", "manual")
 EMA_EPS = 1e-5
@@ -72,7 +73,7 @@ class RoutingAttention(AttentionModule):
         window: members per cluster; default ``seq // clusters`` of each input (at least 1). Must
             not exceed the input length.
         max_seq_len: only sets the default ``clusters``.
-        causal: causal masking (routing heads: see the caveat in :mod:`hopformer.ops.routing`).
+        causal: causal masking (routing heads: see the caveat in :mod:`hopformer.ops.routing_attention`).
         share_qk: routing heads use the query projection as keys; default ``causal``.
         qk_norm: ``"layernorm"`` (no affine) or ``"l2"``.
         decay: EMA decay of the k-means tables.
@@ -103,14 +104,14 @@ class RoutingAttention(AttentionModule):
     ) -> None:
         super().__init__(dim, heads, dropout=dropout, bias=bias)
         local_heads = heads // 2 if local_heads is None else local_heads
-        _check_int("local_heads", local_heads, 0, f"between 0 and heads={heads}", upper=heads)
-        _check_int("local_window", local_window, 1, "a positive integer")
-        _check_int("max_seq_len", max_seq_len, 1, "a positive integer")
+        check_int("local_heads", local_heads, 0, heads, allowed=f"between 0 and heads={heads}")
+        check_int("local_window", local_window, 1)
+        check_int("max_seq_len", max_seq_len, 1)
         clusters = max(1, round(math.sqrt(max_seq_len))) if clusters is None else clusters
-        _check_int("clusters", clusters, 1, "a positive integer")
+        check_int("clusters", clusters, 1)
         if window is not None:
-            _check_int("window", window, 1, "a positive integer or None")
-        _check_int("kmeans_iters", kmeans_iters, 0, "a non-negative integer")
+            check_int("window", window, 1, allowed="a positive integer or None")
+        check_int("kmeans_iters", kmeans_iters, 0)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         if qk_norm not in QK_NORMS:
@@ -332,7 +333,8 @@ def local_attention(
     """
     batch, heads, seq, dim = q.shape
     block = min(block, seq)
-    if q.is_cuda and dropout_p == 0 and min(dim, v.shape[-1]) >= MIN_HEAD_DIM and tiles_fit(block):
+    request = Request.of("sparse_attention", q, v, block_size=block, attention_dropout=dropout_p > 0)
+    if q.is_cuda and dispatch.can_run("flex", request):
         graph = _local_graph(seq, block, causal)
         return sparse_attention(q, k, v, graph, key_padding_mask, backend="flex", scale=dim**-0.5)
     blocks = -(-seq // block)
@@ -376,8 +378,3 @@ def _recomputing() -> bool:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _check_int(name: str, value, lower: int, allowed: str, upper: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lower or (upper is not None and value > upper):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")

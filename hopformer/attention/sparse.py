@@ -15,10 +15,11 @@ from torch import nn
 
 from hopformer.attention.base import AttentionModule
 from hopformer.attention.registry import register
+from hopformer.checks import check_probability
 from hopformer.graphs import PATTERNS, BlockGraph, build_graph
-from hopformer.ops import diffuse, diffuse_weighted, sparse_attention
+from hopformer.ops import diffuse, diffuse_weighted, dispatch, sparse_attention
+from hopformer.ops.backend import EDGE_DROPOUT, Request
 from hopformer.ops.coefficients import check_coefficients, check_diffusion_args, diffusion_coefficients
-from hopformer.ops.sparse import NO_ATTENTION_DROPOUT
 
 
 @functools.lru_cache(maxsize=256)
@@ -42,10 +43,8 @@ class GraphAttention(AttentionModule):
             they raise.
         pattern: graph pattern name (``"local"``, ``"longformer"``, ``"bigbird"``, ``"diffuser"``,
             ``"hypercube"``, ``"full"``, ``"grid2d"``).
-        backend: ``"auto"`` (gather off CUDA, matrix for diffusion up to 512 tokens; on CUDA flex, and
-            for diffusion triton, or matrix where Triton is missing), ``"gather"``, ``"flex"``,
-            ``"matrix"`` (attention materialised once per call), ``"triton"`` (hopformer's kernels:
-            the fast Diffuser path on GPUs at every length) or ``"dense"`` (see :mod:`hopformer.ops.sparse`).
+        backend: ``"auto"`` or a backend name (``"gather"``, ``"flex"``, ``"matrix"``, ``"triton"``,
+            ``"dense"``); :meth:`explain` says which runs and why (see :mod:`hopformer.ops.sparse`).
         causal: keep only keys at or before the query.
         **graph_options: the pattern's keyword arguments (``block_size``, ``window``, ``num_global``,
             ``num_random``, ``seed``, ...).
@@ -66,11 +65,41 @@ class GraphAttention(AttentionModule):
         super().__init__(dim, heads, dropout=dropout, bias=bias)
         if pattern not in PATTERNS:
             raise ValueError(f"pattern={pattern!r} is not known; choose one of {sorted(PATTERNS)}")
-        if backend in NO_ATTENTION_DROPOUT and dropout > 0:
-            raise ValueError(f"backend={backend!r} has no attention dropout; set dropout=0 or use backend='gather'")
+        dispatch.check_backend_name("sparse_attention", backend)
         self.pattern, self.backend, self.causal = pattern, backend, causal
         self.graph_options = dict(graph_options, causal=causal)
-        cached_graph(pattern, 4 * 1024, **self.graph_options)  # fail now, not mid-training, on bad options
+        probe = cached_graph(pattern, 4 * 1024, **self.graph_options)  # fail now, not mid-training, on bad options
+        self.block_size = probe.block_size
+
+    def _check_backend(self) -> None:
+        """A named backend that cannot run this module fails when it is built, whatever the device."""
+        if self.backend != "auto":
+            dispatch.choose(self.request(), self.backend)
+
+    def request(self, seq_len: int | None = None, device: str | None = None, dtype=None, batch: int = 1) -> Request:
+        """What this module asks of the backends (with the training-time dropout); unknown facts stay None."""
+        return Request(
+            self.op,
+            device=device,
+            dtype=dtype,
+            batch=batch if seq_len is not None else None,
+            heads=self.heads,
+            seq_len=seq_len,
+            head_dim=self.head_dim,
+            value_dim=self.head_dim,
+            block_size=self.block_size,
+            attention_dropout=self.dropout > 0,
+            **self._diffusion_facts(),
+        )
+
+    def explain(self, seq_len: int, device: str = "cpu", dtype=torch.float32, batch: int = 1) -> dispatch.Explanation:
+        """Which backend runs this module in training on inputs like these, and why not the others."""
+        return dispatch.explain_request(self.request(seq_len, device, dtype, batch), self.backend)
+
+    op = "sparse_attention"
+
+    def _diffusion_facts(self) -> dict:
+        return {}
 
     def graph(self, seq_len: int) -> BlockGraph:
         return cached_graph(self.pattern, seq_len, **self.graph_options)
@@ -78,22 +107,20 @@ class GraphAttention(AttentionModule):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, pattern={self.pattern!r}, backend={self.backend!r}, {self.graph_options}"
 
-    def _dropout_p(self, q) -> float:
-        p = self.dropout if self.training else 0.0
-        if p > 0 and self.backend == "auto" and q.is_cuda:
-            raise ValueError(
-                f"attention dropout={self.dropout} is not available on the backends that 'auto' picks on CUDA; "
-                "set dropout=0 (use hop or hidden dropout instead) or backend='gather'"
-            )
-        return p
+    def _dropout_p(self) -> float:
+        return self.dropout if self.training else 0.0
 
 
 class SparseAttention(GraphAttention):
     """Softmax attention on the edges of a graph pattern (one hop)."""
 
+    def __init__(self, dim: int, heads: int, *, pattern: str, **options: Any) -> None:
+        super().__init__(dim, heads, pattern=pattern, **options)
+        self._check_backend()
+
     def attend(self, q, k, v, key_padding_mask):
         graph = self.graph(q.shape[2])
-        return sparse_attention(q, k, v, graph, key_padding_mask, self.backend, dropout_p=self._dropout_p(q))
+        return sparse_attention(q, k, v, graph, key_padding_mask, self.backend, dropout_p=self._dropout_p())
 
 
 def _sparse(pattern: str):
@@ -172,7 +199,13 @@ class DiffuserAttention(GraphAttention):
     ) -> None:
         super().__init__(dim, heads, pattern=pattern, **options)
         check_diffusion_args(hops, alpha, kernel, heat_time, remainder)
-        self.hops, self.edge_dropout, self.hop_dropout = hops, edge_dropout, hop_dropout
+        if edge_dropout not in EDGE_DROPOUT:
+            raise ValueError(f"edge_dropout must be one of {EDGE_DROPOUT}, got {edge_dropout!r}")
+        self.hops, self.edge_dropout, self.hop_dropout = (
+            hops,
+            edge_dropout,
+            check_probability("hop_dropout", hop_dropout),
+        )
         if coefficients is None:
             start = diffusion_coefficients(hops, alpha, kernel=kernel, heat_time=heat_time, remainder=remainder)
         else:
@@ -195,6 +228,15 @@ class DiffuserAttention(GraphAttention):
             self.hop_logits = nn.Parameter(logits.repeat(heads, 1))
         elif self.learned == "free":
             self.hop_weights = nn.Parameter(torch.tensor(start).repeat(heads, 1))
+        self._check_backend()
+
+    @property
+    def op(self) -> str:
+        return "diffuse_weighted" if self.learned else "diffuse"
+
+    def _diffusion_facts(self) -> dict:
+        edge = "per_hop" if self.learned else self.edge_dropout
+        return {"hops": self.hops, "edge_dropout": edge, "hop_dropout": self.hop_dropout > 0}
 
     def coefficients(self) -> torch.Tensor:
         """The weights on ``A^0 .. A^hops``, ``(heads, hops + 1)``: learned (in the parameters' dtype and
@@ -216,7 +258,7 @@ class DiffuserAttention(GraphAttention):
                 self.coefficients(),
                 key_padding_mask,
                 self.backend,
-                dropout_p=self._dropout_p(q),
+                dropout_p=self._dropout_p(),
                 hop_dropout_p=self.hop_dropout if self.training else 0.0,
             )
         return diffuse(
@@ -228,7 +270,7 @@ class DiffuserAttention(GraphAttention):
             key_padding_mask=key_padding_mask,
             backend=self.backend,
             coefficients=self.fixed_coefficients,
-            dropout_p=self._dropout_p(q),
+            dropout_p=self._dropout_p(),
             edge_dropout=self.edge_dropout,
             hop_dropout_p=self.hop_dropout if self.training else 0.0,
         )

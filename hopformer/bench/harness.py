@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import hopformer
 from hopformer.graphs import build_graph
 from hopformer.ops import diffuse, sparse_attention
-from hopformer.ops.combiner import combiner, resolve_block_size
+from hopformer.ops.combiner_attention import combiner, resolve_block_size
 
 OPS = ("sdpa", "sparse", "diffuse", "routing", "combiner")
 COMBINER_VARIANTS = ("fixed", "logsparse", "axial", "axial_horizontal", "mixture")  # "axial" is the vertical form

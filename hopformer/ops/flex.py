@@ -21,6 +21,7 @@ it shortens the backward kernels by 1.4 ms, but its copies and merges cost more 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.graphs import BlockGraph
+from hopformer.ops.backend import Support
+from hopformer.ops.common import pad_seq, run_diffusion
 
 TILE = 128  # FlexAttention's sparse block size
 # Dynamo keeps one cache for every compiled flex_attention in the process; tests, benchmarks and models
@@ -77,15 +80,6 @@ def tiles_fit(block_size: int) -> bool:
     return block_size % TILE == 0 or TILE % block_size == 0
 
 
-def check_flex_graph(graph: BlockGraph) -> None:
-    bs = graph.block_size
-    if not tiles_fit(bs):
-        raise ValueError(
-            f"backend='flex' needs block_size to divide {TILE} or be a multiple of it, got block_size={bs}; "
-            "use backend='gather' for other block sizes"
-        )
-
-
 def _tile_codes(graph: BlockGraph, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (query tile, key tile): 0 none, 1 partial, 2 full; and the block adjacency that the
     mask_mod looks up (FlexAttention's contract: mask_mod describes the whole mask; compiled kernels
@@ -93,7 +87,6 @@ def _tile_codes(graph: BlockGraph, device: torch.device) -> tuple[torch.Tensor, 
     key = ("flex_tiles", str(device))
     if key in graph.cache:
         return graph.cache[key]
-    check_flex_graph(graph)
     bs, nb = graph.block_size, graph.num_blocks
     tiles = -(-graph.seq_len // TILE)
     adjacency = graph.block_adjacency(device)
@@ -243,25 +236,43 @@ def block_mask_from_codes(codes: torch.Tensor, mask_mod, q_len: int, kv_len: int
     )
 
 
-def _padded(x: torch.Tensor, length: int) -> torch.Tensor:
-    return F.pad(x, (0, 0, 0, length - x.shape[2])) if length > x.shape[2] else x
+class FlexBackend:
+    """``flex``: compiled FlexAttention under a BlockMask built from the graph's block lists (CUDA)."""
+
+    name = "flex"
+    summary = "compiled FlexAttention, one call per hop on the graph's BlockMask"
+    support = Support(
+        ops=("sparse_attention", "diffuse", "diffuse_weighted"),
+        devices=("cuda",),
+        attention_dropout=False,  # PyTorch's FlexAttention has none
+        min_head_dim=MIN_HEAD_DIM,
+        block_sizes=tiles_fit,
+        rule=f"divides {TILE} or is a multiple of it",
+    )
+
+    def diffuse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        graph: BlockGraph,
+        key_padding_mask: torch.Tensor | None,
+        steps: Sequence[float],
+        scale: float,
+        *,
+        dropout_p: float = 0.0,
+        edge_dropout: str = "once",
+        hop_dropout_p: float = 0.0,
+        kernel_options: dict | None = None,
+    ) -> torch.Tensor:
+        """The power iteration with one FlexAttention call per hop, all on one BlockMask."""
+        plan = block_mask(graph, key_padding_mask, q.device)
+        q, k, v = (pad_seq(t, plan.padded) for t in (q, k, v))
+
+        def attend(z: torch.Tensor, _: int) -> torch.Tensor:
+            return run_flex(q, k, z, plan.mask, scale, kernel_options)
+
+        return run_diffusion(attend, v, steps, hop_dropout_p)[:, :, : plan.seq]
 
 
-def flex_apply(q, k, v, plan: FlexPlan, scale: float, kernel_options: dict | None = None) -> torch.Tensor:
-    """Compiled FlexAttention of ``(B, H, seq, d)`` inputs under ``plan``."""
-    q, k, v = (_padded(t, plan.padded) for t in (q, k, v))
-    return run_flex(q, k, v, plan.mask, scale, kernel_options)[:, :, : plan.seq]
-
-
-def flex_diffuse(
-    q, k, v, plan: FlexPlan, steps: list[float], scale: float, kernel_options: dict | None, hop_dropout_p: float
-) -> torch.Tensor:
-    """The power iteration ``z <- (1 - a) A z + a v``, one FlexAttention call per hop on one BlockMask."""
-    q, k, v = (_padded(t, plan.padded) for t in (q, k, v))
-    z = v
-    for a in steps:
-        # a == 1 (renormalised last step) would discard A z: skip computing it
-        z = torch.lerp(run_flex(q, k, z, plan.mask, scale, kernel_options), v, a) if a < 1.0 else v
-        if hop_dropout_p > 0:
-            z = F.dropout(z, hop_dropout_p)
-    return z[:, :, : plan.seq]
+FLEX = FlexBackend()

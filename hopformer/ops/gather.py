@@ -17,12 +17,15 @@ matmul over tiles and the softmax runs in place.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from hopformer.graphs import BlockGraph
+from hopformer.ops.backend import Support
+from hopformer.ops.common import diffusion_steps, masked_softmax
 
 # A narrow row costs about this much more per key than a wide (dense) row, for the gather copies.
 _GATHER_OVERHEAD = 1.5
@@ -93,15 +96,6 @@ def _build_plan(graph: BlockGraph, device: torch.device) -> GatherPlan:
     )
 
 
-def _fill_softmax_(scores: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """In-place masked softmax over ``dims``; rows with no allowed key become zero (never NaN)."""
-    masked = ~mask
-    scores.masked_fill_(masked, torch.finfo(scores.dtype).min)
-    scores.sub_(scores.amax(dim=dims, keepdim=True)).exp_()
-    scores.div_(scores.sum(dim=dims, keepdim=True))
-    return scores.masked_fill_(masked, 0.0)  # not mul_(mask): that makes a float copy of the mask
-
-
 class _Attention:
     """The attention ``A`` of one call, split into gathered (narrow) and dense (wide) rows.
 
@@ -128,7 +122,7 @@ class _Attention:
             scores = q_rows.new_empty(batch, heads, n, keys.shape[1], bs, bs)
             for slot in range(keys.shape[1]):
                 scores[:, :, :, slot] = torch.matmul(q_rows, k_blocks.index_select(2, keys[:, slot]).transpose(-1, -2))
-            self.narrow = _fill_softmax_(scores.mul_(scale), mask, (3, 5))
+            self.narrow = masked_softmax(scores.mul_(scale), mask, (3, 5), inplace=True)
             self.q_narrow, self.narrow_mask = q_rows, mask
         if len(plan.wide_rows):
             q_rows = q_blocks[:, :, plan.wide_rows].flatten(2, 3)  # (B, H, w*bs, D)
@@ -137,7 +131,7 @@ class _Attention:
             if real is not None:
                 mask = mask & real.flatten(1)[:, None, None, :] & real[:, plan.wide_rows].flatten(1)[:, None, :, None]
             scores = torch.matmul(q_rows, k_all.transpose(-1, -2)).mul_(scale)
-            self.wide = _fill_softmax_(scores, mask, (3,))
+            self.wide = masked_softmax(scores, mask, (3,), inplace=True)
             self.q_wide, self.wide_mask = q_rows, mask
 
     def dropout_masks(self, p: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -188,8 +182,8 @@ class _Attention:
 CHUNK_ELEMENTS = 1 << 22
 
 
-def _pad_seq(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Pad the sequence axis (dim 2) with zeros; no copy when nothing is padded."""
+def _pad_blocks(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Pad the sequence axis (dim 2) with ``pad`` zeros; contiguous, so it views as blocks."""
     return F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
 
 
@@ -227,16 +221,21 @@ def _run_steps(attention, v_blocks, masks, run: _Steps, states=None, final=None)
     :func:`_new_states`) also record the state entering each step, ``z_0 .. z_{T-1}``. A known
     ``final`` (backward has forward's output) saves the last application."""
     keeps, hop_keeps = masks
-    z = v_blocks
-    for t, (a, keep, hop_keep) in enumerate(zip(run.weights, keeps, hop_keeps)):
+
+    def attend(z: torch.Tensor, t: int) -> torch.Tensor:
+        return attention.apply(z, keeps[t], run.edge_p)
+
+    def hop_dropout(z: torch.Tensor, t: int) -> torch.Tensor:
+        return z if hop_keeps[t] is None else z * hop_keeps[t] / (1 - run.hop_p)
+
+    hops = diffusion_steps(attend, v_blocks, run.weights, hop_dropout)
+    z, last = v_blocks, len(run.weights) - 1
+    for t in range(len(run.weights)):
         if states is not None:
             states[..., t, :] = z
-        if final is not None and t == len(run.weights) - 1:
+        if final is not None and t == last:
             return final
-        # a == 1 (renormalised last step) would discard A z: skip computing it
-        z = torch.lerp(attention.apply(z, keep, run.edge_p), v_blocks, a) if a < 1.0 else v_blocks
-        if hop_keep is not None:
-            z = z * hop_keep / (1 - run.hop_p)
+        z = next(hops)
     return z
 
 
@@ -336,9 +335,9 @@ class _GatherDiffusion(torch.autograd.Function):
         plan = gather_plan(graph, q.device)
         batch, heads, seq, dim = q.shape
         nb, bs, pad = graph.num_blocks, graph.block_size, graph.padded_len - seq
-        q_blocks = _pad_seq(q, pad).view(batch, heads, nb, bs, dim)
-        k_blocks = _pad_seq(k, pad).view(batch, heads, nb, bs, dim)
-        v_blocks = _pad_seq(v, pad).view(batch, heads, nb, bs, v.shape[-1])
+        q_blocks = _pad_blocks(q, pad).view(batch, heads, nb, bs, dim)
+        k_blocks = _pad_blocks(k, pad).view(batch, heads, nb, bs, dim)
+        v_blocks = _pad_blocks(v, pad).view(batch, heads, nb, bs, v.shape[-1])
         real = None if key_padding_mask is None else F.pad(key_padding_mask, (0, pad)).view(batch, nb, bs)
         run = _Steps(steps, scale, edge_p, edge_mode, hop_p)
 
@@ -367,7 +366,7 @@ class _GatherDiffusion(torch.autograd.Function):
         q_blocks, k_blocks, v_blocks, out = ctx.saved_tensors
         seq, pad = ctx.shape
         run = ctx.run
-        grad_blocks = _pad_seq(grad_out, pad).view_as(v_blocks)
+        grad_blocks = _pad_blocks(grad_out, pad).view_as(v_blocks)
         grads = torch.zeros_like(q_blocks), torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
         for h, (masks, attention, states, final) in zip(ctx.chunks, ctx.saved):
             if attention is None:  # recompute this chunk's attention and states (memory: one chunk)
@@ -407,3 +406,31 @@ def gather_diffusion(
     return _GatherDiffusion.apply(
         q, k, v, graph, key_padding_mask, tuple(steps), scale, edge_dropout_p, edge_dropout, hop_dropout_p
     )
+
+
+class GatherBackend:
+    """``gather``: block-sparse attention in pure PyTorch with a written-out backward; any device."""
+
+    name = "gather"
+    summary = "pure PyTorch, block tiles gathered per query block; any device, every kind of dropout"
+    support = Support(ops=("sparse_attention", "diffuse", "diffuse_weighted"), devices=("cpu", "cuda"))
+
+    def diffuse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        graph: BlockGraph,
+        key_padding_mask: torch.Tensor | None,
+        steps: Sequence[float],
+        scale: float,
+        *,
+        dropout_p: float = 0.0,
+        edge_dropout: str = "once",
+        hop_dropout_p: float = 0.0,
+        kernel_options: dict | None = None,
+    ) -> torch.Tensor:
+        return gather_diffusion(q, k, v, graph, key_padding_mask, steps, scale, dropout_p, edge_dropout, hop_dropout_p)
+
+
+GATHER = GatherBackend()

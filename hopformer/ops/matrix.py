@@ -16,32 +16,13 @@ as PyTorch's softmax does), so under bf16 autocast ``A`` is stored once in bf16.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from hopformer.graphs import BlockGraph
-
-
-def allowed_mask(graph: BlockGraph, key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """``(batch or 1, 1, seq, seq)`` bool: the graph's edges to real keys (the graph's token mask is
-    cached on the graph). Padded queries keep their edges: their outputs are zeroed by the caller
-    and, as keys, they are masked, so they never reach a real token."""
-    key = ("dense_mask", str(device))
-    if key not in graph.cache:
-        graph.cache[key] = graph.to_dense(device)
-    allowed = graph.cache[key][None, None]
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :]
-    return allowed
-
-
-def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Row softmax of ``scores`` (overwritten) on ``allowed``; a row with no allowed key is zero."""
-    scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
-    attention = torch.softmax(scores, dim=-1)
-    empty = ~allowed.any(dim=-1, keepdim=True)
-    if empty.any():  # such a row came out uniform over masked keys
-        attention.masked_fill_(empty, 0.0)
-    return attention
+from hopformer.ops.backend import Support
+from hopformer.ops.common import diffusion_steps, masked_softmax, token_mask
 
 
 class _MatrixDiffusion(torch.autograd.Function):
@@ -51,17 +32,16 @@ class _MatrixDiffusion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, allowed, steps, scale, hop_p):
         with torch.autocast(q.device.type, enabled=False):
-            attention = _masked_softmax(torch.matmul(q * scale, k.transpose(-1, -2)), allowed)
-            z, states, keeps = v, [v], []
-            for a in steps:
-                # a == 1 (a renormalised last step) would discard A z: skip computing it
-                z = torch.lerp(torch.matmul(attention, z), v, a) if a < 1.0 else v
-                keep = None
-                if hop_p > 0:
-                    keep = torch.rand_like(z) >= hop_p
-                    z = z * keep / (1 - hop_p)
+            attention = masked_softmax(torch.matmul(q * scale, k.transpose(-1, -2)), allowed, inplace=True)
+            keeps = []
+
+            def hop_dropout(z: torch.Tensor, _: int) -> torch.Tensor:
+                keep = torch.rand_like(z) >= hop_p if hop_p > 0 else None
                 keeps.append(keep)
-                states.append(z)
+                return z if keep is None else z * keep / (1 - hop_p)
+
+            states = [v, *diffusion_steps(lambda z, _: torch.matmul(attention, z), v, steps, hop_dropout)]
+            z = states[-1]
         if z is v:  # every step skipped: return a new tensor, not the input
             z = v.clone()
         ctx.steps, ctx.scale, ctx.hop_p, ctx.keeps = steps, scale, hop_p, keeps
@@ -119,5 +99,41 @@ def matrix_diffusion(
     it); outputs at padded queries are not zeroed here (the caller does). No edge dropout.
     """
     dtype = q.dtype
-    allowed = allowed_mask(graph, key_padding_mask, q.device)
+    allowed = token_mask(graph, key_padding_mask, q.device)
     return _MatrixDiffusion.apply(q, k.to(dtype), v.to(dtype), allowed, tuple(steps), scale, hop_dropout_p)
+
+
+class MatrixBackend:
+    """``matrix``: the attention materialised once per call and reused by every hop (cuBLAS)."""
+
+    name = "matrix"
+    summary = "the attention materialised once per call, every hop a matrix product; O(seq^2) memory"
+    support = Support(
+        ops=("sparse_attention", "diffuse", "diffuse_weighted"), devices=("cpu", "cuda"), attention_dropout=False
+    )
+
+    def diffuse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        graph: BlockGraph,
+        key_padding_mask: torch.Tensor | None,
+        steps: Sequence[float],
+        scale: float,
+        *,
+        dropout_p: float = 0.0,
+        edge_dropout: str = "once",
+        hop_dropout_p: float = 0.0,
+        kernel_options: dict | None = None,
+    ) -> torch.Tensor:
+        return matrix_diffusion(q, k, v, graph, key_padding_mask, steps, scale, hop_dropout_p)
+
+    def operator(self, q, k, graph, key_padding_mask, scale):
+        """``A`` computed once for many applications (learned hop weights): the reference's, with autograd."""
+        from hopformer.ops.reference import DenseOperator
+
+        return DenseOperator(q, k, graph, key_padding_mask, scale)
+
+
+MATRIX = MatrixBackend()

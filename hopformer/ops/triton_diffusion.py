@@ -28,12 +28,14 @@ import functools
 import importlib.util
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from hopformer.graphs import BlockGraph
+from hopformer.ops.backend import Support
 
 MIN_TILE = 16  # tl.dot's smallest side
 DEFAULT_TILE = 128  # rows and columns of a tile pair at most (a power of two dividing the block size)
@@ -60,19 +62,6 @@ def available() -> bool:
 def interpreting() -> bool:
     """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``): the backend then takes CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def check_triton_inputs(q: torch.Tensor, graph: BlockGraph) -> None:
-    """Raise ValueError naming what the ``triton`` backend cannot take."""
-    if not available():
-        raise ValueError("backend='triton' needs the triton package (installed with CUDA builds of PyTorch)")
-    if not (q.is_cuda or (interpreting() and q.device.type == "cpu")):
-        raise ValueError(f"backend='triton' needs CUDA tensors, got device {q.device}; use 'gather' or 'auto'")
-    if graph.block_size % MIN_TILE:
-        raise ValueError(
-            f"backend='triton' needs block_size to be a multiple of {MIN_TILE}, got block_size={graph.block_size}; "
-            "use backend='gather'"
-        )
 
 
 @dataclass
@@ -368,7 +357,6 @@ def triton_diffusion(
     """Diffusion (``steps``: mixing weights, :func:`~hopformer.ops.coefficients.mixing_weights`) or
     sparse attention (``steps=[0.0]``) of ``(batch, heads, seq, dim)`` inputs on the ``triton`` backend.
     Steps equal to 1 reset the state to ``v``; only the hops after the last of them are computed."""
-    check_triton_inputs(q, graph)
     last_reset = max((i for i, a in enumerate(steps) if a >= 1.0), default=-1)
     steps = steps[last_reset + 1 :]
     if not steps:
@@ -405,3 +393,42 @@ def _scalar_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.
 
 def _pow2(n: int) -> int:
     return max(MIN_TILE, 1 << math.ceil(math.log2(n)))
+
+
+class TritonBackend:
+    """``triton``: hopformer's Triton kernels; each softmax normaliser once, every later hop a linear map."""
+
+    name = "triton"
+    summary = "hopformer's Triton kernels: one softmax pass, then each hop a linear map; adjoint backward"
+
+    @property
+    def support(self) -> Support:
+        return Support(
+            ops=("sparse_attention", "diffuse", "diffuse_weighted"),
+            # the interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors, for tests
+            devices=("cuda", "cpu") if interpreting() else ("cuda",),
+            attention_dropout=False,
+            block_sizes=lambda size: size % MIN_TILE == 0,
+            rule=f"is a multiple of {MIN_TILE}",
+            requires=lambda: None if available() else "needs the triton package (it comes with CUDA builds of PyTorch)",
+        )
+
+    def diffuse(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        graph: BlockGraph,
+        key_padding_mask: torch.Tensor | None,
+        steps: Sequence[float],
+        scale: float,
+        *,
+        dropout_p: float = 0.0,
+        edge_dropout: str = "once",
+        hop_dropout_p: float = 0.0,
+        kernel_options: dict | None = None,
+    ) -> torch.Tensor:
+        return triton_diffusion(q, k, v, graph, key_padding_mask, list(steps), scale, hop_dropout_p)
+
+
+TRITON = TritonBackend()

@@ -36,7 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hopformer.ops.checks import check_qkv, describe_shape
+from hopformer.checks import check_int, check_probability
+from hopformer.ops.common import check_key_padding_mask, check_qkv, describe_shape
 from hopformer.ops.masked_sdpa import masked_sdpa
 
 QK_NORMS = ("layernorm", "layernorm_noaffine", "l2")
@@ -302,64 +303,19 @@ def _cluster_mask(query_idx, key_idx, causal, key_padding_mask, shared_qk) -> to
     return others | (allowed & self_ & ~others.any(-1, keepdim=True))
 
 
-def routing_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    query_idx: torch.Tensor,
-    key_idx: torch.Tensor,
-    causal: bool = False,
-    key_padding_mask: torch.Tensor | None = None,
-    *,
-    shared_qk: bool = False,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Dense routing attention from given memberships: one ``(seq, seq)`` mask per cluster (tests)."""
-    batch, heads, seq, head_dim = q.shape
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    positions = torch.arange(seq, device=q.device)
-    real = torch.ones(batch, seq, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
-    scores = q @ k.transpose(-1, -2) * scale
-    sums = torch.zeros(batch, heads, seq, v.shape[-1], dtype=q.dtype)
-    counts = torch.zeros(batch, heads, seq, dtype=q.dtype)
-    for c in range(query_idx.shape[2]):
-        is_query = F.one_hot(query_idx[:, :, c], seq).sum(-2).bool()  # (B, H, L)
-        is_key = F.one_hot(key_idx[:, :, c], seq).sum(-2).bool()
-        mask = is_query[..., :, None] & is_key[..., None, :] & real[:, None, None, :]
-        if causal:
-            mask = mask & (positions[:, None] >= positions[None, :])
-        if shared_qk:
-            eye = torch.eye(seq, dtype=torch.bool)
-            others = mask & ~eye
-            mask = others | (mask & eye & ~others.any(-1, keepdim=True))
-        row_ok = mask.any(-1) & real[:, None, :]
-        probs = scores.masked_fill(~mask, -torch.inf).softmax(-1).nan_to_num(0.0)
-        sums = sums + (probs @ v) * row_ok[..., None]
-        counts = counts + row_ok.to(q.dtype)
-    return sums / (counts[..., None] + SCATTER_EPS)
-
-
 def _check_inputs(q, k, v, centroids, window, causal, key_padding_mask, qk_norm, dropout_p) -> None:
     check_qkv(q, k, v)
-    batch, heads, seq, head_dim = q.shape
+    _, heads, seq, head_dim = q.shape
     if not isinstance(centroids, torch.Tensor) or centroids.dim() != 3 or centroids.shape[0] != heads:
         raise ValueError(f"centroids must be (heads={heads}, clusters, head_dim), got {describe_shape(centroids)}")
     if centroids.shape[1] < 1 or centroids.shape[2] != head_dim:
         raise ValueError(
             f"centroids must have at least one cluster and head_dim={head_dim}, got {describe_shape(centroids)}"
         )
-    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= seq:
-        raise ValueError(f"window must be an integer in [1, seq={seq}], got {window!r}")
+    check_int("window", window, 1, seq, allowed=f"an integer in [1, seq={seq}]")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if qk_norm not in QK_NORMS:
         raise ValueError(f"qk_norm={qk_norm!r} is not known; choose one of {list(QK_NORMS)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if key_padding_mask is not None and (
-        key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq)
-    ):
-        raise ValueError(
-            f"key_padding_mask must be a bool tensor of shape (batch, seq) = {(batch, seq)}, got "
-            f"{key_padding_mask.dtype} {describe_shape(key_padding_mask)}"
-        )
+    check_probability("dropout_p", dropout_p)
+    check_key_padding_mask(key_padding_mask, q)

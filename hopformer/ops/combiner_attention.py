@@ -61,24 +61,20 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from hopformer.ops import flex
-from hopformer.ops.checks import check_qkv, describe_shape
+from hopformer.checks import check_int, check_probability
+from hopformer.ops import dispatch, flex
+from hopformer.ops.backend import Request, Support
+from hopformer.ops.common import check_key_padding_mask, check_qkv, masked_softmax, pad_seq
 from hopformer.ops.masked_sdpa import masked_sdpa
 
 VARIANTS = ("fixed", "logsparse", "axial", "axial_vertical", "axial_horizontal", "mixture")
 
-Partition = list[tuple[list[int], list[list[int]]]]  # per query: (direct set, regions)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, keys, values) -> out
 # Up to this many keys per group, broadcast-multiply-and-sum replaces a batched matmul of tiny
 # matrices (logsparse's blocks of 2 and its short low-level spans).
 SMALL = 16
-BACKENDS = ("auto", "eager", "flex")
 # Query tiles (of 128 tokens) per copy of the block summaries in Combiner-Fixed on FlexAttention.
 SUMMARY_GROUP = 16
-# From this length ``auto`` runs Combiner-Fixed on FlexAttention. H200, bf16, 12 heads x 64, fwd+bwd:
-# eager / flex 2.4 / 5.0 ms at 4K, 2.8 / 4.7 ms at 16K, 9.2 / 12.0 ms at 64K; peak memory 104 / 39,
-# 419 / 156, 1705 / 642 MiB: flex trades time for memory, which is what long sequences run out of.
-FLEX_MIN_LEN = 16384
 
 
 def combiner(
@@ -106,13 +102,15 @@ def combiner(
         scale: score scale, default ``head_dim ** -0.5``.
         dropout_p: dropout on the attention probabilities (pass 0 in eval).
         backend: ``"eager"`` (batched SDPA and einsums, any device), ``"flex"`` (``fixed`` only, CUDA,
-            no dropout, head_dim >= 16: one FlexAttention call, less memory) or ``"auto"``: flex for
-            ``fixed`` where it runs and ``seq >= FLEX_MIN_LEN``, else eager.
+            no dropout, head_dim >= 16: one FlexAttention call, less memory) or ``"auto"``
+            (:func:`hopformer.ops.explain` says which and why).
 
     Returns:
         ``(batch, heads, seq, v.shape[-1])``; zeros at padded query positions.
     """
-    block_size = _check_inputs(q, k, v, variant, block_size, causal, key_padding_mask, dropout_p, backend)
+    block_size = check_combiner_inputs(q, k, v, variant, block_size, causal, key_padding_mask, dropout_p)
+    request = Request.of("combiner", q, v, variant=variant, attention_dropout=dropout_p > 0)
+    runner = dispatch.combiner_backend(request, backend)
     batch, _, seq, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else float(scale)
     real = key_padding_mask
@@ -122,25 +120,54 @@ def combiner(
     # Pad to whole blocks (rows); the pads are marked not-real, so they neither send nor receive.
     padded = -(-seq // block_size) * block_size
     if padded != seq:
-        q, k, v = (F.pad(x, (0, 0, 0, padded - seq)) for x in (q, k, v))
+        q, k, v = (pad_seq(x, padded) for x in (q, k, v))
         real = F.pad(real, (0, padded - seq), value=False)
 
     all_real = key_padding_mask is None and padded == seq
-    if backend == "auto":
-        backend = "flex" if variant == "fixed" and _flex_fits(q, v, dropout_p) and seq >= FLEX_MIN_LEN else "eager"
-    if backend == "flex":
-        out = _fixed_flex(q, k, v, block_size, causal, None if all_real else real, scale)
-    elif variant == "fixed":
-        out = _fixed(q, k, v, block_size, causal, real, scale, dropout_p)
-    elif variant == "logsparse":
-        out = _logsparse(q, k, v, block_size, causal, real, scale, dropout_p)
-    else:
-        forms = {"axial": ("vertical",), "axial_vertical": ("vertical",)}.get(variant)
-        forms = forms or {"axial_horizontal": ("horizontal",), "mixture": ("vertical", "horizontal")}[variant]
-        out = _axial(q, k, v, block_size, causal, real, scale, dropout_p, forms)
+    out = runner.combine(q, k, v, variant, block_size, causal, None if all_real else real, scale, dropout_p)
     if all_real:
         return out  # nothing to zero: skip a full-size copy (it would be saved for the backward too)
     return (out * real[:, None, :, None].to(out.dtype))[:, :, :seq]
+
+
+class EagerCombiner:
+    """``eager``: every variant through batched SDPA and einsums, on any device."""
+
+    name = "eager"
+    summary = "batched SDPA and einsums, every variant, any device"
+    support = Support(ops=("combiner",), devices=("cpu", "cuda"))
+
+    def combine(self, q, k, v, variant, block_size, causal, real, scale, dropout_p):
+        if real is None:
+            real = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+        if variant == "fixed":
+            return _fixed(q, k, v, block_size, causal, real, scale, dropout_p)
+        if variant == "logsparse":
+            return _logsparse(q, k, v, block_size, causal, real, scale, dropout_p)
+        forms = {"axial": ("vertical",), "axial_vertical": ("vertical",)}.get(variant)
+        forms = forms or {"axial_horizontal": ("horizontal",), "mixture": ("vertical", "horizontal")}[variant]
+        return _axial(q, k, v, block_size, causal, real, scale, dropout_p, forms)
+
+
+class FlexCombiner:
+    """``flex``: Combiner-Fixed as one FlexAttention call over ``[tokens ; block summaries]`` (CUDA)."""
+
+    name = "flex"
+    summary = "Combiner-Fixed as one FlexAttention call over [tokens; block summaries]: less memory"
+    support = Support(
+        ops=("combiner",),
+        devices=("cuda",),
+        attention_dropout=False,
+        min_head_dim=flex.MIN_HEAD_DIM,
+        same_value_dim=True,
+        variants=("fixed",),
+    )
+
+    def combine(self, q, k, v, variant, block_size, causal, real, scale, dropout_p):
+        return _fixed_flex(q, k, v, block_size, causal, real, scale)
+
+
+EAGER, FLEX = EagerCombiner(), FlexCombiner()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,15 +187,9 @@ def _region_summaries(
     key, query = _masked_max(k, real, nonempty)[0], _masked_max(q, real, nonempty)[0]
     small = k.shape[-2] <= SMALL
     logits = ((k * query[..., None, :]).sum(-1) if small else torch.einsum("...nd,...d->...n", k, query)) * scale
-    weights = logits.softmax(-1) if real is None else _masked_softmax(logits, real)
+    weights = logits.softmax(-1) if real is None else masked_softmax(logits, real, empty_rows="any")
     value = (weights[..., None] * v).sum(-2) if small else torch.einsum("...n,...nd->...d", weights, v)
     return key, value, nonempty
-
-
-def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # The most negative finite value rather than -inf: excluded entries get exactly 0 and a row with
-    # nothing allowed stays finite (uniform); callers give such rows zero weight.
-    return logits.masked_fill(~mask, torch.finfo(logits.dtype).min).softmax(-1)
 
 
 def grouped_attention(
@@ -234,11 +255,6 @@ def _fixed(q, k, v, block, causal, real, scale, dropout_p):
     mask = torch.cat([direct.expand(batch, blocks, block, block), region.expand(-1, -1, block, -1)], -1)
     out = grouped_attention(qb, keys, values, mask, scale, dropout_p)
     return out.reshape(batch, heads, seq, -1)
-
-
-def _flex_fits(q: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
-    """Combiner-Fixed runs on FlexAttention on CUDA (no attention dropout there; head_dim >= 16)."""
-    return q.is_cuda and dropout_p == 0 and q.shape[-1] == v.shape[-1] >= flex.MIN_HEAD_DIM
 
 
 def _fixed_flex(q, k, v, block, causal, real, scale, *, dense: bool = False):
@@ -339,14 +355,15 @@ class _FixedSummaryAttention(torch.autograd.Function):
         key_s, key_arg = _masked_max(kb, rb, nonempty)
         # Within-region distribution p(n | region) = softmax_n(scale * k_n . query_s); value_s = sum_n p v_n.
         logits = torch.einsum("...nd,...d->...n", kb, query_s).to(torch.promote_types(q.dtype, torch.float32)) * scale
-        weights = logits.softmax(-1) if rb is None else _masked_softmax(logits, rb) * nonempty[..., None]
+        weights = logits.softmax(-1) if rb is None else masked_softmax(logits, rb, empty_rows="any")
+        weights = weights if rb is None else weights * nonempty[..., None]
         value_s = torch.einsum("...n,...nd->...d", weights.to(v.dtype), vb)
 
         def extend(x: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
             summary = F.pad(summary, (0, 0, 0, summaries - summary.shape[2])).repeat(1, 1, copies, 1)
-            return torch.cat([_pad_seq(x, tokens), summary], dim=2)
+            return torch.cat([pad_seq(x, tokens), summary], dim=2)
 
-        q_, keys, values = _pad_seq(q, tokens), extend(k, key_s), extend(v, value_s)
+        q_, keys, values = pad_seq(q, tokens), extend(k, key_s), extend(v, value_s)
         if not keep_graph:  # no gradient wanted: nothing to keep
             return attend(q_, keys, values)
         with torch.enable_grad():
@@ -388,10 +405,6 @@ def _masked_max(
         return x.max(-2)
     values, index = x.masked_fill(~real[..., None], -math.inf).max(-2)
     return values.masked_fill_(~nonempty[..., None], 0.0), index
-
-
-def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
-    return F.pad(x, (0, 0, 0, length - x.shape[2])) if length > x.shape[2] else x
 
 
 def _add_summary_grads(
@@ -518,7 +531,7 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
         logits = torch.cat([logits, summary], dim=-1)
         summary_mask = torch.stack(level_masks, -1).view(batch, 1, blocks, block, levels)
         mask = torch.cat([direct_mask, summary_mask], dim=-1)
-    probs = logits.masked_fill(~mask, torch.finfo(logits.dtype).min).softmax(-1)
+    probs = masked_softmax(logits, mask, empty_rows="any")  # padded queries: zeroed by the caller
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     if block <= SMALL:
@@ -570,7 +583,7 @@ def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
         logits = torch.cat([row_logits, col_logits, sum_logits], dim=-1)
         mask = torch.cat([x.expand(batch, 1, rows, width, -1) for x in (row_mask, col_mask, sum_mask)], -1)
         # In place on the fresh concatenation: one fewer (L, 2 sqrt(L) + ...) tensor alive.
-        probs = logits.masked_fill_(~mask, torch.finfo(logits.dtype).min).softmax(-1)
+        probs = masked_softmax(logits, mask, inplace=True, empty_rows="any")
         if dropout_p > 0:
             probs = F.dropout(probs, dropout_p)
         p_row, p_col, p_sum = probs.split([width, rows, sum_logits.shape[-1]], dim=-1)
@@ -630,149 +643,20 @@ def _row_summaries(qg, kg, vg, rg, scale):
 # Validation
 
 
-def _check_inputs(q, k, v, variant, block_size, causal, key_padding_mask, dropout_p, backend="auto") -> int:
+def check_combiner_inputs(q, k, v, variant, block_size, causal, key_padding_mask, dropout_p) -> int:
+    """Raise naming the argument when a :func:`combiner` input is wrong; returns the block size to use."""
     check_qkv(q, k, v)
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not known; choose one of {list(VARIANTS)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not known; choose one of {list(BACKENDS)}")
-    if backend == "flex" and not (variant == "fixed" and _flex_fits(q, v, dropout_p)):
-        raise ValueError(
-            f"backend='flex' runs variant='fixed' on CUDA without attention dropout, with q/k and v of one "
-            f"head_dim >= 16; got variant={variant!r}, device {q.device.type}, dropout_p={dropout_p}, "
-            f"head_dim {q.shape[-1]} / {v.shape[-1]}: use backend='eager' or 'auto'"
-        )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    batch, _, seq, _ = q.shape
-    if key_padding_mask is not None and (
-        key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq)
-    ):
-        raise ValueError(
-            f"key_padding_mask must be a bool tensor of shape (batch, seq) = {(batch, seq)}, got "
-            f"{key_padding_mask.dtype} {describe_shape(key_padding_mask)}"
-        )
-    return resolve_block_size(variant, block_size, seq)
+    check_probability("dropout_p", dropout_p)
+    check_key_padding_mask(key_padding_mask, q)
+    return resolve_block_size(variant, block_size, q.shape[2])
 
 
 def resolve_block_size(variant: str, block_size: int | None, seq: int) -> int:
     """The block size (row length) ``combiner`` uses; raises ``ValueError`` for a bad one."""
     if block_size is None:
         return min(2, seq) if variant == "logsparse" else max(1, math.ceil(math.sqrt(seq)))
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 0 < block_size <= seq:
-        raise ValueError(f"block_size must be an integer in [1, seq={seq}], got {block_size!r}")
-    return block_size
-
-
-# ----------------------------------------------------------------------------------------------
-# Dense reference (tests): partitions listed from the definitions, P built with loops, small L
-
-
-def combiner_partition(variant: str, seq_len: int, block_size: int, causal: bool) -> list[Partition]:
-    """Per plan (two for ``mixture``), per position of the padded sequence: (direct set, regions).
-
-    Positions run over ``ceil(seq_len / block_size) * block_size``; positions ``>= seq_len`` are
-    internal padding (the caller treats them as not real). Written from the definitions with plain
-    loops, independently of the fast path.
-    """
-    if variant == "mixture":
-        return [
-            combiner_partition(form, seq_len, block_size, causal)[0] for form in ("axial_vertical", "axial_horizontal")
-        ]
-    s = block_size
-    n = -(-seq_len // s) * s
-    plan: Partition = []
-    for i in range(n):
-        last = i if causal else n - 1  # the support is [0, last]
-        if variant == "fixed":
-            t = i // s
-            direct = [j for j in range(t * s, t * s + s) if j <= last]
-            others = [u for u in range(n // s) if (u < t if causal else u != t)]
-            regions = [list(range(u * s, u * s + s)) for u in others]
-        elif variant == "logsparse":
-            t, blocks = i // s, n // s
-            direct = [j for j in range(t * s, t * s + s) if j <= last]
-            regions = []
-            lo, hi = 0, 1 << (blocks - 1).bit_length()  # descend the binary tree to leaf t
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if t < mid:
-                    if not causal:
-                        regions.append(list(range(mid * s, min(hi, blocks) * s)))
-                    hi = mid
-                else:
-                    regions.append(list(range(lo * s, mid * s)))
-                    lo = mid
-            regions = [r for r in regions if r]
-        else:  # axial: grid position (r, c), rows of length s
-            r, c = divmod(i, s)
-            rows = n // s
-            off_row = [t for t in range(rows) if (t < r if causal else t != r)]
-            direct = [r * s + e for e in range(s) if r * s + e <= last] + [t * s + c for t in off_row]
-            if variant in ("axial", "axial_vertical"):
-                regions = [[t * s + e for t in off_row] for e in range(s) if e != c]
-            else:
-                regions = [[t * s + e for e in range(s) if e != c] for t in off_row]
-            regions = [x for x in regions if x]
-        plan.append((direct, regions))
-    return [plan]
-
-
-def combiner_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    variant: str = "fixed",
-    block_size: int | None = None,
-    causal: bool = False,
-    key_padding_mask: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense Combiner: returns ``(P @ v, P)`` with ``P`` the implied ``(batch, heads, seq, seq)``.
-
-    Built from :func:`combiner_partition` one query and one region at a time (slow; small ``L``).
-    ``mixture`` averages the two plans' matrices.
-    """
-    block_size = _check_inputs(q, k, v, variant, block_size, causal, key_padding_mask, 0.0)
-    batch, heads, seq, head_dim = q.shape
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    plans = combiner_partition(variant, seq, block_size, causal)
-    real = [
-        [j < seq and (key_padding_mask is None or bool(key_padding_mask[b, j])) for j in range(len(plans[0]))]
-        for b in range(batch)
-    ]
-    rows = []
-    for b in range(batch):
-        for h in range(heads):
-            qq, kk = q[b, h], k[b, h]
-            for i in range(seq):
-                row = q.new_zeros(seq)
-                for plan in plans:
-                    if real[b][i]:
-                        row = row + _reference_row(qq, kk, i, plan[i], real[b], seq, scale) / len(plans)
-                rows.append(row)
-    p = torch.stack(rows).view(batch, heads, seq, seq)
-    return p @ v, p
-
-
-def _reference_row(q, k, i, parts, real, seq, scale) -> torch.Tensor:
-    direct, regions = parts
-    direct = [j for j in direct if real[j]]
-    regions = [[j for j in region if real[j]] for region in regions]
-    regions = [region for region in regions if region]
-    logits, inner = [], []
-    for j in direct:
-        logits.append(q[i] @ k[j] * scale)
-    for region in regions:
-        k_region = k[region].amax(0)
-        q_region = q[region].amax(0)
-        logits.append(q[i] @ k_region * scale)
-        inner.append(torch.softmax(k[region] @ q_region * scale, 0))
-    weights = torch.softmax(torch.stack(logits), 0)
-    row = q.new_zeros(seq).index_add(0, torch.tensor(direct, dtype=torch.long), weights[: len(direct)])
-    for w, region, p in zip(weights[len(direct) :], regions, inner):
-        row = row.index_add(0, torch.tensor(region), w * p)
-    return row
+    return check_int("block_size", block_size, 1, seq, allowed=f"an integer in [1, seq={seq}]")

@@ -1,0 +1,57 @@
+"""Argument checks shared by every layer, so a bad value fails at the door with its name in the error."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class InputTypeError(TypeError, ValueError):
+    """An argument of the wrong type or dtype. Both a ``TypeError`` and a ``ValueError`` (as numpy's
+    ``AxisError`` is both a ``ValueError`` and an ``IndexError``), so callers that catch bad input as
+    either see it."""
+
+
+def check_int(
+    name: str, value: Any, low: int | None = None, high: int | None = None, allowed: str | None = None
+) -> int:
+    """``value`` must be an integer (not a bool) in ``[low, high]``; raises ValueError naming ``name``.
+
+    ``allowed`` replaces the generated description of the range in the message ("a positive integer").
+    """
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and ((low is not None and value < low) or (high is not None and value > high)):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be {allowed or _describe_range(low, high)}, got {value!r}")
+    return value
+
+
+def check_probability(name: str, value: Any) -> float:
+    """A dropout rate: a finite number in ``[0, 1)``; raises ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_finite(name: str, value: Any, *, positive: bool = False) -> float:
+    """A finite real number (``positive``: > 0); raises ValueError naming ``name``. NaN and inf are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _describe_range(low: int | None, high: int | None) -> str:
+    if low == 1 and high is None:
+        return "a positive integer"
+    if low == 0 and high is None:
+        return "a non-negative integer"
+    if low is not None and high is not None:
+        return f"an integer in [{low}, {high}]"
+    if low is not None:
+        return f"an integer >= {low}"
+    if high is not None:
+        return f"an integer <= {high}"
+    return "an integer"
