@@ -21,6 +21,7 @@ from torch import nn
 
 from hopformer.attention.registry import register
 from hopformer.attention.rotary import RotaryEmbedding
+from hopformer.checks import check_int, check_probability
 from hopformer.ops.masked_sdpa import masked_sdpa
 
 
@@ -49,12 +50,10 @@ class AttentionModule(nn.Module):
 
     def __init__(self, dim: int, heads: int, *, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if not isinstance(heads, int) or heads <= 0 or dim % heads:
+        check_int("dim", dim, 1)
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0 or dim % heads:
             raise ValueError(f"heads must be a positive integer dividing dim={dim}, got {heads!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_probability("dropout", dropout)
         self.dim, self.heads, self.head_dim, self.dropout = dim, heads, dim // heads, dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)

@@ -173,9 +173,10 @@ class DiffuserAttention(GraphAttention):
             row-stochastic. ``"free"``: the weights themselves, any sign (GPR-GNN's choice: a head can
             then subtract, e.g. ``A V - V``, a high-pass filter). Both start at ``coefficients`` or the
             kernel's; the learned weights get no weight decay. Softmax weights move slowly at the model's
-            learning rate (Pathfinder-32, 18,000 steps: no weight moved by more than 0.18, docs/lra.md),
-            so the start matters. Runs through :func:`~hopformer.ops.diffuse_weighted`: one sparse
-            attention per hop (a training step 1.9x one with fixed weights on an H200); edge dropout is
+            learning rate (Pathfinder-32, 18,000 steps: no weight moved by more than 0.18), so the start
+            matters; ``optim.hop_lr_scale`` gives them their own rate. Runs through
+            :func:`~hopformer.ops.diffuse_weighted`: one sparse attention per hop (a training step 1.9x
+            one with fixed weights); edge dropout is
             then drawn per hop (``edge_dropout="per_hop"``).
         Other arguments as :class:`GraphAttention`.
     """

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import math
 
+from hopformer.checks import check_int
+
 KERNELS = ("ppr", "heat")
 REMAINDERS = ("keep", "renormalize")
 
 
 def check_diffusion_args(hops: object, alpha: object, kernel: str, heat_time: object, remainder: str) -> None:
     """Raise ValueError naming the argument when a diffusion setting is out of range."""
-    if isinstance(hops, bool) or not isinstance(hops, int) or hops < 0:
-        raise ValueError(f"hops must be a non-negative integer, got {hops!r}")
+    check_int("hops", hops, 0)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if remainder not in REMAINDERS:

@@ -12,10 +12,9 @@ materialising every score; inputs are padded to a multiple of 128 so lengths buc
 
 Load balance: global rows and columns make a few FlexAttention programs walk the whole sequence
 while the rest walk a few tiles. Half-height query tiles (:data:`TUNED_KERNEL_OPTIONS`) double the
-programs and bring the 131K bigbird forward from 3.8 to 2.7 ms on an H200. Moving the heavy rows and
-columns into side calls over sequence chunks (merged by log-sum-exp) was measured twice and not kept:
-it shortens the backward kernels by 1.4 ms, but its copies and merges cost more and double the memory
-(``benchmarks/README.md``).
+programs and take about 30% off the forward at 131K tokens. Moving the heavy rows and columns into side
+calls over sequence chunks (merged by log-sum-exp) was measured and not kept: it shortens the backward
+kernels, but its copies and merges cost more and double the memory.
 """
 
 from __future__ import annotations
@@ -40,13 +39,11 @@ RECOMPILE_LIMIT = 64
 
 MIN_HEAD_DIM = 16  # FlexAttention's smallest head dimension (narrower ones fail inside Inductor)
 
-# Kernel tiles for 16-bit inputs with 32 < head_dim <= 64 on Hopper. Measured on an H200 (bigbird, 131K
-# tokens, 12 heads x 64, fwd+bwd): Inductor's defaults 11.2 ms, these 8.7 ms. Half-height query tiles
-# double the programs, so the SMs balance the few long rows (global tokens) against the many short
-# ones. The fwd_/bwd_ prefixes exist from PyTorch 2.9; older versions keep their defaults.
-# benchmarks/flex_tiles.py (262K tokens per call, 1K-131K lengths): at head_dim 64 they take 0.50x
-# Inductor's time without key padding and 0.27-0.29x with it; at head_dim 32 they gain nothing without
-# padding (1.00-1.04x) and take 1.8-2.1x with it (every tile partial), so narrower heads keep Inductor's.
+# Kernel tiles for 16-bit inputs with 32 < head_dim <= 64 on Hopper: half-height query tiles double the
+# programs, so the SMs balance the few long rows (global tokens) against the many short ones (at 131K
+# tokens, 12 heads x 64, fwd+bwd: 0.78x Inductor's defaults; at head_dim 64 over 1K-131K tokens 0.50x, and
+# 0.27-0.29x with key padding). At head_dim 32 they gain nothing, and lose with padding, so narrower heads
+# keep Inductor's. The fwd_/bwd_ prefixes exist from PyTorch 2.9; older versions keep their defaults.
 TUNED_KERNEL_OPTIONS = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_warps": 4, "fwd_num_stages": 3,
     "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,

@@ -1,10 +1,10 @@
 """``scaled_dot_product_attention`` with an explicit mask, kept off a kernel known to return NaN.
 
-PyTorch 2.11's default cuDNN SDPA backward on H100/H200 returns NaN in ``grad_q`` when an ``attn_mask``
+PyTorch 2.11's default cuDNN SDPA backward on Hopper GPUs returns NaN in ``grad_q`` when an ``attn_mask``
 is passed, ``seq_len % 128 == 64`` and a row's log-sum-exp falls below about -88.7
-(pytorch/pytorch#196678). Training walks into that state after some hundred steps: hopformer's full
-attention and Combiner diverged to NaN at step ~900 on LRA ListOps on the H200. With a mask, hopformer
-therefore lets SDPA choose among the Flash, memory-efficient and math kernels only.
+(pytorch/pytorch#196678). Training walks into that state after some hundred steps (full attention and
+Combiner diverged to NaN on LRA ListOps). With a mask, hopformer therefore lets SDPA choose among the
+Flash, memory-efficient and math kernels only.
 """
 
 from __future__ import annotations

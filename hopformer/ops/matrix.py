@@ -4,7 +4,7 @@ matrix in the inputs' dtype, reused by every hop; for GPUs at moderate lengths.
 Diffusion applies the same ``A`` ``hops`` times. FlexAttention recomputes ``q k^T`` and the softmax in
 every hop, forward and backward; up to about 2K tokens the graphs cover a third to a half of the
 matrix anyway, so one score product, one softmax and ``hops`` plain matrix products (cuBLAS, bf16
-with fp32 accumulation) are faster (4.3x in a whole ListOps training step on an H200). Memory is
+with fp32 accumulation) are faster (4.3x in a whole ListOps training step). Memory is
 ``O(seq^2)`` per head: ``A`` is kept for backward, and one more matrix of its size lives during backward.
 
 Backward is written out (as in :mod:`hopformer.ops.gather`): the adjoint recurrence

@@ -168,10 +168,9 @@ def diffuse_weighted(
 
     ``dense`` and ``matrix`` compute ``A`` once (materialised, plain autograd) and apply it ``hops``
     times; the other backends run one :func:`sparse_attention` per hop, which recomputes the scores.
-    ``auto`` picks as :func:`diffuse` does. Every power is kept for backward. On an H200, a training
-    step of the small Pathfinder model (1,024 tokens, batch 256, 5 hops) takes 1.9x as long as with
-    fixed weights on ``triton`` (one call per hop), 2.6x on ``flex`` and 4.5x on ``matrix``
-    (``benchmarks/results/train_step_pathfinder_learned.json``).
+    ``auto`` picks as :func:`diffuse` does. Every power is kept for backward: a training step of the small
+    Pathfinder model (1,024 tokens, 5 hops) takes 1.9x as long as with fixed weights on ``triton`` (one
+    call per hop), 2.6x on ``flex`` and 4.5x on ``matrix``.
     """
     scale = _check_inputs(q, k, v, graph, key_padding_mask, dropout_p, scale)
     heads = q.shape[1]

@@ -15,7 +15,7 @@ full attention (online softmax) per hop and for a full attention backward per ho
   columns that pair with every tile are spread over many programs (their parts add atomically).
 
 With ``hops`` hops that is ``2 hops`` tile matmuls per tile pair forward and ``2 (hops - 1) + 4 + hops``
-backward, and every pass is balanced; ``benchmarks/README.md`` has the measured times.
+backward, and every pass is balanced.
 
 Conventions as in :mod:`hopformer.ops.sparse`. CUDA only (and the Triton interpreter,
 ``TRITON_INTERPRET=1``, which runs these kernels on CPU tensors for tests). Graphs whose block size
@@ -41,8 +41,7 @@ MIN_TILE = 16  # tl.dot's smallest side
 DEFAULT_TILE = 128  # rows and columns of a tile pair at most (a power of two dividing the block size)
 DEFAULT_SPLIT = 32  # tile pairs per program at most
 LOG2E = 1.4426950408889634
-# Triton launch options per (kernel, tile), measured on an H200 at 131K tokens (benchmarks/README.md);
-# other tiles use (4 warps, 2 stages)
+# Triton launch options per (kernel, tile), tuned at 131K tokens on Hopper; other tiles use (4 warps, 2 stages)
 LAUNCH = {
     ("first", 64): {"num_warps": 4, "num_stages": 2},
     ("first", 128): {"num_warps": 4, "num_stages": 2},
