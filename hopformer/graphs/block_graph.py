@@ -30,26 +30,26 @@ class BlockGraph:
     :meth:`from_block_adjacency`. Patterns compose: ``a | b`` is the union and ``a & b`` the
     intersection (same ``seq_len``, ``block_size`` and causality); :meth:`causal` drops future keys;
     :meth:`mask_mod` hands the graph to FlexAttention.
-
-    Attributes:
-        seq_len: number of tokens. Tokens past ``seq_len`` in the last block are padding: they never
-            send or receive attention.
-        block_size: tokens per block.
-        indptr: ``int64[num_blocks + 1]``; the key blocks of query block ``i`` are
-            ``indices[indptr[i]:indptr[i + 1]]``, sorted ascending.
-        indices: ``int64[num_edges]`` key-block ids.
-        is_causal: whether keys after the query are dropped inside diagonal blocks (and only key
-            blocks ``<=`` the query block are listed).
-        name: a short description used in plots and tables.
     """
 
     seq_len: int
+    """Number of tokens. Tokens past ``seq_len`` in the last block are padding: they never send or
+    receive attention."""
     block_size: int
+    """Tokens per block."""
     indptr: torch.Tensor
+    """``int64[num_blocks + 1]``: the key blocks of query block ``i`` are
+    ``indices[indptr[i]:indptr[i + 1]]``, sorted ascending."""
     indices: torch.Tensor
+    """``int64[num_block_edges]``: key-block ids."""
     is_causal: bool = False
+    """Whether keys after the query are dropped inside diagonal blocks (and only key blocks ``<=``
+    the query block are listed)."""
     name: str = "graph"
+    """A short description used in plots and tables."""
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Device-side views that kernels build once per graph (gather plans, FlexAttention block masks),
+    by key; not part of the graph's identity."""
 
     def __post_init__(self) -> None:
         _check_positive_int("seq_len", self.seq_len)
