@@ -71,6 +71,108 @@ def test_union_and_equality():
         a | a.causal()
 
 
+def _random_patterns(seq_len, seed, causal=False):
+    """Every pattern with settings drawn from ``seed`` (odd block sizes too), causal or not."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(*options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    block_size = pick(1, 3, 7, 16)
+    nb = math.ceil(seq_len / block_size)
+    window = pick(*[w for w in (1, 3, 5) if w <= 2 * nb - 1])
+    kw = {"causal": causal}
+    return [
+        G.full(seq_len, block_size, **kw),
+        G.local(seq_len, block_size, window=window, **kw),
+        G.longformer(seq_len, block_size, window=window, num_global=pick(0, 1, 2), **kw),
+        G.bigbird(seq_len, block_size, window=window, num_global=pick(0, 2), num_random=pick(1, 3), seed=seed, **kw),
+        G.diffuser(seq_len, block_size, window=window, num_global=pick(1, 2), num_random=2, seed=seed, **kw),
+        G.diffuser(seq_len, block_size, window=window, num_random=1, seed=seed, random_granularity="token", **kw),
+        G.hypercube(seq_len, block_size, **kw),
+        G.grid2d(seq_len, side=pick(4, 7), radius=pick(1, 2), num_random=pick(0, 2), seed=seed, **kw),
+    ]
+
+
+def _all_pairs(seq_len):
+    q, kv = torch.meshgrid(torch.arange(seq_len), torch.arange(seq_len), indexing="ij")
+    return q.reshape(-1), kv.reshape(-1)
+
+
+@pytest.mark.parametrize("seq_len, seed", [(1, 0), (37, 1), (64, 2), (101, 3), (129, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mask_mod_equals_to_dense_on_every_pair(seq_len, seed, causal):
+    for graph in _random_patterns(seq_len, seed, causal):
+        q, kv = _all_pairs(seq_len)
+        zero = torch.zeros((), dtype=torch.int64)
+        values = graph.mask_mod()(zero, zero, q, kv)
+        assert values.dtype == torch.bool
+        assert torch.equal(values.view(seq_len, seq_len), graph.to_dense()), graph
+        # padded positions (FlexAttention rounds lengths up to its tiles) attend nowhere
+        past = torch.arange(seq_len, seq_len + 5)
+        assert not graph.mask_mod()(zero, zero, past, past.flip(0)).any()
+        assert not graph.mask_mod()(zero, zero, past % seq_len, past).any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mask_mod_runs_flex_attention_like_masked_sdpa(causal):
+    """create_block_mask(graph.mask_mod()) + flex_attention == dense masked SDPA (CPU, float32)."""
+    import warnings
+
+    fa = pytest.importorskip("torch.nn.attention.flex_attention")
+    seq_len, heads, head_dim = 75, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, seq_len, head_dim, generator=gen) for _ in range(3))
+    for graph in _random_patterns(seq_len, 5, causal):
+        try:
+            block_mask = fa.create_block_mask(graph.mask_mod(), None, None, seq_len, seq_len, device="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+                out = fa.flex_attention(q, k, v, block_mask=block_mask)
+        except (NotImplementedError, RuntimeError) as error:  # pragma: no cover - depends on the torch build
+            pytest.skip(f"FlexAttention does not run on CPU in torch {torch.__version__}: {error}")
+        dense = graph.to_dense()
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), graph
+
+
+@pytest.mark.parametrize("seq_len, seed", [(1, 0), (45, 1), (130, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_intersection_is_the_and_of_the_token_masks(seq_len, seed, causal):
+    patterns = _random_patterns(seq_len, seed, causal)
+    by_block_size = {}
+    for graph in patterns:
+        by_block_size.setdefault(graph.block_size, []).append(graph)
+    for group in by_block_size.values():
+        for a in group:
+            assert (a & a) == a
+            for b in group:
+                both = a & b
+                assert torch.equal(both.to_dense(), a.to_dense() & b.to_dense()), (a, b)
+                assert both.is_causal == causal
+                assert torch.equal(both.keys_per_query(), both.to_dense().sum(1))
+                assert torch.equal((a | b).to_dense(), a.to_dense() | b.to_dense())
+
+
+def test_intersection_names_and_errors():
+    a = G.local(300, 16, window=3)
+    b = G.longformer(300, 16, window=1, num_global=2)
+    c = G.bigbird(300, 16, seed=1)
+    assert (a & b).name == "local(w=3) & longformer(w=1, g=2)"
+    assert ((a | b) & c).name == f"(local(w=3) | longformer(w=1, g=2)) & {c.name}"
+    assert torch.equal(((a | b) & c).to_dense(), (a.to_dense() | b.to_dense()) & c.to_dense())
+    with pytest.raises(ValueError, match="cannot intersect graphs with different block_size: 16 and 32"):
+        a & G.local(300, 32)
+    with pytest.raises(ValueError, match="cannot intersect graphs with different seq_len: 300 and 301"):
+        a & G.local(301, 16)
+    with pytest.raises(ValueError, match="is_causal"):
+        a & a.causal()
+    with pytest.raises(ValueError, match="block_size"):
+        a & G.grid2d(300, side=20)  # a token-level graph has block_size 1
+    with pytest.raises(TypeError):
+        a & a.to_dense()
+
+
 def test_full_and_local_shapes():
     g = G.full(100, 16)
     assert g.density == 1.0 and g.to_dense().all()

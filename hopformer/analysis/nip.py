@@ -63,24 +63,20 @@ DENSE_OPERAND_MAX = 8192
 
 @dataclass(frozen=True)
 class PayloadReport:
-    """The pieces of NIP for one graph.
-
-    Attributes:
-        num_nodes: ``N``.
-        mean_degree: ``rho``, neighbours per node (self-loops excluded).
-        diameter: ``kappa``; ``math.inf`` when the graph is disconnected.
-        log_payload: natural log of ``IP(G)`` (after the hub correction); ``-inf`` when disconnected.
-        num_hubs: nodes adjacent to every other node.
-        hub_corrected: whether some diametral shortest path was relayed by a hub and got the
-            ``1/(N-1)`` factor.
-    """
+    """The pieces of NIP for one graph."""
 
     num_nodes: int
+    """``N``."""
     mean_degree: float
+    """``rho``, neighbours per node (self-loops excluded)."""
     diameter: float
+    """``kappa``; ``math.inf`` when the graph is disconnected."""
     log_payload: float
+    """Natural log of ``IP(G)`` (after the hub correction); ``-inf`` when disconnected."""
     num_hubs: int
+    """Nodes adjacent to every other node."""
     hub_corrected: bool
+    """Whether some diametral shortest path was relayed by a hub and got the ``1/(N-1)`` factor."""
 
     @property
     def payload(self) -> float:

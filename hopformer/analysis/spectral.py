@@ -58,8 +58,7 @@ LEVELS = ("token", "block")
 METHODS = ("auto", "dense", "sparse")
 KERNELS = ("ppr", "heat")
 # Up to this many nodes the whole spectrum is computed densely. Beyond, the certified ARPACK search is
-# much faster and as exact (measured on a busy 2-core machine, BigBird graphs: 256 nodes 0.33 s dense
-# vs 0.05 s sparse, 512 nodes 1.6 s vs 0.06 s; 2,000 nodes 6.3 s vs 0.2 s with one BLAS thread).
+# as exact and much faster (on BigBird graphs about 6x at 256 nodes and 30x at 2,000).
 DENSE_MAX_NODES = 128
 # Operators with at most this many non-zeros are cached on their BlockGraph (``graph.cache``); the
 # eigenvalues computed from them always are.

@@ -338,8 +338,9 @@ def generate_listops(
         n: number of examples.
         seed: any non-negative integer; the output depends only on the arguments other than
             ``workers`` and ``progress``.
-        min_length, max_length: keep a tree only if ``min_length < length < max_length`` (strict), with
-            length counted without parentheses.
+        min_length: keep a tree only if ``min_length < length < max_length`` (strict), with length
+            counted without parentheses.
+        max_length: see ``min_length``.
         max_depth: the depth at which every node is a digit (the root has depth 1).
         max_args: operators take 2..``max_args`` arguments.
         workers: processes to use (default ``os.cpu_count()``); 1 runs in this process.
@@ -530,11 +531,16 @@ def root_operator_baseline(train: Sequence[dict], evaluate: Sequence[dict]) -> f
     The guess for a root operator is the label most common under that operator in ``train`` (a
     one-token tree is its own label). No model is involved, so this is the floor a ListOps model
     must clear to show it reads anything beyond the root: on the LRA-size generated data it scores
-    about 35-36%, where transformers trained on the LRA budget plateau (docs/lra.md). Ties go to the
+    about 35-36%, the level where transformers trained on the LRA budget plateau. Ties go to the
     smaller label; a root never seen in ``train`` gets the overall most common label.
 
     Args:
-        train, evaluate: examples as :func:`load_listops_tsv` returns them (``input_ids``, ``label``).
+        train: examples as :func:`load_listops_tsv` returns them (``input_ids``, ``label``); the
+            guesses are counted here.
+        evaluate: examples in the same form; the guesses are scored here.
+
+    Returns:
+        The fraction of ``evaluate`` whose label the root operator's guess gets right.
     """
     if not train or not evaluate:
         raise ValueError(f"root_operator_baseline needs examples in both sets, got {len(train)} and {len(evaluate)}")

@@ -41,6 +41,7 @@ LRA_TASKS: tuple[str, ...] = (
     "pathfinder128",
     "pathfinder256",
 )
+"""The tasks :func:`load_lra` reads (Pathfinder at four resolutions)."""
 LRA_SPLITS: tuple[str, ...] = ("train", "val", "test")
 PATHFINDER_DIFFICULTIES: tuple[str, ...] = ("curv_baseline", "curv_contour_length_9", "curv_contour_length_14")
 
@@ -54,7 +55,7 @@ def load_lra(task: str, root: str | os.PathLike, split: str, **options) -> list[
         task: one of :data:`LRA_TASKS`.
         root: the ``lra_release/`` folder (see the module docstring for the layout).
         split: ``"train"``, ``"val"`` or ``"test"``.
-        **options: per task:
+        **options (Any): per task:
 
             - ``listops``: ``max_length=2000`` (tokens kept, official value).
             - ``text``: ``max_length=1000`` bytes. 1000 is the official LRA config; the paper says

@@ -26,27 +26,30 @@ class BlockGraph:
     """A static attention pattern: per query block, the sorted list of key blocks.
 
     Build one with the pattern constructors in :mod:`hopformer.graphs` (``full``, ``local``,
-    ``longformer``, ``bigbird``, ``diffuser``, ``hypercube``) or :meth:`from_block_adjacency`.
-
-    Attributes:
-        seq_len: number of tokens. Tokens past ``seq_len`` in the last block are padding: they never
-            send or receive attention.
-        block_size: tokens per block.
-        indptr: ``int64[num_blocks + 1]``; the key blocks of query block ``i`` are
-            ``indices[indptr[i]:indptr[i + 1]]``, sorted ascending.
-        indices: ``int64[num_edges]`` key-block ids.
-        is_causal: whether keys after the query are dropped inside diagonal blocks (and only key
-            blocks ``<=`` the query block are listed).
-        name: a short description used in plots and tables.
+    ``longformer``, ``bigbird``, ``diffuser``, ``hypercube``, ``grid2d``) or
+    :meth:`from_block_adjacency`. Patterns compose: ``a | b`` is the union and ``a & b`` the
+    intersection (same ``seq_len``, ``block_size`` and causality); :meth:`causal` drops future keys;
+    :meth:`mask_mod` hands the graph to FlexAttention.
     """
 
     seq_len: int
+    """Number of tokens. Tokens past ``seq_len`` in the last block are padding: they never send or
+    receive attention."""
     block_size: int
+    """Tokens per block."""
     indptr: torch.Tensor
+    """``int64[num_blocks + 1]``: the key blocks of query block ``i`` are
+    ``indices[indptr[i]:indptr[i + 1]]``, sorted ascending."""
     indices: torch.Tensor
+    """``int64[num_block_edges]``: key-block ids."""
     is_causal: bool = False
+    """Whether keys after the query are dropped inside diagonal blocks (and only key blocks ``<=``
+    the query block are listed)."""
     name: str = "graph"
+    """A short description used in plots and tables."""
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Device-side views that kernels build once per graph (gather plans, FlexAttention block masks),
+    by key; not part of the graph's identity."""
 
     def __post_init__(self) -> None:
         _check_positive_int("seq_len", self.seq_len)
@@ -75,6 +78,7 @@ class BlockGraph:
 
     @property
     def num_block_edges(self) -> int:
+        """Number of (query block, key block) pairs, the length of ``indices``."""
         return int(self.indices.numel())
 
     def key_blocks(self, query_block: int) -> list[int]:
@@ -173,24 +177,78 @@ class BlockGraph:
         )
 
     def __or__(self, other: BlockGraph) -> BlockGraph:
-        """Union of two patterns over the same tokens and blocks."""
+        """Union ``a | b``: an edge of either pattern. Both must have the same ``seq_len``,
+        ``block_size`` and causality (a ``ValueError`` names the one that differs)."""
         if not isinstance(other, BlockGraph):
             return NotImplemented
+        return self._combine(other, "unite", "|", lambda a, b: a | b)
+
+    def __and__(self, other: BlockGraph) -> BlockGraph:
+        """Intersection ``a & b``: an edge of both patterns. Both must have the same ``seq_len``,
+        ``block_size`` and causality (a ``ValueError`` names the one that differs)."""
+        if not isinstance(other, BlockGraph):
+            return NotImplemented
+        return self._combine(other, "intersect", "&", lambda a, b: a & b)
+
+    def _combine(self, other: BlockGraph, verb: str, symbol: str, op: Any) -> BlockGraph:
+        """Combine two graphs over the same tokens and blocks row chunk by row chunk with ``op``.
+
+        Working on block rows is exact because both graphs share ``block_size`` and causality, so the
+        token mask of the result is ``op`` of the two token masks.
+        """
         for attribute in ("seq_len", "block_size", "is_causal"):
             if getattr(self, attribute) != getattr(other, attribute):
                 raise ValueError(
-                    f"cannot unite graphs with different {attribute}: "
+                    f"cannot {verb} graphs with different {attribute}: "
                     f"{getattr(self, attribute)} and {getattr(other, attribute)}"
                 )
 
         def rows(start: int, stop: int) -> torch.Tensor:
-            return _chunk_rows(self, start, stop) | _chunk_rows(other, start, stop)
+            return op(_chunk_rows(self, start, stop), _chunk_rows(other, start, stop))
 
-        return BlockGraph.from_row_chunks(
-            self.seq_len, self.block_size, rows, causal=self.is_causal, name=f"{self.name} | {other.name}"
-        )
+        name = f"{_operand_name(self.name)} {symbol} {_operand_name(other.name)}"
+        return BlockGraph.from_row_chunks(self.seq_len, self.block_size, rows, causal=self.is_causal, name=name)
+
+    # ------------------------------------------------------------------------------ FlexAttention
+    def mask_mod(self, device: torch.device | str | None = None) -> Any:
+        """The graph as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
+
+        True exactly where :meth:`to_dense` is True (the same for every batch and head); indices at or
+        past ``seq_len`` (FlexAttention pads to its tiles) are False. Pass it to
+        ``torch.nn.attention.flex_attention.create_block_mask`` and ``flex_attention``:
+
+        ```python
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        graph = bigbird(1024, 64)
+        mask = create_block_mask(graph.mask_mod("cuda"), None, None, 1024, 1024, device="cuda")
+        out = flex_attention(q, k, v, block_mask=mask)
+        ```
+
+        The function looks the pair up in the dense block adjacency (``num_blocks ** 2`` booleans on
+        ``device``, which must be the device of the indices), using index arithmetic only, so it
+        vectorises and compiles. Token-level graphs (``block_size=1``, e.g. ``grid2d``) work the same
+        way, at ``seq_len ** 2`` booleans. ``create_block_mask`` derives its tile map by evaluating
+        the function on every pair; ``hopformer.ops`` builds its own masks from the block lists instead.
+        """
+        adjacency = self.block_adjacency(device)
+        seq_len, block_size, last_block = self.seq_len, self.block_size, self.num_blocks - 1
+        causal = self.is_causal
+
+        def graph_mask_mod(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            inside = (q_idx < seq_len) & (kv_idx < seq_len)
+            # clamped so padded positions index inside the adjacency; ``inside`` drops them
+            q_block = (q_idx // block_size).clamp(0, last_block)
+            kv_block = (kv_idx // block_size).clamp(0, last_block)
+            allowed = inside & adjacency[q_block, kv_block]
+            if causal:
+                allowed = allowed & (kv_idx <= q_idx)
+            return allowed
+
+        return graph_mask_mod
 
     def __eq__(self, other: object) -> bool:
+        """Same tokens, blocks, causality and edges (the ``name`` is not compared)."""
         if not isinstance(other, BlockGraph):
             return NotImplemented
         return (
@@ -284,6 +342,11 @@ class BlockGraph:
 def _lower_triangle(start: int, stop: int, num_blocks: int) -> torch.Tensor:
     rows = torch.arange(start, stop)[:, None]
     return torch.arange(num_blocks)[None, :] <= rows
+
+
+def _operand_name(name: str) -> str:
+    """A graph's name as one operand of ``|`` or ``&``: composite names get parentheses."""
+    return f"({name})" if " | " in name or " & " in name else name
 
 
 def _chunk_rows(graph: BlockGraph, start: int, stop: int) -> torch.Tensor:

@@ -245,6 +245,7 @@ PATTERNS = {
     "hypercube": hypercube,
     "grid2d": grid2d,
 }
+"""Pattern name -> constructor, the names :func:`build_graph` (and attention ``pattern=`` options) accept."""
 
 
 def build_graph(pattern: str, seq_len: int, block_size: int | None = None, **options: Any) -> BlockGraph:
