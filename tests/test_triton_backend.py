@@ -2,8 +2,9 @@
 random inputs, every pattern, causal or not, odd lengths, padding (including fully padded rows), split
 work (atomic adds), hop dropout and reset steps; and bf16 / fp16 within 16-bit rounding of float64.
 
-Runs on CUDA, or on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set here before the
-kernels are first imported); skipped where Triton is not installed (the CPU CI)."""
+The kernel tests run on CUDA, or on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set here
+before the kernels are first imported), and skip where Triton is not installed; the tile plan, the index
+guard and the input checks need no Triton and always run."""
 
 import os
 
@@ -18,10 +19,10 @@ CUDA = torch.cuda.is_available()
 if not CUDA and T.available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = [
-    pytest.mark.skipif(not T.available(), reason="needs triton"),
-    pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1", reason="needs CUDA or the interpreter"),
-]
+KERNELS = pytest.mark.skipif(
+    not T.available() or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="runs Triton kernels: needs triton, and CUDA or the interpreter",
+)
 
 
 def _inputs(graph, dim=16, vdim=None, padding=True, batch=2, heads=2, dtype=torch.float64):
@@ -51,6 +52,7 @@ def _assert_matches_dense(call, tensors, what):
 
 
 @pytest.mark.cuda
+@KERNELS
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seq_len, block_size", [(37, 16), (150, 32), (200, 64)])
 @pytest.mark.parametrize("padding", [False, True])
@@ -77,6 +79,7 @@ def test_matches_dense(seq_len, block_size, causal, padding):
 
 
 @pytest.mark.cuda
+@KERNELS
 @pytest.mark.parametrize("tile, split", [(16, 1), (16, 3), (32, 2)])
 def test_split_rows_and_columns_add_up(tile, split, monkeypatch):
     """Cut every row and column into short segments: their partial results add atomically."""
@@ -94,6 +97,7 @@ def test_split_rows_and_columns_add_up(tile, split, monkeypatch):
 
 
 @pytest.mark.cuda
+@KERNELS
 @pytest.mark.parametrize("kernel, remainder", [("ppr", "renormalize"), ("heat", "keep"), ("heat", "renormalize")])
 def test_kernels_and_reset_steps(kernel, remainder):
     """Heat kernel and renormalised remainders (a first step of weight 1 resets the state to v)."""
@@ -107,6 +111,7 @@ def test_kernels_and_reset_steps(kernel, remainder):
 
 
 @pytest.mark.cuda
+@KERNELS
 @pytest.mark.parametrize("remainder", ["keep", "renormalize"])
 def test_hop_dropout_gradient_matches_finite_differences(remainder):
     """With hop dropout, the adjoint backward equals the directional derivative of the forward
@@ -133,6 +138,7 @@ def test_hop_dropout_gradient_matches_finite_differences(remainder):
 
 
 @pytest.mark.cuda
+@KERNELS
 @pytest.mark.parametrize("real_fraction", [1.0, 0.22])
 @pytest.mark.parametrize("op", ["sparse", "diffuse"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -192,3 +198,42 @@ def test_bad_inputs_name_the_argument():
         T.tile_plan(G.local(96, 32), torch.device("cpu"), tile=64)
     with pytest.raises(ValueError, match="split"):
         T.tile_plan(G.local(96, 32), torch.device("cpu"), split=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA or not T.available(), reason="needs CUDA and triton (too large for the interpreter)")
+def test_offsets_past_2_31_elements_match_head_chunks():
+    """The backward's hop-state stacks hold (hops, batch * heads, seq, 64) elements: here 10 x 1024 x 4096 x
+    64, past 2^31 from hop 8. The whole call must equal the same kernels run on slices of heads whose
+    offsets all stay far below 2^31 (float32: exact products, only the order of atomic adds differs)."""
+    graph = G.bigbird(4096, 128, window=3, num_global=2, num_random=3, seed=0)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(8, 128, 4096, 64, device="cuda") for _ in range(3))
+    grad = torch.randn_like(v)
+    assert 9 * q.shape[0] * q.shape[1] * 4096 * 64 >= 2**31
+
+    def run(q, k, v, grad):
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        out = diffuse(q, k, v, graph, hops=10, backend="triton")
+        out.backward(grad)
+        return out.detach(), q.grad, k.grad, v.grad
+
+    whole = run(q, k, v, grad)
+    chunks = [run(*(x[b : b + 1, h : h + 32] for x in (q, k, v, grad))) for b in range(8) for h in range(0, 128, 32)]
+    for index, name in enumerate(("out", "dq", "dk", "dv")):
+        rows = [torch.cat([chunks[b * 4 + c][index] for c in range(4)], dim=1) for b in range(8)]
+        joined = torch.cat(rows)
+        torch.testing.assert_close(whole[index], joined, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_index_guard_raises_before_any_kernel(monkeypatch):
+    """Within one head the kernels index (position, dim) in int32: a slice past that raises a clear error
+    before launch (shown here with a lowered limit, so it needs no Triton and no GPU)."""
+    T.check_index_range(4_194_304, 128)  # 4M tokens x 128: fine
+    with pytest.raises(ValueError, match="past 2\\^31"):
+        T.check_index_range(2**24, 128)
+    monkeypatch.setattr(T, "INT32_LIMIT", 1000)
+    graph = G.local(64, 16)
+    q = torch.randn(1, 1, 64, 16)
+    with pytest.raises(ValueError, match="64 x 16 elements is past 2\\^31; use backend='flex'"):
+        T.triton_diffusion(q, q, q, graph, None, [0.0], 0.25)

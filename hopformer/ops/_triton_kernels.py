@@ -10,6 +10,9 @@ Scores are kept in base 2: ``s2 = q.k * scale * log2(e)``, ``lse2 = log2(sum 2^s
 accumulated in float32 (float64 for float64 inputs); ``scales`` holds ``[scale * log2(e), scale]`` in
 that dtype (a Python float argument would be float32).
 Tensors are ``(batch * heads, padded_len, dim)``, contiguous; ``real`` is ``int8 (batch, padded_len)``.
+Offsets: every kernel casts its ``(batch * heads)`` index ``bh`` to int64 first and builds each address
+from it, so an offset into a tensor of any size is 64-bit; the int32 parts within a head's slice
+(``position * dim``) are bounded by :func:`hopformer.ops.triton_diffusion.check_index_range`.
 """
 
 from __future__ import annotations
@@ -226,7 +229,7 @@ def first_hop_kernel(
 def dqdk_kernel(
     q_ptr, k_ptr, z0_ptr, states_ptr, hgrads_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dz0_ptr, real_ptr, scratch_ptr,
     seg_tile_ptr, seg_begin_ptr, seg_end_ptr, seg_slot_ptr, loop_tiles_ptr,
-    seq, heads, padded_len, num_hops, states_stride, num_slots, bh_start, scalars_ptr,
+    seq, heads, padded_len, num_hops, num_bh, num_slots, bh_start, scalars_ptr,
     D: tl.constexpr, DV: tl.constexpr, T: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -269,9 +272,11 @@ def dqdk_kernel(
         dz0 += _dot(p.to(h0.dtype), h0, PRECISION).to(acc_dtype)
         dp = _dot(z0, tl.trans(h0), PRECISION).to(acc_dtype)
         for hop in range(1, num_hops):
-            offset = (hop - 1) * states_stride + bh * padded_len * DV
+            # (hop, bh) row of a (hops, batch * heads, padded_len, DV) stack: bh is int64, so the whole
+            # offset is; hop * (batch * heads * padded_len * DV) in int32 overflowed from 2^31 elements
+            offset = ((hop - 1) * num_bh + bh) * padded_len * DV
             z = tl.load(states_ptr + offset + keys[:, None] * DV + vdims[None, :])
-            offset = hop * states_stride + bh * padded_len * DV
+            offset = (hop * num_bh + bh) * padded_len * DV
             h = tl.load(hgrads_ptr + offset + queries[:, None] * DV + vdims[None, :])
             dp += _dot(z, tl.trans(h), PRECISION).to(acc_dtype)
         delta = tl.load(delta_ptr + bh * padded_len + queries)[None, :]

@@ -275,7 +275,7 @@ class _Passes:
             self.kernels.dqdk_kernel[(segs.count, stop - start)](
                 q, k, z0, states, hgrads, lse, delta, dq_part, dk, dz0, real, scratch,
                 segs.tile, segs.begin, segs.end, segs.slot, segs.loop_tiles,
-                self.seq, self.heads, length, hgrads.shape[0], hgrads[0].numel(), segs.num_slots, start,
+                self.seq, self.heads, length, hgrads.shape[0], bh, segs.num_slots, start,
                 self.scalars(scale * LOG2E, scale), D=dim, DV=z0.shape[-1], **self._flags(), **self.launch("dqdk"),
             )  # fmt: skip
             dq[start:stop] = dq_part
@@ -365,6 +365,7 @@ def triton_diffusion(
     plan = tile_plan(graph, q.device, tile, split)
     batch, heads, seq, dim = q.shape
     vdim = v.shape[-1]
+    check_index_range(plan.padded_len, _pow2(max(dim, vdim)))
 
     def layout(x: torch.Tensor, width: int) -> torch.Tensor:
         if width > x.shape[-1] or plan.padded_len > seq:
@@ -388,6 +389,19 @@ def _scalar_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.
     is a blocking host-to-device copy (a stream synchronisation per kernel launch otherwise, which on
     a GPU time-shared with other processes also waits for their work). The kernels only read it."""
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+INT32_LIMIT = 2**31
+
+
+def check_index_range(padded_len: int, width: int) -> None:
+    """The kernels index within one head's ``(padded_len, width)`` slice in int32 (everything across heads,
+    hops and batches is int64): raise before launch if that slice could overflow it."""
+    if padded_len * width >= INT32_LIMIT:
+        raise ValueError(
+            f"backend='triton' indexes one head's (sequence, head_dim) slice in 32 bits: {padded_len:,} x {width} "
+            f"elements is past 2^31; use backend='flex' or shorter sequences"
+        )
 
 
 def _pow2(n: int) -> int:
