@@ -317,3 +317,61 @@ def test_plot_writes_png(tmp_path):
 def test_million_token_graph_is_cheap():
     g = G.bigbird(1 << 20, 128)
     assert g.num_blocks == 8192 and g.indices.numel() < 20 * 8192
+
+
+RANDOM_CAUSAL = [
+    ("bigbird", {"block_size": 32, "num_random": 3}),
+    ("bigbird", {"block_size": 17, "num_global": 3, "num_random": 2}),
+    ("diffuser", {"block_size": 32}),
+    ("diffuser", {"block_size": 16, "global_blocks": [0, 3, 40]}),
+    ("diffuser", {"block_size": 16, "random_granularity": "token", "num_random": 1}),
+    ("grid2d", {"side": 31, "num_random": 4}),
+    ("longformer", {"block_size": 32, "num_global": 2}),
+    ("hypercube", {"block_size": 16}),
+    ("local", {"block_size": 16, "window": 5}),
+]
+
+
+@pytest.mark.parametrize("pattern, options", RANDOM_CAUSAL)
+@pytest.mark.parametrize("short, long", [(1000, 2048), (333, 961), (64, 65)])
+def test_causal_graphs_are_prefix_stable(pattern, options, short, long):
+    """A causal graph at ``short`` tokens is the top-left corner of the one at ``long``: a causal model's past
+    does not depend on the length the sequence will reach (hypercube and local have no randomness, but a
+    Gray-code or band must not move with the length either)."""
+    seeded = pattern in ("bigbird", "diffuser", "grid2d")
+    if seeded:
+        options = {**options, "seed": short + long}
+    small = G.build_graph(pattern, short, causal=True, **options)
+    large = G.build_graph(pattern, long, causal=True, **options)
+    assert torch.equal(small.to_dense(), large.to_dense()[:short, :short])
+    if seeded and long > 900:  # (short graphs have no block left to draw at random)
+        other = G.build_graph(pattern, long, causal=True, **{**options, "seed": options["seed"] + 1})
+        assert not torch.equal(other.to_dense(), large.to_dense()), "the seed must matter"
+
+
+def test_causal_random_blocks_differ_across_rows_and_are_uniform():
+    """Prefix-stable random blocks are still random: rows draw different blocks, and over many rows each
+    earlier block is drawn about equally often (chi-square against uniform over the allowed blocks)."""
+    graph = G.bigbird(64 * 400, 64, window=1, num_global=0, num_random=1, seed=5, causal=True)
+    lists = graph.block_lists()
+    picks = [max(set(keys) - {row}) if len(keys) > 1 else None for row, keys in enumerate(lists)]
+    assert len({p for p in picks[200:] if p is not None}) > 100, "rows must not repeat one another's blocks"
+    # rows 100..399 each pick one block uniformly from 0..row-1: the expected count of block j
+    expected = torch.zeros(400, dtype=torch.float64)
+    counts = torch.zeros(400, dtype=torch.float64)
+    for row in range(100, 400):
+        expected[:row] += 1.0 / row
+        counts[picks[row]] += 1
+    chi2 = float(((counts[:399] - expected[:399]) ** 2 / expected[:399]).sum())
+    assert chi2 < 399 + 5 * (2 * 399) ** 0.5, f"chi-square {chi2:.0f} for 398 degrees of freedom"
+
+
+def test_bigbird_global_placement():
+    both = G.bigbird(1024, 64, num_global=2, num_random=0, global_placement="first_last")
+    lists = both.block_lists()
+    assert len(lists[0]) == len(lists[-1]) == both.num_blocks and len(lists[1]) < both.num_blocks
+    assert all({0, 15} <= set(keys) for keys in lists)
+    with pytest.raises(ValueError, match="prefix stability"):
+        G.bigbird(1024, 64, global_placement="first_last", causal=True)
+    with pytest.raises(ValueError, match="global_placement"):
+        G.bigbird(1024, 64, global_placement="middle")

@@ -3,8 +3,17 @@
 All take ``seq_len`` and ``block_size``; counts (``window``, ``num_global``, ``num_random``) are in
 blocks and do not depend on ``seq_len``; a sequence with fewer blocks gets all it has. (The Diffuser
 reference crops a 4096-grid graph instead, so its budgets silently shrink on short inputs; see
-``specs/diffuser.md`` section 8.) Random parts are a
-pure function of ``(seed, seq_len, block_size)``, so every rank and every call builds the same graph.
+``specs/diffuser.md`` section 8.) Random parts are a pure function of ``(seed, seq_len, block_size)``,
+so every rank and every call builds the same graph.
+
+**Causal graphs are prefix-stable**: with ``causal=True`` the edges of query block ``i`` depend only on
+``i``, the settings and the seed, never on the sequence length, so the graph at ``n`` tokens is the
+top-left ``n x n`` of the graph at any longer length. A causal model's past then does not depend on
+how long the sequence will become, and cached decoding sees the graph training saw. Random key blocks
+are the lowest-scoring earlier blocks under a hash of ``(seed, i, j)``; global blocks are the first
+ones (BigBird's last block, and Diffuser's scattered globals, would depend on the length). Bidirectional
+graphs draw as they always have (their random blocks do depend on the length), so checkpoints trained
+on them keep their graphs.
 
 ``window`` is the number of blocks in the sliding band centred on the query block (odd: 3 means the
 own block and one on each side, as in BigBird's ``num_sliding_blocks``).
@@ -18,6 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from hopformer.graphs.block_graph import BlockGraph, _check_positive_int
@@ -72,22 +82,39 @@ def bigbird(
     num_global: int = 2,
     num_random: int = 3,
     seed: int = 0,
+    global_placement: str = "first",
     causal: bool = False,
 ) -> BlockGraph:
-    """BigBird (ITC): sliding window, ``num_global`` global blocks at the start, and ``num_random``
-    random key blocks per query block, drawn without replacement from the blocks not already
-    attended (seeded). With ``causal=True`` random blocks are drawn from earlier blocks only."""
+    """BigBird (ITC): sliding window, ``num_global`` global blocks, and ``num_random`` random key blocks
+    per query block, drawn without replacement from the blocks not already attended (seeded). With
+    ``causal=True`` random blocks are drawn from earlier blocks only (prefix-stable, see the module).
+
+    ``global_placement``: ``"first"`` (the first ``num_global`` blocks) or ``"first_last"`` (BigBird's
+    own: the first ``ceil(g / 2)`` and the last ``floor(g / 2)`` blocks; bidirectional graphs only, since
+    the last block moves with the length)."""
     num_blocks = _num_blocks(seq_len, block_size)
     radius = _check_window(window, num_blocks, seq_len, block_size)
-    global_blocks = torch.arange(_check_count("num_global", num_global, num_blocks))
+    count = _check_count("num_global", num_global, num_blocks)
+    if global_placement not in ("first", "first_last"):
+        raise ValueError(f"global_placement must be 'first' or 'first_last', got {global_placement!r}")
+    if global_placement == "first_last" and causal:
+        raise ValueError(
+            "global_placement='first_last' puts a global block at the end, which moves with the sequence "
+            "length; a causal graph must not depend on it (prefix stability): use 'first'"
+        )
+    global_blocks = torch.arange(count)
+    if global_placement == "first_last":
+        global_blocks = torch.cat([torch.arange(-(-count // 2)), torch.arange(num_blocks - count // 2, num_blocks)])
+        global_blocks = global_blocks.unique()
     _check_count("num_random", num_random, num_blocks)
-    generator = _generator(seed)
+    draw = _random_draw(seed, causal)
 
     def rows(start: int, stop: int) -> torch.Tensor:
         fixed = _band(start, stop, num_blocks, radius) | _global(start, stop, num_blocks, global_blocks)
-        return fixed | _random(start, stop, num_blocks, num_random, fixed, causal, generator)
+        return fixed | draw(start, stop, num_blocks, num_random, fixed)
 
-    name = f"bigbird(w={window}, g={num_global}, r={num_random})"
+    placement = ", first+last" if global_placement == "first_last" else ""
+    name = f"bigbird(w={window}, g={num_global}{placement}, r={num_random})"
     return BlockGraph.from_row_chunks(seq_len, block_size, rows, causal=causal, name=name)
 
 
@@ -109,7 +136,8 @@ def diffuser(
       reference's 64-wide blocks at stride 32 (a token sees its own half-block and both neighbours).
     - global: ``num_global`` global blocks scattered through the sequence (the reference scatters its
       global tokens and never makes the first token global), drawn with ``seed`` from blocks ``1..``;
-      or pass ``global_blocks`` explicitly.
+      or pass ``global_blocks`` explicitly. Causal graphs take the first ``num_global`` blocks instead
+      (scattered ones would depend on the length), and drop explicit ones past the sequence.
     - random: ``num_random`` random key blocks per query block, directed (not symmetrised).
 
     ``random_granularity="token"`` keeps the same random budget (``num_random * block_size`` keys per
@@ -125,13 +153,20 @@ def diffuser(
     if random_granularity not in ("block", "token"):
         raise ValueError(f"random_granularity must be 'block' or 'token', got {random_granularity!r}")
     generator = _generator(seed)
-    if global_blocks is None:
+    draw = _random_draw(seed, causal, generator)
+    if global_blocks is None and causal:
+        global_ids = torch.arange(_check_count("num_global", num_global, num_blocks))
+    elif global_blocks is None:
         count = _check_count("num_global", num_global, max(num_blocks - 1, 0))
         scattered = 1 + torch.randperm(num_blocks - 1, generator=generator)[:count]
         global_ids = scattered.sort().values
     else:
         global_ids = torch.as_tensor(sorted(set(global_blocks)), dtype=torch.int64)
-        if len(global_ids) and (global_ids.min() < 0 or global_ids.max() >= num_blocks):
+        if len(global_ids) and global_ids.min() < 0:
+            raise ValueError(f"global_blocks must be non-negative block ids, got {global_blocks}")
+        if causal:
+            global_ids = global_ids[global_ids < num_blocks]  # later ones are in every query's future
+        elif len(global_ids) and global_ids.max() >= num_blocks:
             raise ValueError(f"global_blocks must lie in 0..{num_blocks - 1}, got {global_blocks}")
     token = ", token-random" if random_granularity == "token" else ""
     name = f"diffuser(w={window}, g={len(global_ids)}, r={num_random}{token})"
@@ -140,7 +175,7 @@ def diffuser(
 
         def rows(start: int, stop: int) -> torch.Tensor:
             fixed = _band(start, stop, num_blocks, radius) | _global(start, stop, num_blocks, global_ids)
-            return fixed | _random(start, stop, num_blocks, num_random, fixed, causal, generator)
+            return fixed | draw(start, stop, num_blocks, num_random, fixed)
 
         return BlockGraph.from_row_chunks(seq_len, block_size, rows, causal=causal, name=name)
 
@@ -154,7 +189,7 @@ def diffuser(
         query_block = token_block[start:stop, None]
         fixed = (token_block[None, :] - query_block).abs() <= radius
         fixed |= is_global_token[None, :] | is_global_token[start:stop, None]
-        return fixed | _random(start, stop, seq_len, num_random * block_size, fixed, causal, generator)
+        return fixed | draw(start, stop, seq_len, num_random * block_size, fixed)
 
     return BlockGraph.from_row_chunks(seq_len, 1, token_rows, causal=causal, name=name)
 
@@ -218,7 +253,7 @@ def grid2d(
     _check_positive_int("side", side)
     _check_positive_int("radius", radius)
     count = _check_count("num_random", num_random, seq_len)
-    generator = _generator(seed)
+    draw = _random_draw(seed, causal)
     row, col = torch.arange(seq_len) // side, torch.arange(seq_len) % side
 
     reach = radius * (side + 1)  # raster distance to the farthest neighbour
@@ -228,7 +263,7 @@ def grid2d(
         near = torch.zeros(stop - start, seq_len, dtype=torch.bool)
         near[:, lo:hi] = (row[None, lo:hi] - row[start:stop, None]).abs() <= radius
         near[:, lo:hi] &= (col[None, lo:hi] - col[start:stop, None]).abs() <= radius
-        return near | _random(start, stop, seq_len, count, near, causal, generator)
+        return near | draw(start, stop, seq_len, count, near)
 
     random = f", r={count}" if count else ""
     return BlockGraph.from_row_chunks(
@@ -272,25 +307,55 @@ def _global(start: int, stop: int, num_blocks: int, global_blocks: torch.Tensor)
     return out
 
 
+def _random_draw(seed: Any, causal: bool, generator: torch.Generator | None = None):
+    """The random-edge draw of a pattern: ``draw(start, stop, num_blocks, count, taken)``, from ``generator``
+    in row order for bidirectional graphs, from a hash of ``(seed, row, column)`` for causal ones
+    (prefix-stable: a row's draw does not depend on the other rows or on the length)."""
+    generator = generator if generator is not None else _generator(seed)
+
+    def draw(start: int, stop: int, num_blocks: int, count: int, taken: torch.Tensor) -> torch.Tensor:
+        if count == 0:
+            return torch.zeros(stop - start, num_blocks, dtype=torch.bool)
+        if not causal:
+            return _random(
+                start, stop, num_blocks, count, taken, torch.rand(stop - start, num_blocks, generator=generator)
+            )
+        # float64: 53-bit scores do not tie, so which block wins never depends on how many columns there are
+        scores = torch.full((stop - start, num_blocks), 2.0, dtype=torch.float64)
+        past = min(stop, num_blocks)  # a row's candidates are its own and earlier columns
+        scores[:, :past] = _hash_uniform(seed, torch.arange(start, stop), torch.arange(past))
+        scores[torch.arange(num_blocks)[None, :] > torch.arange(start, stop)[:, None]] = 2.0
+        return _random(start, stop, num_blocks, count, taken, scores)
+
+    return draw
+
+
+def _hash_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in [0, 1), one per (row, column), from the splitmix64 finaliser of
+    ``(seed, row, column)``: each is a pure function of its own three integers."""
+    with np.errstate(over="ignore"):
+        x = _mix(np.uint64(seed % 2**64) + _GOLDEN)
+        x = _mix(x ^ rows.numpy().astype(np.uint64)[:, None])
+        x = _mix(x ^ (cols.numpy().astype(np.uint64)[None, :] * _GOLDEN))
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x):
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 def _random(
-    start: int,
-    stop: int,
-    num_blocks: int,
-    count: int,
-    taken: torch.Tensor,
-    causal: bool,
-    generator: torch.Generator,
+    start: int, stop: int, num_blocks: int, count: int, taken: torch.Tensor, scores: torch.Tensor
 ) -> torch.Tensor:
-    """``count`` distinct random columns per row among those not ``taken`` (and not in the future
-    when causal); rows with fewer candidates get all of them."""
+    """``count`` distinct columns per row among those not ``taken``: the lowest ``scores`` (uniform in
+    [0, 1); 2 marks a column that may never be chosen); rows with fewer candidates get all of them."""
     out = torch.zeros(stop - start, num_blocks, dtype=torch.bool)
-    if count == 0:
-        return out
-    allowed = ~taken
-    if causal:
-        allowed &= torch.arange(num_blocks)[None, :] <= torch.arange(start, stop)[:, None]
-    scores = torch.rand(stop - start, num_blocks, generator=generator)
-    scores[~allowed] = 2.0  # never chosen while an allowed column is left
+    scores[taken] = 2.0  # never chosen while an allowed column is left
     chosen = scores.topk(min(count, num_blocks), dim=1, largest=False)
     rows = torch.arange(stop - start)[:, None].expand_as(chosen.indices)
     keep = chosen.values < 2.0
