@@ -49,7 +49,15 @@ from hopformer.checks import check_int
 from hopformer.ops import dispatch, sparse_attention
 from hopformer.ops.backend import Request
 from hopformer.ops.combiner_attention import grouped_attention
-from hopformer.ops.routing_attention import QK_NORMS, clustered_attention, commitment_loss, normalise, rank
+from hopformer.ops.routing_attention import (
+    QK_NORMS,
+    causal_clustered_attention,
+    clustered_attention,
+    commitment_loss,
+    nearest_centroid,
+    normalise,
+    rank,
+)
 
 UPDATES = ("auto", "manual")
 EMA_EPS = 1e-5
@@ -72,8 +80,12 @@ class RoutingAttention(AttentionModule):
             centroids are persistent state, so their number is fixed at construction.
         window: members per cluster; default ``seq // clusters`` of each input (at least 1). Must
             not exceed the input length.
-        max_seq_len: only sets the default ``clusters``.
-        causal: causal masking (routing heads: see the caveat in :mod:`hopformer.ops.routing_attention`).
+        max_seq_len: sets the default ``clusters`` and, when causal, the default ``window``.
+        causal: strictly causal: local heads see their own block up to the query and the previous block;
+            routing heads put each token in its nearest centroid's cluster and attend to the last
+            ``window`` keys of that cluster before it and to itself (default window
+            ``max_seq_len // clusters``, fixed, so the past never depends on the length; see
+            :func:`hopformer.ops.routing_attention.causal_clustered_attention`).
         share_qk: routing heads use the query projection as keys; default ``causal``.
         qk_norm: ``"layernorm"`` (no affine) or ``"l2"``.
         decay: EMA decay of the k-means tables.
@@ -125,6 +137,7 @@ class RoutingAttention(AttentionModule):
 
         self.local_heads, self.routing_heads = local_heads, heads - local_heads
         self.local_window, self.clusters, self.window = local_window, clusters, window
+        self.max_seq_len = max_seq_len
         self.causal = causal
         self.share_qk = causal if share_qk is None else bool(share_qk)
         self.qk_norm, self.decay, self.commitment = qk_norm, decay, commitment
@@ -151,7 +164,9 @@ class RoutingAttention(AttentionModule):
     ) -> torch.Tensor:
         seq = q.shape[2]
         window = self.window if self.window is not None else max(1, seq // self.clusters)
-        if window > seq:
+        if self.causal:  # a fixed window: a token's keys must not depend on the sequence's length
+            window = self.window if self.window is not None else max(1, self.max_seq_len // self.clusters)
+        elif window > seq:
             raise ValueError(f"window={window} is larger than the sequence length {seq}")
         dropout = self.dropout if self.training else 0.0
         outputs = []
@@ -179,15 +194,21 @@ class RoutingAttention(AttentionModule):
         with torch.no_grad():
             dtype = torch.promote_types(q.dtype, torch.float32)
             normalised = [normalise(x.to(dtype), self.qk_norm) for x in sources]
-            if recording:
-                if not self._is_initialised():
-                    self._initialise(normalised[0], normalised[-1], padding)
-                elif self.update == "auto":
-                    self.update_centroids()
+            first = recording and not self._is_initialised()
+            if first and not self.causal:
+                self._initialise(normalised[0], normalised[-1], padding)
+            elif recording and not first and self.update == "auto":
+                self.update_centroids()
             for x_norm in normalised:
-                index, assign = rank(x_norm, self.centroids, window, padding)
-                members.append(index)
+                if self.causal:  # each token's nearest centroid: its own vector decides, nothing later does
+                    assign = nearest_centroid(x_norm, self.centroids)
+                    members.append(assign)
+                else:
+                    index, assign = rank(x_norm, self.centroids, window, padding)
+                    members.append(index)
                 assignments.append(assign)
+            if first and self.causal:  # after routing: this batch's own k-means must not reach its past
+                self._initialise(normalised[0], normalised[-1], padding)
             if recording:
                 self._record(list(zip(normalised, assignments)), padding)
             del normalised
@@ -197,6 +218,10 @@ class RoutingAttention(AttentionModule):
             commitment_loss(x, self.centroids, assign, padding, self.qk_norm) for x, assign in zip(sources, assignments)
         )
         self.aux_loss = self.commitment * loss
+        if self.causal:
+            return causal_clustered_attention(
+                q, k, v, members[0], members[-1], window, padding, shared_qk=self.share_qk, dropout_p=dropout
+            )
         return clustered_attention(
             q, k, v, members[0], members[-1], self.causal, padding, shared_qk=self.share_qk, dropout_p=dropout
         )

@@ -237,3 +237,36 @@ def routing_reference(
         sums = sums + (probs @ v) * row_ok[..., None]
         counts = counts + row_ok.to(q.dtype)
     return sums / (counts[..., None] + SCATTER_EPS)
+
+
+def causal_routing_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_cluster: torch.Tensor,
+    key_cluster: torch.Tensor,
+    window: int,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    shared_qk: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal routing from given clusters, one query at a time: the last ``window`` real keys of the
+    query's cluster before it, and itself (with ``shared_qk`` only when there are none)."""
+    batch, heads, seq, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    real = torch.ones(batch, seq, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    rows = []
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(seq):
+                if not real[b, i]:
+                    rows.append(v.new_zeros(v.shape[-1]))
+                    continue
+                same = [j for j in range(i) if real[b, j] and key_cluster[b, h, j] == query_cluster[b, h, i]]
+                keys = same[-window:] if window else []
+                if not (shared_qk and keys):
+                    keys = keys + [i]
+                weights = torch.softmax(torch.stack([q[b, h, i] @ k[b, h, j] for j in keys]) * scale, 0)
+                rows.append(sum(w * v[b, h, j] for w, j in zip(weights, keys)))
+    return torch.stack(rows).view(batch, heads, seq, v.shape[-1])

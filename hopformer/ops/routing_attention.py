@@ -16,15 +16,13 @@ index sets. ``shared_qk=True`` (``k`` is the query projection): one index set, r
 token never attends to itself unless it is its only allowed key (q . q would dominate, as in
 Reformer).
 
-Causal (``specs/routing.md`` section 5b): a query at position ``i`` keeps only cluster keys at
-positions ``<= i``. A query membership with no allowed key (possible without shared QK) outputs
-zero and is not counted in the mean; no learned null key is used here.
-
-**Not strictly causal.** Top-w selection ranks all positions, so future tokens compete for cluster
-slots and can change which past keys a query sees (a discrete, zero-gradient dependence). The
-gradient of output ``i`` with respect to any input ``j > i`` is zero for fixed centroids, but
-perturbing future tokens can change past outputs, and step-by-step decoding can differ from
-teacher-forced training.
+**Causal** (``causal=True``, :func:`causal_clustered_attention`): balanced top-w membership ranks the whole
+sequence, so future tokens would compete for the slots of a cluster and change what the past sees.
+Causal routing is therefore strictly causal and unbalanced: each token joins the cluster of its nearest
+centroid (queries by q, keys by k; one assignment with shared QK), decided by its own vector alone, and
+a query at position ``i`` attends to the last ``window`` keys of its cluster before ``i`` and to itself
+(with shared QK, to itself only when no earlier key is in its cluster). Every row has a key, nothing
+depends on a later token, and the cost is ``O(seq * window)``.
 
 Padding (``key_padding_mask``, True = real): padded tokens get similarity ``-inf`` before the top-w,
 so they are chosen only when a cluster has more slots than there are real tokens; such picks are
@@ -37,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.checks import check_int, check_probability
-from hopformer.ops.common import check_key_padding_mask, check_qkv, describe_shape
+from hopformer.ops.common import check_key_padding_mask, check_qkv, describe_shape, masked_softmax
 from hopformer.ops.masked_sdpa import masked_sdpa
 
 QK_NORMS = ("layernorm", "layernorm_noaffine", "l2")
@@ -68,7 +66,8 @@ def routing(
         q, k, v: ``(batch, heads, seq, head_dim)``; ``v`` may have its own last dimension.
         centroids: ``(heads, clusters, head_dim)``, compared with the normalised q / k.
         window: members per cluster, ``1 <= window <= seq``.
-        causal: keep only keys at positions ``<= `` the query's (see the module docstring caveat).
+        causal: strictly causal routing (:func:`causal_clustered_attention`: nearest-centroid clusters, each query on
+            the last ``window`` keys of its cluster before it); ``window`` need not exceed ``seq`` then.
         key_padding_mask: bool ``(batch, seq)``, True = real token.
         shared_qk: one membership per cluster for queries and keys, and no attention to oneself
             unless it is the only allowed key.
@@ -81,6 +80,12 @@ def routing(
         ``(batch, heads, seq, v.shape[-1])``.
     """
     _check_inputs(q, k, v, centroids, window, causal, key_padding_mask, qk_norm, dropout_p)
+    if causal:
+        query_cluster, key_cluster = nearest_clusters(q, k, centroids, shared_qk=shared_qk, qk_norm=qk_norm)
+        return causal_clustered_attention(
+            q, k, v, query_cluster, key_cluster, window, key_padding_mask,
+            shared_qk=shared_qk, scale=scale, dropout_p=dropout_p,
+        )  # fmt: skip
     query_idx, key_idx = memberships(q, k, centroids, window, key_padding_mask, shared_qk=shared_qk, qk_norm=qk_norm)
     return clustered_attention(
         q, k, v, query_idx, key_idx, causal, key_padding_mask,
@@ -277,6 +282,78 @@ def clustered_attention(
     return (sums / (total[:, None] + SCATTER_EPS)).view(batch, heads, seq, -1)
 
 
+def nearest_clusters(
+    q: torch.Tensor, k: torch.Tensor, centroids: torch.Tensor, *, shared_qk: bool = False, qk_norm: str = "layernorm"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's nearest centroid, ``(batch, heads, seq)`` for queries (by q) and keys (by k; the same
+    with ``shared_qk``): a token's cluster depends on its own vector alone (causal routing)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.no_grad():
+        query_cluster = nearest_centroid(normalise(q.to(dtype), qk_norm), centroids)
+        key_cluster = query_cluster if shared_qk else nearest_centroid(normalise(k.to(dtype), qk_norm), centroids)
+    return query_cluster, key_cluster
+
+
+def nearest_centroid(x_norm: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The nearest centroid of each normalised token, ``(batch, heads, seq)``, a few heads at a time."""
+    batch, heads, seq, _ = x_norm.shape
+    return torch.cat(
+        [similarity(x_norm[:, chunk], centroids[chunk]).argmax(2) for chunk in _head_chunks(heads, batch * seq)],
+        dim=1,
+    )
+
+
+def causal_clustered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_cluster: torch.Tensor,
+    key_cluster: torch.Tensor,
+    window: int,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    shared_qk: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Strictly causal attention inside clusters: query ``i`` of cluster ``c`` attends to the last ``window``
+    keys of cluster ``c`` at positions ``< i``, and to itself (with ``shared_qk`` only when there is no such
+    key). ``query_cluster``, ``key_cluster``: ``(batch, heads, seq)`` ids; padded keys are never attended.
+
+    Keys sorted by (cluster, position) put each cluster's keys in order, so a query's keys are the
+    ``window`` entries before the place its own (cluster, position) would take there: one searchsorted
+    and one gather, ``O(seq * window)`` memory, no ``seq x seq`` tensor.
+    """
+    batch, heads, seq, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    positions = torch.arange(seq, device=q.device)
+    if key_padding_mask is not None:  # padded keys go to a cluster no query is in
+        key_cluster = torch.where(key_padding_mask[:, None, :], key_cluster, -1)
+    key_code = key_cluster * seq + positions  # unique, and sorted by (cluster, position)
+    order = key_code.argsort(dim=-1)
+    sorted_code = key_code.gather(-1, order)
+    ends = torch.searchsorted(sorted_code, query_cluster * seq + positions)  # first key of the cluster at >= i
+    starts = torch.searchsorted(sorted_code, query_cluster * seq)  # the cluster's first key
+    slots = ends[..., None] - window + torch.arange(window, device=q.device)  # (B, H, L, w) sorted indices
+    allowed = slots >= starts[..., None]
+    index = order.gather(-1, slots.clamp(min=0).flatten(-2)).view(batch, heads, seq, window)  # key positions
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        flat = index.flatten(-2)[..., None].expand(-1, -1, -1, x.shape[-1])
+        return x.gather(2, flat).view(batch, heads, seq, window, x.shape[-1])
+
+    scores = torch.einsum("bhld,bhlwd->bhlw", q, gather(k)) * scale
+    self_scores = (q * k).sum(-1, keepdim=True) * scale
+    self_allowed = ~allowed.any(-1, keepdim=True) if shared_qk else torch.ones_like(allowed[..., :1])
+    probs = masked_softmax(torch.cat([scores, self_scores], -1), torch.cat([allowed, self_allowed], -1))
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    out = torch.einsum("bhlw,bhlwd->bhld", probs[..., :window], gather(v)) + probs[..., window:] * v
+    if key_padding_mask is not None:
+        out = out * key_padding_mask[:, None, :, None].to(out.dtype)
+    return out
+
+
 def _cluster_mask(query_idx, key_idx, causal, key_padding_mask, shared_qk) -> torch.Tensor | None:
     """Bool ``(B, H*C, w, w)`` (or a broadcastable ``(w, w)``) mask, or None when all is allowed."""
     batch, heads, clusters, window = query_idx.shape
@@ -312,7 +389,10 @@ def _check_inputs(q, k, v, centroids, window, causal, key_padding_mask, qk_norm,
         raise ValueError(
             f"centroids must have at least one cluster and head_dim={head_dim}, got {describe_shape(centroids)}"
         )
-    check_int("window", window, 1, seq, allowed=f"an integer in [1, seq={seq}]")
+    if causal:  # a cluster's last `window` keys: any window works
+        check_int("window", window, 1)
+    else:
+        check_int("window", window, 1, seq, allowed=f"an integer in [1, seq={seq}]")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if qk_norm not in QK_NORMS:
