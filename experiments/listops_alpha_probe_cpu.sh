@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # diffuser alpha probe on short ListOps, 2 runs at a time, 1 thread each
 # data first: hopformer data listops --out /tmp/lo/short/listops-1000 --train 20000 --val 1000 --test 1000 --min-length 50 --max-length 250
-cd "$(dirname "$0")/../../.."  # the repository root
+cd "$(dirname "$0")/.."  # the repository root
 run() {  # name alpha seed
   python -m hopformer.cli train --config configs/lra/listops_pytorch_long.yaml --data-dir /tmp/lo/short --attention diffuser \
     --attention-option block_size=16 --attention-option "global_blocks=[0,5]" --attention-option alpha=$2 \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# diffuser hops probe on short ListOps (the setting of ../listops_global_probe_cpu), 2 runs at a time, 1 thread each
+# diffuser hops probe on short ListOps (the setting of benchmarks/results/listops_global_probe_cpu), 2 runs at a time, 1 thread each
 # data first: hopformer data listops --out /tmp/lo/short/listops-1000 --train 20000 --val 1000 --test 1000 --min-length 50 --max-length 250
-cd "$(dirname "$0")/../../.."  # the repository root
+cd "$(dirname "$0")/.."  # the repository root
 mkdir -p /tmp/lo/hops
 run() {  # name seed options...
   local name=$1 seed=$2
