@@ -1,7 +1,8 @@
 """Error of the GPU backends in bf16 (the training dtype) and fp32 against float64 dense, at the Pathfinder
 length: output and the gradients of q, k and v, for 5-hop diffusion and one sparse attention, without and with
 a key mask that keeps 22% of the tokens (as the lit-pixel mask does). Run on one H200:
-``python benchmarks/results/pathfinder_all_attentions_h200/bf16_probe.py``. (Lint fixes only since it ran.)"""
+``python experiments/pathfinder_bf16_probe.py`` (its table is in benchmarks/results/pathfinder_all_attentions_h200).
+(Lint fixes only since it ran.)"""
 
 import torch
 

@@ -5,8 +5,9 @@ learning the rule (docs/lra.md). This probe asks the data question apart from at
 the locality prior built in, so if it learns the rule from the same 160,000 training images, the
 images carry it and the transformers' failure is one of optimisation or inductive bias.
 
-    python benchmarks/pathfinder_cnn.py --data-dir data/lra_release --epochs 4 \
-        --out benchmarks/results/pathfinder_cnn_cpu/cnn.json
+    python experiments/pathfinder_cnn.py --data-dir data/lra_release --epochs 4 --out /tmp/cnn.json
+
+(The records of benchmarks/results/pathfinder_cnn_cpu came from it; they are kept in its summary.json.)
 
 Model: ``depth`` 3x3 convolutions of ``channels`` channels (BatchNorm, ReLU) at full resolution with
 dilations 1, 1, 2, 4, 8, 1, 2, 4, ... (a receptive field over the whole 32x32 image; ``--max-dilation``

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # LRA ListOps and Pathfinder-32 on one GPU (an H200): six attentions side by side (and several seeds, if
-# asked), the same budget (configs/lra/<task>_h200.yaml). Run from the repository root; every call fits in one
-# 10-minute command and is resumable: call the same phase again to continue unfinished cells.
+# asked), the same budget (experiments/configs/<task>_h200.yaml). It works in the repository root; every call fits
+# in one 10-minute command and is resumable: call the same phase again to continue unfinished cells.
 #
-#   scripts/lra_h200.sh data           # ListOps (LRA settings) + Pathfinder-32 into data/lra_release, skip what is there
-#   scripts/lra_h200.sh listops        # ListOps data if missing (Pathfinder generated meanwhile, niced),
+#   experiments/lra_h200.sh data           # ListOps (LRA settings) + Pathfinder-32 into data/lra_release, skip what is there
+#   experiments/lra_h200.sh listops        # ListOps data if missing (Pathfinder generated meanwhile, niced),
 #                                      # the six ListOps runs in parallel until done or the call's budget, then collect
-#   scripts/lra_h200.sh pathfinder32   # the same for Pathfinder-32
-#   scripts/lra_h200.sh all            # listops; then, once every ListOps cell has finished and at least
+#   experiments/lra_h200.sh pathfinder32   # the same for Pathfinder-32
+#   experiments/lra_h200.sh all            # listops; then, once every ListOps cell has finished and at least
 #                                      # 3 minutes are left, pathfinder32 in the same call; then collect
-#   scripts/lra_h200.sh collect        # hopformer lra --collect-only; results + metrics to $OUT
-#   scripts/lra_h200.sh status         # per cell: step / steps, speed, time to finish
+#   experiments/lra_h200.sh collect        # hopformer lra --collect-only; results + metrics to $OUT
+#   experiments/lra_h200.sh status         # per cell: step / steps, speed, time to finish
 #
 # Run folders are <RUNS_DIR>/<task>-<attention>-s<seed>, the naming of `hopformer lra`, so
 # `hopformer lra --collect-only` finds them. Each run logs to <run folder>/stdout.log. A cell with
@@ -31,7 +31,9 @@
 #                         objective, then the cell's classifier starts from its encoder (train.init_from)
 #   PRETRAIN_SET="k=v ..."  extra --set settings for the pretraining only, e.g. "optim.lr=3e-4"
 #   OPTS_<attention>="k=v ..."  extra --attention-option settings for new cells of that attention
-#   DATA_DIR=data/lra_release  RUNS_DIR=runs/lra  CONFIG_DIR=configs/lra  CONFIG_SUFFIX=_h200
+#   DATA_DIR=data/lra_release  RUNS_DIR=runs/lra  CONFIG_SUFFIX=_h200
+#   CONFIG_DIR            where <task><CONFIG_SUFFIX>.yaml is read; unset: experiments/configs when the file is
+#                         there (the device-only _h200 configs), else configs/lra (_pytorch, _pytorch_long, ...)
 #   PF_N=200000           Pathfinder images (LRA: 200,000 per folder, split 80/10/10)
 #   PF_DIFFICULTY=curv_contour_length_14   the folder generated and trained on (curv_baseline: easy)
 #   PF_RENDER=coverage    `hopformer data pathfinder --render` (lanczos: snakes2's intensities)
@@ -55,7 +57,7 @@ read -r -a SEED_LIST <<<"${SEEDS:-${SEED:-0}}"
 ATTENTIONS=${ATTENTIONS:-"full bigbird hypercube diffuser routing combiner"}
 DATA_DIR=${DATA_DIR:-data/lra_release}
 RUNS_DIR=${RUNS_DIR:-runs/lra}
-CONFIG_DIR=${CONFIG_DIR:-configs/lra}
+CONFIG_DIR=${CONFIG_DIR:-}
 CONFIG_SUFFIX=${CONFIG_SUFFIX-_h200}
 PF_N=${PF_N:-200000}
 PF_DIFFICULTY=${PF_DIFFICULTY:-curv_contour_length_14}
@@ -128,6 +130,15 @@ load_lra('pathfinder32', '$DATA_DIR', 'val', difficulty='$PF_DIFFICULTY')
 print('pixel cache ready')" || { log "Pathfinder-32: pixel cache not built yet (the runs build it)"; return 1; }
 }
 
+# The config of task $1: $CONFIG_DIR/<task><suffix>.yaml when CONFIG_DIR is set, else the device-only one in
+# experiments/configs if there is one, else the shipped one in configs/lra.
+config_path() {
+  local name=$1${CONFIG_SUFFIX}.yaml
+  if [[ -n $CONFIG_DIR ]]; then echo "$CONFIG_DIR/$name"
+  elif [[ -f experiments/configs/$name ]]; then echo "experiments/configs/$name"
+  else echo "configs/lra/$name"; fi
+}
+
 has_checkpoint() { [[ -f $1/last/state.pt || -f $1/.last.old/state.pt ]]; }
 
 # ARGS: the `hopformer` arguments of one stage of a cell, resuming its folder or starting it.
@@ -139,7 +150,7 @@ stage_args() {
   if has_checkpoint "$dir"; then
     ARGS=(train --resume "$dir" --time-limit "$limit" --no-progress)
   else
-    ARGS=(train --config "$CONFIG_DIR/${task}${CONFIG_SUFFIX}.yaml" --task "$task" --attention "$attention" --seed "$seed"
+    ARGS=(train --config "$(config_path "$task")" --task "$task" --attention "$attention" --seed "$seed"
       --data-dir "$DATA_DIR" --run-dir "$dir" --time-limit "$limit" --no-progress)
     local name=OPTS_$attention
     for kv in ${EXTRA_SET:-}; do ARGS+=(--set "$kv"); done

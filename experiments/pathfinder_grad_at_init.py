@@ -5,8 +5,9 @@ On Pathfinder-32 with the conv recipe, Diffuser learns more slowly than bigbird 
 queries and keys at the start: at initialisation attention is near uniform, and the diffused operator
 averages over even more tokens. This measures it, on CPU, in float32, in evaluation mode (no dropout):
 
-    python benchmarks/pathfinder_grad_at_init.py --data-dir data/lra_release \
-        --out benchmarks/results/pathfinder_variants_h200/grad_at_init_cpu.json
+    python experiments/pathfinder_grad_at_init.py --data-dir data/lra_release --out /tmp/grad_at_init_cpu.json
+
+(The record of benchmarks/results/pathfinder_variants_h200 came from it; it is kept in that study's summary.json.)
 
 The model is the conv recipe's (`configs/lra/pathfinder32_pytorch_conv.yaml`: dim 64, 2 layers, 2 heads,
 3 x 3 conv stem, PyTorch init, mean pooling). For every attention setting and seed, one batch of random

@@ -1,4 +1,4 @@
-"""``scripts/listops_cells_h200.sh`` end to end on CPU with a tiny model: cells with their own options side by
+"""``experiments/listops_cells_h200.sh`` end to end on CPU with a tiny model: cells with their own options side by
 side, finished cells left alone, a missing cells file named."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "listops_cells_h200.sh"
+ROOT = Path(__file__).resolve().parents[2]  # the repository root: the script reads configs/ from there
+SCRIPT = ROOT / "experiments" / "listops_cells_h200.sh"
 TINY = (
     "--device cpu --steps 3 --batch-size 8 --eval-every 2 --set model.dim=16 --set model.mlp_dim=32 "
     "--set model.depth=1 --set train.threads=1"
@@ -29,6 +29,9 @@ def run_script(runs: Path, cells: Path, tmp_path: Path, **env: str) -> subproces
         "DATA_DIR": str(tmp_path / "data"),
         "LISTOPS_ARGS": "--train 48 --val 16 --test 16 --min-length 10 --max-length 60",
         "OUT": "",
+        # a config without `base:` (the script's default, listops_pytorch_long.yaml, names one, which this
+        # branch's loader cannot read yet); TINY overrides the model and the budget anyway
+        "CONFIG": "configs/lra/listops_pytorch.yaml",
         **env,
     }
     return subprocess.run(

@@ -1,4 +1,4 @@
-"""``scripts/lra_h200.sh`` end to end on CPU with a tiny model: several seeds side by side, the table, the copies."""
+"""``experiments/lra_h200.sh`` end to end on CPU with a tiny model: several seeds side by side, the table, the copies."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "lra_h200.sh"
+SCRIPT = Path(__file__).resolve().parents[1] / "lra_h200.sh"  # experiments/lra_h200.sh
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 

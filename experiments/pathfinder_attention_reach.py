@@ -9,9 +9,12 @@ exactly as the model computes it (``hopformer.analysis.attention_operators``):
 - Diffuser: ``A`` and the diffused operator ``sum_k c_k A^k`` (its ``hops``, ``alpha`` and remainder).
 Also the same graphs with uniform weights (an untrained model's operator) for reference.
 
-    python benchmarks/pathfinder_attention_reach.py --data-dir data/lra_release \
+    python experiments/pathfinder_attention_reach.py --data-dir data/lra_release \
         --run runs/conv/bigbird-conv-lr3e-4 --run runs/conv/diffuser-conv-lr3e-4 \
-        --out benchmarks/results/pathfinder_variants_h200/attention_reach_cpu.json
+        --out /tmp/attention_reach_cpu.json
+
+(The records of benchmarks/results/pathfinder_variants_h200 and pathfinder_all_attentions_h200 came from it;
+they are kept in those studies' summary.json.)
 
 Reported per layer and head, as means over query pixels (all pixels, and the lit "ink" pixels alone):
 ``distance``, the expected pixel distance from a query to what it attends to; ``local3`` and ``local7``,

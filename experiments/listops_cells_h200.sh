@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Many ListOps runs (LRA size, generated) sharing one GPU, each its own settings, resumable across calls.
-# scripts/lra_h200.sh runs a grid of attentions x seeds; this runs any list of cells, e.g. option variants
+# experiments/lra_h200.sh runs a grid of attentions x seeds; this runs any list of cells, e.g. option variants
 # side by side. Run from the repository root; call it again to continue unfinished cells.
 #
-#   TOTAL_S=570 scripts/listops_cells_h200.sh RUNS_DIR CELLS_FILE
+#   TOTAL_S=570 experiments/listops_cells_h200.sh RUNS_DIR CELLS_FILE
 #
 # CELLS_FILE: one cell per line, "NAME hopformer-train-arguments" (shell quoting; '#' comments), e.g.
 #   diffuser-g01-s0  --attention diffuser --attention-option "global_blocks=[0,1]" --seed 0
@@ -15,7 +15,7 @@
 # DATA_DIR (default data/lra_release; ListOps is generated into DATA_DIR/listops-1000 when absent, with
 # LISTOPS_ARGS as extra arguments of `hopformer data listops`), PYTHON (default python).
 # Used for benchmarks/results/lra_listops_seeds2_h200, lra_listops_hop_dropout_h200 and lra_listops_hops_h200
-# (their cells files are there).
+# (their cells files are in experiments/cells/).
 set -u
 START=$(date +%s)
 RUNS=${1:?usage: TOTAL_S=570 $0 RUNS_DIR CELLS_FILE}
