@@ -63,7 +63,7 @@ def original(rel: str, ref: str) -> dict[str, Any]:
     """``yaml.safe_load`` of the config as it was at git ``ref`` (at its old path if it moved)."""
     for new, old in MOVED.items():
         if rel.startswith(new):
-            rel = old + rel[len(new):]
+            rel = old + rel[len(new) :]
     text = subprocess.run(["git", "show", f"{ref}:{rel}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return yaml.safe_load(text) or {}
 
@@ -88,8 +88,8 @@ def differences(a: Any, b: Any, where: str = "") -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("configs", nargs="*", help="config files (default: every one in configs/ and experiments/configs/)")
-    parser.add_argument("--ref", default="baseline-pre-house", help="git revision holding the configs before (default %(default)s)")
+    parser.add_argument("configs", nargs="*", help="config files (default: all in configs/ and experiments/configs/)")
+    parser.add_argument("--ref", default="baseline-pre-house", help="git revision of the configs before (%(default)s)")
     args = parser.parse_args(argv)
     paths = [Path(p).resolve() for p in args.configs] or shipped_configs()
     failed = 0
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             found = differences(resolve(path), original(rel, args.ref))
         except (subprocess.CalledProcessError, ValueError, OSError) as error:
             found = [f"cannot compare: {getattr(error, 'stderr', '') or error}".strip()]
-        based = "base" in (yaml.safe_load(path.read_text()) or {})
-        print(f"{'DIFFERS' if found else 'same   '}  {rel}{'  (base: ' + str(yaml.safe_load(path.read_text())['base']) + ')' if based else ''}")
+        base = (yaml.safe_load(path.read_text()) or {}).get("base")
+        print(f"{'DIFFERS' if found else 'same   '}  {rel}" + (f"  (base: {base})" if base else ""))
         for line in found:
             print(f"           {line}")
         failed += bool(found)

@@ -33,7 +33,8 @@ IDS = [p.relative_to(checker.ROOT).as_posix() for p in CONFIGS]
 
 def test_merge_merges_mappings_and_replaces_everything_else(tmp_path):
     (tmp_path / "sub").mkdir()
-    (tmp_path / "root.yaml").write_text("model: {dim: 64, options: {a: 1, b: 2}}\noptim: {betas: [0.9, 0.98]}\nseed: 0\n")
+    root = "model: {dim: 64, options: {a: 1, b: 2}}\noptim: {betas: [0.9, 0.98]}\nseed: 0\n"
+    (tmp_path / "root.yaml").write_text(root)
     (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\nmodel: {options: {b: 3}}\noptim: {betas: [0.5]}\n")
     (tmp_path / "sub" / "leaf.yaml").write_text("base: mid.yaml\nseed: 7\nmodel: {dim: 32}\n")
     assert checker.resolve(tmp_path / "sub" / "leaf.yaml") == {

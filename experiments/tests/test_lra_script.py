@@ -1,4 +1,4 @@
-"""``experiments/lra_h200.sh`` end to end on CPU with a tiny model: several seeds side by side, the table, the copies."""
+"""``experiments/lra_h200.sh`` end to end on CPU, tiny model: several seeds side by side, the table, the copies."""
 
 from __future__ import annotations
 

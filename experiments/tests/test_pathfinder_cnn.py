@@ -1,4 +1,4 @@
-"""``experiments/pathfinder_cnn.py``, the Pathfinder learnability probe (this test moved here from tests/test_bench.py with it)."""
+"""``experiments/pathfinder_cnn.py``, the Pathfinder learnability probe (test moved here from tests/test_bench.py)."""
 
 from __future__ import annotations
 
