@@ -207,24 +207,6 @@ def test_cuda_only_benchmarks_say_so_without_a_gpu(name, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_pathfinder_cnn_probe_trains_and_writes_its_record(tmp_path):
-    """benchmarks/pathfinder_cnn.py on 40 generated images: per-epoch rows, a test accuracy, the command."""
-    from hopformer.data.pathfinder import generate_pathfinder
-
-    generate_pathfinder(tmp_path / "data", n=40, workers=1, progress=False)
-    module = _benchmark_script("pathfinder_cnn")
-    out = tmp_path / "cnn.json"
-    args = ["--data-dir", str(tmp_path / "data"), "--epochs", "2", "--batch-size", "8", "--channels", "4"]
-    assert module.main([*args, "--depth", "3", "--max-dilation", "1", "--out", str(out)]) == 0
-    record = json.loads(out.read_text())
-    assert [row["epoch"] for row in record["epochs"]] == [1, 2]
-    assert record["settings"]["train_images"] == 32 and record["settings"]["parameters"] > 0
-    assert 0.0 <= record["test_accuracy"] <= 1.0 and math.isfinite(record["test_loss"])
-    assert "--depth 3" in record["command"] and record["settings"]["max_dilation"] == 1
-    plain = module.DilatedCNN(4, 3, max_dilation=1)
-    assert [layer.dilation for layer in plain.features if isinstance(layer, torch.nn.Conv2d)] == [(1, 1)] * 3
-
-
 def test_positive_int_takes_counts_and_names_what_it_refuses():
     """The argparse type of the benchmark scripts' counts: 1 and up pass, the error names the option and value."""
     parser = argparse.ArgumentParser(exit_on_error=False)
