@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from hopformer.attention import build as build_attention
+from hopformer.train.build import check_config
 from hopformer.train.config import load_config
-from hopformer.train.trainer import _check_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -20,7 +20,7 @@ def test_configs_are_found():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_shipped_config_loads_and_checks(path):
     config = load_config(path)
-    _check_config(config)
+    check_config(config)
     assert config.task, f"{path}: no task"
     assert config.train.eval_every <= config.train.steps
 

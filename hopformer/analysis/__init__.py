@@ -1,6 +1,6 @@
 """Measures of attention graphs: the spectral gap (expander quality, before and after diffusion) and
 the Normalized Information Payload (NIP), plus pictures (:mod:`hopformer.analysis.plots`, needs
-matplotlib) and the ``hopformer graph`` verb (:mod:`hopformer.analysis.cli`). For trained models,
+matplotlib) and the ``hopformer graph`` verb (:mod:`hopformer.cli.graph`). For trained models,
 :func:`attention_operators` rebuilds the matrices each attention layer applies to its values.
 
 Every measure takes a :class:`~hopformer.graphs.BlockGraph` or a square bool adjacency matrix.
