@@ -215,6 +215,34 @@ def test_save_and_load_round_trip(tmp_path, make):
         other.from_pretrained(folder)
 
 
+def test_the_encoder_is_built_from_its_config():
+    """``TransformerEncoder(config)``: the model keeps its own copy of the config; ``from_config`` is the same."""
+    config = EncoderConfig(VOCAB, dim=16, depth=1, heads=2, mlp_dim=32, max_len=64, attention="local",
+                           attention_options={"block_size": 16})  # fmt: skip
+    torch.manual_seed(0)
+    model = TransformerEncoder(config)
+    assert model.config == config and model.config is not config
+    config.attention_options["window"] = 3  # the caller's dict is not the model's
+    assert model.config.attention_options == {"block_size": 16}
+    torch.manual_seed(0)
+    same = TransformerEncoder.from_config(model.config)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+    with pytest.raises(ValueError, match="vocab_size must be a positive integer, got None"):
+        TransformerEncoder(EncoderConfig(None))  # a training config's open vocabulary is filled before building
+
+
+def test_the_keyword_form_of_0_1_still_builds_with_a_deprecation_warning():
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match=r"pass a config: TransformerEncoder\(EncoderConfig"):
+        old = TransformerEncoder(VOCAB, dim=16, depth=1, mlp_dim=32, attention_options=None)
+    torch.manual_seed(0)
+    new = TransformerEncoder(EncoderConfig(VOCAB, dim=16, depth=1, mlp_dim=32))
+    assert old.config == new.config
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    with pytest.raises(TypeError, match="vocab_size twice"), pytest.warns(DeprecationWarning):
+        TransformerEncoder(VOCAB, vocab_size=VOCAB)
+
+
 def test_from_pretrained_names_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_pretrained(tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -53,9 +54,17 @@ def weights_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def test_a_v0_1_run_folder_resumes_to_the_numbers_v0_1_gave(tmp_path, capsys):
+def test_a_v0_1_run_folder_resumes_to_the_numbers_v0_1_gave(tmp_path, capsys, caplog):
     run = copy_fixture(tmp_path)
-    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    with caplog.at_level(logging.WARNING, logger="hopformer.train.config"):
+        assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    # its model.pooling and model.head_dim were read at their new place, with one warning line
+    warnings = [record.getMessage() for record in caplog.records]
+    assert (
+        len(warnings) == 1 and "model.pooling is now head.pooling, model.head_dim is now head.head_dim" in warnings[0]
+    )
+    saved = yaml.safe_load((run / "config.yaml").read_text())  # written back in the new form
+    assert saved["head"] == {"pooling": "cls", "head_dim": 24} and "pooling" not in saved["model"]
     results = json.loads((run / "results.json").read_text())
     assert (results["step"], results["best_val_accuracy"]) == (12, 0.1875)
     assert (results["test_accuracy"], results["test_loss"]) == (0.125, 2.297595262527466)

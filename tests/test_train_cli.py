@@ -241,3 +241,18 @@ def test_lra_reports_a_failing_cell_and_goes_on(tmp_path, capsys):
     for cell in ("image-full-s0", "image-local-s0"):
         assert "missing" in (tmp_path / "lra" / cell / "error.txt").read_text()
     assert "failed: see" in capsys.readouterr().out and (tmp_path / "lra" / "results.md").is_file()
+
+
+def test_the_published_rows_are_package_data_with_their_sources():
+    from hopformer.train.grid import COLUMNS, published_lra
+
+    official, pytorch = published_lra("official"), published_lra("pytorch")
+    assert "LRA README" in official["source"] and "Nyströmformer" in pytorch["source"]
+    assert list(official["rows"])[-2:] == ["Transformer", "BigBird"] and official["rows"]["Transformer"]["avg"] == 54.39
+    for board in (official, pytorch):
+        for name, row in board["rows"].items():
+            assert set(row) == {*COLUMNS, "avg"}, name
+            mean = sum(row[task] for task in COLUMNS) / len(COLUMNS)
+            assert abs(mean - row["avg"]) < 0.011 or name == "Sinkhorn Transformer", name  # its published avg: 51.29
+    with pytest.raises(ValueError, match="scale='jax' is not known"):
+        published_lra("jax")

@@ -275,6 +275,32 @@ def test_graph_attentions_on_cuda_need_flex_compatible_settings():
     build.check_device_support(config, torch.device("cuda"))
 
 
+def test_the_trainer_fills_what_the_task_decides_in_the_model_config(tmp_path, data):
+    """``model.vocab_size``, ``max_len``, ``pad_id`` and ``pad_to_multiple``: None = from the task, as before
+    they were settings; a value given is used, and a vocabulary too small for the task is refused by name."""
+    config = tiny_config(tmp_path)
+    config.head.pooling = "cls"
+    task = load_task(config, progress=False)
+    resolved = build.model_config(config, task)
+    assert (resolved.vocab_size, resolved.max_len, resolved.pad_id, resolved.pad_to_multiple) == (16, 129, 0, 1)
+    assert config.model.vocab_size is None  # the run's config keeps "from the task"
+    config.model.attention, config.model.attention_options = "local", {"block_size": 16}
+    assert build.model_config(config, task).pad_to_multiple == 128  # graph attentions: FlexAttention tiles
+    config.data.pad_to_multiple = 64
+    assert build.model_config(config, task).pad_to_multiple == 64
+    config.model.pad_to_multiple, config.model.max_len, config.model.vocab_size = 32, 300, 40
+    resolved = build.model_config(config, task)
+    assert (resolved.vocab_size, resolved.max_len, resolved.pad_to_multiple) == (40, 300, 32)
+    config.train.objective, config.model.vocab_size = "masked", None
+    assert build.model_config(config, task).vocab_size == 17  # the mask id after the task's ids
+    config.model.vocab_size = 16
+    with pytest.raises(ValueError, match="model.vocab_size=16 is below the 17 ids of task 'listops' and the mask"):
+        build.model_config(config, task)
+    config.model.pad_id = -1
+    with pytest.raises(ValueError, match="model.pad_id must be a non-negative integer or null"):
+        build.check_config(config)
+
+
 def test_batches_with_a_cls_vector_fill_whole_tiles():
     runtime = batches.Runtime(torch.device("cpu"), False, pad_to_multiple=128, max_length=2048, prefix=1)
     examples = [{"input_ids": torch.ones(n, dtype=torch.long), "label": 0} for n in (100, 300)]
