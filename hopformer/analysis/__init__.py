@@ -26,6 +26,7 @@ from hopformer.analysis.spectral import (
     spectrum,
     transition_matrix,
 )
+from hopformer.analysis.summary import measure_graph
 
 __all__ = [
     "PayloadReport",
@@ -36,6 +37,7 @@ __all__ = [
     "diameter",
     "heat_spectral_map",
     "information_payload",
+    "measure_graph",
     "nip",
     "ppr_spectral_map",
     "spectral_gap",
