@@ -344,7 +344,7 @@ class TransformerEncoder(PretrainedModel):
     config_class = EncoderConfig
     model_type = "transformer_encoder"
 
-    def __init__(self, config: EncoderConfig | None = None, /, **settings: Any) -> None:
+    def __init__(self, config: EncoderConfig | None = None, **settings: Any) -> None:
         super().__init__()
         if settings or not isinstance(config, EncoderConfig):
             config = _keyword_config(config, settings)

@@ -275,7 +275,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     else:
         where = str(path)
         values = read_config_file(path)
-    for key, value in migrate_legacy_keys(dict(overrides or {}), "overrides").items():
+    for key, value in migrate_legacy_keys(dict(overrides or {}), "overrides (--set)").items():
         set_dotted(values, key, value)
     return from_dict(values, Config, where=where)
 
@@ -352,7 +352,7 @@ def migrate_legacy_keys(values: dict[str, Any], where: str, warn: bool = True) -
         moved.append((old, new))
     if moved and warn:
         renames = ", ".join(f"{old} is now {new}" for old, new in moved)
-        _log.warning("%s: %s (read under the old name; rename it there)", where, renames)
+        _log.warning("%s: %s (the old names still work, with this warning; use the new ones)", where, renames)
     return values
 
 
