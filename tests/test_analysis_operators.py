@@ -5,7 +5,7 @@ import torch
 
 from hopformer.analysis import attention_operators
 from hopformer.attention.base import AttentionModule
-from hopformer.models import TransformerEncoder
+from hopformer.models import EncoderConfig, TransformerEncoder
 
 CASES = [
     ("full", {}),
@@ -17,10 +17,10 @@ CASES = [
 
 
 def _encoder(attention: str, options: dict) -> TransformerEncoder:
-    return TransformerEncoder(
+    return TransformerEncoder(EncoderConfig(
         40, dim=16, depth=2, heads=2, mlp_dim=16, max_len=64, attention=attention, attention_options=options,
         pad_to_multiple=8, dropout=0.0,
-    ).double().eval()  # fmt: skip
+    )).double().eval()  # fmt: skip
 
 
 def _recording(attend, seen: list):

@@ -13,6 +13,7 @@ from hopformer.attention import available, option_names
 from hopformer.attention import build as build_attention
 from hopformer.models import (
     DualEncoderClassifier,
+    EncoderConfig,
     IntensityEmbedding,
     SequenceClassifier,
     TransformerEncoder,
@@ -28,7 +29,7 @@ VOCAB = 20
 def encoder(attention: str = "full", **kwargs) -> TransformerEncoder:
     settings = dict(vocab_size=VOCAB, dim=16, depth=2, heads=2, mlp_dim=32, max_len=160, attention=attention)
     settings.update(kwargs)
-    return TransformerEncoder(**settings)
+    return TransformerEncoder(EncoderConfig(**settings))
 
 
 def batch(
@@ -214,6 +215,34 @@ def test_save_and_load_round_trip(tmp_path, make):
         other.from_pretrained(folder)
 
 
+def test_the_encoder_is_built_from_its_config():
+    """``TransformerEncoder(config)``: the model keeps its own copy of the config; ``from_config`` is the same."""
+    config = EncoderConfig(VOCAB, dim=16, depth=1, heads=2, mlp_dim=32, max_len=64, attention="local",
+                           attention_options={"block_size": 16})  # fmt: skip
+    torch.manual_seed(0)
+    model = TransformerEncoder(config)
+    assert model.config == config and model.config is not config
+    config.attention_options["window"] = 3  # the caller's dict is not the model's
+    assert model.config.attention_options == {"block_size": 16}
+    torch.manual_seed(0)
+    same = TransformerEncoder.from_config(model.config)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+    with pytest.raises(ValueError, match="vocab_size must be a positive integer, got None"):
+        TransformerEncoder(EncoderConfig(None))  # a training config's open vocabulary is filled before building
+
+
+def test_the_keyword_form_of_0_1_still_builds_with_a_deprecation_warning():
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match=r"pass a config: TransformerEncoder\(EncoderConfig"):
+        old = TransformerEncoder(VOCAB, dim=16, depth=1, mlp_dim=32, attention_options=None)
+    torch.manual_seed(0)
+    new = TransformerEncoder(EncoderConfig(VOCAB, dim=16, depth=1, mlp_dim=32))
+    assert old.config == new.config
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    with pytest.raises(TypeError, match="vocab_size twice"), pytest.warns(DeprecationWarning):
+        TransformerEncoder(VOCAB, vocab_size=VOCAB)
+
+
 def test_from_pretrained_names_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_pretrained(tmp_path)
@@ -283,8 +312,8 @@ def test_bad_pooling_and_classes():
 def test_init_schemes():
     """``normal``: every Linear N(0, 0.02); ``torch``: PyTorch's uniform(+-1/sqrt(fan_in)) default."""
     torch.manual_seed(0)
-    normal = TransformerEncoder(20, dim=64, mlp_dim=256, init="normal")
-    default = TransformerEncoder(20, dim=64, mlp_dim=256, init="torch")
+    normal = TransformerEncoder(EncoderConfig(20, dim=64, mlp_dim=256, init="normal"))
+    default = TransformerEncoder(EncoderConfig(20, dim=64, mlp_dim=256, init="torch"))
     for name, module in default.named_modules():
         if isinstance(module, torch.nn.Linear):
             bound = module.in_features**-0.5
@@ -298,7 +327,7 @@ def test_init_schemes():
     first = classifier.head[0]
     assert first.weight.abs().max() <= first.in_features**-0.5 and first.weight.std() > 0.05
     # "lra": the JAX LRA encoder's Glorot-uniform weights, zero biases, N(0, 1) token embeddings
-    lra = TransformerEncoder(300, dim=64, mlp_dim=256, init="lra")
+    lra = TransformerEncoder(EncoderConfig(300, dim=64, mlp_dim=256, init="lra"))
     for name, module in lra.named_modules():
         if isinstance(module, torch.nn.Linear):
             bound = (6 / (module.in_features + module.out_features)) ** 0.5
@@ -306,7 +335,7 @@ def test_init_schemes():
             assert module.bias is None or (module.bias == 0).all()
     assert abs(lra.embed.weight[1:].std().item() - 1.0) < 0.05 and (lra.embed.weight[0] == 0).all()
     with pytest.raises(ValueError, match="init='xavier' is not known"):
-        TransformerEncoder(20, init="xavier")
+        TransformerEncoder(EncoderConfig(20, init="xavier"))
 
 
 def test_list_graph_options_from_a_config_work():
@@ -425,7 +454,9 @@ def _powers(layer, x, mask, hops):
 def test_intensity_embedding_reads_grey_levels():
     """``embedding="intensity"``: one line through the grey levels, a learned row for the mask token, clear errors."""
     torch.manual_seed(0)
-    model = TransformerEncoder(257, dim=8, depth=1, heads=2, mlp_dim=8, max_len=64, pad_id=None, embedding="intensity")
+    model = TransformerEncoder(
+        EncoderConfig(257, dim=8, depth=1, heads=2, mlp_dim=8, max_len=64, pad_id=None, embedding="intensity")
+    )
     embed = model.embed
     ids = torch.randint(0, 256, (2, 20))
     ids[0, :3] = torch.tensor([0, 255, 256])  # black, white, the masked objective's mask token
@@ -440,19 +471,21 @@ def test_intensity_embedding_reads_grey_levels():
     out.sum().backward()
     assert out.shape == (2, 20, 8)
     assert embed.proj.weight.grad.abs().sum() > 0 and embed.special.weight.grad.abs().sum() > 0
-    assert TransformerEncoder(256, dim=8, pad_id=None, embedding="intensity").embed.special is None
+    assert TransformerEncoder(EncoderConfig(256, dim=8, pad_id=None, embedding="intensity")).embed.special is None
     with pytest.raises(ValueError, match="embedding='intensity'.*pad_id=0"):
-        TransformerEncoder(256, dim=8, embedding="intensity")
+        TransformerEncoder(EncoderConfig(256, dim=8, embedding="intensity"))
     with pytest.raises(ValueError, match="vocab_size >= 256.*got 20"):
-        TransformerEncoder(20, dim=8, pad_id=None, embedding="intensity")
+        TransformerEncoder(EncoderConfig(20, dim=8, pad_id=None, embedding="intensity"))
     with pytest.raises(ValueError, match="embedding='linear' is not known"):
-        TransformerEncoder(20, dim=8, embedding="linear")
+        TransformerEncoder(EncoderConfig(20, dim=8, embedding="linear"))
 
 
 def test_conv_embedding_is_a_3x3_convolution_of_the_grey_levels():
     """``embedding="conv"`` equals a 3 x 3 convolution of the image padded with black; a mask token reads as black."""
     torch.manual_seed(1)
-    model = TransformerEncoder(257, dim=8, depth=1, heads=2, mlp_dim=8, max_len=64, pad_id=None, embedding="conv")
+    model = TransformerEncoder(
+        EncoderConfig(257, dim=8, depth=1, heads=2, mlp_dim=8, max_len=64, pad_id=None, embedding="conv")
+    )
     embed = model.embed
     ids = torch.randint(0, 256, (2, 49))
     image = (ids.double() / 127.5 - 1.0).view(2, 1, 7, 7)
@@ -487,7 +520,7 @@ def test_a_deeper_conv_stem_is_a_stack_of_3x3_convolutions_with_a_7x7_view():
     padded with black and the hidden maps with zeros; float64, forward and gradients against ``F.conv2d``."""
     torch.manual_seed(2)
     model = TransformerEncoder(
-        256, dim=8, depth=1, heads=2, mlp_dim=8, max_len=81, pad_id=None, embedding="conv", stem_depth=3
+        EncoderConfig(256, dim=8, depth=1, heads=2, mlp_dim=8, max_len=81, pad_id=None, embedding="conv", stem_depth=3)
     ).double()
     embed = model.embed
     ids = torch.randint(0, 256, (2, 81))
@@ -511,9 +544,9 @@ def test_a_deeper_conv_stem_is_a_stack_of_3x3_convolutions_with_a_7x7_view():
     assert torch.equal(moved, ((rows - 4).abs() <= 3) & ((cols - 4).abs() <= 3))
     assert sum(p.numel() for p in embed.parameters()) == (16 * 9 + 16) + (16 * 16 * 9 + 16) + (16 * 9 * 8 + 8)
     with pytest.raises(ValueError, match="stem_depth=2 .* needs embedding='conv', got embedding='intensity'"):
-        TransformerEncoder(256, dim=8, pad_id=None, embedding="intensity", stem_depth=2)
+        TransformerEncoder(EncoderConfig(256, dim=8, pad_id=None, embedding="intensity", stem_depth=2))
     with pytest.raises(ValueError, match="stem_depth must be a positive integer, got 0"):
-        TransformerEncoder(256, dim=8, pad_id=None, embedding="conv", stem_depth=0)
+        TransformerEncoder(EncoderConfig(256, dim=8, pad_id=None, embedding="conv", stem_depth=0))
     with pytest.raises(ValueError, match="depth=2 needs kernel_size=3.*got kernel_size=1"):
         IntensityEmbedding(256, 8, kernel_size=1, depth=2)
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from hopformer.cli import main
-from hopformer.train.cli_report import read_run, seed_mean, summarise
 from hopformer.train.config import from_dict, save_config
+from hopformer.train.report import read_run, seed_mean, summarise
 
 
 def _run(folder, *, attention, seed, options=None, vals=(), test=None, steps=1000, time_limit=None):

@@ -9,7 +9,7 @@ import torch
 
 from hopformer.attention import available, build
 from hopformer.attention.rotary import RotaryEmbedding
-from hopformer.models import SequenceClassifier, TransformerEncoder, aux_loss, from_pretrained
+from hopformer.models import EncoderConfig, SequenceClassifier, TransformerEncoder, aux_loss, from_pretrained
 
 
 def test_rotation_matches_complex_multiplication():
@@ -49,17 +49,17 @@ def test_bad_head_dim_is_refused():
     with pytest.raises(ValueError, match="even head_dim"):
         RotaryEmbedding(7)
     with pytest.raises(ValueError, match="head dim"):
-        TransformerEncoder(vocab_size=10, dim=18, heads=2, positions="rope")  # head dim 9
+        TransformerEncoder(EncoderConfig(vocab_size=10, dim=18, heads=2, positions="rope"))  # head dim 9
 
 
 @pytest.mark.parametrize("attention", available())
 def test_every_attention_trains_with_rope(attention):
     torch.manual_seed(0)
     model = SequenceClassifier(
-        TransformerEncoder(
+        TransformerEncoder(EncoderConfig(
             vocab_size=20, dim=16, depth=1, heads=2, mlp_dim=32, max_len=256, attention=attention,
             positions="rope", pad_to_multiple=128,
-        ),
+        )),
         num_classes=3,
     )  # fmt: skip
     assert model.encoder.positions is None and model.encoder.blocks[0].attention.rotary is not None
@@ -86,7 +86,9 @@ def test_attention_module_rotates_before_its_core():
 
 def test_rope_model_saves_and_loads(tmp_path):
     torch.manual_seed(3)
-    model = SequenceClassifier(TransformerEncoder(vocab_size=12, dim=16, heads=2, positions="rope"), 4).eval()
+    model = SequenceClassifier(
+        TransformerEncoder(EncoderConfig(vocab_size=12, dim=16, heads=2, positions="rope")), 4
+    ).eval()
     ids = torch.randint(1, 12, (2, 30))
     model.save_pretrained(tmp_path)
     loaded = from_pretrained(tmp_path).eval()
@@ -128,14 +130,14 @@ def test_grid_needs_a_square_sequence_and_head_dim_divisible_by_4():
     with pytest.raises(ValueError, match="divisible by 4"):
         RotaryEmbedding(6, grid=True)
     with pytest.raises(ValueError, match="head dim divisible by 4"):
-        TransformerEncoder(vocab_size=10, dim=12, heads=2, positions="rope2d")  # head dim 6
+        TransformerEncoder(EncoderConfig(vocab_size=10, dim=12, heads=2, positions="rope2d"))  # head dim 6
     rotary = RotaryEmbedding(8, grid=True)
     x = torch.randn(1, 1, 30, 8)
     with pytest.raises(ValueError, match="square image of tokens, got a sequence of 30"):
         rotary(x, x)
     with pytest.raises(ValueError, match="as many queries as keys, got 16 and 36"):
         rotary(torch.randn(1, 1, 16, 8), torch.randn(1, 1, 36, 8))
-    encoder = TransformerEncoder(vocab_size=10, dim=16, heads=2, positions="rope2d", max_len=64)
+    encoder = TransformerEncoder(EncoderConfig(vocab_size=10, dim=16, heads=2, positions="rope2d", max_len=64))
     with pytest.raises(ValueError, match="pooling='cls'"):
         SequenceClassifier(encoder, 2, pooling="cls")
 
@@ -145,11 +147,11 @@ def test_rope2d_model_trains_and_is_translation_equivariant(attention):
     """rope2d on an 8 x 8 image: every attention trains with it; full attention has no absolute position
     anywhere, so its outputs move with the image."""
     torch.manual_seed(6)
-    encoder = TransformerEncoder(
+    encoder = TransformerEncoder(EncoderConfig(
         vocab_size=256, dim=16, depth=2, heads=2, mlp_dim=32, max_len=64, attention=attention,
         positions="rope2d", pad_id=None, dropout=0.0,
         attention_options={} if attention == "full" else {"block_size": 16},
-    )  # fmt: skip
+    ))  # fmt: skip
     model = SequenceClassifier(encoder, 2).double()
     ids = torch.randint(0, 256, (3, 64))
     logits = model(ids)

@@ -135,7 +135,7 @@ def test_bad_option_values_are_named(tmp_path):
 
 
 class FakeClock:
-    """``trainer._now``: every reading advances the time by one second."""
+    """``control.clock``: every reading advances the time by one second."""
 
     def __init__(self) -> None:
         self.time = 0.0
@@ -146,9 +146,9 @@ class FakeClock:
 
 
 def test_time_limit_exits_cleanly_and_resume_finishes(trained, tmp_path, capsys, monkeypatch):
-    from hopformer.train import trainer
+    from hopformer.train import control
 
-    monkeypatch.setattr(trainer, "_now", FakeClock())
+    monkeypatch.setattr(control, "clock", FakeClock())
     run = tmp_path / "run"
     argv = ["train", "--data-dir", str(trained / "data"), "--run-dir", str(run), *TINY]
     argv[argv.index("--steps") + 1] = "30"
@@ -157,7 +157,7 @@ def test_time_limit_exits_cleanly_and_resume_finishes(trained, tmp_path, capsys,
     assert f"stopped at time limit, resume with --resume {run}" in out
     assert not (run / "results.json").exists()
 
-    monkeypatch.setattr(trainer, "_now", FakeClock())
+    monkeypatch.setattr(control, "clock", FakeClock())
     assert main(["train", "--resume", str(run), "--time-limit", "60", "--no-progress"]) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert json.loads((run / "results.json").read_text())["step"] == 30
@@ -175,11 +175,11 @@ def _timed_grid(trained, tmp_path, attentions: str, steps: int, eval_every: int)
 
 
 def test_lra_time_limit_leaves_cells_for_the_next_call(trained, tmp_path, capsys, monkeypatch):
-    from hopformer.train import trainer
+    from hopformer.train import control
 
     runs = tmp_path / "lra"
     argv = _timed_grid(trained, tmp_path, "full,local", steps=100, eval_every=20)
-    monkeypatch.setattr(trainer, "_now", FakeClock())
+    monkeypatch.setattr(control, "clock", FakeClock())
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "stopped at time limit" in out and "not finished: listops-full-s0, listops-local-s0" in out
@@ -188,7 +188,7 @@ def test_lra_time_limit_leaves_cells_for_the_next_call(trained, tmp_path, capsys
     while not (runs / "listops-local-s0" / "results.json").is_file():  # each call continues the grid
         calls += 1
         assert calls < 10
-        monkeypatch.setattr(trainer, "_now", FakeClock())
+        monkeypatch.setattr(control, "clock", FakeClock())
         assert main(argv) == 0
     table = json.loads((runs / "results.json").read_text())
     assert all("listops" in row["tasks"] for row in table["rows"])
@@ -198,7 +198,7 @@ def test_lra_time_limit_leaves_cells_for_the_next_call(trained, tmp_path, capsys
 def test_lra_pretrains_each_cell_before_its_classifier(trained, tmp_path, capsys, monkeypatch):
     import yaml
 
-    from hopformer.train import trainer
+    from hopformer.train import control
 
     runs = tmp_path / "lra"
     argv = _timed_grid(trained, tmp_path, "local", steps=30, eval_every=10)
@@ -207,7 +207,7 @@ def test_lra_pretrains_each_cell_before_its_classifier(trained, tmp_path, capsys
     while not (runs / "listops-local-s0" / "results.json").is_file():  # each call goes on where the last stopped
         calls += 1
         assert calls < 12
-        monkeypatch.setattr(trainer, "_now", FakeClock())
+        monkeypatch.setattr(control, "clock", FakeClock())
         assert main(argv) == 0
     assert calls > 1  # the deadline cut the stages, so resuming across them was exercised
     pretrain, cell = runs / "listops-local-s0-pretrain", runs / "listops-local-s0"
@@ -241,3 +241,18 @@ def test_lra_reports_a_failing_cell_and_goes_on(tmp_path, capsys):
     for cell in ("image-full-s0", "image-local-s0"):
         assert "missing" in (tmp_path / "lra" / cell / "error.txt").read_text()
     assert "failed: see" in capsys.readouterr().out and (tmp_path / "lra" / "results.md").is_file()
+
+
+def test_the_published_rows_are_package_data_with_their_sources():
+    from hopformer.train.grid import COLUMNS, published_lra
+
+    official, pytorch = published_lra("official"), published_lra("pytorch")
+    assert "LRA README" in official["source"] and "Nyströmformer" in pytorch["source"]
+    assert list(official["rows"])[-2:] == ["Transformer", "BigBird"] and official["rows"]["Transformer"]["avg"] == 54.39
+    for board in (official, pytorch):
+        for name, row in board["rows"].items():
+            assert set(row) == {*COLUMNS, "avg"}, name
+            mean = sum(row[task] for task in COLUMNS) / len(COLUMNS)
+            assert abs(mean - row["avg"]) < 0.011 or name == "Sinkhorn Transformer", name  # its published avg: 51.29
+    with pytest.raises(ValueError, match="scale='jax' is not known"):
+        published_lra("jax")

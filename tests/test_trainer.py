@@ -14,12 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hopformer.train import BatchStream, batches, build, control, evaluation, learning_rate, loop, metrics, optim, train
 from hopformer.train import checkpoint as checkpoint_module
-from hopformer.train import trainer as trainer_module
 from hopformer.train.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from hopformer.train.config import Config, from_dict, load_config, parse_assignment
 from hopformer.train.tasks import find_listops_dir, listops_cache_dir, load_task
-from hopformer.train.trainer import BatchStream, learning_rate, train
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 
@@ -61,7 +60,7 @@ def strip_timing(path: Path) -> list[dict]:
 
 def signal_after(step: int, split: str, signum: int):
     """A ``MetricsLog.write`` that sends this process ``signum`` once it has written that record."""
-    real_write = trainer_module.MetricsLog.write
+    real_write = metrics.MetricsLog.write
 
     def write(self, record):
         real_write(self, record)
@@ -92,8 +91,8 @@ def test_resume_after_interrupt_and_crash_matches_an_uninterrupted_run(tmp_path,
     reference = train(tiny_config(tmp_path, "reference"), log=quiet)
 
     # 1) Ctrl-C (a real SIGINT) during step 3: the loop finishes the step, checkpoints and returns.
-    real_write = trainer_module.MetricsLog.write
-    monkeypatch.setattr(trainer_module.MetricsLog, "write", signal_after(3, "train", signal.SIGINT))
+    real_write = metrics.MetricsLog.write
+    monkeypatch.setattr(metrics.MetricsLog, "write", signal_after(3, "train", signal.SIGINT))
     before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under nohup
     first = train(tiny_config(tmp_path, "resumed"), log=quiet)
     assert first.interrupted and first.step == 3
@@ -106,13 +105,13 @@ def test_resume_after_interrupt_and_crash_matches_an_uninterrupted_run(tmp_path,
         if record["step"] == 5 and record["split"] == "train":
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(trainer_module.MetricsLog, "write", crash_after_step_5)
+    monkeypatch.setattr(metrics.MetricsLog, "write", crash_after_step_5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(resume=tmp_path / "resumed", log=quiet)
     assert load_state(tmp_path / "resumed" / "last")["step"] == 4
 
     # 3) Resume to the end: the same metrics (step 5 is logged again, once) and the same weights.
-    monkeypatch.setattr(trainer_module.MetricsLog, "write", real_write)
+    monkeypatch.setattr(metrics.MetricsLog, "write", real_write)
     final = train(resume=tmp_path / "resumed", log=quiet)
     resumed_metrics = strip_timing(tmp_path / "resumed" / "metrics.jsonl")
     assert resumed_metrics == strip_timing(tmp_path / "reference" / "metrics.jsonl")
@@ -124,7 +123,7 @@ def test_resume_after_interrupt_and_crash_matches_an_uninterrupted_run(tmp_path,
 
 
 class FakeClock:
-    """``trainer._now``: every reading advances the time by ``tick`` seconds."""
+    """``control.clock``: every reading advances the time by ``tick`` seconds."""
 
     def __init__(self, tick: float = 1.0) -> None:
         self.time, self.tick = 1000.0, tick
@@ -140,7 +139,7 @@ def test_time_limit_stops_cleanly_and_resume_continues_exactly(tmp_path, data, m
     reference = train(tiny_config(tmp_path, "reference", **settings), log=quiet)
 
     lines = []
-    monkeypatch.setattr(trainer_module, "_now", FakeClock())
+    monkeypatch.setattr(control, "clock", FakeClock())
     first = train(tiny_config(tmp_path, "limited", time_limit_minutes=0.5, **settings), log=lines.append)
     assert first.interrupted and first.stop_reason == "time_limit" and first.test_accuracy is None
     assert 0 < first.step < 20 and first.step % 5  # stopped between two log lines: the running sums are saved
@@ -149,12 +148,12 @@ def test_time_limit_stops_cleanly_and_resume_continues_exactly(tmp_path, data, m
     assert any(f"stopped at time limit, resume with --resume {tmp_path / 'limited'}" in line for line in lines)
 
     # a second slice of time: the saved limit applies again, counted from the resume
-    monkeypatch.setattr(trainer_module, "_now", FakeClock())
+    monkeypatch.setattr(control, "clock", FakeClock())
     second = train(resume=tmp_path / "limited", log=quiet)
     assert second.stop_reason == "time_limit" and first.step < second.step < 20
 
     # then without a limit to the end: the same metrics and weights as the run that never stopped
-    monkeypatch.setattr(trainer_module, "_now", FakeClock(tick=0.0))
+    monkeypatch.setattr(control, "clock", FakeClock(tick=0.0))
     final = train(resume=tmp_path / "limited", log=quiet, resume_overrides={"train.time_limit_minutes": None})
     assert not final.interrupted and final.step == 20
     assert strip_timing(tmp_path / "limited" / "metrics.jsonl") == strip_timing(
@@ -178,7 +177,7 @@ def test_a_run_resumed_without_its_best_checkpoint_says_which_weights_it_tested(
     reference = train(tiny_config(tmp_path, "reference", **settings), log=quiet)
     assert reference.extra["test_checkpoint"] == "best"
 
-    monkeypatch.setattr(trainer_module, "_now", FakeClock())
+    monkeypatch.setattr(control, "clock", FakeClock())
     first = train(tiny_config(tmp_path, "copied", time_limit_minutes=0.5, **settings), log=quiet)
     assert first.interrupted and 2 <= first.step < 20
     best_before = load_state(tmp_path / "copied" / "last")["best_val_accuracy"]
@@ -186,17 +185,17 @@ def test_a_run_resumed_without_its_best_checkpoint_says_which_weights_it_tested(
 
     if not validation_improves:  # every validation after the resume scores 0; the test (the last call) is real
         validations_left = sum(1 for s in range(first.step + 1, 21) if s % 2 == 0)
-        real_evaluate, calls = trainer_module.evaluate, []
+        real_evaluate, calls = loop.evaluate, []
 
         def evaluate(*args, **kwargs):
             calls.append(1)
             result = real_evaluate(*args, **kwargs)
             return {**result, "accuracy": 0.0} if len(calls) <= validations_left else result
 
-        monkeypatch.setattr(trainer_module, "evaluate", evaluate)
+        monkeypatch.setattr(loop, "evaluate", evaluate)
 
     lines = []
-    monkeypatch.setattr(trainer_module, "_now", FakeClock(tick=0.0))
+    monkeypatch.setattr(control, "clock", FakeClock(tick=0.0))
     final = train(resume=tmp_path / "copied", log=lines.append, resume_overrides={"train.time_limit_minutes": None})
     assert any("holds no best/ checkpoint" in line for line in lines)
     records = [json.loads(line) for line in (tmp_path / "copied" / "metrics.jsonl").read_text().splitlines()]
@@ -213,11 +212,11 @@ def test_a_run_resumed_without_its_best_checkpoint_says_which_weights_it_tested(
 
 
 def test_a_time_limit_already_spent_saves_step_zero(tmp_path, data, monkeypatch):
-    monkeypatch.setattr(trainer_module, "_now", FakeClock(tick=40.0))  # data loading "takes" 40 s
+    monkeypatch.setattr(control, "clock", FakeClock(tick=40.0))  # data loading "takes" 40 s
     result = train(tiny_config(tmp_path, "late", time_limit_minutes=0.5), log=lambda *_: None)
     assert result.stop_reason == "time_limit" and result.step == 0
     assert load_state(tmp_path / "late" / "last")["step"] == 0
-    monkeypatch.setattr(trainer_module, "_now", FakeClock(tick=0.0))
+    monkeypatch.setattr(control, "clock", FakeClock(tick=0.0))
     finished = train(resume=tmp_path / "late", log=lambda *_: None)
     reference = train(tiny_config(tmp_path, "reference"), log=lambda *_: None)
     assert finished.test_accuracy == reference.test_accuracy
@@ -227,14 +226,14 @@ def test_a_time_limit_already_spent_saves_step_zero(tmp_path, data, monkeypatch)
 def test_sigterm_checkpoints_and_resume_matches(tmp_path, data, monkeypatch):
     quiet = lambda *_: None  # noqa: E731
     reference = train(tiny_config(tmp_path, "reference", log_every=3), log=quiet)
-    real_write = trainer_module.MetricsLog.write
-    monkeypatch.setattr(trainer_module.MetricsLog, "write", signal_after(4, "val", signal.SIGTERM))
+    real_write = metrics.MetricsLog.write
+    monkeypatch.setattr(metrics.MetricsLog, "write", signal_after(4, "val", signal.SIGTERM))
     previous = signal.getsignal(signal.SIGTERM)
     first = train(tiny_config(tmp_path, "terminated", log_every=3), log=quiet)
     assert first.interrupted and first.stop_reason == "SIGTERM" and first.step == 4
     assert load_state(tmp_path / "terminated" / "last")["step"] == 4
     assert signal.getsignal(signal.SIGTERM) == previous  # handler restored
-    monkeypatch.setattr(trainer_module.MetricsLog, "write", real_write)
+    monkeypatch.setattr(metrics.MetricsLog, "write", real_write)
     final = train(resume=tmp_path / "terminated", log=quiet)
     assert final.test_accuracy == reference.test_accuracy
     assert strip_timing(tmp_path / "terminated" / "metrics.jsonl") == strip_timing(
@@ -267,22 +266,48 @@ def test_rsqrt_runs_may_extend_their_budget_on_resume(tmp_path, data):
 def test_graph_attentions_on_cuda_need_flex_compatible_settings():
     config = from_dict({"model": {"attention": "diffuser", "dim": 32, "heads": 4}})
     with pytest.raises(ValueError, match="head dimension of at least 16; use model.heads <= 2"):
-        trainer_module._check_device_support(config, torch.device("cuda"))
-    trainer_module._check_device_support(config, torch.device("cpu"))  # the gather backend has no such limit
+        build.check_device_support(config, torch.device("cuda"))
+    build.check_device_support(config, torch.device("cpu"))  # the gather backend has no such limit
     config = from_dict({"model": {"attention": "bigbird", "dim": 64, "heads": 2, "attention_dropout": 0.1}})
     with pytest.raises(ValueError, match="no attention dropout"):
-        trainer_module._check_device_support(config, torch.device("cuda"))
+        build.check_device_support(config, torch.device("cuda"))
     config.model.attention = "full"
-    trainer_module._check_device_support(config, torch.device("cuda"))
+    build.check_device_support(config, torch.device("cuda"))
+
+
+def test_the_trainer_fills_what_the_task_decides_in_the_model_config(tmp_path, data):
+    """``model.vocab_size``, ``max_len``, ``pad_id`` and ``pad_to_multiple``: None = from the task, as before
+    they were settings; a value given is used, and a vocabulary too small for the task is refused by name."""
+    config = tiny_config(tmp_path)
+    config.head.pooling = "cls"
+    task = load_task(config, progress=False)
+    resolved = build.model_config(config, task)
+    assert (resolved.vocab_size, resolved.max_len, resolved.pad_id, resolved.pad_to_multiple) == (16, 129, 0, 1)
+    assert config.model.vocab_size is None  # the run's config keeps "from the task"
+    config.model.attention, config.model.attention_options = "local", {"block_size": 16}
+    assert build.model_config(config, task).pad_to_multiple == 128  # graph attentions: FlexAttention tiles
+    config.data.pad_to_multiple = 64
+    assert build.model_config(config, task).pad_to_multiple == 64
+    config.model.pad_to_multiple, config.model.max_len, config.model.vocab_size = 32, 300, 40
+    resolved = build.model_config(config, task)
+    assert (resolved.vocab_size, resolved.max_len, resolved.pad_to_multiple) == (40, 300, 32)
+    config.train.objective, config.model.vocab_size = "masked", None
+    assert build.model_config(config, task).vocab_size == 17  # the mask id after the task's ids
+    config.model.vocab_size = 16
+    with pytest.raises(ValueError, match="model.vocab_size=16 is below the 17 ids of task 'listops' and the mask"):
+        build.model_config(config, task)
+    config.model.pad_id = -1
+    with pytest.raises(ValueError, match="model.pad_id must be a non-negative integer or null"):
+        build.check_config(config)
 
 
 def test_batches_with_a_cls_vector_fill_whole_tiles():
-    runtime = trainer_module.Runtime(torch.device("cpu"), False, pad_to_multiple=128, max_length=2048, prefix=1)
+    runtime = batches.Runtime(torch.device("cpu"), False, pad_to_multiple=128, max_length=2048, prefix=1)
     examples = [{"input_ids": torch.ones(n, dtype=torch.long), "label": 0} for n in (100, 300)]
     inputs, labels, tokens = runtime.batch(examples)
     assert inputs["input_ids"].shape == (2, 383) and tokens == 400  # 383 tokens + CLS = 3 tiles
     assert inputs["attention_mask"].sum(1).tolist() == [100, 300]
-    capped = trainer_module.Runtime(torch.device("cpu"), False, pad_to_multiple=128, max_length=300, prefix=1)
+    capped = batches.Runtime(torch.device("cpu"), False, pad_to_multiple=128, max_length=300, prefix=1)
     assert capped.batch(examples)[0]["input_ids"].shape == (2, 300)  # never past what the model takes
 
 
@@ -506,7 +531,7 @@ def test_dihedral_augmentation_trains_and_resumes_exactly(tmp_path, monkeypatch)
     reference = train(config("reference"), log=quiet)
     plain = train(config("plain", augment="none"), log=quiet)
     assert strip_timing(tmp_path / "reference" / "metrics.jsonl") != strip_timing(tmp_path / "plain" / "metrics.jsonl")
-    monkeypatch.setattr(trainer_module.MetricsLog, "write", signal_after(6, "train", signal.SIGINT))
+    monkeypatch.setattr(metrics.MetricsLog, "write", signal_after(6, "train", signal.SIGINT))
     first = train(config("resumed"), log=quiet)
     assert first.interrupted and first.step == 6
     monkeypatch.undo()
@@ -522,7 +547,7 @@ def test_dihedral_augmentation_trains_and_resumes_exactly(tmp_path, monkeypatch)
 
 def test_a_nan_loss_stops_the_run_before_it_is_saved(tmp_path, data, monkeypatch):
     """A diverged run raises, naming the steps and the remedy, instead of training on NaN."""
-    real = trainer_module.F.cross_entropy
+    real = evaluation.F.cross_entropy
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -530,15 +555,15 @@ def test_a_nan_loss_stops_the_run_before_it_is_saved(tmp_path, data, monkeypatch
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(trainer_module.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(evaluation.F, "cross_entropy", poisoned)
     with pytest.raises(FloatingPointError, match="between steps 2 and 3.*grad_clip"):
         train(tiny_config(tmp_path, steps=8, eval_every=4, log_every=1), log=lambda *_: None)
     assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_masked_tokens_are_real_tokens_drawn_from_the_seed():
-    from hopformer.models import MaskedTokenModel, TransformerEncoder
-    from hopformer.train.trainer import Runtime
+    from hopformer.models import EncoderConfig, MaskedTokenModel, TransformerEncoder
+    from hopformer.train.batches import Runtime
 
     examples = [{"input_ids": torch.arange(1, n + 1), "label": 0} for n in (300, 180)]
     runtime = Runtime(torch.device("cpu"), False, 1, 512, mask_rate=0.25, mask_id=99)
@@ -553,7 +578,9 @@ def test_masked_tokens_are_real_tokens_drawn_from_the_seed():
     different = runtime.batch(examples, mask_seed=8)[0]["select"]
     assert torch.equal(same, hidden) and not torch.equal(different, hidden)
     # the model scores the selected positions only: the same logits as the whole table's rows there
-    model = MaskedTokenModel(TransformerEncoder(301, dim=16, depth=1, heads=2, mlp_dim=16, max_len=512), 301).eval()
+    model = MaskedTokenModel(
+        TransformerEncoder(EncoderConfig(301, dim=16, depth=1, heads=2, mlp_dim=16, max_len=512)), 301
+    ).eval()
     every = model(inputs["input_ids"], inputs["attention_mask"])
     torch.testing.assert_close(model(**inputs), every[hidden])
 
@@ -563,8 +590,8 @@ def test_masked_pretraining_learns_resumes_and_starts_a_classifier(tmp_path, dat
     from safetensors.torch import load_file as load_weights_file
 
     from hopformer.cli import main as cli_main
-    from hopformer.models import SequenceClassifier, TransformerEncoder
-    from hopformer.train.trainer import load_encoder_weights
+    from hopformer.models import EncoderConfig, SequenceClassifier, TransformerEncoder
+    from hopformer.train.build import load_encoder_weights
 
     quiet = lambda *_: None  # noqa: E731
     masked = {"objective": "masked", "mask_rate": 0.3}
@@ -578,7 +605,7 @@ def test_masked_pretraining_learns_resumes_and_starts_a_classifier(tmp_path, dat
     # resumed after SIGINT == unbroken
     short = {"steps": 8, "eval_every": 2, "log_every": 1, **masked}
     train(tiny_config(tmp_path, "whole", **short), log=quiet)
-    monkeypatch.setattr(trainer_module.MetricsLog, "write", signal_after(5, "train", signal.SIGINT))
+    monkeypatch.setattr(metrics.MetricsLog, "write", signal_after(5, "train", signal.SIGINT))
     assert train(tiny_config(tmp_path, "cut", **short), log=quiet).interrupted
     monkeypatch.undo()
     train(resume=tmp_path / "cut", log=quiet)
@@ -597,13 +624,15 @@ def test_masked_pretraining_learns_resumes_and_starts_a_classifier(tmp_path, dat
     pretrained = load_weights_file(str(tmp_path / "pre" / "best" / "model.safetensors"))
     saved = json.loads((tmp_path / "pre" / "best" / "config.json").read_text())["encoder"]
     # the classifier's table has no mask row: the task's ids only
-    classifier = SequenceClassifier(TransformerEncoder(**{**saved, "vocab_size": saved["vocab_size"] - 1}), 10)
+    classifier = SequenceClassifier(
+        TransformerEncoder(EncoderConfig(**{**saved, "vocab_size": saved["vocab_size"] - 1})), 10
+    )
     assert load_encoder_weights(classifier, tmp_path / "pre").name == "best"
     for name, tensor in classifier.encoder.state_dict().items():
         assert torch.equal(tensor, pretrained[f"encoder.{name}"][: len(tensor)]), name
     with pytest.raises(ValueError, match="train.init_from=.*does not fit"):
-        load_encoder_weights(SequenceClassifier(TransformerEncoder(**{**saved, "dim": 16, "mlp_dim": 16}), 10),
-                             tmp_path / "pre")  # fmt: skip
+        narrow = EncoderConfig(**{**saved, "dim": 16, "mlp_dim": 16})
+        load_encoder_weights(SequenceClassifier(TransformerEncoder(narrow), 10), tmp_path / "pre")
     with pytest.raises(FileNotFoundError, match="train.init_from=.*nowhere: no checkpoint"):
         load_encoder_weights(classifier, tmp_path / "nowhere")
     with pytest.raises(ValueError, match="train.objective='mlm' is not known"):
@@ -617,8 +646,8 @@ def test_pixel_embeddings_pretrain_and_start_a_classifier(tmp_path, data, embedd
     """``model.embedding=intensity|conv`` on Pathfinder: masked pretraining (a mask row beside the grey levels),
     then a classifier from that encoder (no mask row); a text task refuses it by name."""
     from hopformer.data.pathfinder import generate_pathfinder
-    from hopformer.models import SequenceClassifier, TransformerEncoder
-    from hopformer.train.trainer import load_encoder_weights
+    from hopformer.models import EncoderConfig, SequenceClassifier, TransformerEncoder
+    from hopformer.train.build import load_encoder_weights
 
     generate_pathfinder(tmp_path / "pf", n=40, workers=1, progress=False)
     quiet = lambda *_: None  # noqa: E731
@@ -642,7 +671,7 @@ def test_pixel_embeddings_pretrain_and_start_a_classifier(tmp_path, data, embedd
     fine_weights = load_file(str(tmp_path / "fine" / "last" / "model.safetensors"))
     assert pre["encoder.embed.special.weight"].shape == (1, 16) and "encoder.embed.special.weight" not in fine_weights
     saved = json.loads((tmp_path / "pre" / "best" / "config.json").read_text())["encoder"]
-    classifier = SequenceClassifier(TransformerEncoder(**{**saved, "vocab_size": 256}), 2)
+    classifier = SequenceClassifier(TransformerEncoder(EncoderConfig(**{**saved, "vocab_size": 256})), 2)
     load_encoder_weights(classifier, tmp_path / "pre")
     for name, tensor in classifier.encoder.state_dict().items():
         assert torch.equal(tensor, pre[f"encoder.{name}"]), name
@@ -663,7 +692,7 @@ def test_optimizer_decays_weight_matrices_only():
         build("diffuser", **options, learned_coefficients="free"),
         torch.nn.LayerNorm(16),
     )
-    optimizer = trainer_module.make_optimizer(model, from_dict({"optim": {"weight_decay": 0.05}}))
+    optimizer = optim.make_optimizer(model, from_dict({"optim": {"weight_decay": 0.05}}))
     decayed, plain = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
     assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
     assert {id(model[0].hop_logits), id(model[1].hop_weights), id(model[2].weight)} <= plain
@@ -679,7 +708,7 @@ def test_hop_lr_scale_gives_the_hop_weights_their_own_rate(tmp_path, data):
     from hopformer.attention import build
 
     layer = build("diffuser", dim=16, heads=2, block_size=16, hops=2, learned_coefficients=True)
-    optimizer = trainer_module.make_optimizer(layer, from_dict({"optim": {"hop_lr_scale": 10.0}}))
+    optimizer = optim.make_optimizer(layer, from_dict({"optim": {"hop_lr_scale": 10.0}}))
     assert [len(g["params"]) for g in optimizer.param_groups][2] == 1
     assert optimizer.param_groups[2]["params"][0] is layer.hop_logits
     assert optimizer.param_groups[2]["lr_scale"] == 10.0 and optimizer.param_groups[2]["weight_decay"] == 0.0

@@ -1,6 +1,6 @@
 """Measures of attention graphs: the spectral gap (expander quality, before and after diffusion) and
 the Normalized Information Payload (NIP), plus pictures (:mod:`hopformer.analysis.plots`, needs
-matplotlib) and the ``hopformer graph`` verb (:mod:`hopformer.analysis.cli`). For trained models,
+matplotlib) and the ``hopformer graph`` verb (:mod:`hopformer.cli.graph`). For trained models,
 :func:`attention_operators` rebuilds the matrices each attention layer applies to its values.
 
 Every measure takes a :class:`~hopformer.graphs.BlockGraph` or a square bool adjacency matrix.
@@ -26,6 +26,7 @@ from hopformer.analysis.spectral import (
     spectrum,
     transition_matrix,
 )
+from hopformer.analysis.summary import measure_graph
 
 __all__ = [
     "PayloadReport",
@@ -36,6 +37,7 @@ __all__ = [
     "diameter",
     "heat_spectral_map",
     "information_payload",
+    "measure_graph",
     "nip",
     "ppr_spectral_map",
     "spectral_gap",

@@ -752,7 +752,7 @@ def generate_pathfinder(
 
 
 # ----------------------------------------------------------------------------------------------------
-# command line: `hopformer data pathfinder ...` (hopformer/data/cli.py calls these two)
+# command line: `hopformer data pathfinder ...` (hopformer/cli/data.py calls these two)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

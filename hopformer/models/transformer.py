@@ -25,7 +25,8 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,14 +50,55 @@ WEIGHTS_NAME = "model.safetensors"
 # ---------------------------------------------------------------------------------------- configs
 @dataclass
 class EncoderConfig:
-    """Hyperparameters of :class:`TransformerEncoder` (see its docstring)."""
+    """Hyperparameters of :class:`TransformerEncoder`.
 
-    vocab_size: int
+    Attributes:
+        vocab_size: embedding table size (ids ``0 .. vocab_size - 1``).
+        dim, depth, heads, mlp_dim: width, layers, attention heads, MLP hidden width (GELU).
+        max_len: most positions (including a prepended CLS vector, see :class:`SequenceClassifier`).
+        attention: a name from ``hopformer.attention.available()``; ``attention_options`` are its
+            keyword arguments (``hops``, ``alpha``, ``block_size``, ``window``...).
+        norm: ``"pre"`` (LayerNorm before each sub-layer and once at the end) or ``"post"``
+            (RoBERTa: LayerNorm after each residual, and on the embeddings).
+        positions: ``"learned"`` or ``"sinusoidal"`` (added to the embeddings), ``"rope"`` (rotary:
+            every attention rotates its queries and keys by position, so scores see relative
+            offsets; needs an even head dim), ``"rope2d"`` (axial 2-D rotary for square images in raster
+            order, Pathfinder and Image: scores see the (row, column) offset; needs a head dim divisible
+            by 4 and a square sequence, so mean pooling) or ``"none"``.
+        dropout: on embeddings and after attention and MLP (before the residual add).
+        attention_dropout: passed to the attention module as ``dropout`` when > 0.
+        pad_id: the embedding's ``padding_idx`` (0 for tokens). ``None`` for pixel tasks, where 0
+            is a black pixel and must get a trained embedding.
+        pad_to_multiple: pad the hidden sequence internally to a multiple of this (masked, trimmed
+            from the output), e.g. 128 for FlexAttention tiles when a CLS vector adds one position.
+        layer_norm_eps: epsilon of every LayerNorm.
+        gradient_checkpointing: recompute each block in backward to save activation memory.
+        init: ``"normal"`` (BERT: every weight N(0, 0.02), zero biases), ``"torch"`` (PyTorch's
+            default Linear init, embeddings N(0, 0.02): the Nystromformer LRA code's) or ``"lra"``
+            (the official JAX LRA encoder's: token embeddings N(0, 1), Linear weights Glorot-uniform,
+            zero biases). At width 64, N(0, 0.02) starts attention near uniform, and models leave the
+            majority-class plateau much later (measured on ListOps at lr 1e-4). Beside sinusoidal
+            positions (amplitude ~0.7), N(0, 0.02) token embeddings start ~35 times weaker than the
+            positions; the LRA encoder's N(0, 1) do not.
+        embedding: ``"table"`` (one learned vector per id), ``"intensity"`` (pixel tasks: ids 0-255 are
+            grey levels, scaled to [-1, 1] and mapped by one ``Linear(1, dim)``, as a convolution or the S4
+            pipeline reads pixels; a table starts a faint anti-aliased pixel as far from black as a lit
+            one), or ``"conv"`` (the same, of the 3 x 3 pixels around each one: a convolutional stem, for square
+            images in raster order). The last two need ``pad_id=None``.
+        stem_depth: with ``embedding="conv"``, the number of 3 x 3 convolutions in the stem (the first
+            ``stem_depth - 1`` with 16 channels and GELU), so each token sees a (2 stem_depth + 1)-pixel square.
+
+    In a training config (``hopformer.train.Config.model``) ``vocab_size``, ``max_len``, ``pad_id`` and
+    ``pad_to_multiple`` start as None, meaning "from the task": the trainer fills them before it builds the
+    model. A model's own config always holds the resolved values.
+    """
+
+    vocab_size: int | None
     dim: int = 64
     depth: int = 2
     heads: int = 2
     mlp_dim: int = 128
-    max_len: int = 512
+    max_len: int | None = 512
     attention: str = "full"
     attention_options: dict[str, Any] = field(default_factory=dict)
     norm: str = "pre"
@@ -64,7 +106,7 @@ class EncoderConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.0
     pad_id: int | None = 0
-    pad_to_multiple: int = 1
+    pad_to_multiple: int | None = 1
     layer_norm_eps: float = 1e-5
     gradient_checkpointing: bool = False
     init: str = "normal"
@@ -235,7 +277,7 @@ class IntensityEmbedding(nn.Module):
     """
 
     GREY_LEVELS = 256
-    STEM_CHANNELS = 16  # the width of the CNN that solves the generated Pathfinder-32 (docs/lra.md)
+    STEM_CHANNELS = 16  # enough for a small CNN to solve generated Pathfinder-32
 
     def __init__(self, vocab_size: int, dim: int, kernel_size: int = 1, depth: int = 1) -> None:
         super().__init__()
@@ -292,40 +334,8 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
 class TransformerEncoder(PretrainedModel):
     """Token embeddings, positions and ``depth`` transformer blocks on a registered attention.
 
-    Args:
-        vocab_size: embedding table size (ids ``0 .. vocab_size - 1``).
-        dim, depth, heads, mlp_dim: width, layers, attention heads, MLP hidden width (GELU).
-        max_len: most positions (including a prepended CLS vector, see :class:`SequenceClassifier`).
-        attention: a name from ``hopformer.attention.available()``; ``attention_options`` are its
-            keyword arguments (``hops``, ``alpha``, ``block_size``, ``window``...).
-        norm: ``"pre"`` (LayerNorm before each sub-layer and once at the end) or ``"post"``
-            (RoBERTa: LayerNorm after each residual, and on the embeddings).
-        positions: ``"learned"`` or ``"sinusoidal"`` (added to the embeddings), ``"rope"`` (rotary:
-            every attention rotates its queries and keys by position, so scores see relative
-            offsets; needs an even head dim), ``"rope2d"`` (axial 2-D rotary for square images in raster
-            order, Pathfinder and Image: scores see the (row, column) offset; needs a head dim divisible
-            by 4 and a square sequence, so mean pooling) or ``"none"``.
-        dropout: on embeddings and after attention and MLP (before the residual add).
-        attention_dropout: passed to the attention module as ``dropout`` when > 0.
-        pad_id: the embedding's ``padding_idx`` (0 for tokens). ``None`` for pixel tasks, where 0
-            is a black pixel and must get a trained embedding.
-        pad_to_multiple: pad the hidden sequence internally to a multiple of this (masked, trimmed
-            from the output), e.g. 128 for FlexAttention tiles when a CLS vector adds one position.
-        gradient_checkpointing: recompute each block in backward to save activation memory.
-        init: ``"normal"`` (BERT: every weight N(0, 0.02), zero biases), ``"torch"`` (PyTorch's
-            default Linear init, embeddings N(0, 0.02): the Nystromformer LRA code's) or ``"lra"``
-            (the official JAX LRA encoder's: token embeddings N(0, 1), Linear weights Glorot-uniform,
-            zero biases). At width 64, N(0, 0.02) starts attention near uniform, and models leave the
-            majority-class plateau much later (measured on ListOps at lr 1e-4). Beside sinusoidal
-            positions (amplitude ~0.7), N(0, 0.02) token embeddings start ~35 times weaker than the
-            positions; the LRA encoder's N(0, 1) do not.
-        embedding: ``"table"`` (one learned vector per id), ``"intensity"`` (pixel tasks: ids 0-255 are
-            grey levels, scaled to [-1, 1] and mapped by one ``Linear(1, dim)``, as a convolution or the S4
-            pipeline reads pixels; a table starts a faint anti-aliased pixel as far from black as a lit
-            one), or ``"conv"`` (the same, of the 3 x 3 pixels around each one: a convolutional stem, for square
-            images in raster order). The last two need ``pad_id=None``.
-        stem_depth: with ``embedding="conv"``, the number of 3 x 3 convolutions in the stem (the first
-            ``stem_depth - 1`` with 16 channels and GELU), so each token sees a (2 stem_depth + 1)-pixel square.
+    Built from its config, ``TransformerEncoder(EncoderConfig(vocab_size=..., dim=..., ...))``; the
+    settings are described on :class:`EncoderConfig`.
 
     ``forward(input_ids, attention_mask=None, prefix=None) -> (batch, P + seq, dim)`` where
     ``prefix`` is an optional ``(batch, P, dim)`` of vectors placed before the embedded tokens.
@@ -334,57 +344,37 @@ class TransformerEncoder(PretrainedModel):
     config_class = EncoderConfig
     model_type = "transformer_encoder"
 
-    def __init__(
-        self,
-        vocab_size: int,
-        dim: int = 64,
-        depth: int = 2,
-        heads: int = 2,
-        mlp_dim: int = 128,
-        max_len: int = 512,
-        attention: str = "full",
-        attention_options: dict[str, Any] | None = None,
-        norm: str = "pre",
-        positions: str = "learned",
-        dropout: float = 0.1,
-        attention_dropout: float = 0.0,
-        pad_id: int | None = 0,
-        pad_to_multiple: int = 1,
-        layer_norm_eps: float = 1e-5,
-        gradient_checkpointing: bool = False,
-        init: str = "normal",
-        embedding: str = "table",
-        stem_depth: int = 1,
-    ) -> None:
+    def __init__(self, config: EncoderConfig | None = None, **settings: Any) -> None:
         super().__init__()
-        config = EncoderConfig(
-            vocab_size, dim, depth, heads, mlp_dim, max_len, attention, dict(attention_options or {}), norm,
-            positions, dropout, attention_dropout, pad_id, pad_to_multiple, layer_norm_eps, gradient_checkpointing,
-            init, embedding, stem_depth,
-        )  # fmt: skip
+        if settings or not isinstance(config, EncoderConfig):
+            config = _keyword_config(config, settings)
         _check_encoder_config(config)
+        config = replace(config, attention_options=dict(config.attention_options))  # the model's own copy
         self.config = config
-        if embedding == "table":
-            self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        dim = config.dim
+        if config.embedding == "table":
+            self.embed = nn.Embedding(config.vocab_size, dim, padding_idx=config.pad_id)
         else:
-            self.embed = IntensityEmbedding(vocab_size, dim, 3 if embedding == "conv" else 1, stem_depth)
-        if positions == "learned":
-            self.positions = nn.Parameter(torch.zeros(max_len, dim))
-        elif positions == "sinusoidal":
-            self.register_buffer("positions", sinusoidal_positions(max_len, dim), persistent=False)
+            kernel_size = 3 if config.embedding == "conv" else 1
+            self.embed = IntensityEmbedding(config.vocab_size, dim, kernel_size, config.stem_depth)
+        if config.positions == "learned":
+            self.positions = nn.Parameter(torch.zeros(config.max_len, dim))
+        elif config.positions == "sinusoidal":
+            self.register_buffer("positions", sinusoidal_positions(config.max_len, dim), persistent=False)
         else:  # "rope" and "rope2d" live in the attention modules; "none" has no positions
             self.positions = None
-        self.embed_norm = nn.LayerNorm(dim, eps=layer_norm_eps) if norm == "post" else nn.Identity()
-        self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(depth))
-        self.final_norm = nn.LayerNorm(dim, eps=layer_norm_eps) if norm == "pre" else nn.Identity()
-        self.apply(functools.partial(_init_weights, scheme=init))
-        if positions == "learned":
+        post, eps = config.norm == "post", config.layer_norm_eps
+        self.embed_norm = nn.LayerNorm(dim, eps=eps) if post else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.final_norm = nn.Identity() if post else nn.LayerNorm(dim, eps=eps)
+        self.apply(functools.partial(_init_weights, scheme=config.init))
+        if config.positions == "learned":
             nn.init.normal_(self.positions, std=0.02)
 
     @classmethod
     def from_config(cls, config: EncoderConfig) -> TransformerEncoder:
-        return cls(**asdict(config))
+        return cls(config)
 
     def forward(
         self,
@@ -420,6 +410,25 @@ class TransformerEncoder(PretrainedModel):
             else:
                 x = block(x, mask)
         return self.final_norm(x)[:, :length]
+
+
+def _keyword_config(vocab_size: Any, settings: dict[str, Any]) -> EncoderConfig:
+    """The config of the keyword form ``TransformerEncoder(vocab_size, dim=..., ...)`` of hopformer 0.1.
+
+    Deprecated; kept while callers outside the library (the scripts in ``benchmarks/``) move to a config.
+    """
+    warnings.warn(
+        "TransformerEncoder(vocab_size, **settings) is deprecated; pass a config: "
+        "TransformerEncoder(EncoderConfig(vocab_size, ...))",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if vocab_size is not None:
+        if "vocab_size" in settings:
+            raise TypeError("TransformerEncoder got vocab_size twice (positionally and by keyword)")
+        settings = {"vocab_size": vocab_size, **settings}
+    settings["attention_options"] = dict(settings.get("attention_options") or {})
+    return EncoderConfig(**settings)
 
 
 def _check_encoder_config(config: EncoderConfig) -> None:

@@ -8,6 +8,9 @@ Atomicity: a checkpoint is written into a temporary folder beside its final plac
 written to a temp file and renamed), then swapped in with ``os.replace``; the previous one is
 removed only after. A crash at any moment leaves either the old or the new checkpoint complete, and
 no temporary files once the next save or load tidies up.
+
+:func:`save_training_checkpoint` and :func:`resume_training` are the trainer's side: what ``state.pt`` holds
+(:class:`TrainState`, the optimiser, the data order, the RNGs), so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -15,13 +18,20 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from hopformer.models.transformer import atomic_write
+from hopformer.models.transformer import WEIGHTS_NAME, atomic_write
+from hopformer.train.metrics import Window
+from hopformer.train.optim import learning_rate
+
+if TYPE_CHECKING:
+    from hopformer.train.batches import BatchStream
+    from hopformer.train.config import Config
 
 STATE_NAME = "state.pt"
 
@@ -99,7 +109,60 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
     """Load ``model.safetensors`` of a checkpoint folder into ``model`` (on its device)."""
     from safetensors.torch import load_file
 
-    from hopformer.models.transformer import WEIGHTS_NAME
-
     device = next(model.parameters()).device
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_NAME), device=str(device)))
+
+
+@dataclass
+class TrainState:
+    """Where a run is: optimiser steps done, best validation accuracy so far, the log window's sums."""
+
+    step: int = 0
+    best: float | None = None
+    window: Window = field(default_factory=Window)
+
+
+def save_training_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stream: BatchStream,
+    state: TrainState,
+    config: Config,
+) -> Path:
+    """Save the model and all a resume needs (:func:`resume_training` reads it back) into ``directory``."""
+    return save_checkpoint(
+        directory,
+        model,
+        {
+            "step": state.step,
+            "optimizer": optimizer.state_dict(),
+            "data": stream.state_dict(),
+            "rng": rng_state(),
+            "best_val_accuracy": state.best,
+            "schedule": {"name": config.optim.schedule, "lr": learning_rate(state.step, config)},
+            "window": state.window.sums(),
+        },
+    )
+
+
+def resume_training(
+    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: BatchStream, steps: int
+) -> tuple[TrainState, Path]:
+    """Load ``run_dir/last`` into the model, optimiser, data order and RNGs; returns the state and the folder.
+
+    Raises:
+        FileNotFoundError: the run has no ``last/`` checkpoint.
+        ValueError: the run is past ``steps``.
+    """
+    found = find_checkpoint(run_dir / "last")
+    if found is None:
+        raise FileNotFoundError(f"--resume {run_dir}: no checkpoint in {run_dir / 'last'}")
+    state = load_state(found)
+    if int(state["step"]) > steps:
+        raise ValueError(f"train.steps={steps} is below the step {int(state['step'])} this run has reached")
+    load_weights(model, found)
+    optimizer.load_state_dict(state["optimizer"])
+    stream.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    return TrainState(int(state["step"]), state["best_val_accuracy"], Window(state.get("window", {}))), found

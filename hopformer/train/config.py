@@ -1,21 +1,33 @@
 """Training configuration: plain dataclasses, read from YAML, overridden from the command line.
 
-A config file has five sections; every key is optional and unknown keys are errors::
+A config file has these sections; every key is optional and unknown keys are errors::
 
+    base: small.yaml         # optional: the config this one starts from (a path relative to this file)
     task: listops            # listops | text | retrieval | image | pathfinder32 (or lra-<name>)
     data:  {data_dir, max_length, pad_to_multiple, generate: {train, val, test, min_length, max_length, seed}}
-    model: {dim, depth, heads, mlp_dim, attention, attention_options, norm, positions, pooling, ...}
+    model: {dim, depth, heads, mlp_dim, attention, attention_options, norm, positions, dropout, ...}
+    head:  {pooling, head_dim}
     optim: {lr, betas, eps, weight_decay, warmup_steps, schedule, min_lr_ratio, grad_clip}
     train: {steps, batch_size, grad_accum, eval_every, log_every, seed, device, precision, run_dir, ...}
 
-Overrides are dotted paths (``model.attention=diffuser``); values are parsed as YAML scalars, so
-``true``, ``1e-3`` and ``[0.9, 0.98]`` mean what they look like. The resolved config is saved as
-``config.yaml`` in every run folder and is enough to resume or re-run it.
+``model`` is the encoder's own config, :class:`hopformer.models.EncoderConfig`; what the task decides
+(``vocab_size``, ``max_len``, ``pad_id``, ``pad_to_multiple``) is None until the trainer fills it.
+
+``base:`` chains: the base is read (with its own base, and so on), then this file's keys are merged
+over it (mappings key by key, any other value replaces), then the overrides. Overrides are dotted paths
+(``model.attention=diffuser``); values are parsed as YAML scalars, so ``true``, ``1e-3`` and
+``[0.9, 0.98]`` mean what they look like. The resolved config is saved as ``config.yaml`` in every run
+folder and is enough to resume or re-run it.
+
+Settings that moved since 0.1 (:data:`LEGACY_KEYS`: ``model.pooling`` and ``model.head_dim`` are now in
+``head:``) are still read, from files, overrides and old run folders, with one warning line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import logging
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,7 +35,17 @@ from typing import Any
 
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "listops_small.yaml"
+from hopformer.models.transformer import EncoderConfig
+
+CONFIG_NAME = "config.yaml"
+"""The resolved config in every run folder."""
+DEFAULT_CONFIG_NAME = "default.yaml"
+"""The config of a run given none: ``hopformer/train/default.yaml``, shipped in the package (the small
+ListOps run that learns on a CPU in minutes)."""
+LEGACY_KEYS = {"model.pooling": "head.pooling", "model.head_dim": "head.head_dim"}
+"""Settings that changed place: old dotted name -> new one (see :func:`migrate_legacy_keys`)."""
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,27 +90,22 @@ class DataConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
-@dataclass
-class ModelConfig:
-    """The classifier (see :class:`hopformer.models.TransformerEncoder`); ``max_len`` None = from the data."""
+def model_defaults() -> EncoderConfig:
+    """The encoder settings of a run before its task is known: the trainer fills what is None."""
+    return EncoderConfig(vocab_size=None, max_len=None, pad_id=None, pad_to_multiple=None)
 
-    dim: int = 64
-    depth: int = 2
-    heads: int = 2
-    mlp_dim: int = 128
-    max_len: int | None = None
-    attention: str = "full"
-    attention_options: dict[str, Any] = field(default_factory=dict)
-    norm: str = "pre"
-    positions: str = "learned"
+
+@dataclass
+class HeadConfig:
+    """The head on the encoder: a :class:`~hopformer.models.SequenceClassifier` (a
+    :class:`~hopformer.models.DualEncoderClassifier` for pair tasks).
+
+    ``pooling``: ``"mean"`` over real tokens or ``"cls"`` (a learned vector prepended at position 0).
+    ``head_dim``: hidden width of the head's MLP; None = the encoder's ``mlp_dim``.
+    """
+
     pooling: str = "mean"
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
     head_dim: int | None = None
-    gradient_checkpointing: bool = False
-    init: str = "normal"  # "normal" (N(0, 0.02)) or "torch" (PyTorch's Linear default); see TransformerEncoder
-    embedding: str = "table"  # pixel tasks: "intensity" (grey levels, linear) or "conv" (3x3); see TransformerEncoder
-    stem_depth: int = 1  # embedding "conv": 3x3 convolutions in the stem (16 channels, GELU between)
 
 
 @dataclass
@@ -152,11 +169,18 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """A whole training run."""
+    """A whole training run.
+
+    ``model`` is the encoder's config; in it, None for ``vocab_size``, ``max_len``, ``pad_id`` and
+    ``pad_to_multiple`` means "from the task": its vocabulary (plus a mask id for the masked objective),
+    the longest sequence of its data rounded up to 128 (plus the CLS vector), 0 for tokens and no padding
+    id for pixels, and ``data.pad_to_multiple`` (itself None = 1 for full attention, 128 otherwise).
+    """
 
     task: str = "listops"
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: EncoderConfig = field(default_factory=model_defaults)
+    head: HeadConfig = field(default_factory=HeadConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -174,22 +198,30 @@ def _plain(value: Any) -> Any:
 
 
 def from_dict(values: dict[str, Any] | None, cls: type = Config, where: str = "config") -> Any:
-    """Build ``cls`` from a nested dict, checking every key and the type of every value."""
+    """Build ``cls`` (default-constructible) from a nested dict, checking every key and the type of every value.
+
+    Keys not given keep the defaults of ``cls()``, section by section (so ``model.max_len`` stays None,
+    "from the data", unless it is set).
+    """
+    return _update(cls(), values, where)
+
+
+def _update(default: Any, values: dict[str, Any] | None, where: str) -> Any:
     values = values or {}
     if not isinstance(values, dict):
         raise ValueError(f"{where} must be a mapping, got {values!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
+    known = {f.name for f in fields(default)}
+    unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(known)}")
-    kwargs = {}
+    changes = {}
     for name, value in values.items():
-        default = getattr(cls(), name)  # every config class here has defaults
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = from_dict(value, type(default), f"{where}.{name}")
+        current = getattr(default, name)
+        if dataclasses.is_dataclass(current):
+            changes[name] = _update(current, value, f"{where}.{name}")
         else:
-            kwargs[name] = _coerce(value, default, f"{where}.{name}")
-    return cls(**kwargs)
+            changes[name] = _coerce(value, current, f"{where}.{name}")
+    return dataclasses.replace(default, **changes)
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
@@ -224,19 +256,112 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config (``None`` = ``configs/listops_small.yaml``) and apply dotted ``overrides``."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if path.is_file():
-        values = yaml.safe_load(path.read_text()) or {}
-    elif path == DEFAULT_CONFIG:
-        values = {}  # an installed package without the configs folder: the dataclass defaults are the same
+    """Read a YAML config and apply dotted ``overrides``.
+
+    Args:
+        path: a config file (its ``base:`` chain followed, see :func:`read_config_file`); None = the
+            packaged default (:data:`DEFAULT_CONFIG_NAME`).
+        overrides: ``{"model.attention": "diffuser", ...}``, applied after the file(s).
+
+    Raises:
+        FileNotFoundError: the file, or a base it names, does not exist.
+        ValueError: a file is not a mapping, names an unknown key or a wrong value, or the bases form a cycle;
+            the message names the file.
+    """
+    if path is None:
+        where = f"hopformer/train/{DEFAULT_CONFIG_NAME}"
+        text = importlib.resources.files("hopformer.train").joinpath(DEFAULT_CONFIG_NAME).read_text()
+        values = _parse(text, where)
     else:
-        raise FileNotFoundError(f"config file {path} does not exist")
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping, got {type(values).__name__}")
-    for key, value in (overrides or {}).items():
+        where = str(path)
+        values = read_config_file(path)
+    for key, value in migrate_legacy_keys(dict(overrides or {}), "overrides (--set)").items():
         set_dotted(values, key, value)
-    return from_dict(values, Config, where=str(path))
+    return from_dict(values, Config, where=where)
+
+
+def read_config_file(path: str | os.PathLike, _named_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The settings of a config file as a nested dict, its ``base:`` chain merged in.
+
+    ``base: other.yaml`` (relative to this file) is read first, recursively; this file's keys are then
+    merged over it by :func:`merge_settings`. Each file's keys are checked on their own, so an error names
+    the file that holds the bad key.
+    """
+    path = Path(path).expanduser()
+    chain = [*_named_by, path]
+    if path.resolve() in {named.resolve() for named in _named_by}:
+        raise ValueError(f"config files name each other as base in a cycle: {' -> '.join(map(str, chain))}")
+    if not path.is_file():
+        named = f" (the base: of {_named_by[-1]})" if _named_by else ""
+        raise FileNotFoundError(f"config file {path} does not exist{named}")
+    values = migrate_legacy_keys(_parse(path.read_text(), str(path)), str(path))
+    base = values.pop("base", None)
+    from_dict(values, Config, where=str(path))
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base.strip():
+        raise ValueError(f"{path}: base must be the path of a YAML config file, got {base!r}")
+    return merge_settings(read_config_file(path.parent / Path(base).expanduser(), tuple(chain)), values)
+
+
+def _parse(text: str, where: str) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{where}: not valid YAML: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: a config file must hold a mapping, got {type(values).__name__}")
+    return values
+
+
+def merge_settings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base``: mappings merged key by key (recursively), any other value replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def migrate_legacy_keys(values: dict[str, Any], where: str, warn: bool = True) -> dict[str, Any]:
+    """Move settings named as before (:data:`LEGACY_KEYS`) to their new place, with one warning line.
+
+    ``values`` is a config file's nested mapping or a dict of dotted overrides; it is changed in place and
+    returned. Giving a setting under both names is an error.
+    """
+    moved = []
+    for old, new in LEGACY_KEYS.items():
+        (section, key), (new_section, new_key) = old.split("."), new.split(".")
+        if old in values:  # a dotted override
+            target, found, value = values, new, values.pop(old)
+        elif isinstance(values.get(section), dict) and key in values[section]:
+            if values.get(new_section) is None:
+                values[new_section] = {}
+            target, found, value = values[new_section], new_key, values[section].pop(key)
+            if not isinstance(target, dict):
+                raise ValueError(f"{where}: {new_section} must be a mapping, got {target!r}")
+        else:
+            continue
+        if found in target:
+            raise ValueError(f"{where}: both {old} and {new} are set; {old} is the old name of {new}, keep only {new}")
+        target[found] = value
+        moved.append((old, new))
+    if moved and warn:
+        renames = ", ".join(f"{old} is now {new}" for old, new in moved)
+        _log.warning("%s: %s (the old names still work, with this warning; use the new ones)", where, renames)
+    return values
+
+
+def with_overrides(config: Config, overrides: dict[str, Any], where: str = "overrides") -> Config:
+    """A copy of ``config`` with dotted ``overrides`` applied (and checked, as :func:`load_config` does)."""
+    values = config.to_dict()
+    for key, value in migrate_legacy_keys(dict(overrides), where).items():
+        set_dotted(values, key, value)
+    return from_dict(values, Config, where=where)
 
 
 def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:

@@ -1,7 +1,8 @@
-"""The ``hopformer`` command: one verb per job; each verb lives beside the code it drives.
+"""The ``hopformer`` command: one verb per job, one module of this package per verb.
 
-Verb modules are imported only when their verb runs, so ``hopformer --help`` stays fast.
-Each verb module defines ``configure(parser)`` and ``run(args) -> int``.
+Verb modules are imported only when their verb runs, so ``hopformer --help`` stays fast. Each verb
+module defines ``configure(parser)`` (its arguments) and ``run(args) -> int`` (the exit status); it
+parses and prints, and leaves the work to the library.
 """
 
 from __future__ import annotations
@@ -10,19 +11,20 @@ import argparse
 import importlib
 import sys
 
-# verb -> (module that implements it, one-line help)
-VERBS: dict[str, tuple[str, str]] = {
-    "train": ("hopformer.train.cli_train", "train a model on a task (ListOps by default)"),
-    "eval": ("hopformer.train.cli_eval", "evaluate a saved run on a data file"),
-    "bench": ("hopformer.bench.cli", "time and measure memory of the attention kernels"),
-    "graph": ("hopformer.analysis.cli", "analyse attention graphs: density, spectral gap, NIP, pictures"),
-    "data": ("hopformer.data.cli", "generate task data (ListOps, Pathfinder) in the released LRA layout"),
-    "lra": ("hopformer.train.cli_lra", "run or collect a grid of LRA runs and write one results table"),
-    "report": ("hopformer.train.cli_report", "one comparison table from any run folders, seeds grouped"),
+# verb -> one-line help; the verb's module is hopformer.cli.<verb>
+VERBS: dict[str, str] = {
+    "train": "train a model on a task (ListOps by default)",
+    "eval": "evaluate a saved run on a data file",
+    "bench": "time and measure memory of the attention kernels",
+    "graph": "analyse attention graphs: density, spectral gap, NIP, pictures",
+    "data": "generate task data (ListOps, Pathfinder) in the released LRA layout",
+    "lra": "run or collect a grid of LRA runs and write one results table",
+    "report": "one comparison table from any run folders, seeds grouped",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: ``--version`` and the verbs (each verb parses its own arguments)."""
     parser = argparse.ArgumentParser(
         prog="hopformer",
         description="Transformers on long sequences: Diffuser, Routing, Combiner, Hypercube and baselines.",
@@ -31,12 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"hopformer {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
-    for name, (_, help_text) in VERBS.items():
+    for name, help_text in VERBS.items():
         verbs.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``hopformer VERB ARGS...`` (``argv`` default: the command line); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if not argv or argv[0] not in VERBS:
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     name = argv[0]
-    module_name, help_text = VERBS[name]
+    module_name, help_text = f"{__name__}.{name}", VERBS[name]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
@@ -56,7 +59,3 @@ def main(argv: list[str] | None = None) -> int:
     module.configure(sub)
     args = sub.parse_args(argv[1:])
     return int(module.run(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -87,7 +87,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
-        "--out", default="benchmarks/results/attention.json", help="JSON file (a PNG is written beside it)"
+        "--out",
+        default="attention_bench.json",
+        help="JSON file (a PNG is written beside it; default attention_bench.json)",
     )
 
 

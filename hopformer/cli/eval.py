@@ -44,15 +44,10 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, evaluate, print the accuracy."""
     from hopformer.attention import use_portable_backends
     from hopformer.models import MaskedTokenModel, from_pretrained
-    from hopformer.train.trainer import (
-        CONFIG_NAME,
-        Runtime,
-        evaluate,
-        masking,
-        max_tokens,
-        prefix_length,
-        resolve_device,
-    )
+    from hopformer.train.batches import Runtime, masking, max_tokens, prefix_length
+    from hopformer.train.build import resolve_device
+    from hopformer.train.config import CONFIG_NAME, load_config
+    from hopformer.train.evaluation import evaluate
 
     path = Path(args.checkpoint)
     folder = checkpoint_folder(path, args.which)
@@ -71,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
         examples = load_listops_tsv(args.data, max_length=limit)
         source, hiding = args.data, {}
     else:
-        from hopformer.train.config import load_config
         from hopformer.train.tasks import load_task
 
         run_dir = path if (path / CONFIG_NAME).is_file() else folder.parent

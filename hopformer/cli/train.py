@@ -4,10 +4,11 @@
     hopformer train --config configs/lra/listops.yaml --attention bigbird --data-dir lra_release
     hopformer train --attention diffuser --attention-option hops=3 --attention-option alpha=0.2
     hopformer train --resume runs/listops-diffuser-20250101-120000
-    hopformer train --config configs/lra/listops_h200.yaml --time-limit 8 --run-dir runs/lra/listops-full-s0
+    hopformer train --config configs/lra/listops.yaml --time-limit 8 --run-dir runs/lra/listops-full-s0
 
-Without ``--config`` the CPU default ``configs/listops_small.yaml`` is used. Command-line values
-override the config file; ``--set section.key=value`` reaches any setting.
+Without ``--config`` the packaged CPU default is used (a small ListOps run, the settings of
+``configs/listops_small.yaml``). Command-line values override the config file; ``--set section.key=value``
+reaches any setting.
 
 ``--time-limit MIN`` stops the run cleanly before MIN minutes (counted from the start of training, data
 loading included): it saves ``last/``, logs "stopped at time limit, resume with --resume RUN" and exits
@@ -21,8 +22,6 @@ Exit status: 0 finished or stopped at the time limit, 130 SIGINT, 143 SIGTERM.
 from __future__ import annotations
 
 import argparse
-
-from hopformer.train.config import DEFAULT_CONFIG, load_config, parse_assignment
 
 # flag -> dotted config key
 _FLAGS = {
@@ -45,7 +44,7 @@ _EXIT_STATUS = {"time_limit": 0, "SIGINT": 130, "SIGTERM": 143}
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hopformer train``."""
-    parser.add_argument("--config", help=f"YAML config (default configs/{DEFAULT_CONFIG.name})")
+    parser.add_argument("--config", help="YAML config (default: the packaged small ListOps CPU run)")
     parser.add_argument("--task", help="listops | text | retrieval | image | pathfinder32 (or lra-<name>)")
     parser.add_argument("--attention", help="attention name (hopformer.attention.available())")
     parser.add_argument(
@@ -78,6 +77,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Dotted config overrides from the parsed flags (only those given)."""
+    from hopformer.train.config import parse_assignment
+
     overrides = {}
     for flag, key in _FLAGS.items():
         value = getattr(args, flag, None)
@@ -96,7 +97,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Train (or resume) and print where the run is and its test accuracy."""
-    from hopformer.train.trainer import train
+    from hopformer.train.config import load_config
+    from hopformer.train.loop import train
 
     overrides = overrides_from_args(args)
     if args.resume:

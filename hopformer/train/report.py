@@ -1,26 +1,22 @@
-"""``hopformer report``: one comparison table from any run folders, seeds grouped.
+"""Compare run folders: runs that differ only in the seed form one row, named by what sets it apart.
 
-    hopformer report runs/pf/bigbird-s* runs/pf/diffuser-hops1-s* runs/pf/diffuser-attn-only
-    hopformer report runs/pf/* --out runs/pf          # also report.md, report.json and curves.png there
-
-``hopformer lra`` tabulates a (task x attention) grid of runs named by its own scheme. Variants (other
-hops, another learning rate, an option) fall outside it; this verb takes run folders as they are. It reads
-each folder's ``config.yaml``, ``metrics.jsonl`` and, once the run has finished, ``results.json``. Runs
-whose settings differ only in the seed (and in where or how long they ran) form one row: test accuracy as
-mean ± sample std over the seeds (best validation likewise), and each row's gap to the top row with its
-standard error. A row is named by the settings that tell it apart from the other rows, so
-``attention=diffuser hops=1`` rather than the whole config; a setting added after a run was made counts at its
-default, so older runs group with newer ones. Unfinished runs appear with the steps they
-reached and their best validation so far, and no test. With ``--out``, ``curves.png`` draws validation
-accuracy and loss against the step, one colour per row, so rows can be compared at equal steps, with the
-training curves dashed (the mean over each evaluation interval), so overfitting shows as a widening gap. A
-row of three or more seeds is drawn as its mean over the seeds with a band of ± one standard deviation; a
-row of fewer, one line per run.
+``hopformer lra`` tabulates a (task x attention) grid of runs named by its own scheme (:mod:`.grid`).
+Variants (other hops, another learning rate, an option) fall outside it; this takes run folders as they
+are. It reads each folder's ``config.yaml``, ``metrics.jsonl`` and, once the run has finished,
+``results.json``. Runs whose settings differ only in the seed (and in where or how long they ran) form one
+row: test accuracy as mean ± sample std over the seeds (best validation likewise), and each row's gap to
+the top row with its standard error. A row is named by the settings that tell it apart from the other
+rows, so ``attention=diffuser hops=1`` rather than the whole config; a setting added after a run was made
+counts at its default, and one that moved (``model.pooling``) at its new place, so older runs group with
+newer ones. Unfinished runs appear with the steps they reached and their best validation so far, and no
+test. :func:`plot_curves` draws validation accuracy and loss against the step, one colour per row, so rows
+can be compared at equal steps, with the training curves dashed (the mean over each evaluation interval),
+so overfitting shows as a widening gap. A row of three or more seeds is drawn as its mean over the seeds
+with a band of ± one standard deviation; a row of fewer, one line per run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections.abc import Sequence
@@ -29,8 +25,8 @@ from typing import Any
 
 import yaml
 
-from hopformer.train.config import Config
-from hopformer.train.trainer import CONFIG_NAME, METRICS_NAME, RESULTS_NAME, training_cost
+from hopformer.train.config import CONFIG_NAME, Config, migrate_legacy_keys
+from hopformer.train.metrics import METRICS_NAME, RESULTS_NAME, training_cost
 
 # settings that say where or how a run ran, not what was trained: never part of a row's identity
 _NOT_IDENTITY = {
@@ -47,30 +43,6 @@ _NOT_IDENTITY = {
 _SHORT = {"model.attention_options.": "", "model.attention": "attention"}  # prefixes shortened in labels
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", help="run folders (each with config.yaml and metrics.jsonl)")
-    parser.add_argument("--out", help="folder to write report.md, report.json and curves.png into")
-
-
-def run(args: argparse.Namespace) -> int:
-    report = summarise([read_run(Path(path)) for path in args.runs])
-    text = to_markdown(report)
-    print(text, end="")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(text)
-        # one line: the per-run curves would take a line per number; report.md is the readable form
-        (out / "report.json").write_text(json.dumps(report) + "\n")
-        print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
-        try:
-            plot_curves(report, out / "curves.png")
-            print(f"wrote {out / 'curves.png'}")
-        except ImportError:
-            print("curves.png not drawn: matplotlib is missing (pip install 'hopformer[plot]')")
-    return 0
-
-
 def read_run(folder: Path) -> dict[str, Any]:
     """One run's settings (flattened, dotted keys), seed, progress and scores; ValueError naming the
     folder and the file when it is not a run folder."""
@@ -81,7 +53,9 @@ def read_run(folder: Path) -> dict[str, Any]:
     config = yaml.safe_load(config_path.read_text())
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a mapping of settings, got {type(config).__name__}")
-    # settings added since the run was made take their defaults, so that it groups with newer runs
+    # settings added since the run was made take their defaults, and moved ones their new place, so that it
+    # groups with newer runs
+    config = migrate_legacy_keys(config, str(config_path), warn=False)
     settings = {**_flatten(Config().to_dict()), **_flatten(config)}
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     val = [r for r in records if r.get("split") == "val"]
@@ -106,6 +80,22 @@ def read_run(folder: Path) -> dict[str, Any]:
         "steps_per_s": training_cost(folder).get("steps_per_s"),
         "test": None if results is None or results.get("test_accuracy") is None else 100 * results["test_accuracy"],
     }
+
+
+def write_report(report: dict[str, Any], out: Path) -> list[Path]:
+    """Write ``report.md``, ``report.json`` and (with matplotlib) ``curves.png`` into ``out``; returns the
+    files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(to_markdown(report))
+    # one line: the per-run curves would take a line per number; report.md is the readable form
+    (out / "report.json").write_text(json.dumps(report) + "\n")
+    written = [out / "report.md", out / "report.json"]
+    try:
+        plot_curves(report, out / "curves.png")
+        written.append(out / "curves.png")
+    except ImportError:
+        pass
+    return written
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

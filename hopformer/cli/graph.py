@@ -18,7 +18,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any
 
 from hopformer.graphs import PATTERNS, BlockGraph, build_graph
@@ -79,7 +78,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Build every (pattern, length) graph, print the measures, write the pictures and JSON."""
     from tqdm import tqdm
+
+    from hopformer.analysis.summary import measure_graph
 
     unknown = [pattern for pattern in args.patterns if pattern not in PATTERNS]
     if unknown:
@@ -109,9 +111,8 @@ def run(args: argparse.Namespace) -> int:
     for (pattern, seq_len), graph in progress:
         progress.set_postfix_str(f"{pattern} L={seq_len}")
         try:
-            rows.append(
-                measure(graph, pattern, args.alpha, args.hops, spectral_level, nip_level, not args.no_hub_correction)
-            )
+            hub_correction = not args.no_hub_correction
+            rows.append(measure_graph(graph, pattern, args.alpha, args.hops, spectral_level, nip_level, hub_correction))
         except ValueError as error:
             print(f"hopformer graph: {pattern} at --seq-len {seq_len}: {error}", file=sys.stderr)
             return 2
@@ -120,60 +121,6 @@ def run(args: argparse.Namespace) -> int:
         written = write_outputs(args.out, graphs, rows, args.alpha, args.hops, spectral_level, args.spectrum_len)
         print(f"wrote {len(written)} files to {args.out}: {', '.join(sorted(os.path.basename(p) for p in written))}")
     return 0
-
-
-def measure(
-    graph: BlockGraph,
-    pattern: str,
-    alpha: float,
-    hops: int,
-    spectral_level: str = "token",
-    nip_level: str = "block",
-    hub_correction: bool = True,
-) -> dict[str, Any]:
-    """One table row: size, density, degrees, diameter, spectral gaps and NIP of ``graph``.
-
-    A graph with an isolated node (at ``nip_level``) gets diameter ``inf`` and NIP ``nan`` ("undefined"
-    in the table) instead of aborting the whole table; :func:`~hopformer.analysis.nip` itself raises.
-    """
-    from hopformer.analysis.nip import degree_stats, diameter, information_payload
-    from hopformer.analysis.spectral import spectral_gap
-
-    start = time.perf_counter()
-    gap = spectral_gap(graph, level=spectral_level)
-    gap_hops = spectral_gap(graph, alpha, hops, level=spectral_level)
-    gap_exact = spectral_gap(graph, alpha, level=spectral_level)
-    spectral_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    degrees = degree_stats(graph, level=nip_level)
-    if degrees["degree_min"] > 0:
-        payload = information_payload(graph, hub_correction, level=nip_level)
-        kappa, mean_degree, hubs = payload.diameter, payload.mean_degree, payload.num_hubs
-        nip_value, log10_nip = payload.nip, payload.log_nip / math.log(10)
-    else:  # NIP is undefined (1/deg of an isolated node); the diameter is infinite
-        kappa, mean_degree, hubs = diameter(graph, level=nip_level), degrees["degree_mean"], degrees["hubs"]
-        nip_value, log10_nip = math.nan, math.nan
-    nip_seconds = time.perf_counter() - start
-    return {
-        "pattern": pattern,
-        "name": graph.name,
-        "seq_len": graph.seq_len,
-        "block_size": graph.block_size,
-        "density": graph.density,
-        "keys_per_query": float(graph.keys_per_query().double().mean()),
-        "diameter": kappa,
-        "degree_min": degrees["degree_min"],
-        "mean_degree": mean_degree,
-        "degree_max": degrees["degree_max"],
-        "hubs": hubs,
-        "gap": gap,
-        "gap_hops": gap_hops,
-        "gap_exact": gap_exact,
-        "nip": nip_value,
-        "log10_nip": log10_nip,
-        "spectral_seconds": spectral_seconds,
-        "nip_seconds": nip_seconds,
-    }
 
 
 def format_table(rows: list[dict[str, Any]], hops: int, spectral_level: str, nip_level: str) -> str:

@@ -1,0 +1,177 @@
+"""What a run is built from: its checked config, the device, the seeds, and the model for its task."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hopformer.attention import available
+from hopformer.attention import build as build_attention
+from hopformer.models import (
+    DualEncoderClassifier,
+    EncoderConfig,
+    IntensityEmbedding,
+    MaskedTokenModel,
+    SequenceClassifier,
+    TransformerEncoder,
+)
+from hopformer.models.transformer import WEIGHTS_NAME
+from hopformer.train.batches import batch_multiple
+from hopformer.train.checkpoint import find_checkpoint
+from hopformer.train.config import Config
+from hopformer.train.optim import SCHEDULES
+from hopformer.train.tasks import TaskData
+
+OBJECTIVES = ("classify", "masked")
+# Attentions that run on a graph: FlexAttention on CUDA (head dimension >= 16, no attention dropout).
+GRAPH_ATTENTIONS = ("local", "longformer", "bigbird", "hypercube", "diffuser")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (initialisation, dropout)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_config(config: Config, data: TaskData) -> EncoderConfig:
+    """``config.model`` with what the task decides filled in where it is None.
+
+    ``vocab_size``: the task's vocabulary, or one more than the largest id of its training data, whichever
+    is larger, plus the mask id of the masked objective. ``max_len``: the longest sequence of the data
+    rounded up to 128, plus one for a CLS vector. ``pad_id``: 0 for tokens, none for pixels (0 is black).
+    ``pad_to_multiple``: that of the batches (:func:`~hopformer.train.batches.batch_multiple`).
+    """
+    m = config.model
+    masked = config.train.objective == "masked"
+    vocab = max(data.spec.vocab_size, 1 + max(int(e["input_ids"].max()) for e in data.splits["train"]))
+    vocab += 1 if masked else 0  # the mask token, after every id the task uses (a classifier drops its row: init_from)
+    if m.vocab_size is not None and m.vocab_size < vocab:
+        mask = " and the mask id" if masked else ""
+        raise ValueError(f"model.vocab_size={m.vocab_size} is below the {vocab} ids of task {config.task!r}{mask}")
+    cls_extra = 1 if config.head.pooling == "cls" else 0
+    return replace(
+        m,
+        vocab_size=m.vocab_size or vocab,
+        max_len=m.max_len or -(-data.longest() // 128) * 128 + cls_extra,
+        pad_id=(None if data.spec.pixels else 0) if m.pad_id is None else m.pad_id,
+        pad_to_multiple=m.pad_to_multiple or batch_multiple(config),
+    )
+
+
+def build_model(config: Config, data: TaskData) -> torch.nn.Module:
+    """The model of ``config`` for ``data``: a classifier of the task's labels (a dual encoder for pair
+    tasks) with the ``head`` settings, or for ``train.objective="masked"`` a :class:`MaskedTokenModel`."""
+    if config.train.objective == "masked" and data.spec.pair:
+        raise ValueError(f"train.objective='masked' reads one sequence per example; {data.spec.name!r} has pairs")
+    encoder = TransformerEncoder(model_config(config, data))
+    if config.train.objective == "masked":
+        return MaskedTokenModel(encoder, encoder.config.vocab_size)
+    head = DualEncoderClassifier if data.spec.pair else SequenceClassifier
+    return head(encoder, data.spec.num_classes, pooling=config.head.pooling, head_dim=config.head.head_dim)
+
+
+def load_encoder_weights(model: torch.nn.Module, source: str | Path) -> Path:
+    """Copy the encoder of a run (its ``best/``, else ``last/`` checkpoint) or of a checkpoint folder
+    into ``model.encoder``; returns the checkpoint folder read."""
+    from safetensors.torch import load_file
+
+    source = Path(source).expanduser()
+    found = find_checkpoint(source / "best") or find_checkpoint(source / "last")
+    if found is None and (source / WEIGHTS_NAME).is_file():
+        found = source
+    if found is None:
+        raise FileNotFoundError(
+            f"train.init_from={source}: no checkpoint there (a run folder with best/ or last/, or a checkpoint "
+            f"folder with {WEIGHTS_NAME})"
+        )
+    device = next(model.parameters()).device
+    weights = load_file(str(found / WEIGHTS_NAME), device=str(device))
+    encoder = {name.removeprefix("encoder."): t for name, t in weights.items() if name.startswith("encoder.")}
+    # A masked-token model has one more id, its mask token: a last table row, or a pixel embedding's special row.
+    embed = model.encoder.embed
+    if isinstance(embed, torch.nn.Embedding) and len(encoder.get("embed.weight", ())) == embed.num_embeddings + 1:
+        encoder["embed.weight"] = encoder["embed.weight"][: embed.num_embeddings]
+    elif isinstance(embed, IntensityEmbedding) and embed.special is None:
+        encoder.pop("embed.special.weight", None)
+    try:
+        model.encoder.load_state_dict(encoder)
+    except RuntimeError as error:
+        raise ValueError(f"train.init_from={source}: its encoder does not fit this model: {error}") from error
+    return found
+
+
+# The ops backend dispatch will answer this (which backend runs the model on the device, and why not).
+def check_device_support(config: Config, device: torch.device) -> None:
+    """What FlexAttention (graph attentions on CUDA) cannot do, named before any data is loaded."""
+    m = config.model
+    backend = m.attention_options.get("backend", "auto")
+    if device.type != "cuda" or m.attention not in GRAPH_ATTENTIONS or backend not in ("auto", "flex"):
+        return
+    head_dim = m.dim // m.heads
+    if head_dim < 16:
+        raise ValueError(
+            f"model.dim / model.heads = {m.dim} / {m.heads} = {head_dim}: FlexAttention, which runs the graph "
+            f"attention {m.attention!r} on CUDA, needs a head dimension of at least 16; use model.heads <= "
+            f"{max(1, m.dim // 16)} or model.attention_options.backend=gather"
+        )
+    if m.attention_dropout > 0:
+        raise ValueError(
+            f"model.attention_dropout={m.attention_dropout}: FlexAttention, which runs the graph attention "
+            f"{m.attention!r} on CUDA, has no attention dropout; set it to 0 or model.attention_options.backend=gather"
+        )
+
+
+def check_config(config: Config) -> None:
+    """Errors that name the setting, before any data is loaded."""
+    tc, oc = config.train, config.optim
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "log_every"):
+        value = getattr(tc, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+    if tc.batch_size % tc.grad_accum:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum={tc.grad_accum}")
+    if tc.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16 or fp32, got {tc.precision!r}")
+    if tc.objective not in OBJECTIVES:
+        raise ValueError(f"train.objective={tc.objective!r} is not known; choose one of {list(OBJECTIVES)}")
+    if tc.objective == "masked" and not 0 < tc.mask_rate < 1:
+        raise ValueError(f"train.mask_rate must be in (0, 1) for the masked objective, got {tc.mask_rate!r}")
+    if oc.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={oc.schedule!r} is not known; choose one of {list(SCHEDULES)}")
+    if oc.lr <= 0:
+        raise ValueError(f"optim.lr must be positive, got {oc.lr!r}")
+    scale = oc.hop_lr_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"optim.hop_lr_scale must be a positive number, got {scale!r}")
+    if oc.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {oc.warmup_steps!r}")
+    limit = tc.time_limit_minutes
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        raise ValueError(f"train.time_limit_minutes must be a positive number of minutes or null, got {limit!r}")
+    m = config.model
+    for name in ("vocab_size", "pad_to_multiple", "pad_id"):  # None: from the task
+        value, least = getattr(m, name), 0 if name == "pad_id" else 1
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            kind = "a non-negative" if least == 0 else "a positive"
+            raise ValueError(f"model.{name} must be {kind} integer or null (from the task), got {value!r}")
+    if m.attention not in available():
+        raise ValueError(f"model.attention={m.attention!r} is not known; choose one of {available()}")
+    if not isinstance(m.attention_options, dict):
+        raise TypeError(f"model.attention_options must be a mapping, got {m.attention_options!r}")
+    build_attention(m.attention, m.dim, m.heads, **m.attention_options)  # a bad option fails here, not later
