@@ -28,19 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hopformer.ops.flex as flex_backend  # noqa: E402
 from hopformer.bench.harness import command_line, environment, write_json  # noqa: E402
 from hopformer.data.batching import collate  # noqa: E402
+from hopformer.train.batches import BatchStream, Runtime, masking, max_tokens, next_training_batch, prefix_length  # noqa: E402
+from hopformer.train.build import build_model  # noqa: E402
 from hopformer.train.config import load_config  # noqa: E402
+from hopformer.train.evaluation import objective_loss  # noqa: E402
+from hopformer.train.optim import make_optimizer  # noqa: E402
 from hopformer.train.tasks import load_task  # noqa: E402
-from hopformer.train.trainer import (  # noqa: E402
-    BatchStream,
-    Runtime,
-    _augmented,
-    build_model,
-    make_optimizer,
-    masking,
-    max_tokens,
-    objective_loss,
-    prefix_length,
-)
 
 CONFIG = "configs/lra/pathfinder32_pytorch_conv.yaml"
 ONE_HOP = {"attention": "diffuser", "attention_options": {"hops": 1}}
@@ -70,24 +63,24 @@ def timed(fn, repeats: int) -> float:
 
 def profile_variant(data, base: dict, model_settings: dict, compiled: bool, repeats: int) -> dict:
     device = torch.device("cuda")
-    config = load_config(CONFIG, {**base, "model": model_settings})
+    config = load_config(CONFIG, {**base, "model": {**model_settings, "pad_to_multiple": 128}})
     torch.manual_seed(0)
-    model = build_model(config, data, 128).to(device)
+    model = build_model(config, data).to(device)
     run = torch.compile(model) if compiled else model
     optimizer = make_optimizer(model, config)
     runtime = Runtime(device, True, 128, max_tokens(model), prefix_length(model), **masking(model, config))
     train = data.splits["train"]
     stream = BatchStream([len(e["input_ids"]) for e in train], 256, 0, config.data.bucket)
-    fixed, fixed_labels, _ = runtime.batch(_augmented(train, stream, config))
+    fixed, fixed_labels, _ = runtime.batch(next_training_batch(train, stream, config))
 
     def pinned_batch():
-        batch = collate(_augmented(train, stream, config), max_length=runtime.max_length)
+        batch = collate(next_training_batch(train, stream, config), max_length=runtime.max_length)
         batch = {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
         return batch, batch.pop("label")
 
     def step(inputs=None, labels=None, pin=False):
         if inputs is None:
-            inputs, labels = pinned_batch() if pin else runtime.batch(_augmented(train, stream, config))[:2]
+            inputs, labels = pinned_batch() if pin else runtime.batch(next_training_batch(train, stream, config))[:2]
         with runtime.context():
             loss, _, _ = objective_loss(run(**inputs).float(), labels)
         loss.backward()

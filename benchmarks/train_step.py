@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.bench.harness import command_line, environment
-from hopformer.models import SequenceClassifier, TransformerEncoder
+from hopformer.models import EncoderConfig, SequenceClassifier, TransformerEncoder
 from hopformer.train.config import parse_assignment
 
 
@@ -55,11 +55,11 @@ def make_batches(args, count: int, device: torch.device) -> list[tuple]:
 
 def measure(name: str, options: dict, args, batches, device: torch.device) -> dict:
     torch.manual_seed(0)
-    encoder = TransformerEncoder(
+    encoder = TransformerEncoder(EncoderConfig(
         vocab_size=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads, mlp_dim=args.mlp_dim,
         max_len=args.seq_len, attention=name, attention_options=options, norm="pre",
         positions="learned", dropout=0.1, pad_id=0, pad_to_multiple=1,
-    )  # fmt: skip
+    ))  # fmt: skip
     model = SequenceClassifier(encoder, args.classes, pooling=args.pooling).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

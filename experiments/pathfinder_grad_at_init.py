@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hopformer.bench.harness import command_line, environment, positive_int  # noqa: E402
 from hopformer.data import load_lra  # noqa: E402
-from hopformer.models.transformer import SequenceClassifier, TransformerEncoder  # noqa: E402
+from hopformer.models import EncoderConfig, SequenceClassifier, TransformerEncoder  # noqa: E402
 
 SETTINGS = {  # name: (attention, options)
     "bigbird": ("bigbird", {}),
@@ -46,10 +46,10 @@ SETTINGS = {  # name: (attention, options)
 def measure(attention: str, options: dict, ids: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, float]:
     """Gradient norms and token spread of one freshly initialised model on one batch."""
     torch.manual_seed(seed)
-    encoder = TransformerEncoder(
+    encoder = TransformerEncoder(EncoderConfig(
         256, dim=64, depth=2, heads=2, mlp_dim=128, max_len=ids.shape[1], attention=attention,
         attention_options=options, pad_id=None, init="torch", embedding="conv",
-    )  # fmt: skip
+    ))  # fmt: skip
     model = SequenceClassifier(encoder, 2, pooling="mean").eval()
     outputs = []
     hooks = [block.attention.register_forward_hook(lambda m, i, o: outputs.append(o)) for block in encoder.blocks]

@@ -231,16 +231,9 @@ def test_the_encoder_is_built_from_its_config():
         TransformerEncoder(EncoderConfig(None))  # a training config's open vocabulary is filled before building
 
 
-def test_the_keyword_form_of_0_1_still_builds_with_a_deprecation_warning():
-    torch.manual_seed(0)
-    with pytest.warns(DeprecationWarning, match=r"pass a config: TransformerEncoder\(EncoderConfig"):
-        old = TransformerEncoder(VOCAB, dim=16, depth=1, mlp_dim=32, attention_options=None)
-    torch.manual_seed(0)
-    new = TransformerEncoder(EncoderConfig(VOCAB, dim=16, depth=1, mlp_dim=32))
-    assert old.config == new.config
-    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
-    with pytest.raises(TypeError, match="vocab_size twice"), pytest.warns(DeprecationWarning):
-        TransformerEncoder(VOCAB, vocab_size=VOCAB)
+def test_the_encoder_takes_its_config_and_says_so_otherwise():
+    with pytest.raises(TypeError, match=r"TransformerEncoder takes an EncoderConfig, got int"):
+        TransformerEncoder(VOCAB)
 
 
 def test_from_pretrained_names_missing_files(tmp_path):

@@ -12,10 +12,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hopformer.train.trainer import _check_config
 
 from hopformer.attention import build as build_attention
 from hopformer.train.config import Config, from_dict
-from hopformer.train.trainer import _check_config
 
 
 def _load_checker():

@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def checkpoint_folder(path: Path, which: str) -> Path:
     """The folder holding ``model.safetensors``: ``path`` itself, or ``path/<which>`` of a run."""
-    from hopformer.models.transformer import WEIGHTS_NAME
+    from hopformer.models.pretrained import WEIGHTS_NAME
     from hopformer.train.checkpoint import find_checkpoint
 
     if (path / WEIGHTS_NAME).is_file():

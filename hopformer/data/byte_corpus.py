@@ -94,7 +94,10 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     """The standard library's ``.py`` files (no ``site-packages``), sorted by relative path."""
     root = stdlib_root() if root is None else root
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    return sorted((p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)), key=lambda p: str(p.relative_to(root)))
+    return sorted(
+        (p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)),
+        key=lambda p: str(p.relative_to(root)),
+    )
 
 
 def stdlib_corpus(cache: str | os.PathLike | None = None, log=print) -> ByteCorpus:

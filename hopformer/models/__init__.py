@@ -1,25 +1,22 @@
-"""Models: a transformer encoder on any registered attention, and classification heads.
+"""Models: a transformer encoder on any registered attention, and heads on it.
 
 Each model has a dataclass ``config`` and HF-like ``save_pretrained(dir)`` / ``from_pretrained(dir)``
-(``config.json`` + ``model.safetensors``).
+(``config.json`` + ``model.safetensors``); :func:`from_pretrained` loads any of them.
 """
 
-from hopformer.models.transformer import (
+from hopformer.models.encoder import EncoderConfig, IntensityEmbedding, TransformerEncoder
+from hopformer.models.heads import (
     DualEncoderClassifier,
     DualEncoderClassifierConfig,
-    EncoderConfig,
-    IntensityEmbedding,
     MaskedTokenModel,
     MaskedTokenModelConfig,
-    PretrainedModel,
     SequenceClassifier,
     SequenceClassifierConfig,
-    TransformerEncoder,
     aux_loss,
     count_parameters,
-    from_pretrained,
     pool,
 )
+from hopformer.models.pretrained import PretrainedModel, from_pretrained
 
 __all__ = [
     "DualEncoderClassifier",

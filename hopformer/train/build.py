@@ -19,7 +19,7 @@ from hopformer.models import (
     SequenceClassifier,
     TransformerEncoder,
 )
-from hopformer.models.transformer import WEIGHTS_NAME
+from hopformer.models.pretrained import WEIGHTS_NAME
 from hopformer.train.batches import batch_multiple
 from hopformer.train.checkpoint import find_checkpoint
 from hopformer.train.config import Config

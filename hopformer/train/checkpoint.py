@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hopformer.models.transformer import WEIGHTS_NAME, atomic_write
+from hopformer.models.pretrained import WEIGHTS_NAME, atomic_write
 from hopformer.train.metrics import Window
 from hopformer.train.optim import learning_rate
 

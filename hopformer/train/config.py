@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from hopformer.models.transformer import EncoderConfig
+from hopformer.models.encoder import EncoderConfig
 
 CONFIG_NAME = "config.yaml"
 """The resolved config in every run folder."""
@@ -388,7 +388,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (the form :func:`load_config` reads back)."""
-    from hopformer.models.transformer import atomic_write
+    from hopformer.models.pretrained import atomic_write
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     atomic_write(Path(path), lambda temp: temp.write_text(text))

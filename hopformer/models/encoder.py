@@ -1,34 +1,16 @@
-"""Transformer encoder and classification heads on top of any registered attention.
+"""The transformer encoder: token (or pixel) embeddings, positions and ``depth`` blocks of attention and a
+GELU MLP on any registered attention, pre-norm (GPT-2 / ViT style, the default) or post-norm (BERT /
+RoBERTa style, the Diffuser reference). Built from its config: ``TransformerEncoder(EncoderConfig(...))``.
 
-Every model here is built from a plain dataclass config, so it can be saved as ``config.json`` plus
-``model.safetensors`` (:meth:`PretrainedModel.save_pretrained`) and rebuilt with
-:func:`from_pretrained`, as in Hugging Face transformers.
-
-- :class:`TransformerEncoder`: token + position embeddings, ``depth`` blocks of attention and a GELU MLP,
-  pre-norm (GPT-2 / ViT style, the default) or post-norm (BERT / RoBERTa style, the Diffuser reference).
-- :class:`SequenceClassifier`: encoder, pooling (``"mean"`` over real tokens, or ``"cls"``), MLP head.
-- :class:`DualEncoderClassifier`: the LRA Retrieval model; one shared encoder reads both documents,
-  features ``[u, v, u*v, u-v]`` go through an MLP.
-
-Padding: ``attention_mask`` is HF-style (1 / True = real token) and is passed to every attention
-module; pooled outputs never look at padded positions.
-
-CLS pooling follows the LRA reference: a learned CLS *vector* (not a token id, so the vocabulary is
-untouched) is prepended to the embedded tokens and takes position 0; the real tokens take positions
-1..L, so the encoder's ``max_len`` must be at least ``L + 1``.
+Padding: ``attention_mask`` is HF-style (1 / True = real token) and reaches every attention module.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-import tempfile
-import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +19,14 @@ from torch.utils.checkpoint import checkpoint
 
 from hopformer.attention import build as build_attention
 from hopformer.attention.rotary import RotaryEmbedding
+from hopformer.models.pretrained import PretrainedModel
 
 NORMS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope", "rope2d", "none")
 INITS = ("normal", "torch", "lra")
-POOLINGS = ("mean", "cls")
 EMBEDDINGS = ("table", "intensity", "conv")
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
-# ---------------------------------------------------------------------------------------- configs
 @dataclass
 class EncoderConfig:
     """Hyperparameters of :class:`TransformerEncoder`.
@@ -114,127 +93,6 @@ class EncoderConfig:
     stem_depth: int = 1
 
 
-@dataclass
-class SequenceClassifierConfig:
-    """Hyperparameters of :class:`SequenceClassifier`; ``head_dim`` None = the encoder's ``mlp_dim``."""
-
-    encoder: EncoderConfig
-    num_classes: int
-    pooling: str = "mean"
-    head_dim: int | None = None
-
-
-@dataclass
-class DualEncoderClassifierConfig:
-    """Hyperparameters of :class:`DualEncoderClassifier`; ``head_dim`` None = the encoder's ``mlp_dim``."""
-
-    encoder: EncoderConfig
-    num_classes: int = 2
-    pooling: str = "mean"
-    head_dim: int | None = None
-
-
-@dataclass
-class MaskedTokenModelConfig:
-    """Hyperparameters of :class:`MaskedTokenModel`."""
-
-    encoder: EncoderConfig
-    vocab_size: int
-
-
-# ----------------------------------------------------------------------------- save / load support
-class PretrainedModel(nn.Module):
-    """Base of the models here: a ``config`` dataclass and HF-like save / load.
-
-    Subclasses set ``config_class`` and ``model_type`` and implement ``from_config``.
-    """
-
-    config_class: ClassVar[type]
-    model_type: ClassVar[str]
-    config: Any
-
-    @classmethod
-    def from_config(cls, config: Any) -> PretrainedModel:
-        raise NotImplementedError
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created), each atomically."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": self.model_type, **asdict(self.config)}
-        atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path)))
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> PretrainedModel:
-        """Rebuild a model saved by :meth:`save_pretrained` (``cls`` must match the saved ``model_type``)."""
-        model = from_pretrained(directory, device)
-        if not isinstance(model, cls):
-            raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
-
-
-def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Build a (nested) model config dataclass from a dict; unknown keys raise ``ValueError``."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; allowed: {sorted(names)}")
-    values = dict(values)
-    if "encoder" in values and isinstance(values["encoder"], dict):
-        values["encoder"] = config_from_dict(EncoderConfig, values["encoder"])
-    return cls(**values)
-
-
-def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> PretrainedModel:
-    """Load any model saved by :meth:`PretrainedModel.save_pretrained` (the class comes from ``config.json``)."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} has no {name}; expected a folder written by save_pretrained")
-    values = json.loads((directory / CONFIG_NAME).read_text())
-    model_type = values.pop("model_type", None)
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"{directory / CONFIG_NAME}: model_type={model_type!r}; known: {sorted(MODEL_TYPES)}")
-    cls = MODEL_TYPES[model_type]
-    model = cls.from_config(config_from_dict(cls.config_class, values))
-    model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
-    return model.to(device)
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(temp_path)`` on a temporary file in ``path``'s folder, then rename it over ``path``.
-
-    Readers see the old file or the new one, never a partial one; a failed write leaves no temp file.
-    """
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temp = Path(temp)
-    try:
-        write(temp)
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with open(temp, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# ------------------------------------------------------------------------------------------ encoder
 class Block(nn.Module):
     """One transformer layer: attention then a GELU MLP, each with dropout, residual and LayerNorm."""
 
@@ -344,10 +202,13 @@ class TransformerEncoder(PretrainedModel):
     config_class = EncoderConfig
     model_type = "transformer_encoder"
 
-    def __init__(self, config: EncoderConfig | None = None, **settings: Any) -> None:
+    def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        if settings or not isinstance(config, EncoderConfig):
-            config = _keyword_config(config, settings)
+        if not isinstance(config, EncoderConfig):
+            raise TypeError(
+                f"TransformerEncoder takes an EncoderConfig, got {type(config).__name__}: "
+                "TransformerEncoder(EncoderConfig(vocab_size=..., dim=..., ...))"
+            )
         _check_encoder_config(config)
         config = replace(config, attention_options=dict(config.attention_options))  # the model's own copy
         self.config = config
@@ -410,25 +271,6 @@ class TransformerEncoder(PretrainedModel):
             else:
                 x = block(x, mask)
         return self.final_norm(x)[:, :length]
-
-
-def _keyword_config(vocab_size: Any, settings: dict[str, Any]) -> EncoderConfig:
-    """The config of the keyword form ``TransformerEncoder(vocab_size, dim=..., ...)`` of hopformer 0.1.
-
-    Deprecated; kept while callers outside the library (the scripts in ``benchmarks/``) move to a config.
-    """
-    warnings.warn(
-        "TransformerEncoder(vocab_size, **settings) is deprecated; pass a config: "
-        "TransformerEncoder(EncoderConfig(vocab_size, ...))",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    if vocab_size is not None:
-        if "vocab_size" in settings:
-            raise TypeError("TransformerEncoder got vocab_size twice (positionally and by keyword)")
-        settings = {"vocab_size": vocab_size, **settings}
-    settings["attention_options"] = dict(settings.get("attention_options") or {})
-    return EncoderConfig(**settings)
 
 
 def _check_encoder_config(config: EncoderConfig) -> None:
@@ -497,185 +339,3 @@ def _init_weights(module: nn.Module, scheme: str = "normal") -> None:
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
-
-
-# -------------------------------------------------------------------------------------------- heads
-def pool(hidden: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
-    """``(batch, seq, dim) -> (batch, dim)``: position 0 (``"cls"``) or the mean over real tokens."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    if mask is None:
-        return hidden.mean(dim=1)
-    weights = mask.to(hidden.dtype)[..., None]
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
-
-class _PoolingEncoder(PretrainedModel):
-    """Shared part of the classifiers: the encoder, a CLS vector when ``pooling="cls"``, and pooling."""
-
-    def _setup(self, encoder: TransformerEncoder, pooling: str) -> None:
-        if not isinstance(encoder, TransformerEncoder):
-            raise TypeError(f"encoder must be a TransformerEncoder, got {type(encoder).__name__}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not known; choose one of {list(POOLINGS)}")
-        if pooling == "cls" and encoder.config.positions == "rope2d":
-            raise ValueError(
-                "pooling='cls' adds a position before the image, which positions='rope2d' cannot place; use 'mean'"
-            )
-        self.encoder = encoder
-        self.pooling = pooling
-        self.cls = nn.Parameter(torch.randn(encoder.config.dim) * 0.02) if pooling == "cls" else None
-
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled ``(batch, dim)`` representation of each sequence."""
-        prefix = None if self.cls is None else self.cls.expand(input_ids.shape[0], 1, -1)
-        hidden = self.encoder(input_ids, attention_mask, prefix=prefix)
-        return pool(hidden, attention_mask, self.pooling)
-
-
-class SequenceClassifier(_PoolingEncoder):
-    """Encoder, pooling and a two-layer GELU MLP head giving ``num_classes`` logits.
-
-    Args:
-        encoder: a :class:`TransformerEncoder`.
-        num_classes: number of labels.
-        pooling: ``"mean"`` (over real tokens only, by ``attention_mask``) or ``"cls"`` (a learned
-            vector prepended at position 0, as LRA does; its output is the pooled feature).
-        head_dim: hidden width of the head; default the encoder's ``mlp_dim``.
-
-    ``forward(input_ids, attention_mask=None) -> logits (batch, num_classes)``.
-    """
-
-    config_class = SequenceClassifierConfig
-    model_type = "sequence_classifier"
-
-    def __init__(
-        self, encoder: TransformerEncoder, num_classes: int, pooling: str = "mean", head_dim: int | None = None
-    ) -> None:
-        super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        self._setup(encoder, pooling)
-        self.config = SequenceClassifierConfig(encoder.config, num_classes, pooling, head_dim)
-        hidden = head_dim or encoder.config.mlp_dim
-        self.head = nn.Sequential(nn.Linear(encoder.config.dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
-        self.head.apply(functools.partial(_init_weights, scheme=encoder.config.init))
-
-    @classmethod
-    def from_config(cls, config: SequenceClassifierConfig) -> SequenceClassifier:
-        encoder = TransformerEncoder.from_config(config.encoder)
-        return cls(encoder, config.num_classes, config.pooling, config.head_dim)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.features(input_ids, attention_mask))
-
-
-class DualEncoderClassifier(_PoolingEncoder):
-    """LRA Retrieval: one shared encoder reads both documents; ``[u, v, u*v, u-v]`` -> MLP -> logits.
-
-    The head is ``4 dim -> head_dim -> head_dim / 2 -> num_classes`` with GELU (specs/lra.md §2).
-    Both documents run through the encoder as one batch, so auxiliary losses cover both.
-
-    ``forward(input_ids, attention_mask=None, input_ids_2=..., attention_mask_2=None) -> logits``.
-    """
-
-    config_class = DualEncoderClassifierConfig
-    model_type = "dual_encoder_classifier"
-
-    def __init__(
-        self, encoder: TransformerEncoder, num_classes: int = 2, pooling: str = "mean", head_dim: int | None = None
-    ) -> None:
-        super().__init__()
-        self._setup(encoder, pooling)
-        self.config = DualEncoderClassifierConfig(encoder.config, num_classes, pooling, head_dim)
-        hidden = head_dim or encoder.config.mlp_dim
-        self.head = nn.Sequential(
-            nn.Linear(4 * encoder.config.dim, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, max(hidden // 2, 1)),
-            nn.GELU(),
-            nn.Linear(max(hidden // 2, 1), num_classes),
-        )
-        self.head.apply(functools.partial(_init_weights, scheme=encoder.config.init))
-
-    @classmethod
-    def from_config(cls, config: DualEncoderClassifierConfig) -> DualEncoderClassifier:
-        encoder = TransformerEncoder.from_config(config.encoder)
-        return cls(encoder, config.num_classes, config.pooling, config.head_dim)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        input_ids_2: torch.Tensor | None = None,
-        attention_mask_2: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if input_ids_2 is None:
-            raise ValueError("DualEncoderClassifier needs input_ids_2 (the second document)")
-        batch = input_ids.shape[0]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        if attention_mask_2 is None:
-            attention_mask_2 = torch.ones_like(input_ids_2, dtype=torch.bool)
-        # One encoder call on both documents, padded to a common width.
-        width = max(input_ids.shape[1], input_ids_2.shape[1])
-        ids = torch.cat([F.pad(input_ids, (0, width - input_ids.shape[1])),
-                         F.pad(input_ids_2, (0, width - input_ids_2.shape[1]))])  # fmt: skip
-        mask = torch.cat([F.pad(attention_mask.bool(), (0, width - attention_mask.shape[1])),
-                          F.pad(attention_mask_2.bool(), (0, width - attention_mask_2.shape[1]))])  # fmt: skip
-        u, v = self.features(ids, mask).split(batch)
-        return self.head(torch.cat([u, v, u * v, u - v], dim=-1))
-
-
-class MaskedTokenModel(PretrainedModel):
-    """Encoder and a linear token head: ``(batch, seq) -> (batch, seq, vocab_size)`` logits.
-
-    For masked-token pretraining on a task's own inputs ("self-pretraining", Amos et al. 2023): the
-    trainer hides some tokens and trains the model to name them; a classifier then starts from the
-    encoder (``train.init_from``).
-
-    ``forward(input_ids, attention_mask=None, select=None) -> logits (batch, seq, vocab_size)``, or
-    with a boolean ``select`` of shape ``(batch, seq)``, ``(N, vocab_size)`` logits at its N True
-    positions only (the head and the loss then cost a fraction of the full table).
-    """
-
-    config_class = MaskedTokenModelConfig
-    model_type = "masked_token_model"
-
-    def __init__(self, encoder: TransformerEncoder, vocab_size: int) -> None:
-        super().__init__()
-        if not isinstance(encoder, TransformerEncoder):
-            raise TypeError(f"encoder must be a TransformerEncoder, got {type(encoder).__name__}")
-        self.encoder = encoder
-        self.config = MaskedTokenModelConfig(encoder.config, vocab_size)
-        self.head = nn.Linear(encoder.config.dim, vocab_size)
-        self.head.apply(functools.partial(_init_weights, scheme=encoder.config.init))
-
-    @classmethod
-    def from_config(cls, config: MaskedTokenModelConfig) -> MaskedTokenModel:
-        return cls(TransformerEncoder.from_config(config.encoder), config.vocab_size)
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, select: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        hidden = self.encoder(input_ids, attention_mask)
-        return self.head(hidden if select is None else hidden[select])
-
-
-MODEL_TYPES: dict[str, type[PretrainedModel]] = {
-    cls.model_type: cls for cls in (TransformerEncoder, SequenceClassifier, DualEncoderClassifier, MaskedTokenModel)
-}
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (each shared tensor once); ``trainable_only`` counts ``requires_grad`` ones."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of every submodule's ``aux_loss`` tensor (e.g. routing's commitment loss), or None if none is set."""
-    losses = [
-        module.aux_loss for module in model.modules() if isinstance(getattr(module, "aux_loss", None), torch.Tensor)
-    ]
-    return torch.stack([loss.float().sum() for loss in losses]).sum() if losses else None
