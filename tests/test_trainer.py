@@ -263,15 +263,22 @@ def test_rsqrt_runs_may_extend_their_budget_on_resume(tmp_path, data):
         train(resume=tmp_path / "run", log=quiet, resume_overrides={"train.steps": 5})
 
 
-def test_graph_attentions_on_cuda_need_flex_compatible_settings():
-    config = from_dict({"model": {"attention": "diffuser", "dim": 32, "heads": 4}})
-    with pytest.raises(ValueError, match="head dimension of at least 16; use model.heads <= 2"):
+def test_attentions_no_backend_runs_on_the_device_fail_before_the_data_loads(monkeypatch):
+    """The trainer asks the backend dispatch (no GPU needed: it reasons about a CUDA device)."""
+    import hopformer.ops.triton_diffusion as triton_module
+
+    monkeypatch.setattr(triton_module, "available", lambda: False)  # the same answer with or without Triton here
+    config = from_dict({"model": {"attention": "bigbird", "dim": 32, "heads": 4}})
+    with pytest.raises(ValueError, match=r"model.attention='bigbird', head dim 8 .*needs head_dim >= 16, got 8"):
         build.check_device_support(config, torch.device("cuda"))
     build.check_device_support(config, torch.device("cpu"))  # the gather backend has no such limit
     config = from_dict({"model": {"attention": "bigbird", "dim": 64, "heads": 2, "attention_dropout": 0.1}})
-    with pytest.raises(ValueError, match="no attention dropout"):
+    with pytest.raises(ValueError, match="attention dropout 0.1 cannot run on cuda.*no attention dropout"):
         build.check_device_support(config, torch.device("cuda"))
     config.model.attention = "full"
+    build.check_device_support(config, torch.device("cuda"))
+    # narrow heads do diffuse on CUDA: the matrix backend takes them up to 2,048 tokens
+    config = from_dict({"model": {"attention": "diffuser", "dim": 32, "heads": 4}, "data": {"max_length": 2000}})
     build.check_device_support(config, torch.device("cuda"))
 
 

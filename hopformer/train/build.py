@@ -27,8 +27,6 @@ from hopformer.train.optim import SCHEDULES
 from hopformer.train.tasks import TaskData
 
 OBJECTIVES = ("classify", "masked")
-# Attentions that run on a graph: FlexAttention on CUDA (head dimension >= 16, no attention dropout).
-GRAPH_ATTENTIONS = ("local", "longformer", "bigbird", "hypercube", "diffuser")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,25 +114,24 @@ def load_encoder_weights(model: torch.nn.Module, source: str | Path) -> Path:
     return found
 
 
-# The ops backend dispatch will answer this (which backend runs the model on the device, and why not).
 def check_device_support(config: Config, device: torch.device) -> None:
-    """What FlexAttention (graph attentions on CUDA) cannot do, named before any data is loaded."""
+    """Ask the backend dispatch whether the model's attention runs on ``device`` at the run's precision and
+    length, before any data is loaded; if no backend can, the error names the settings and the reasons."""
     m = config.model
-    backend = m.attention_options.get("backend", "auto")
-    if device.type != "cuda" or m.attention not in GRAPH_ATTENTIONS or backend not in ("auto", "flex"):
-        return
-    head_dim = m.dim // m.heads
-    if head_dim < 16:
-        raise ValueError(
-            f"model.dim / model.heads = {m.dim} / {m.heads} = {head_dim}: FlexAttention, which runs the graph "
-            f"attention {m.attention!r} on CUDA, needs a head dimension of at least 16; use model.heads <= "
-            f"{max(1, m.dim // 16)} or model.attention_options.backend=gather"
-        )
+    options = dict(m.attention_options)
     if m.attention_dropout > 0:
-        raise ValueError(
-            f"model.attention_dropout={m.attention_dropout}: FlexAttention, which runs the graph attention "
-            f"{m.attention!r} on CUDA, has no attention dropout; set it to 0 or model.attention_options.backend=gather"
-        )
+        options.setdefault("dropout", m.attention_dropout)
+    module = build_attention(m.attention, m.dim, m.heads, **options)
+    autocast = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
+    length = m.max_len or config.data.max_length
+    verdict = module.explain(
+        length, device.type, torch.bfloat16 if autocast else torch.float32, config.train.batch_size
+    )
+    if verdict is not None and verdict.chosen is None:
+        settings = f"model.attention={m.attention!r}, head dim {m.dim // m.heads} (model.dim / model.heads)"
+        if m.attention_dropout or options.get("dropout"):
+            settings += f", attention dropout {options['dropout']}"
+        raise ValueError(f"{settings} cannot run on {device.type}: {verdict.why}")
 
 
 def check_config(config: Config) -> None:
