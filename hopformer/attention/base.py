@@ -15,6 +15,8 @@ trainer adds every module's ``aux_loss`` to the task loss (see ``hopformer.model
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,9 @@ from torch import nn
 from hopformer.attention.registry import register
 from hopformer.attention.rotary import RotaryEmbedding
 from hopformer.checks import check_int, check_probability
+from hopformer.ops import dispatch
+from hopformer.ops.backend import Request
+from hopformer.ops.dispatch import Explanation
 from hopformer.ops.masked_sdpa import masked_sdpa
 
 
@@ -76,11 +81,41 @@ class AttentionModule(nn.Module):
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def explain(self, seq_len: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 1):
+    # Modules that run an op of hopformer.ops with a choice of backends set these two.
+    op: str | None = None
+    backend: str = "auto"
+
+    def request(self, seq_len: int | None = None, device: str | None = None, dtype=None, batch: int = 1) -> Request:
+        """What this module asks of the backends of :attr:`op` in training; facts left None are unknown."""
+        return Request(
+            self.op,
+            device=device,
+            dtype=dtype,
+            batch=batch if seq_len is not None else None,
+            heads=self.heads,
+            seq_len=seq_len,
+            head_dim=self.head_dim,
+            value_dim=self.head_dim,
+            attention_dropout=self.dropout > 0,
+            **self._request_facts(),
+        )
+
+    def _request_facts(self) -> dict[str, Any]:
+        return {}
+
+    def _check_backend(self) -> None:
+        """A named backend that cannot run this module fails when the module is built, whatever the device."""
+        if self.backend != "auto":
+            dispatch.choose(self.request(), self.backend)
+
+    def explain(
+        self, seq_len: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 1
+    ) -> Explanation | None:
         """Which backend runs this attention in training on ``(batch, seq_len)`` inputs on ``device`` in
-        ``dtype``, and why not the others (a :class:`hopformer.ops.Explanation`); None for attentions
-        without a choice of backends."""
-        return None
+        ``dtype``, and why not the others; None for attentions without a choice of backends."""
+        if self.op is None:
+            return None
+        return dispatch.explain_request(self.request(seq_len, device, dtype, batch), self.backend)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, dropout={self.dropout}"

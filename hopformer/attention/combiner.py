@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from hopformer.attention.base import AttentionModule
 from hopformer.attention.registry import register
 from hopformer.checks import check_int
 from hopformer.ops import dispatch
-from hopformer.ops.backend import Request
 from hopformer.ops.combiner_attention import VARIANTS, combiner
 
 
@@ -53,27 +54,10 @@ class CombinerAttention(AttentionModule):
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         self.variant, self.block_size, self.causal, self.backend = variant, block_size, causal, backend
-        if backend != "auto":  # a named backend that cannot run this module fails here, whatever the device
-            dispatch.choose(self.request(), backend)
+        self._check_backend()
 
-    def request(self, seq_len: int | None = None, device: str | None = None, dtype=None, batch: int = 1) -> Request:
-        """What this module asks of Combiner's backends (with the training-time dropout)."""
-        return Request(
-            "combiner",
-            device=device,
-            dtype=dtype,
-            batch=batch if seq_len is not None else None,
-            heads=self.heads,
-            seq_len=seq_len,
-            head_dim=self.head_dim,
-            value_dim=self.head_dim,
-            attention_dropout=self.dropout > 0,
-            variant=self.variant,
-        )
-
-    def explain(self, seq_len: int, device: str = "cpu", dtype=torch.float32, batch: int = 1) -> dispatch.Explanation:
-        """Which backend runs this module in training on inputs like these, and why not the others."""
-        return dispatch.explain_request(self.request(seq_len, device, dtype, batch), self.backend)
+    def _request_facts(self) -> dict[str, Any]:
+        return {"variant": self.variant}
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None

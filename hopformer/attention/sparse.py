@@ -18,7 +18,7 @@ from hopformer.attention.registry import register
 from hopformer.checks import check_probability
 from hopformer.graphs import PATTERNS, BlockGraph, build_graph
 from hopformer.ops import diffuse, diffuse_weighted, dispatch, sparse_attention
-from hopformer.ops.backend import EDGE_DROPOUT, Request
+from hopformer.ops.backend import EDGE_DROPOUT
 from hopformer.ops.coefficients import check_coefficients, check_diffusion_args, diffusion_coefficients
 
 
@@ -71,35 +71,10 @@ class GraphAttention(AttentionModule):
         probe = cached_graph(pattern, 4 * 1024, **self.graph_options)  # fail now, not mid-training, on bad options
         self.block_size = probe.block_size
 
-    def _check_backend(self) -> None:
-        """A named backend that cannot run this module fails when it is built, whatever the device."""
-        if self.backend != "auto":
-            dispatch.choose(self.request(), self.backend)
-
-    def request(self, seq_len: int | None = None, device: str | None = None, dtype=None, batch: int = 1) -> Request:
-        """What this module asks of the backends (with the training-time dropout); unknown facts stay None."""
-        return Request(
-            self.op,
-            device=device,
-            dtype=dtype,
-            batch=batch if seq_len is not None else None,
-            heads=self.heads,
-            seq_len=seq_len,
-            head_dim=self.head_dim,
-            value_dim=self.head_dim,
-            block_size=self.block_size,
-            attention_dropout=self.dropout > 0,
-            **self._diffusion_facts(),
-        )
-
-    def explain(self, seq_len: int, device: str = "cpu", dtype=torch.float32, batch: int = 1) -> dispatch.Explanation:
-        """Which backend runs this module in training on inputs like these, and why not the others."""
-        return dispatch.explain_request(self.request(seq_len, device, dtype, batch), self.backend)
-
     op = "sparse_attention"
 
-    def _diffusion_facts(self) -> dict:
-        return {}
+    def _request_facts(self) -> dict[str, Any]:
+        return {"block_size": self.block_size}
 
     def graph(self, seq_len: int) -> BlockGraph:
         return cached_graph(self.pattern, seq_len, **self.graph_options)
@@ -235,9 +210,10 @@ class DiffuserAttention(GraphAttention):
     def op(self) -> str:
         return "diffuse_weighted" if self.learned else "diffuse"
 
-    def _diffusion_facts(self) -> dict:
+    def _request_facts(self) -> dict[str, Any]:
         edge = "per_hop" if self.learned else self.edge_dropout
-        return {"hops": self.hops, "edge_dropout": edge, "hop_dropout": self.hop_dropout > 0}
+        facts = {"hops": self.hops, "edge_dropout": edge, "hop_dropout": self.hop_dropout > 0}
+        return {**super()._request_facts(), **facts}
 
     def coefficients(self) -> torch.Tensor:
         """The weights on ``A^0 .. A^hops``, ``(heads, hops + 1)``: learned (in the parameters' dtype and

@@ -150,6 +150,19 @@ class Support:
         return found
 
 
+@dataclass(frozen=True)
+class HopOptions:
+    """The settings of one diffusion call that a backend may support or refuse (see :class:`Support`)."""
+
+    dropout_p: float = 0.0  # attention (edge) dropout
+    edge_dropout: str = "once"  # one edge mask for every hop, or a fresh one "per_hop"
+    hop_dropout_p: float = 0.0  # feature dropout on every hop's state
+    kernel_options: dict | None = field(default=None, compare=False)  # FlexAttention's tiles and warps
+
+
+NO_OPTIONS = HopOptions()
+
+
 @runtime_checkable
 class DiffusionBackend(Protocol):
     """The contract of the ``dense``, ``gather``, ``matrix``, ``flex`` and ``triton`` backends.
@@ -173,11 +186,7 @@ class DiffusionBackend(Protocol):
         key_padding_mask: torch.Tensor | None,
         steps: Sequence[float],
         scale: float,
-        *,
-        dropout_p: float = 0.0,
-        edge_dropout: str = "once",
-        hop_dropout_p: float = 0.0,
-        kernel_options: dict | None = None,
+        options: HopOptions = NO_OPTIONS,
     ) -> torch.Tensor: ...
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.graphs import BlockGraph
-from hopformer.ops.backend import Support
+from hopformer.ops.backend import NO_OPTIONS, HopOptions, Support
 from hopformer.ops.common import pad_seq, run_diffusion
 
 TILE = 128  # FlexAttention's sparse block size
@@ -256,20 +256,16 @@ class FlexBackend:
         key_padding_mask: torch.Tensor | None,
         steps: Sequence[float],
         scale: float,
-        *,
-        dropout_p: float = 0.0,
-        edge_dropout: str = "once",
-        hop_dropout_p: float = 0.0,
-        kernel_options: dict | None = None,
+        options: HopOptions = NO_OPTIONS,
     ) -> torch.Tensor:
         """The power iteration with one FlexAttention call per hop, all on one BlockMask."""
         plan = block_mask(graph, key_padding_mask, q.device)
         q, k, v = (pad_seq(t, plan.padded) for t in (q, k, v))
 
         def attend(z: torch.Tensor, _: int) -> torch.Tensor:
-            return run_flex(q, k, z, plan.mask, scale, kernel_options)
+            return run_flex(q, k, z, plan.mask, scale, options.kernel_options)
 
-        return run_diffusion(attend, v, steps, hop_dropout_p)[:, :, : plan.seq]
+        return run_diffusion(attend, v, steps, options.hop_dropout_p)[:, :, : plan.seq]
 
 
 FLEX = FlexBackend()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.graphs import BlockGraph
-from hopformer.ops.backend import Support
+from hopformer.ops.backend import NO_OPTIONS, HopOptions, Support
 from hopformer.ops.common import diffusion_steps, masked_softmax
 
 # A narrow row costs about this much more per key than a wide (dense) row, for the gather copies.
@@ -424,13 +424,12 @@ class GatherBackend:
         key_padding_mask: torch.Tensor | None,
         steps: Sequence[float],
         scale: float,
-        *,
-        dropout_p: float = 0.0,
-        edge_dropout: str = "once",
-        hop_dropout_p: float = 0.0,
-        kernel_options: dict | None = None,
+        options: HopOptions = NO_OPTIONS,
     ) -> torch.Tensor:
-        return gather_diffusion(q, k, v, graph, key_padding_mask, steps, scale, dropout_p, edge_dropout, hop_dropout_p)
+        o = options
+        return gather_diffusion(
+            q, k, v, graph, key_padding_mask, steps, scale, o.dropout_p, o.edge_dropout, o.hop_dropout_p
+        )
 
 
 GATHER = GatherBackend()

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from hopformer.graphs import BlockGraph
-from hopformer.ops.backend import Support
+from hopformer.ops.backend import NO_OPTIONS, HopOptions, Support
 from hopformer.ops.common import diffusion_steps, masked_softmax, token_mask
 
 
@@ -121,13 +121,9 @@ class MatrixBackend:
         key_padding_mask: torch.Tensor | None,
         steps: Sequence[float],
         scale: float,
-        *,
-        dropout_p: float = 0.0,
-        edge_dropout: str = "once",
-        hop_dropout_p: float = 0.0,
-        kernel_options: dict | None = None,
+        options: HopOptions = NO_OPTIONS,
     ) -> torch.Tensor:
-        return matrix_diffusion(q, k, v, graph, key_padding_mask, steps, scale, hop_dropout_p)
+        return matrix_diffusion(q, k, v, graph, key_padding_mask, steps, scale, options.hop_dropout_p)
 
     def operator(self, q, k, graph, key_padding_mask, scale):
         """``A`` computed once for many applications (learned hop weights): the reference's, with autograd."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.graphs import BlockGraph
-from hopformer.ops.backend import Support
+from hopformer.ops.backend import NO_OPTIONS, HopOptions, Support
 from hopformer.ops.combiner_attention import check_combiner_inputs
 from hopformer.ops.common import masked_softmax, run_diffusion, token_mask
 from hopformer.ops.routing_attention import SCATTER_EPS
@@ -64,21 +64,16 @@ class DenseBackend:
         key_padding_mask: torch.Tensor | None,
         steps: Sequence[float],
         scale: float,
-        *,
-        dropout_p: float = 0.0,
-        edge_dropout: str = "once",
-        hop_dropout_p: float = 0.0,
-        kernel_options: dict | None = None,
+        options: HopOptions = NO_OPTIONS,
     ) -> torch.Tensor:
         operator = DenseOperator(q, k, graph, key_padding_mask, scale)
-        once = operator.dropped(dropout_p) if dropout_p > 0 and edge_dropout == "once" else operator
+        p, per_hop = options.dropout_p, options.edge_dropout == "per_hop"
+        once = operator.dropped(p) if p > 0 and not per_hop else operator
 
         def attend(z: torch.Tensor, _: int) -> torch.Tensor:
-            if dropout_p > 0 and edge_dropout == "per_hop":
-                return operator.dropped(dropout_p).apply(z)
-            return once.apply(z)
+            return operator.dropped(p).apply(z) if p > 0 and per_hop else once.apply(z)
 
-        return run_diffusion(attend, v, steps, hop_dropout_p)
+        return run_diffusion(attend, v, steps, options.hop_dropout_p)
 
     def operator(
         self, q: torch.Tensor, k: torch.Tensor, graph: BlockGraph, key_padding_mask: torch.Tensor | None, scale: float

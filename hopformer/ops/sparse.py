@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from hopformer.checks import check_finite, check_probability
 from hopformer.graphs import BlockGraph
 from hopformer.ops import dispatch
-from hopformer.ops.backend import EDGE_DROPOUT, Request
+from hopformer.ops.backend import EDGE_DROPOUT, HopOptions, Request
 from hopformer.ops.coefficients import check_coefficients, check_diffusion_args, diffusion_coefficients, mixing_weights
 from hopformer.ops.common import check_key_padding_mask, check_qkv, zero_padded_queries
 
@@ -69,9 +69,8 @@ def sparse_attention(
     scale = _check_inputs(q, k, v, graph, key_padding_mask, dropout_p, scale)
     request = Request.of("sparse_attention", q, v, graph, attention_dropout=dropout_p > 0)
     runner = dispatch.choose(request, backend)
-    z = runner.diffuse(
-        q, k, v, graph, key_padding_mask, [0.0], scale, dropout_p=dropout_p, kernel_options=kernel_options
-    )
+    options = HopOptions(dropout_p=dropout_p, kernel_options=kernel_options)
+    z = runner.diffuse(q, k, v, graph, key_padding_mask, [0.0], scale, options)
     return zero_padded_queries(z, key_padding_mask)
 
 
@@ -132,10 +131,8 @@ def diffuse(
     steps = mixing_weights(coefficients)
     if all(a == 1.0 for a in steps):
         return v  # hops=0 or alpha=1: the operator is the identity
-    z = runner.diffuse(
-        q, k, v, graph, key_padding_mask, steps, scale,
-        dropout_p=dropout_p, edge_dropout=edge_dropout, hop_dropout_p=hop_dropout_p, kernel_options=kernel_options,
-    )  # fmt: skip
+    options = HopOptions(dropout_p, edge_dropout, hop_dropout_p, kernel_options)
+    z = runner.diffuse(q, k, v, graph, key_padding_mask, steps, scale, options)
     return zero_padded_queries(z, key_padding_mask)
 
 
@@ -197,11 +194,10 @@ def diffuse_weighted(
             return (operator.dropped(dropout_p) if dropout_p > 0 else operator).apply(z)
 
     else:  # one sparse attention per hop
+        one_hop = HopOptions(dropout_p=dropout_p, kernel_options=kernel_options)
 
         def attend(z: torch.Tensor) -> torch.Tensor:
-            return runner.diffuse(
-                q, k, z, graph, key_padding_mask, [0.0], scale, dropout_p=dropout_p, kernel_options=kernel_options
-            )
+            return runner.diffuse(q, k, z, graph, key_padding_mask, [0.0], scale, one_hop)
 
     per_head = weights[:, :, None, None]  # (heads, hops + 1, 1, 1): broadcasts over (batch, heads, seq, dim)
     power, out = v, per_head[:, 0] * v

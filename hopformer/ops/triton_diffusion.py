@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.graphs import BlockGraph
-from hopformer.ops.backend import Support
+from hopformer.ops.backend import NO_OPTIONS, HopOptions, Support
 
 MIN_TILE = 16  # tl.dot's smallest side
 DEFAULT_TILE = 128  # rows and columns of a tile pair at most (a power of two dividing the block size)
@@ -435,13 +435,9 @@ class TritonBackend:
         key_padding_mask: torch.Tensor | None,
         steps: Sequence[float],
         scale: float,
-        *,
-        dropout_p: float = 0.0,
-        edge_dropout: str = "once",
-        hop_dropout_p: float = 0.0,
-        kernel_options: dict | None = None,
+        options: HopOptions = NO_OPTIONS,
     ) -> torch.Tensor:
-        return triton_diffusion(q, k, v, graph, key_padding_mask, list(steps), scale, hop_dropout_p)
+        return triton_diffusion(q, k, v, graph, key_padding_mask, list(steps), scale, options.hop_dropout_p)
 
 
 TRITON = TritonBackend()
