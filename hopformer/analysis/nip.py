@@ -44,6 +44,7 @@ import numpy as np
 import scipy.sparse
 
 from hopformer.analysis.spectral import _block_sizes, _matrix_to_csr, _ranges, check_level
+from hopformer.checks import check_int
 from hopformer.graphs.block_graph import BlockGraph
 
 __all__ = ["PayloadReport", "closed_form_nip", "degree_stats", "diameter", "information_payload", "nip"]
@@ -152,8 +153,7 @@ def closed_form_nip(family: str, n: int, *, hub_correction: bool = True) -> floa
     - ``"cycle"`` ``C_n``: ``2^(1-kappa) / (2 kappa)`` for even ``n`` (two antipodal paths), else
       ``2^-kappa / (2 kappa)``, with ``kappa = floor(n/2)``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    check_int("n", n, 2)
     if family == "complete":
         return 1.0 / (n - 1) ** 2
     if family == "hypercube":

@@ -46,6 +46,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 import torch
 
+from hopformer.checks import check_int
 from hopformer.graphs.block_graph import BlockGraph
 from hopformer.ops.coefficients import (
     check_diffusion_args,
@@ -499,5 +500,4 @@ def _check_method(method: Any) -> None:
 
 
 def _check_k(k: Any) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise ValueError(f"k must be an integer >= 2 (eigenvalues computed by the sparse solver), got {k!r}")
+    check_int("k", k, 2, allowed="an integer >= 2 (eigenvalues computed by the sparse solver)")

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from hopformer.checks import check_int
+
 # Rows of the block adjacency handled at once when a graph is built or densified, bounding memory.
 ROW_CHUNK = 2048
 
@@ -359,5 +361,4 @@ def _chunk_rows(graph: BlockGraph, start: int, stop: int) -> torch.Tensor:
 
 
 def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_int(name, value, 1)

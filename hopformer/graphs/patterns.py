@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hopformer.checks import check_int
 from hopformer.graphs.block_graph import BlockGraph, _check_positive_int
 
 
@@ -371,7 +372,7 @@ def _num_blocks(seq_len: int, block_size: int) -> int:
 
 
 def _check_window(window: Any, num_blocks: int, seq_len: int, block_size: int) -> int:
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0 or window % 2 == 0:
+    if check_int("window", window, 1, allowed="a positive odd number of blocks") % 2 == 0:
         raise ValueError(f"window must be a positive odd number of blocks (3 = own block +-1), got {window!r}")
     if window > 2 * num_blocks - 1:
         raise ValueError(
@@ -383,14 +384,11 @@ def _check_window(window: Any, num_blocks: int, seq_len: int, block_size: int) -
 
 def _check_count(name: str, value: Any, limit: int) -> int:
     """Validate a non-negative block count; short sequences get at most the ``limit`` blocks they have."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return min(value, limit)
+    return min(check_int(name, value, 0), limit)
 
 
 def _generator(seed: Any) -> torch.Generator:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_int("seed", seed)
     generator = torch.Generator()
     generator.manual_seed(seed % (2**63))
     return generator

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hopformer.attention import build as build_attention
 from hopformer.attention.rotary import RotaryEmbedding
+from hopformer.checks import check_int
 from hopformer.models.pretrained import PretrainedModel
 
 NORMS = ("pre", "post")
@@ -275,9 +276,7 @@ class TransformerEncoder(PretrainedModel):
 
 def _check_encoder_config(config: EncoderConfig) -> None:
     for name in ("vocab_size", "dim", "depth", "heads", "mlp_dim", "max_len", "pad_to_multiple", "stem_depth"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int(name, getattr(config, name), 1)
     if config.dim % config.heads:
         raise ValueError(f"heads={config.heads} must divide dim={config.dim}")
     if config.norm not in NORMS:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hopformer.checks import check_int
 from hopformer.models.encoder import EncoderConfig, TransformerEncoder, _init_weights
 from hopformer.models.pretrained import PretrainedModel
 
@@ -102,8 +103,7 @@ class SequenceClassifier(_PoolingEncoder):
         self, encoder: TransformerEncoder, num_classes: int, pooling: str = "mean", head_dim: int | None = None
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        check_int("num_classes", num_classes, 1)
         self._setup(encoder, pooling)
         self.config = SequenceClassifierConfig(encoder.config, num_classes, pooling, head_dim)
         hidden = head_dim or encoder.config.mlp_dim

@@ -11,6 +11,7 @@ import torch
 
 from hopformer.attention import available
 from hopformer.attention import build as build_attention
+from hopformer.checks import check_int
 from hopformer.models import (
     DualEncoderClassifier,
     EncoderConfig,
@@ -138,9 +139,7 @@ def check_config(config: Config) -> None:
     """Errors that name the setting, before any data is loaded."""
     tc, oc = config.train, config.optim
     for name in ("steps", "batch_size", "grad_accum", "eval_every", "log_every"):
-        value = getattr(tc, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        check_int(f"train.{name}", getattr(tc, name), 1)
     if tc.batch_size % tc.grad_accum:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum={tc.grad_accum}")
     if tc.precision not in ("auto", "bf16", "fp32"):
