@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hopformer.ops.combiner_attention as combiner_ops
+import hopformer.ops.combiner_flex as combiner_flex
 from hopformer.attention import build
-from hopformer.ops.combiner_attention import SUMMARY_GROUP, _fixed_tile_codes, _region_summaries, combiner
+from hopformer.ops.combiner_attention import _region_summaries, combiner
+from hopformer.ops.combiner_flex import SUMMARY_GROUP, _fixed_tile_codes
 from hopformer.ops.reference import combiner_partition, combiner_reference
 
 CAUSAL = [False, True]
@@ -252,13 +253,13 @@ FLEX_CASES = [(300, 48), (517, 128), (512, 128), (700, 256), (256, 16)]
 def _dense_flex(monkeypatch, group: int) -> list[int]:
     """Route ``backend="flex"`` through ``_FixedSummaryAttention`` with the dense stand-in for FlexAttention
     (CPU, float64); returns a list that grows by one per call of the Function."""
-    monkeypatch.setattr(combiner_ops, "SUMMARY_GROUP", group)
-    on_cpu = dataclasses.replace(combiner_ops.FlexCombiner.support, devices=("cpu", "cuda"), min_head_dim=1)
-    monkeypatch.setattr(combiner_ops.FlexCombiner, "support", on_cpu)
-    monkeypatch.setattr(combiner_ops, "_fixed_flex", functools.partial(combiner_ops._fixed_flex, dense=True))
+    monkeypatch.setattr(combiner_flex, "SUMMARY_GROUP", group)
+    on_cpu = dataclasses.replace(combiner_flex.FlexCombiner.support, devices=("cpu", "cuda"), min_head_dim=1)
+    monkeypatch.setattr(combiner_flex.FlexCombiner, "support", on_cpu)
+    monkeypatch.setattr(combiner_flex, "_fixed_flex", functools.partial(combiner_flex._fixed_flex, dense=True))
     calls: list[int] = []
-    apply = combiner_ops._FixedSummaryAttention.apply
-    monkeypatch.setattr(combiner_ops._FixedSummaryAttention, "apply", lambda *args: calls.append(1) or apply(*args))
+    apply = combiner_flex._FixedSummaryAttention.apply
+    monkeypatch.setattr(combiner_flex._FixedSummaryAttention, "apply", lambda *args: calls.append(1) or apply(*args))
     return calls
 
 
@@ -360,7 +361,7 @@ def test_fixed_summary_function_ties_keep_the_total_gradient(monkeypatch):
 def test_fixed_on_cuda_matches_cpu_float64(seq, block, causal, padded, group, monkeypatch):
     """On CUDA, Combiner-Fixed runs as one FlexAttention call over [tokens; copies of the block
     summaries]; ``group`` 2 makes several copies at these lengths."""
-    monkeypatch.setattr(combiner_ops, "SUMMARY_GROUP", group)
+    monkeypatch.setattr(combiner_flex, "SUMMARY_GROUP", group)
     g = torch.Generator().manual_seed(seq + block)
     q, k, v = (torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64) for _ in range(3))
     mask = None

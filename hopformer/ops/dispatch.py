@@ -55,7 +55,8 @@ def diffusion_backends() -> dict[str, DiffusionBackend]:
 @functools.cache
 def combiner_backends() -> dict[str, CombinerBackend]:
     """Combiner's backends, by name."""
-    from hopformer.ops.combiner_attention import EAGER, FLEX
+    from hopformer.ops.combiner_attention import EAGER
+    from hopformer.ops.combiner_flex import FLEX
 
     return {backend.name: backend for backend in (EAGER, FLEX)}
 

@@ -1,0 +1,260 @@
+"""Combiner-Fixed as one FlexAttention call (the ``flex`` backend of :func:`hopformer.ops.combiner`, CUDA).
+
+The keys are ``[tokens ; one summary per block]``: a query attends to the tokens of its own block (causal: up
+to itself) and to the summaries of the other (causal: earlier) blocks, under one softmax: exactly the eager
+``fixed`` variant, without its per-block copies of the summaries, its mask tensor or any score tensor. The
+summaries and their gradients are :class:`_FixedSummaryAttention`'s, whose hand-written backward adds them
+in place: less memory than eager at up to twice the time, which is what long sequences run out of.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from hopformer.ops import flex
+from hopformer.ops.backend import Support
+from hopformer.ops.combiner_attention import _masked_max, grouped_attention
+from hopformer.ops.common import masked_softmax, pad_seq
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, keys, values) -> out
+# Query tiles (of 128 tokens) per copy of the block summaries.
+SUMMARY_GROUP = 16
+
+
+class FlexCombiner:
+    """``flex``: Combiner-Fixed as one FlexAttention call over ``[tokens ; block summaries]`` (CUDA)."""
+
+    name = "flex"
+    summary = "Combiner-Fixed as one FlexAttention call over [tokens; block summaries]: less memory"
+    support = Support(
+        ops=("combiner",),
+        devices=("cuda",),
+        attention_dropout=False,
+        min_head_dim=flex.MIN_HEAD_DIM,
+        same_value_dim=True,
+        variants=("fixed",),
+    )
+
+    def combine(self, q, k, v, variant, block_size, causal, real, scale, dropout_p):
+        return _fixed_flex(q, k, v, block_size, causal, real, scale)
+
+
+FLEX = FlexCombiner()
+
+
+def _fixed_flex(q, k, v, block, causal, real, scale, *, dense: bool = False):
+    """Combiner-Fixed as one FlexAttention call: the keys are ``[tokens ; one summary per block]``.
+
+    A query attends to the tokens of its own block (causal: up to itself) and to the summaries of the
+    other (causal: earlier) blocks, one softmax over both: exactly ``_fixed``, without its per-block
+    copies of the summaries, its ``(blocks, block, block + blocks)`` mask or any score tensor. The
+    summaries and their gradients are :class:`_FixedSummaryAttention`'s. ``real=None``: no padding
+    anywhere. ``dense``: run the same masked attention densely instead (eager, any device; tests).
+    """
+    batch, _, seq, _ = q.shape
+    blocks = seq // block
+    tile = flex.TILE
+    tokens = -(-seq // tile) * tile  # the summaries start on a tile boundary
+    summaries = -(-blocks // tile) * tile  # one copy of the summaries, padded to whole tiles
+    # Every query tile reads the summaries. With one copy, the backward's program for a summary tile
+    # would walk all query tiles in series; a copy per SUMMARY_GROUP query tiles keeps those chains
+    # short (the copies are small: blocks x head_dim each; their gradients are summed).
+    token_tiles = tokens // tile
+    copies = -(-token_tiles // SUMMARY_GROUP)
+    token_real = torch.ones(batch, seq, dtype=torch.bool, device=q.device) if real is None else real
+    summary_real = token_real.view(batch, blocks, block).any(-1)  # empty regions get no weight
+    key_real = torch.cat(
+        [F.pad(token_real, (0, tokens - seq)), F.pad(summary_real, (0, summaries - blocks)).repeat(1, copies)], dim=1
+    )  # fmt: skip
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        own = q_idx // block
+        is_token = kv_idx < tokens
+        direct = is_token & (kv_idx // block == own)
+        if causal:
+            direct = direct & (kv_idx <= q_idx)
+        copy = (kv_idx - tokens) // summaries
+        region = kv_idx - tokens - copy * summaries
+        summary = ~is_token & (copy == q_idx // (SUMMARY_GROUP * tile))
+        summary = summary & ((region < own) if causal else (region != own))
+        return key_real[b, kv_idx] & (direct | summary)
+
+    if dense:
+        attend = functools.partial(_dense_attention, mask_mod=mask_mod, scale=scale)
+    else:
+        full = real is None and tokens == seq
+        codes = _fixed_tile_codes(token_tiles, summaries // tile, copies, block, causal, full).to(q.device)
+        kv_len = tokens + copies * summaries
+        mask = flex.block_mask_from_codes(codes[None].expand(batch, -1, -1), mask_mod, tokens, kv_len)
+        attend = functools.partial(flex.run_flex, mask=mask, scale=scale)
+    keep_graph = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    out = _FixedSummaryAttention.apply(q, k, v, real, block, scale, (tokens, summaries, copies), attend, keep_graph)
+    return out[:, :, :seq]
+
+
+def _dense_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask_mod: Callable[..., torch.Tensor], scale: float
+) -> torch.Tensor:
+    """Eager stand-in for ``_fixed_flex``'s FlexAttention call: the dense bool mask from ``mask_mod``."""
+    batch, queries, kv = q.shape[0], q.shape[2], keys.shape[2]
+    b, q_idx, kv_idx = (torch.arange(n, device=q.device) for n in (batch, queries, kv))
+    mask = mask_mod(b[:, None, None], None, q_idx[:, None], kv_idx)  # (B, Q, K)
+    return grouped_attention(q[:, :, None], keys[:, :, None], values[:, :, None], mask[:, None], scale, 0.0)[:, :, 0]
+
+
+class _FixedSummaryAttention(torch.autograd.Function):
+    """Combiner-Fixed's block summaries and the attention over ``[tokens ; summary copies]``, with the
+    summaries' backward written by hand to save memory.
+
+    Under plain autograd the max-pools of q and k (AmaxBackward) and the summary einsums (BmmBackward)
+    each allocate full-size gradients of q, k or v, which autograd then sums with the attention's: at
+    64K tokens they were most of the peak memory. Here the summaries are computed without a graph, the
+    attention (``attend(q, keys, values)``: compiled FlexAttention on CUDA, :func:`_dense_attention`
+    in tests) keeps its own graph on detached inputs, and the backward adds the summaries' small
+    gradients in place into the attention's token gradients: no full-size temporaries.
+
+    ``q, k, v (B, H, seq, d)`` with ``seq`` a multiple of ``block``; ``real (B, seq)`` or None;
+    ``layout = (tokens, summaries, copies)``: keys are the tokens padded to ``tokens``, then
+    ``copies`` copies of the block summaries padded to ``summaries``. Returns ``(B, H, tokens, d)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        real: torch.Tensor | None,
+        block: int,
+        scale: float,
+        layout: tuple[int, int, int],
+        attend: Attend,
+        keep_graph: bool,
+    ) -> torch.Tensor:
+        batch, _, seq, _ = q.shape
+        tokens, summaries, copies = layout
+        qb, kb, vb = (x.unflatten(2, (seq // block, block)) for x in (q, k, v))
+        rb = None if real is None else real.view(batch, 1, -1, block)  # (B, 1, blocks, block)
+        nonempty = None if rb is None else rb.any(-1)  # (B, 1, blocks)
+        query_s, query_arg = _masked_max(qb, rb, nonempty)
+        key_s, key_arg = _masked_max(kb, rb, nonempty)
+        # Within-region distribution p(n | region) = softmax_n(scale * k_n . query_s); value_s = sum_n p v_n.
+        logits = torch.einsum("...nd,...d->...n", kb, query_s).to(torch.promote_types(q.dtype, torch.float32)) * scale
+        weights = logits.softmax(-1) if rb is None else masked_softmax(logits, rb, empty_rows="any")
+        weights = weights if rb is None else weights * nonempty[..., None]
+        value_s = torch.einsum("...n,...nd->...d", weights.to(v.dtype), vb)
+
+        def extend(x: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+            summary = F.pad(summary, (0, 0, 0, summaries - summary.shape[2])).repeat(1, 1, copies, 1)
+            return torch.cat([pad_seq(x, tokens), summary], dim=2)
+
+        q_, keys, values = pad_seq(q, tokens), extend(k, key_s), extend(v, value_s)
+        if not keep_graph:  # no gradient wanted: nothing to keep
+            return attend(q_, keys, values)
+        with torch.enable_grad():
+            q_ = q_.detach().requires_grad_()
+            out = attend(q_, keys.requires_grad_(), values.requires_grad_())
+        ctx.graph = (out, q_, keys, values)
+        ctx.save_for_backward(q, k, v, query_s, query_arg, key_arg, weights, nonempty)
+        ctx.scale, ctx.layout = scale, layout
+        return out.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not hasattr(ctx, "graph"):
+            raise RuntimeError(
+                "Combiner-Fixed's flex path frees its graph in the first backward (to save memory): "
+                "retain_graph=True and a second backward are not supported; use backend='eager'"
+            )
+        out, q_, keys, values = ctx.graph
+        del ctx.graph  # the attention's saved keys and values go with its graph
+        dq, dkeys, dvalues = torch.autograd.grad(out, (q_, keys, values), grad)
+        del out, q_, keys, values
+        q, k, v, *pooled = ctx.saved_tensors
+        _add_summary_grads(dq, dkeys, dvalues, k, v, *pooled, ctx.scale, ctx.layout)
+        # Token parts in the inputs' layout, one at a time: each big buffer goes before the next copy.
+        dq = _token_grad(dq, q)
+        dk = _token_grad(dkeys, k)
+        del dkeys
+        dv = _token_grad(dvalues, v)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _add_summary_grads(
+    dq: torch.Tensor,
+    dkeys: torch.Tensor,
+    dvalues: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_s: torch.Tensor,
+    query_arg: torch.Tensor,
+    key_arg: torch.Tensor,
+    weights: torch.Tensor,
+    nonempty: torch.Tensor | None,
+    scale: float,
+    layout: tuple[int, int, int],
+) -> None:
+    """Adds, in place into the token rows of the attention's gradients ``dq (B, H, tokens, d)``,
+    ``dkeys``, ``dvalues (B, H, tokens + copies * summaries, d)``, what flows through the summaries
+    (their gradients are the summary rows, summed over the copies)."""
+    seq, (blocks, block) = k.shape[2], weights.shape[2:]
+    tokens, summaries, copies = layout
+
+    def split(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # token rows by block, summary grads
+        summary = grad[:, :, tokens:].unflatten(2, (copies, summaries)).sum(2)[:, :, :blocks]
+        if nonempty is not None:
+            summary = summary * nonempty[..., None]  # empty regions: zero summaries, no gradient
+        return grad[:, :, :seq].unflatten(2, (blocks, block)), summary
+
+    dqb = dq[:, :, :seq].unflatten(2, (blocks, block))
+    dkb, dkey_s = split(dkeys)
+    dvb, dvalue_s = split(dvalues)
+    kb, vb = (x.unflatten(2, (blocks, block)) for x in (k, v))
+    # value_s = sum_n w_n v_n
+    dvb.addcmul_(weights[..., None].to(dvb.dtype), dvalue_s[..., None, :])
+    # w = softmax_n(logits), logits_n = scale * k_n . query_s
+    dw = torch.einsum("...nd,...d->...n", vb, dvalue_s).to(weights.dtype)
+    dlogits = (weights * (dw - (weights * dw).sum(-1, keepdim=True))).to(k.dtype)
+    dkb.addcmul_(dlogits[..., None], query_s[..., None, :], value=scale)
+    dquery_s = torch.einsum("...n,...nd->...d", dlogits, kb) * scale
+    if nonempty is not None:
+        dquery_s = dquery_s * nonempty[..., None]
+    # Max-pools: the gradient goes to the argmax. On ties it all goes to one index, where autograd's
+    # amax splits it evenly; both are valid subgradients (random float inputs have no ties).
+    dkb.scatter_add_(3, key_arg[..., None, :], dkey_s[..., None, :])
+    dqb.scatter_add_(3, query_arg[..., None, :], dquery_s[..., None, :])
+
+
+def _token_grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The first ``like.shape[2]`` rows of ``grad``, in ``like``'s memory layout (copied if they are not)."""
+    rows = grad[:, :, : like.shape[2]]
+    if rows.stride() == like.stride():
+        return rows
+    return torch.empty_like(like).copy_(rows)
+
+
+def _fixed_tile_codes(
+    token_tiles: int, summary_tiles: int, copies: int, block: int, causal: bool, full: bool
+) -> torch.Tensor:
+    """Tile codes of ``_fixed_flex``'s mask (0 skip, 1 partial, 2 full), ``(token_tiles, token_tiles +
+    copies * summary_tiles)``: token tiles that share a block, then the summary tiles of the query
+    tile's own copy (partial: the mask_mod drops the own block's summary and, causal, later ones)."""
+    start = torch.arange(token_tiles) * 128
+    first, last = start // block, (start + 127) // block  # the blocks each tile touches
+    shared = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    codes = shared.to(torch.int8)
+    if full and block >= 128:  # a tile lies inside one block: whole tiles of a block are full
+        codes = codes * 2
+    if causal:
+        codes = flex.causal_tiles(codes)
+    own_copy = torch.arange(token_tiles) // SUMMARY_GROUP
+    summary_copy = torch.arange(copies * summary_tiles) // summary_tiles
+    summary_codes = (own_copy[:, None] == summary_copy[None, :]).to(torch.int8)
+    return torch.cat([codes, summary_codes], dim=1)
