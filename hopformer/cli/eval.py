@@ -43,7 +43,7 @@ def checkpoint_folder(path: Path, which: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Load the model, evaluate, print the accuracy."""
     from hopformer.attention import use_portable_backends
-    from hopformer.models import MaskedTokenModel, from_pretrained
+    from hopformer.models import CausalLM, MaskedTokenModel, from_pretrained
     from hopformer.train.batches import Runtime, masking, max_tokens, prefix_length
     from hopformer.train.build import resolve_device
     from hopformer.train.config import CONFIG_NAME, load_config
@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         if replaced:
             print(f"note: backend {sorted(replaced)} needs CUDA; evaluating with backend='auto'", file=sys.stderr)
     limit = max_tokens(model)
+    if isinstance(model, CausalLM):
+        return _evaluate_language_model(model, path, folder, device, args)
     if isinstance(model, MaskedTokenModel) and args.data:
         raise ValueError("a masked-token model is evaluated on its own task's splits: use --split, not --data")
     if args.data:
@@ -81,4 +83,32 @@ def run(args: argparse.Namespace) -> int:
         accuracy, loss, count = result["accuracy"], result["loss"], result["count"]
         unit = "hidden tokens" if isinstance(model, MaskedTokenModel) else "examples"
         print(f"{folder} on {source}: accuracy {accuracy:.4f}, loss {loss:.4f} ({count} {unit})")
+    return 0
+
+
+def _evaluate_language_model(model, path: Path, folder: Path, device, args: argparse.Namespace) -> int:
+    """Bits per byte of a causal LM on a split of its run's corpus (non-overlapping windows of its context)."""
+    from hopformer.train.batches import Runtime
+    from hopformer.train.config import CONFIG_NAME, load_config
+    from hopformer.train.feeds import WindowFeed
+    from hopformer.train.tasks import load_byte_corpus
+
+    if args.data:
+        raise ValueError("a causal LM is evaluated on a split of its run's byte corpus: use --split, not --data")
+    run_dir = path if (path / CONFIG_NAME).is_file() else folder.parent
+    config = load_config(run_dir / CONFIG_NAME)
+    config.train.eval_batch_size = args.batch_size
+    runtime = Runtime(device, device.type == "cuda", 1, model.encoder.config.max_len)
+    feed = WindowFeed(load_byte_corpus(config, log=lambda *_: None), config, runtime, config.task)
+    result = feed.evaluate(model, args.split)
+    unigram = feed.baseline()["unigram_bits_per_byte"]
+    if args.json:
+        print(
+            json.dumps({"checkpoint": str(folder), "data": f"{config.task} {args.split}", **result, "unigram": unigram})
+        )
+    else:
+        print(
+            f"{folder} on {config.task} {args.split}: bits per byte {result['bits_per_byte']:.4f} (unigram baseline "
+            f"{unigram:.4f} on test; non-overlapping windows of {feed.context} bytes, {result['count']:,} bytes)"
+        )
     return 0

@@ -1,6 +1,8 @@
-"""``hopformer train``: train a classifier on a task (ListOps by default, generated if missing).
+"""``hopformer train``: train a model on a task (ListOps by default, generated if missing).
 
     hopformer train --task listops --attention diffuser
+    hopformer train --task bytes --objective causal --attention diffuser     # a byte LM on the stdlib's sources
+    hopformer train --task bytes:corpus.txt --objective causal --attention routing
     hopformer train --config configs/lra/listops.yaml --attention bigbird --data-dir lra_release
     hopformer train --attention diffuser --attention-option hops=3 --attention-option alpha=0.2
     hopformer train --resume runs/listops-diffuser-20250101-120000
@@ -36,6 +38,7 @@ _FLAGS = {
     "eval_every": "train.eval_every",
     "data_dir": "data.data_dir",
     "time_limit": "train.time_limit_minutes",
+    "objective": "train.objective",
 }
 # the settings a resumed run may change, by flag (the trainer checks the rest)
 _RESUME_FLAGS = {"time_limit": "train.time_limit_minutes", "steps": "train.steps"}
@@ -45,7 +48,16 @@ _EXIT_STATUS = {"time_limit": 0, "SIGINT": 130, "SIGTERM": 143}
 def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hopformer train``."""
     parser.add_argument("--config", help="YAML config (default: the packaged small ListOps CPU run)")
-    parser.add_argument("--task", help="listops | text | retrieval | image | pathfinder32 (or lra-<name>)")
+    parser.add_argument(
+        "--task",
+        help="listops | text | retrieval | image | pathfinder32 (or lra-<name>) | bytes[:PATH] (a byte corpus: the "
+        "Python standard library's sources, or any file or folder)",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=("classify", "masked", "causal"),
+        help="classify the task's labels, masked-token pretraining, or causal language modeling (bytes tasks)",
+    )
     parser.add_argument("--attention", help="attention name (hopformer.attention.available())")
     parser.add_argument(
         "--attention-option",
@@ -111,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"run folder: {result.run_dir} (stopped at step {result.step}: {result.stop_reason})")
         return _EXIT_STATUS.get(result.stop_reason, 130)
-    print(f"test accuracy: {result.test_accuracy:.4f}")
+    if "test_bits_per_byte" in result.extra:
+        extra = result.extra
+        print(
+            f"bits per byte {extra['test_bits_per_byte']:.4f} (unigram baseline {extra['unigram_bits_per_byte']:.4f})"
+        )
+    else:
+        print(f"test accuracy: {result.test_accuracy:.4f}")
     print(f"run folder: {result.run_dir}")
     return 0

@@ -1,9 +1,10 @@
-"""Models: a transformer encoder on any registered attention, and heads on it.
+"""Models: a transformer encoder on any registered attention, heads on it, and a causal language model.
 
 Each model has a dataclass ``config`` and HF-like ``save_pretrained(dir)`` / ``from_pretrained(dir)``
 (``config.json`` + ``model.safetensors``); :func:`from_pretrained` loads any of them.
 """
 
+from hopformer.models.causal_lm import CausalLM, CausalLMConfig
 from hopformer.models.encoder import EncoderConfig, IntensityEmbedding, TransformerEncoder
 from hopformer.models.heads import (
     DualEncoderClassifier,
@@ -19,6 +20,8 @@ from hopformer.models.heads import (
 from hopformer.models.pretrained import PretrainedModel, from_pretrained
 
 __all__ = [
+    "CausalLM",
+    "CausalLMConfig",
     "DualEncoderClassifier",
     "DualEncoderClassifierConfig",
     "EncoderConfig",

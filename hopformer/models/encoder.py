@@ -67,6 +67,8 @@ class EncoderConfig:
             images in raster order). The last two need ``pad_id=None``.
         stem_depth: with ``embedding="conv"``, the number of 3 x 3 convolutions in the stem (the first
             ``stem_depth - 1`` with 16 channels and GELU), so each token sees a (2 stem_depth + 1)-pixel square.
+        causal: every attention layer is built with ``causal=True``: the output at a position depends on
+            the inputs at and before it only (a decoder, :class:`~hopformer.models.CausalLM`).
 
     In a training config (``hopformer.train.Config.model``) ``vocab_size``, ``max_len``, ``pad_id`` and
     ``pad_to_multiple`` start as None, meaning "from the task": the trainer fills them before it builds the
@@ -92,6 +94,7 @@ class EncoderConfig:
     init: str = "normal"
     embedding: str = "table"
     stem_depth: int = 1
+    causal: bool = False
 
 
 class Block(nn.Module):
@@ -102,6 +105,8 @@ class Block(nn.Module):
         options = dict(config.attention_options)
         if config.attention_dropout > 0:
             options.setdefault("dropout", config.attention_dropout)
+        if config.causal:
+            options["causal"] = True
         self.attention = build_attention(config.attention, config.dim, config.heads, **options)
         if config.positions == "rope":
             self.attention.rotary = RotaryEmbedding(config.dim // config.heads)
@@ -279,6 +284,10 @@ def _check_encoder_config(config: EncoderConfig) -> None:
         check_int(name, getattr(config, name), 1)
     if config.dim % config.heads:
         raise ValueError(f"heads={config.heads} must divide dim={config.dim}")
+    if not isinstance(config.causal, bool):
+        raise TypeError(f"causal must be true or false, got {config.causal!r}")
+    if config.attention_options.get("causal") is False and config.causal:
+        raise ValueError("attention_options sets causal=False but the encoder is causal=True; drop the option")
     if config.norm not in NORMS:
         raise ValueError(f"norm={config.norm!r} is not known; choose one of {list(NORMS)}")
     if config.positions not in POSITIONS:

@@ -52,8 +52,18 @@ class PretrainedModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         config = {"model_type": self.model_type, **asdict(self.config)}
         atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path)))
+        tensors, tied = {}, {}
+        first: dict[tuple, str] = {}
+        for name, tensor in self.state_dict().items():
+            # tied weights (a causal LM's head and embedding) are one tensor: saved once, named in the metadata
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            if tensor.numel() and key in first:
+                tied[name] = first[key]
+                continue
+            first[key] = name
+            tensors[name] = tensor.detach().contiguous().cpu()
+        metadata = {"tied": json.dumps(tied)} if tied else None
+        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata=metadata))
         return directory
 
     @classmethod
@@ -82,8 +92,6 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
 
 def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> PretrainedModel:
     """Load any model saved by :meth:`PretrainedModel.save_pretrained` (the class comes from ``config.json``)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
@@ -94,8 +102,24 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
         raise ValueError(f"{directory / CONFIG_NAME}: model_type={model_type!r}; known: {sorted(MODEL_TYPES)}")
     cls = MODEL_TYPES[model_type]
     model = cls.from_config(config_from_dict(cls.config_class, values))
-    model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+    model.load_state_dict(read_weights(directory / WEIGHTS_NAME))
     return model.to(device)
+
+
+def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a ``model.safetensors`` written by :meth:`PretrainedModel.save_pretrained`, tied weights
+    restored under every name they had (a state dict ``load_state_dict`` takes)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    tensors = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as weights:
+        tied = json.loads((weights.metadata() or {}).get("tied", "{}"))
+        for name in weights.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+            tensors[name] = weights.get_tensor(name)
+    for name, source in tied.items():
+        tensors[name] = tensors[source]
+    return tensors
 
 
 def atomic_write(path: Path, write: Any) -> None:

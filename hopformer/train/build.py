@@ -13,6 +13,8 @@ from hopformer.attention import available
 from hopformer.attention import build as build_attention
 from hopformer.checks import check_int
 from hopformer.models import (
+    CausalLM,
+    CausalLMConfig,
     DualEncoderClassifier,
     EncoderConfig,
     IntensityEmbedding,
@@ -20,14 +22,14 @@ from hopformer.models import (
     SequenceClassifier,
     TransformerEncoder,
 )
-from hopformer.models.pretrained import WEIGHTS_NAME
+from hopformer.models.pretrained import WEIGHTS_NAME, read_weights
 from hopformer.train.batches import batch_multiple
 from hopformer.train.checkpoint import find_checkpoint
 from hopformer.train.config import Config
 from hopformer.train.optim import SCHEDULES
-from hopformer.train.tasks import TaskData
+from hopformer.train.tasks import TaskData, is_byte_task
 
-OBJECTIVES = ("classify", "masked")
+OBJECTIVES = ("classify", "masked", "causal")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,9 +75,28 @@ def model_config(config: Config, data: TaskData) -> EncoderConfig:
     )
 
 
-def build_model(config: Config, data: TaskData) -> torch.nn.Module:
+def language_model_config(config: Config) -> CausalLMConfig:
+    """The :class:`CausalLM` of a ``bytes`` task: 256 byte ids (no padding id: byte 0 is text), positions for
+    the context (``data.max_length``) unless ``model.max_len`` says more, batches' padding multiple."""
+    m = config.model
+    if m.vocab_size is not None and m.vocab_size < 256:
+        raise ValueError(f"model.vocab_size={m.vocab_size} is below the 256 byte values of task {config.task!r}")
+    encoder = replace(
+        m,
+        vocab_size=m.vocab_size or 256,
+        max_len=m.max_len or config.data.max_length,
+        pad_to_multiple=m.pad_to_multiple or batch_multiple(config),
+        causal=True,
+    )
+    return CausalLMConfig(encoder, tie_embeddings=config.head.tie_embeddings)
+
+
+def build_model(config: Config, data: TaskData | None) -> torch.nn.Module:
     """The model of ``config`` for ``data``: a classifier of the task's labels (a dual encoder for pair
-    tasks) with the ``head`` settings, or for ``train.objective="masked"`` a :class:`MaskedTokenModel`."""
+    tasks) with the ``head`` settings, for ``train.objective="masked"`` a :class:`MaskedTokenModel`, and for
+    ``"causal"`` a :class:`CausalLM` (``data`` unused: a byte LM needs nothing from its corpus)."""
+    if config.train.objective == "causal":
+        return CausalLM(language_model_config(config))
     if config.train.objective == "masked" and data.spec.pair:
         raise ValueError(f"train.objective='masked' reads one sequence per example; {data.spec.name!r} has pairs")
     encoder = TransformerEncoder(model_config(config, data))
@@ -88,8 +109,6 @@ def build_model(config: Config, data: TaskData) -> torch.nn.Module:
 def load_encoder_weights(model: torch.nn.Module, source: str | Path) -> Path:
     """Copy the encoder of a run (its ``best/``, else ``last/`` checkpoint) or of a checkpoint folder
     into ``model.encoder``; returns the checkpoint folder read."""
-    from safetensors.torch import load_file
-
     source = Path(source).expanduser()
     found = find_checkpoint(source / "best") or find_checkpoint(source / "last")
     if found is None and (source / WEIGHTS_NAME).is_file():
@@ -100,7 +119,7 @@ def load_encoder_weights(model: torch.nn.Module, source: str | Path) -> Path:
             f"folder with {WEIGHTS_NAME})"
         )
     device = next(model.parameters()).device
-    weights = load_file(str(found / WEIGHTS_NAME), device=str(device))
+    weights = read_weights(found / WEIGHTS_NAME, device)
     encoder = {name.removeprefix("encoder."): t for name, t in weights.items() if name.startswith("encoder.")}
     # A masked-token model has one more id, its mask token: a last table row, or a pixel embedding's special row.
     embed = model.encoder.embed
@@ -148,6 +167,14 @@ def check_config(config: Config) -> None:
         raise ValueError(f"train.objective={tc.objective!r} is not known; choose one of {list(OBJECTIVES)}")
     if tc.objective == "masked" and not 0 < tc.mask_rate < 1:
         raise ValueError(f"train.mask_rate must be in (0, 1) for the masked objective, got {tc.mask_rate!r}")
+    byte_task = is_byte_task(config.task)
+    if byte_task != (tc.objective == "causal"):
+        raise ValueError(
+            f"task={config.task!r} with train.objective={tc.objective!r}: a bytes[:PATH] task trains a causal language "
+            "model (--objective causal), and the causal objective needs a bytes task"
+        )
+    if byte_task:
+        check_int("data.max_length", config.data.max_length, 2, allowed="at least 2 (the context of the byte LM)")
     if oc.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={oc.schedule!r} is not known; choose one of {list(SCHEDULES)}")
     if oc.lr <= 0:

@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hopformer.models.pretrained import WEIGHTS_NAME, atomic_write
+from hopformer.models.pretrained import WEIGHTS_NAME, atomic_write, read_weights
 from hopformer.train.metrics import Window
 from hopformer.train.optim import learning_rate
 
 if TYPE_CHECKING:
-    from hopformer.train.batches import BatchStream
     from hopformer.train.config import Config
 
 STATE_NAME = "state.pt"
@@ -107,10 +106,8 @@ def load_state(directory: str | os.PathLike, map_location: str | torch.device = 
 
 def load_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
     """Load ``model.safetensors`` of a checkpoint folder into ``model`` (on its device)."""
-    from safetensors.torch import load_file
-
     device = next(model.parameters()).device
-    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_NAME), device=str(device)))
+    model.load_state_dict(read_weights(Path(directory) / WEIGHTS_NAME, device))
 
 
 @dataclass
@@ -126,9 +123,10 @@ def save_training_checkpoint(
     directory: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    stream: BatchStream,
+    stream: Any,
     state: TrainState,
     config: Config,
+    metric: str = "accuracy",
 ) -> Path:
     """Save the model and all a resume needs (:func:`resume_training` reads it back) into ``directory``."""
     return save_checkpoint(
@@ -139,7 +137,7 @@ def save_training_checkpoint(
             "optimizer": optimizer.state_dict(),
             "data": stream.state_dict(),
             "rng": rng_state(),
-            "best_val_accuracy": state.best,
+            f"best_val_{metric}": state.best,  # the validation score that picks best/
             "schedule": {"name": config.optim.schedule, "lr": learning_rate(state.step, config)},
             "window": state.window.sums(),
         },
@@ -147,7 +145,12 @@ def save_training_checkpoint(
 
 
 def resume_training(
-    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: BatchStream, steps: int
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stream: Any,
+    steps: int,
+    metric: str = "accuracy",
 ) -> tuple[TrainState, Path]:
     """Load ``run_dir/last`` into the model, optimiser, data order and RNGs; returns the state and the folder.
 
@@ -165,4 +168,4 @@ def resume_training(
     optimizer.load_state_dict(state["optimizer"])
     stream.load_state_dict(state["data"])
     set_rng_state(state["rng"])
-    return TrainState(int(state["step"]), state["best_val_accuracy"], Window(state.get("window", {}))), found
+    return TrainState(int(state["step"]), state.get(f"best_val_{metric}"), Window(state.get("window", {}))), found

@@ -42,6 +42,8 @@ CONFIG_NAME = "config.yaml"
 DEFAULT_CONFIG_NAME = "default.yaml"
 """The config of a run given none: ``hopformer/train/default.yaml``, shipped in the package (the small
 ListOps run that learns on a CPU in minutes)."""
+BYTES_DEFAULT_CONFIG_NAME = "default_bytes.yaml"
+"""The config of a ``bytes`` task given none: a small causal byte LM that learns on a CPU in minutes."""
 LEGACY_KEYS = {"model.pooling": "head.pooling", "model.head_dim": "head.head_dim"}
 """Settings that changed place: old dotted name -> new one (see :func:`migrate_legacy_keys`)."""
 
@@ -98,14 +100,17 @@ def model_defaults() -> EncoderConfig:
 @dataclass
 class HeadConfig:
     """The head on the encoder: a :class:`~hopformer.models.SequenceClassifier` (a
-    :class:`~hopformer.models.DualEncoderClassifier` for pair tasks).
+    :class:`~hopformer.models.DualEncoderClassifier` for pair tasks), or for the causal objective the
+    next-token layer of a :class:`~hopformer.models.CausalLM`.
 
     ``pooling``: ``"mean"`` over real tokens or ``"cls"`` (a learned vector prepended at position 0).
     ``head_dim``: hidden width of the head's MLP; None = the encoder's ``mlp_dim``.
+    ``tie_embeddings``: the causal LM's output layer shares the token embedding's weights.
     """
 
     pooling: str = "mean"
     head_dim: int | None = None
+    tie_embeddings: bool = True
 
 
 @dataclass
@@ -141,10 +146,11 @@ class TrainConfig:
     ``time_limit_minutes``: stop cleanly (checkpoint ``last/``, return) before this much wall time has
     passed since :func:`~hopformer.train.train` was called (data loading included); None = no limit.
     Resume with ``--resume`` to continue exactly.
-    ``objective``: ``"classify"`` (the task's labels) or ``"masked"`` (self-pretraining: ``mask_rate`` of
-    the real tokens are replaced by a mask id and predicted from the rest; accuracy is over the
-    hidden tokens). ``init_from``: a run (its ``best/`` checkpoint) or checkpoint folder whose encoder
-    weights start this run, e.g. a ``masked`` run before a ``classify`` one on the same task.
+    ``objective``: ``"classify"`` (the task's labels), ``"masked"`` (self-pretraining: ``mask_rate`` of
+    the real tokens are replaced by a mask id and predicted from the rest; accuracy is over the hidden
+    tokens) or ``"causal"`` (next-byte prediction on a ``bytes`` task, scored in bits per byte).
+    ``init_from``: a run (its ``best/`` checkpoint) or checkpoint folder whose encoder weights start this
+    run, e.g. a ``masked`` run before a ``classify`` one on the same task.
     """
 
     steps: int = 1500
@@ -260,7 +266,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
 
     Args:
         path: a config file (its ``base:`` chain followed, see :func:`read_config_file`); None = the
-            packaged default (:data:`DEFAULT_CONFIG_NAME`).
+            packaged default (:data:`DEFAULT_CONFIG_NAME`, or :data:`BYTES_DEFAULT_CONFIG_NAME` when the
+            overrides set a ``bytes`` task).
         overrides: ``{"model.attention": "diffuser", ...}``, applied after the file(s).
 
     Raises:
@@ -269,9 +276,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             the message names the file.
     """
     if path is None:
-        where = f"hopformer/train/{DEFAULT_CONFIG_NAME}"
-        text = importlib.resources.files("hopformer.train").joinpath(DEFAULT_CONFIG_NAME).read_text()
-        values = _parse(text, where)
+        task = str((overrides or {}).get("task", ""))
+        name = BYTES_DEFAULT_CONFIG_NAME if task == "bytes" or task.startswith("bytes:") else DEFAULT_CONFIG_NAME
+        where = f"hopformer/train/{name}"
+        values = _parse(importlib.resources.files("hopformer.train").joinpath(name).read_text(), where)
     else:
         where = str(path)
         values = read_config_file(path)

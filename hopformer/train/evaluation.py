@@ -10,7 +10,10 @@ from hopformer.train.batches import Runtime
 
 def objective_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Mean cross-entropy, number correct and number scored, for ``(N, classes)`` logits: one row per
-    sequence, or per hidden token (masked objective; a batch may hide none)."""
+    sequence, or per hidden token (masked objective; a batch may hide none); ``(batch, seq, vocab)`` logits
+    of a language model count every position."""
+    if logits.dim() > 2:
+        logits, labels = logits.flatten(0, -2), labels.flatten()
     loss = F.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
     return loss, (logits.argmax(-1) == labels).sum(), len(labels)
 

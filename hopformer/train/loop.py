@@ -4,12 +4,14 @@ setup (device, seeds, run folder) -> data -> model + AdamW -> resume -> loop -> 
 
 The loop, per optimiser step: set the learning rate, run ``grad_accum`` micro-batches (task loss +
 every module's ``aux_loss``; bf16 autocast on CUDA), clip, step; log; every ``eval_every`` steps
-validate, keep ``best/`` when validation accuracy improves, save ``last/``. The task loss is the
-labels' cross-entropy, or with ``train.objective="masked"`` the cross-entropy of hidden tokens
-(self-pretraining; ``train.init_from`` starts a later run from that encoder).
+validate, keep ``best/`` when the validation score improves, save ``last/``. The task loss is the
+labels' cross-entropy, with ``train.objective="masked"`` the cross-entropy of hidden tokens
+(self-pretraining; ``train.init_from`` starts a later run from that encoder), and with ``"causal"`` that
+of every next byte. Batches and scores come from a feed (:mod:`hopformer.train.feeds`): a task's examples,
+picked by accuracy, or a byte corpus, picked by bits per byte.
 
-Resuming is exact: the data order is a seeded :class:`~hopformer.train.batches.BatchStream` whose position
-is saved with the optimiser and every RNG state, so a run killed after a checkpoint and resumed with
+Resuming is exact: the data order is seeded and its position (if it has one) is saved with the optimiser
+and every RNG state, so a run killed after a checkpoint and resumed with
 ``resume=`` gives the same ``metrics.jsonl`` and weights as one that never stopped. Ctrl-C (SIGINT) or
 SIGTERM asks the loop to stop at the end of the current step; it saves ``last/`` there and returns (a
 second signal stops at once). ``train.time_limit_minutes`` stops the same way, but by itself: after each
@@ -37,7 +39,7 @@ import torch
 
 from hopformer.models import aux_loss, count_parameters
 from hopformer.train import control
-from hopformer.train.batches import BatchStream, Runtime, mask_seed, next_training_batch, training_stream
+from hopformer.train.batches import Runtime
 from hopformer.train.build import (
     build_model,
     check_config,
@@ -54,10 +56,11 @@ from hopformer.train.checkpoint import (
     save_training_checkpoint,
 )
 from hopformer.train.config import CONFIG_NAME, Config, load_config, save_config, with_overrides
-from hopformer.train.evaluation import evaluate, objective_loss
+from hopformer.train.evaluation import objective_loss
+from hopformer.train.feeds import ExampleFeed, Feed, WindowFeed
 from hopformer.train.metrics import RESULTS_NAME, MetricsLog, training_cost
 from hopformer.train.optim import learning_rate, make_optimizer, optimizer_step, set_learning_rate
-from hopformer.train.tasks import TaskData, load_task
+from hopformer.train.tasks import is_byte_task, load_byte_corpus, load_task
 
 # Settings a resumed run may change: they decide when and how it runs, not what it computes
 # (``train.steps`` only under a schedule that does not depend on it; see :func:`train`).
@@ -73,7 +76,7 @@ class TrainResult:
     best_val_accuracy: float | None
     test_accuracy: float | None
     test_loss: float | None
-    majority_rate: float
+    majority_rate: float | None  # classification; a byte LM's baseline (unigram bits) is in ``extra``
     parameters: int
     interrupted: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -135,9 +138,13 @@ def _train(
         log(f"encoder weights from {load_encoder_weights(model, tc.init_from)}")
     optimizer = make_optimizer(model, config)
     runtime = Runtime.for_training(model, config, device)
-    stream = training_stream(data.splits["train"], config)
+    feed = (
+        WindowFeed(data, config, runtime, config.task)
+        if is_byte_task(config.task)
+        else ExampleFeed(data, config, runtime)
+    )
     budget = control.TimeBudget(deadline, control.margin_seconds(tc.time_limit_minutes, deadline, started))
-    run = _Run(config, run_dir, data, model, optimizer, runtime, stream, budget, log, started)
+    run = _Run(config, run_dir, feed, model, optimizer, runtime, budget, log, started)
     run.describe()
     if resuming:
         run.resume()
@@ -201,7 +208,10 @@ def default_run_dir(config: Config) -> Path:
     return Path("runs") / f"{config.task}-{config.model.attention}-{stamp}"
 
 
-def _load_data(config: Config, run_dir: Path, log: Any) -> TaskData:
+def _load_data(config: Config, run_dir: Path, log: Any):
+    """The task's examples (:class:`~hopformer.train.tasks.TaskData`) or its byte corpus."""
+    if is_byte_task(config.task):
+        return load_byte_corpus(config, log)
     data = load_task(config, progress=config.train.progress, log=log)
     if config.data.data_dir is None:  # record the generated folder, so resume and eval find the same data
         config.data.data_dir = str(data.source)
@@ -215,11 +225,10 @@ class _Run:
 
     config: Config
     run_dir: Path
-    data: TaskData
+    feed: Feed
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     runtime: Runtime
-    stream: BatchStream
     budget: control.TimeBudget
     log: Any
     started: float
@@ -230,15 +239,9 @@ class _Run:
     def __post_init__(self) -> None:
         self.metrics = MetricsLog(self.run_dir)
         self.parameters = count_parameters(self.model)
-        self.majority = self.data.majority_rate("test")
-        self.eval_batch = self.config.train.eval_batch_size or self.config.train.batch_size
 
     def describe(self) -> None:
-        data, splits = self.data, self.data.splits
-        self.log(
-            f"{self.config.task}: {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} examples from "
-            f"{data.source}; majority-class rate (test) {self.majority:.1%}"
-        )
+        self.log(self.feed.describe())
         self.log(
             f"model: {self.config.model.attention} attention, {self.parameters:,} parameters, on "
             f"{self.runtime.device}; run folder {self.run_dir}"
@@ -255,15 +258,15 @@ class _Run:
     def resume(self) -> None:
         """Continue from ``last/``: weights, optimiser, data order, RNGs, and the metrics up to that step."""
         self.state, found = resume_training(
-            self.run_dir, self.model, self.optimizer, self.stream, self.config.train.steps
+            self.run_dir, self.model, self.optimizer, self.feed, self.config.train.steps, self.feed.metric
         )
         self.metrics.truncate(self.state.step)
         self.log(f"resumed from {found} at step {self.state.step}")
         if self.state.best is not None and find_checkpoint(self.run_dir / "best") is None:
             self.log(
-                f"warning: {self.run_dir} records a best validation accuracy of {self.state.best:.4f} but holds no "
-                "best/ checkpoint (copied without it?); unless validation beats it, the test scores the final "
-                "weights instead"
+                f"warning: {self.run_dir} records a best validation {self.feed.metric} of {self.state.best:.4f} but "
+                "holds no best/ checkpoint (copied without it?); unless validation beats it, the test scores the "
+                "final weights instead"
             )
 
     def train_step(self) -> float:
@@ -271,8 +274,7 @@ class _Run:
         config, state, runtime = self.config, self.state, self.runtime
         lr = set_learning_rate(self.optimizer, learning_rate(state.step, config))
         for micro in range(config.train.grad_accum):
-            examples = next_training_batch(self.data.splits["train"], self.stream, config)
-            inputs, labels, tokens = runtime.batch(examples, mask_seed(config, state.step, micro))
+            inputs, labels, tokens = self.feed.next_batch(state.step, micro)
             with runtime.context():
                 logits = self.model(**inputs).float()
                 loss, right, scored = objective_loss(logits, labels)
@@ -305,23 +307,24 @@ class _Run:
         window.reset()
 
     def validate(self) -> None:
-        """Score the validation split; save ``best/`` when its accuracy beats the best so far."""
+        """Score the validation split; save ``best/`` when the feed's score beats the best so far."""
         began = control.clock()
-        val = evaluate(
-            self.model, self.data.splits["val"], self.runtime, self.eval_batch, self.config.train.eval_batches
-        )
+        val = self.feed.evaluate(self.model, "val", self.config.train.eval_batches)
         self.budget.eval_seconds = control.clock() - began
-        step = self.state.step
-        self.metrics.write({"step": step, "split": "val", "loss": val["loss"], "accuracy": val["accuracy"]})
-        self.bar.write(f"step {step}: val loss {val['loss']:.4f}, val accuracy {val['accuracy']:.4f}")
-        if self.state.best is None or val["accuracy"] > self.state.best:
-            self.state.best = val["accuracy"]
+        step, metric = self.state.step, self.feed.metric
+        self.metrics.write({"step": step, "split": "val", **_scores(val)})
+        self.bar.write(f"step {step}: val loss {val['loss']:.4f}, val {metric.replace('_', ' ')} {val[metric]:.4f}")
+        best = self.state.best
+        if best is None or (val[metric] > best if self.feed.higher_is_better else val[metric] < best):
+            self.state.best = val[metric]
             self.checkpoint("best")
 
     def checkpoint(self, name: str) -> None:
         """Save ``best/`` or ``last/``, timing it for the time budget."""
         began = control.clock()
-        save_training_checkpoint(self.run_dir / name, self.model, self.optimizer, self.stream, self.state, self.config)
+        save_training_checkpoint(
+            self.run_dir / name, self.model, self.optimizer, self.feed, self.state, self.config, self.feed.metric
+        )
         self.budget.checkpoint_seconds = max(self.budget.checkpoint_seconds, control.clock() - began)
         if name == "last":
             self.saved_at = self.state.step
@@ -329,14 +332,13 @@ class _Run:
     def next_step_fits(self) -> bool:
         """Whether the next step, with the evaluation and checkpoints it brings, ends before the deadline."""
         tc, following = self.config.train, self.state.step + 1
-        val_size = len(self.data.splits["val"])
-        eval_examples = min(val_size, tc.eval_batches * self.eval_batch) if tc.eval_batches else val_size
+        val_batches = self.feed.eval_batches("val", tc.eval_batches)
         return self.budget.next_step_fits(
             evaluates=following % tc.eval_every == 0 or following == tc.steps,
             saves=following % (tc.checkpoint_every or tc.eval_every) == 0,
             last=following == tc.steps,
-            eval_examples=eval_examples,
-            test_ratio=len(self.data.splits["test"]) / max(1, eval_examples),
+            eval_examples=val_batches * tc.batch_size,
+            test_ratio=self.feed.eval_batches("test") / max(1, val_batches),
             batch_size=tc.batch_size,
         )
 
@@ -353,7 +355,7 @@ class _Run:
             )
         else:
             self.log(f"{reason} at step {step}/{steps}; checkpoint saved, resume with --resume {self.run_dir}")
-        extra = {"task": self.data.spec.name, "attention": self.config.model.attention, "steps": steps}
+        extra = {"task": self.feed.task, "attention": self.config.model.attention, "steps": steps}
         return self._result(None, interrupted=True, stop_reason=reason, extra=extra)
 
     def test(self) -> TrainResult:
@@ -362,31 +364,37 @@ class _Run:
         if best_dir is not None:
             load_weights(self.model, best_dir)
         tested = "best" if best_dir is not None else "final"  # final: no validation ran, or best/ was lost
-        test = evaluate(self.model, self.data.splits["test"], self.runtime, self.eval_batch)
-        self.metrics.write(
-            {"step": self.state.step, "split": "test", "loss": test["loss"], "accuracy": test["accuracy"]}
-        )
+        test = self.feed.evaluate(self.model, "test")
+        self.metrics.write({"step": self.state.step, "split": "test", **_scores(test)})
         self.metrics.close()
-        extra = {"task": self.data.spec.name, "attention": self.config.model.attention, "test_checkpoint": tested}
+        extra = {"task": self.feed.task, "attention": self.config.model.attention, "test_checkpoint": tested}
+        if self.feed.metric != "accuracy":  # a byte LM: its scores and baseline
+            baseline = self.feed.baseline()
+            extra |= {
+                f"test_{self.feed.metric}": test[self.feed.metric],
+                f"best_val_{self.feed.metric}": self.state.best,
+            }
+            extra |= baseline
         result = self._result(test, extra={**extra, **training_cost(self.run_dir)})
         (self.run_dir / RESULTS_NAME).write_text(json.dumps(result.__dict__, indent=2) + "\n")
-        masked = self.config.train.objective == "masked"
-        baseline = "over hidden tokens" if masked else f"majority class {self.majority:.4f}"
-        self.log(
-            f"best val accuracy {self.state.best:.4f}; test accuracy {test['accuracy']:.4f} of the {tested} weights "
-            f"({baseline}); run folder {self.run_dir}"
-        )
+        self.log(f"{self.feed.final_line(test, self.state.best, tested)}; run folder {self.run_dir}")
         return result
 
     def _result(self, test: dict[str, float] | None, **kwargs: Any) -> TrainResult:
         accuracy, loss = (None, None) if test is None else (test["accuracy"], test["loss"])
+        by_accuracy = self.feed.metric == "accuracy"
         return TrainResult(
             str(self.run_dir),
             self.state.step,
-            self.state.best,
+            self.state.best if by_accuracy else None,
             accuracy,
             loss,
-            self.majority,
+            self.feed.baseline().get("majority_rate"),
             self.parameters,
             **kwargs,
         )
+
+
+def _scores(result: dict[str, float]) -> dict[str, float]:
+    """An evaluation's scores as a metrics record holds them (not its count)."""
+    return {key: value for key, value in result.items() if key != "count"}

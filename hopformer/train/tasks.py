@@ -11,6 +11,10 @@
   can be generated instead: ``hopformer data pathfinder --out DIR --n 200000`` writes
   ``DIR/pathfinder32/curv_contour_length_14/``, which ``--data-dir DIR`` then reads.
 
+- ``bytes`` / ``bytes:PATH``: a byte corpus for causal language modeling (``train.objective="causal"``):
+  the Python standard library's sources, or any local file or folder (:mod:`hopformer.data.byte_corpus`),
+  loaded by :func:`load_byte_corpus`.
+
 ``lra-<name>`` is accepted for every name.
 """
 
@@ -72,11 +76,28 @@ class TaskData:
         return max(counts.values()) / sum(counts.values())
 
 
+def is_byte_task(name: str) -> bool:
+    """Whether ``name`` is a byte-corpus task: ``bytes`` or ``bytes:PATH``."""
+    return name == "bytes" or name.startswith("bytes:")
+
+
+def load_byte_corpus(config: Config, log: Any = print):
+    """The :class:`~hopformer.data.byte_corpus.ByteCorpus` of a ``bytes`` task: the standard library's sources,
+    or the file or folder after ``bytes:`` (built once into the cache, then memory-mapped)."""
+    from hopformer.data.byte_corpus import local_corpus, stdlib_corpus
+
+    path = config.task.removeprefix("bytes").removeprefix(":")
+    return local_corpus(path, log=log) if path else stdlib_corpus(log=log)
+
+
 def task_spec(name: str) -> TaskSpec:
     """The :class:`TaskSpec` of ``name`` (``lra-`` prefix allowed)."""
     key = name.removeprefix("lra-")
     if key not in TASKS:
-        raise ValueError(f"task={name!r} is not known; choose one of {sorted(TASKS)} (optionally as lra-<name>)")
+        known = ", ".join(sorted(TASKS))
+        raise ValueError(
+            f"task={name!r} is not known; choose one of {known} (optionally as lra-<name>), or bytes[:PATH]"
+        )
     return TASKS[key]
 
 
