@@ -135,7 +135,7 @@ def local_corpus(path: str | os.PathLike, cache: str | os.PathLike | None = None
             cuts = [0, int(size * OFFSET_SPLIT[0]), int(size * OFFSET_SPLIT[1]), size]
             folder.mkdir(parents=True, exist_ok=True)
             source = np.memmap(path, dtype=np.uint8, mode="r")
-            for split, start, stop in zip(SPLITS, cuts, cuts[1:], strict=True):
+            for split, start, stop in zip(SPLITS, cuts[:-1], cuts[1:], strict=True):
                 _atomic_bytes(folder / f"{split}.bin", [source[start:stop]])
             (folder / "SOURCE").write_text(f"{path} (split by offset 90/5/5)\n")
         return load_corpus(folder)
