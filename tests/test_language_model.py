@@ -182,6 +182,12 @@ def test_training_a_byte_lm_beats_the_unigram_baseline(tmp_path, text_file, monk
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
     model = from_pretrained(tmp_path / "run" / "last")
     assert isinstance(model, CausalLM) and model.config.encoder.causal
+    from hopformer.train.report import read_run, summarise, to_markdown
+
+    report = summarise([read_run(tmp_path / "run")])
+    assert report["metric"] == "bits_per_byte"
+    assert report["rows"][0]["test_mean"] == pytest.approx(extra["test_bits_per_byte"])
+    assert "test bits per byte" in to_markdown(report)
 
 
 def test_byte_lm_resumes_exactly(tmp_path, text_file, monkeypatch):

@@ -13,6 +13,9 @@ test. :func:`plot_curves` draws validation accuracy and loss against the step, o
 can be compared at equal steps, with the training curves dashed (the mean over each evaluation interval),
 so overfitting shows as a widening gap. A row of three or more seeds is drawn as its mean over the seeds
 with a band of ± one standard deviation; a row of fewer, one line per run.
+
+Runs of a causal language model (``bytes`` tasks) are scored in bits per byte instead (lower is better):
+the same table and curves, with that metric in place of accuracy.
 """
 
 from __future__ import annotations
@@ -61,15 +64,36 @@ def read_run(folder: Path) -> dict[str, Any]:
     val = [r for r in records if r.get("split") == "val"]
     train = [r for r in records if r.get("split") == "train"]
     eval_steps = [r["step"] for r in val]
-    best = max(val, key=lambda r: r["accuracy"], default=None)
     results_path = folder / RESULTS_NAME
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    if any("bits_per_byte" in r for r in val):  # a language model: bits per byte, lower is better
+        best = min(val, key=lambda r: r["bits_per_byte"], default=None)
+        test = None if results is None else results.get("extra", {}).get("test_bits_per_byte")
+        return {
+            "folder": str(folder),
+            "settings": settings,
+            "seed": settings.get("train.seed"),
+            "steps": settings.get("train.steps"),
+            "step": max((r["step"] for r in records), default=0),
+            "metric": "bits_per_byte",
+            "best_val": None if best is None else best["bits_per_byte"],
+            "best_val_step": None if best is None else best["step"],
+            "train_accuracy_end": None if not train else _bits(train[-1]["loss"]),
+            "val_curve": [[r["step"], r["bits_per_byte"]] for r in val],
+            "train_curve": [[step, _bits(loss)] for step, loss in _interval_means(train, eval_steps, "loss", 1)],
+            "val_loss_curve": [[r["step"], r["loss"]] for r in val],
+            "train_loss_curve": _interval_means(train, eval_steps, "loss", 1),
+            "steps_per_s": training_cost(folder).get("steps_per_s"),
+            "test": test,
+        }
+    best = max(val, key=lambda r: r["accuracy"], default=None)
     return {
         "folder": str(folder),
         "settings": settings,
         "seed": settings.get("train.seed"),
         "steps": settings.get("train.steps"),
         "step": max((r["step"] for r in records), default=0),
+        "metric": "accuracy",
         "best_val": None if best is None else 100 * best["accuracy"],
         "best_val_step": None if best is None else best["step"],
         "train_accuracy_end": 100 * train[-1]["accuracy"] if train else None,
@@ -128,12 +152,20 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "runs": members,
             }
         )
-    rows.sort(key=lambda r: -(r["test_mean"] if r["test_mean"] is not None else -1.0))
+    metrics = {m["metric"] for m in runs}
+    if len(metrics) > 1:
+        raise ValueError("cannot compare runs scored by accuracy with runs scored in bits per byte in one report")
+    metric = metrics.pop()
+    lower_is_better = metric == "bits_per_byte"
+    missing = float("inf") if lower_is_better else -1.0
+    rows.sort(
+        key=lambda r: (1 if lower_is_better else -1) * (r["test_mean"] if r["test_mean"] is not None else missing)
+    )
     for index, row in enumerate(rows):  # the top row has no gap to itself
         row["test_gap"] = _gap(row["tests"], rows[0]["tests"]) if index else None
         row["best_val_gap"] = _gap(row["best_vals"], rows[0]["best_vals"]) if index else None
     shared = {_short(k): identities[0][k] for k in ("task", "train.steps") if k in keys and k not in varying}
-    return {"shared": shared, "varying": varying, "rows": rows}
+    return {"shared": shared, "varying": varying, "rows": rows, "metric": metric}
 
 
 def _gap(values: list[float], top: list[float]) -> list[float] | None:
@@ -148,9 +180,10 @@ def _gap(values: list[float], top: list[float]) -> list[float] | None:
 
 def to_markdown(report: dict[str, Any]) -> str:
     """Rows best first: test mean ± std over the finished seeds, then each run's details."""
+    unit = "bits per byte" if report.get("metric") == "bits_per_byte" else "%"
     lines = [
-        "| row | seeds | test % (mean ± std) | per seed | best validation % (mean ± std) | gap to the top row: "
-        "test / validation (± SE) | runs finished |",
+        f"| row | seeds | test {unit} (mean ± std) | per seed | best validation {unit} (mean ± std) | gap to the top "
+        "row: test / validation (± SE) | runs finished |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
@@ -164,7 +197,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {row['label']} | {seeds} | {test} | {per_seed} | {val} | {gap} | {finished} |")
     lines += [
         "",
-        "| run | seed | step (of) | best validation % (step) | test % | training accuracy at end % | steps/s |",
+        f"| run | seed | step (of) | best validation {unit} (step) | test {unit} | training "
+        f"{'bits per byte' if unit != '%' else 'accuracy %'} at end | steps/s |",
     ]
     lines.append("|---|---|---|---|---|---|---|")
     for row in report["rows"]:
@@ -199,7 +233,8 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(12.0, 4.4 + 0.2 * len(report["rows"])), dpi=110)
-    panels = [("val_curve", "train_curve", "accuracy (%)"), ("val_loss_curve", "train_loss_curve", "loss")]
+    score = "bits per byte" if report.get("metric") == "bits_per_byte" else "accuracy (%)"
+    panels = [("val_curve", "train_curve", score), ("val_loss_curve", "train_loss_curve", "loss")]
     for ax, (val_key, train_key, name) in zip(axes, panels):
         plotted = []
         for index, row in enumerate(report["rows"]):
@@ -264,6 +299,10 @@ def _zoom_past_warmup(ax: Any, points: list[Sequence[float]]) -> None:
     low, high = min(late), max(late)
     pad = 0.05 * (high - low) or 0.5
     ax.set_ylim(low - pad, high + pad)
+
+
+def _bits(nats: float) -> float:
+    return nats / 0.6931471805599453
 
 
 def _mean_std(mean: float | None, std: float | None) -> str:
