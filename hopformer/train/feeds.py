@@ -144,7 +144,7 @@ class WindowFeed:
                 logits = model(inputs.to(self.runtime.device)).float()
             targets = targets.to(self.runtime.device)
             losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-            scored = torch.arange(targets.shape[1], device=targets.device)[None, :] >= first
+            scored = torch.arange(targets.shape[1], device=targets.device)[None, :] >= first.to(targets.device)
             nll += float(losses[scored].sum())
             correct += int((logits.argmax(-1) == targets)[scored].sum())
             count += int(scored.sum())
