@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hopformer.attention.decoding import KVCache
 from hopformer.attention.registry import register
 from hopformer.attention.rotary import RotaryEmbedding
 from hopformer.checks import check_int, check_probability
@@ -65,7 +66,9 @@ class AttentionModule(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.rotary: RotaryEmbedding | None = None  # set to rotate q and k by position (RoPE)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        """``(batch, seq, dim) -> (batch, seq, dim)``; with ``cache`` (from :meth:`new_cache`) the same outputs,
+        and the cache filled for decoding the tokens after these prompts (right-padded by ``attention_mask``)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
         padding = key_padding_mask(attention_mask, x)
@@ -73,8 +76,37 @@ class AttentionModule(nn.Module):
         q, k, v = self.qkv(x).view(batch, seq, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
             q, k = self.rotary(q, k)
-        y = self.attend(q, k, v, padding)
+        if cache is None:
+            y = self.attend(q, k, v, padding)
+        else:
+            lengths = torch.full((batch,), seq, device=x.device) if padding is None else padding.sum(1)
+            y = self.prefill(q, k, v, padding, cache, lengths)
         return self.out(y.transpose(1, 2).reshape(batch, seq, self.dim))
+
+    def step(self, x: torch.Tensor, cache: Any, positions: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, ``x (batch, 1, dim)`` at ``positions (batch,)``, against the cache of
+        everything before it (:mod:`hopformer.attention.decoding`); the cache takes the new token in."""
+        batch = x.shape[0]
+        q, k, v = self.qkv(x).view(batch, 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary.at(q, positions), self.rotary.at(k, positions)
+        y = self.attend_step(q, k, v, cache, positions)
+        return self.out(y.transpose(1, 2).reshape(batch, 1, self.dim))
+
+    def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> Any:
+        """An empty decoding cache for ``batch`` sequences of up to ``max_len`` tokens (causal modules only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no decoding cache")
+
+    def prefill(self, q, k, v, key_padding_mask, cache: Any, lengths: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no decoding cache")
+
+    def attend_step(self, q, k, v, cache: Any, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no decoding cache")
+
+    def _check_decoding(self) -> None:
+        if not getattr(self, "causal", False):
+            name = type(self).__name__
+            raise ValueError(f"{name} decodes incrementally only when causal (build it with causal=True)")
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
@@ -132,6 +164,17 @@ class FullAttention(AttentionModule):
     def __init__(self, dim: int, heads: int, *, dropout: float = 0.0, causal: bool = False, bias: bool = True):
         super().__init__(dim, heads, dropout=dropout, bias=bias)
         self.causal = causal
+
+    def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        self._check_decoding()
+        return KVCache.new(batch, self.heads, self.head_dim, max_len, device, dtype)
+
+    def prefill(self, q, k, v, key_padding_mask, cache: KVCache, lengths: torch.Tensor) -> torch.Tensor:
+        cache.fill(k, v)
+        return self.attend(q, k, v, key_padding_mask)
+
+    def attend_step(self, q, k, v, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        return cache.step(q, k, v, positions)
 
     def attend(self, q, k, v, key_padding_mask):
         dropout = self.dropout if self.training else 0.0

@@ -82,6 +82,15 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.angles(max(q_len, k_len), q.device, compute)
         return _rotate(q, cos[:q_len], sin[:q_len]), _rotate(k, cos[:k_len], sin[:k_len])
 
+    def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x (batch, heads, 1, head_dim)`` by each sequence's own position (``positions (batch,)``):
+        one token of incremental decoding. 1-D positions only (a 2-D grid needs the whole image)."""
+        if self.grid:
+            raise ValueError("incremental decoding with 2-D rotary positions is not supported (positions='rope2d')")
+        compute = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = self.angles(int(positions.max()) + 1, x.device, compute)
+        return _rotate(x, cos[positions][:, None, None, :], sin[positions][:, None, None, :])
+
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base:g}" + (", grid=True" if self.grid else "")
 

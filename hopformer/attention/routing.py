@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from hopformer import graphs
 from hopformer.attention.base import AttentionModule
+from hopformer.attention.decoding import RoutingCache
 from hopformer.attention.registry import register
 from hopformer.checks import check_int
 from hopformer.ops import dispatch, sparse_attention
@@ -165,7 +166,7 @@ class RoutingAttention(AttentionModule):
         seq = q.shape[2]
         window = self.window if self.window is not None else max(1, seq // self.clusters)
         if self.causal:  # a fixed window: a token's keys must not depend on the sequence's length
-            window = self.window if self.window is not None else max(1, self.max_seq_len // self.clusters)
+            window = self._causal_window()
         elif window > seq:
             raise ValueError(f"window={window} is larger than the sequence length {seq}")
         dropout = self.dropout if self.training else 0.0
@@ -225,6 +226,51 @@ class RoutingAttention(AttentionModule):
         return clustered_attention(
             q, k, v, members[0], members[-1], self.causal, padding, shared_qk=self.share_qk, dropout_p=dropout
         )
+
+    # ------------------------------------------------------------------------------------------
+    # Decoding (causal only; hopformer.attention.decoding)
+
+    def _causal_window(self) -> int:
+        return self.window if self.window is not None else max(1, self.max_seq_len // self.clusters)
+
+    def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> RoutingCache:
+        self._check_decoding()
+        return RoutingCache.new(
+            batch, self.local_heads, self.routing_heads, self.head_dim, self.local_window, self.clusters,
+            self._causal_window(), device, dtype,
+        )  # fmt: skip
+
+    def _split(self, *tensors: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [x.split([self.local_heads, self.routing_heads], dim=1) for x in tensors]
+
+    def _key_clusters(self, q_route: torch.Tensor, k_route: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = q_route if self.share_qk else k_route
+        dtype = torch.promote_types(q_route.dtype, torch.float32)
+        query = nearest_centroid(normalise(q_route.to(dtype), self.qk_norm), self.centroids)
+        key = query if self.share_qk else nearest_centroid(normalise(keys.to(dtype), self.qk_norm), self.centroids)
+        return query, key
+
+    def prefill(self, q, k, v, key_padding_mask, cache: RoutingCache, lengths: torch.Tensor) -> torch.Tensor:
+        out = self.attend(q, k, v, key_padding_mask)
+        (q_local, q_route), (k_local, k_route), (v_local, v_route) = self._split(q, k, v)
+        keys = q_route if self.share_qk else k_route
+        with torch.no_grad():
+            _, key_cluster = self._key_clusters(q_route, k_route)
+        cache.fill(k_local, v_local, keys, v_route, key_cluster, lengths)
+        return out
+
+    def attend_step(self, q, k, v, cache: RoutingCache, positions: torch.Tensor) -> torch.Tensor:
+        (q_local, q_route), (k_local, k_route), (v_local, v_route) = self._split(q, k, v)
+        outputs = []
+        if self.local_heads:
+            cache.add_local(k_local, v_local, positions)
+            outputs.append(cache.local_row(q_local, positions, self.local_window))
+        if self.routing_heads:
+            keys = q_route if self.share_qk else k_route
+            query_cluster, key_cluster = self._key_clusters(q_route, k_route)
+            outputs.append(cache.cluster_row(q_route, keys, v_route, query_cluster[..., 0], self.share_qk))
+            cache.add_keys(keys, v_route, key_cluster[..., 0])
+        return torch.cat(outputs, dim=1)
 
     # ------------------------------------------------------------------------------------------
     # K-means state

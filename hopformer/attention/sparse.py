@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from hopformer.attention.base import AttentionModule
+from hopformer.attention.decoding import GraphCache, slot_plan
 from hopformer.attention.registry import register
 from hopformer.checks import check_probability
 from hopformer.graphs import PATTERNS, BlockGraph, build_graph
 from hopformer.ops import diffuse, diffuse_weighted, dispatch, sparse_attention
 from hopformer.ops.backend import EDGE_DROPOUT
-from hopformer.ops.coefficients import check_coefficients, check_diffusion_args, diffusion_coefficients
+from hopformer.ops.coefficients import check_coefficients, check_diffusion_args, diffusion_coefficients, mixing_weights
 
 
 @functools.lru_cache(maxsize=256)
@@ -79,6 +80,16 @@ class GraphAttention(AttentionModule):
     def graph(self, seq_len: int) -> BlockGraph:
         return cached_graph(self.pattern, seq_len, **self.graph_options)
 
+    def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> GraphCache:
+        """Pools for the reachable blocks of the causal graph at ``max_len`` (prefix-stable: every shorter
+        sequence's graph is its top-left corner)."""
+        self._check_decoding()
+        plan = slot_plan(self.graph(max_len), device)
+        return GraphCache.new(plan, batch, self.heads, self.head_dim, self._decode_states(), device, dtype)
+
+    def _decode_states(self) -> int:
+        return 1
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, pattern={self.pattern!r}, backend={self.backend!r}, {self.graph_options}"
 
@@ -92,6 +103,13 @@ class SparseAttention(GraphAttention):
     def __init__(self, dim: int, heads: int, *, pattern: str, **options: Any) -> None:
         super().__init__(dim, heads, pattern=pattern, **options)
         self._check_backend()
+
+    def prefill(self, q, k, v, key_padding_mask, cache: GraphCache, lengths: torch.Tensor) -> torch.Tensor:
+        cache.fill(k, [v], lengths)
+        return self.attend(q, k, v, key_padding_mask)
+
+    def attend_step(self, q, k, v, cache: GraphCache, positions: torch.Tensor) -> torch.Tensor:
+        return cache.step(q, k, v, positions, [0.0])[-1]
 
     def attend(self, q, k, v, key_padding_mask):
         graph = self.graph(q.shape[2])
@@ -214,6 +232,39 @@ class DiffuserAttention(GraphAttention):
         edge = "per_hop" if self.learned else self.edge_dropout
         facts = {"hops": self.hops, "edge_dropout": edge, "hop_dropout": self.hop_dropout > 0}
         return {**super()._request_facts(), **facts}
+
+    def _decode_states(self) -> int:
+        return self.hops if self.learned else len(mixing_weights(self.fixed_coefficients))
+
+    def prefill(self, q, k, v, key_padding_mask, cache: GraphCache, lengths: torch.Tensor) -> torch.Tensor:
+        """The prompts' outputs hop by hop (one sparse attention per hop), keeping every state a later token
+        reads: the hop states ``Z_0 .. Z_{T-1}``, or with learned weights the powers ``A^k V``."""
+        graph = self.graph(q.shape[2])
+
+        def attend(z: torch.Tensor) -> torch.Tensor:
+            return sparse_attention(q, k, z, graph, key_padding_mask, self.backend)
+
+        if self.learned:
+            powers = [v]
+            for _ in range(self.hops):
+                powers.append(attend(powers[-1]))
+            weights = self.coefficients().to(v.dtype)[:, :, None, None]  # (heads, hops + 1, 1, 1)
+            out = sum(weights[:, hop] * power for hop, power in enumerate(powers))
+            cache.fill(k, powers[:-1], lengths)
+            return out
+        states, z = [v], v
+        for a in mixing_weights(self.fixed_coefficients):
+            z = v if a >= 1.0 else (attend(z) if a == 0.0 else torch.lerp(attend(z), v, a))
+            states.append(z)
+        cache.fill(k, states[:-1], lengths)
+        return states[-1]
+
+    def attend_step(self, q, k, v, cache: GraphCache, positions: torch.Tensor) -> torch.Tensor:
+        if not self.learned:
+            return cache.step(q, k, v, positions, mixing_weights(self.fixed_coefficients))[-1]
+        powers = [v, *cache.step(q, k, v, positions, [0.0] * self.hops)]
+        weights = self.coefficients().to(v.dtype)[:, :, None, None]
+        return sum(weights[:, hop] * power for hop, power in enumerate(powers))
 
     def coefficients(self) -> torch.Tensor:
         """The weights on ``A^0 .. A^hops``, ``(heads, hops + 1)``: learned (in the parameters' dtype and

@@ -2,17 +2,20 @@
 ``causal=True``) and a linear head over the vocabulary, its weights tied to the token embedding or not.
 
 ``forward(input_ids, attention_mask=None) -> logits (batch, seq, vocab)``: the logits at position ``t``
-predict token ``t + 1`` from tokens ``0..t``. Bytes are tokens ``0..255`` (``vocab_size=256``, no padding
-id: byte 0 is real text), so a byte LM needs no tokenizer.
+predict token ``t + 1`` from tokens ``0..t``. :meth:`CausalLM.generate` continues prompts, with incremental
+decoding caches (:mod:`hopformer.attention.decoding`) or by recomputing the full pass. Bytes are tokens
+``0..255`` (``vocab_size=256``, no padding id: byte 0 is real text), so a byte LM needs no tokenizer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from hopformer.checks import check_finite, check_int
 from hopformer.models.encoder import EncoderConfig, TransformerEncoder
 from hopformer.models.pretrained import PretrainedModel
 
@@ -56,3 +59,147 @@ class CausalLM(PretrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.encoder(input_ids, attention_mask))
+
+    # ------------------------------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | Sequence[torch.Tensor],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        seed: int | None = None,
+        stop_token: int | None = None,
+        on_token: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+        Args:
+            input_ids: ``(batch, prompt)`` ids, or a list of 1-D prompts of different lengths (decoded together,
+                each at its own positions).
+            temperature: 0 picks the most likely token (greedy); above 0 samples from the softmax of
+                ``logits / temperature``, restricted by ``top_k`` (the k most likely) and ``top_p`` (the
+                smallest set of tokens whose probability reaches p).
+            use_cache: decode incrementally, each layer keeping only what a new token can reach
+                (:mod:`hopformer.attention.decoding`); ``False`` runs the full forward pass again at every step.
+                Both give the same tokens (the same logits, to rounding).
+            seed: seeds the sampling (``None``: the global generator).
+            stop_token: a sequence that emits it stops there (the rest of its row repeats it); all stopped
+                ends the loop.
+            on_token: called with each step's new tokens ``(batch,)`` (e.g. to print them as they come).
+
+        Returns:
+            ``(batch, prompt + new)`` ids for a tensor input; a list of 1-D tensors for a list of prompts.
+        """
+        prompts = _prompt_list(input_ids)
+        check_int("max_new_tokens", max_new_tokens, 0)
+        check_sampling(temperature, top_k, top_p)
+        device = self.head.weight.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        total = int(lengths.max()) + max_new_tokens
+        if total > self.config.encoder.max_len:
+            raise ValueError(
+                f"prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) = {total} tokens is longer than "
+                f"the model's max_len={self.config.encoder.max_len}"
+            )
+        tokens = torch.zeros(len(prompts), total, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = prompt.to(device)
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            new = self._decode(tokens, lengths, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
+                               stop_token, on_token)  # fmt: skip
+        finally:
+            self.train(was_training)
+        if isinstance(input_ids, torch.Tensor):
+            return tokens[:, : int(lengths.max()) + new]
+        return [tokens[row, : int(lengths[row]) + new] for row in range(len(prompts))]
+
+    def _decode(self, tokens, lengths, steps, temperature, top_k, top_p, use_cache, generator, stop, on_token) -> int:
+        """Fill ``tokens`` after each prompt; returns how many tokens every row got."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        prompt = int(lengths.max())
+        mask = torch.arange(prompt, device=tokens.device)[None, :] < lengths[:, None]
+        if use_cache:
+            caches = self.encoder.new_caches(tokens.shape[0], tokens.shape[1], tokens.device, self.head.weight.dtype)
+            hidden = self.encoder(tokens[:, :prompt], mask, caches=caches)
+            logits = self.head(hidden[rows, lengths - 1])
+        else:
+            logits = self._last_logits(tokens, lengths)
+        positions, finished = lengths.clone(), torch.zeros_like(lengths, dtype=torch.bool)
+        for step in range(steps):
+            chosen = sample_next(logits, temperature, top_k, top_p, generator)
+            if stop is not None:
+                chosen = torch.where(finished, torch.full_like(chosen, stop), chosen)
+                finished |= chosen == stop
+            tokens[rows, positions] = chosen
+            if on_token is not None:
+                on_token(chosen)
+            if step + 1 == steps or (stop is not None and bool(finished.all())):
+                return step + 1
+            if use_cache:
+                logits = self.head(self.encoder.step(chosen[:, None], positions, caches))[:, 0]
+            else:
+                logits = self._last_logits(tokens, positions + 1)
+            positions = positions + 1
+        return steps
+
+    def _last_logits(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The full forward pass over each sequence's first ``lengths`` tokens; the logits at its last one."""
+        width = int(lengths.max())
+        mask = torch.arange(width, device=tokens.device)[None, :] < lengths[:, None]
+        logits = self(tokens[:, :width], mask)
+        return logits[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]
+
+
+def _prompt_list(input_ids: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
+            raise ValueError(
+                f"input_ids must be a (batch, prompt) tensor of ids with prompt >= 1, got {input_ids.shape}"
+            )
+        return list(input_ids)
+    prompts = [torch.as_tensor(p, dtype=torch.long) for p in input_ids]
+    if not prompts or any(p.dim() != 1 or len(p) == 0 for p in prompts):
+        raise ValueError("input_ids must be a (batch, prompt) tensor or a non-empty list of non-empty 1-D prompts")
+    return prompts
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Sampling settings: ``temperature`` finite and >= 0, ``top_k`` a positive integer, ``top_p`` in (0, 1]."""
+    check_finite("temperature", temperature)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None:
+        check_int("top_k", top_k, 1)
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token of each row of ``logits (batch, vocab)``: the argmax at temperature 0, else a sample of
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely and to the smallest set whose
+    probability reaches ``top_p``."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # mass of the tokens ranked above
+        ordered = ordered.masked_fill(before >= top_p, float("-inf"))  # the first token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

@@ -120,11 +120,18 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.pre_norm = config.norm == "pre"
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any = None) -> torch.Tensor:
+        return self._around(x, lambda h: self.attention(h, attention_mask, cache=cache))
+
+    def step(self, x: torch.Tensor, cache: Any, positions: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence (incremental decoding; see :meth:`TransformerEncoder.step`)."""
+        return self._around(x, lambda h: self.attention.step(h, cache, positions))
+
+    def _around(self, x: torch.Tensor, attend: Any) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.dropout(self.attention(self.norm1(x), attention_mask))
+            x = x + self.dropout(attend(self.norm1(x)))
             return x + self.dropout(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.attention(x, attention_mask)))
+        x = self.norm1(x + self.dropout(attend(x)))
         return self.norm2(x + self.dropout(self.mlp(x)))
 
 
@@ -248,7 +255,10 @@ class TransformerEncoder(PretrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
+        caches: list[Any] | None = None,
     ) -> torch.Tensor:
+        """``(batch, seq)`` ids -> ``(batch, P + seq, dim)``; with ``caches`` (:meth:`new_caches`, causal
+        encoders) the same, and the caches filled for decoding what follows (prompts right-padded)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
         batch, seq = input_ids.shape
@@ -271,12 +281,35 @@ class TransformerEncoder(PretrainedModel):
         if extra:
             x = F.pad(x, (0, 0, 0, extra))
             mask = F.pad(mask, (0, extra), value=False)
-        for block in self.blocks:
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        for index, block in enumerate(self.blocks):
+            if caches is not None:
+                x = block(x, mask, caches[index])
+            elif self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask)
         return self.final_norm(x)[:, :length]
+
+    def new_caches(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> list[Any]:
+        """One decoding cache per layer (:mod:`hopformer.attention.decoding`) for ``batch`` sequences of up to
+        ``max_len`` tokens; causal encoders only."""
+        if not self.config.causal:
+            raise ValueError("incremental decoding needs a causal encoder (EncoderConfig(causal=True))")
+        if max_len > self.config.max_len:
+            raise ValueError(f"max_len={max_len} is longer than the encoder's positions, max_len={self.config.max_len}")
+        return [block.attention.new_cache(batch, max_len, device, dtype) for block in self.blocks]
+
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[Any]) -> torch.Tensor:
+        """The hidden state of one new token per sequence: ``input_ids (batch, 1)`` at ``positions (batch,)``,
+        each attending to its own past through ``caches`` (filled by a forward pass with them): exactly what a
+        full forward pass over the whole sequences gives at those positions."""
+        x = self.embed(input_ids)
+        if self.positions is not None:
+            x = x + self.positions[positions][:, None].to(x.dtype)
+        x = self.dropout(self.embed_norm(x))
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x = block.step(x, cache, positions)
+        return self.final_norm(x)
 
 
 def _check_encoder_config(config: EncoderConfig) -> None:

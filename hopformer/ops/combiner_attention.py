@@ -415,11 +415,14 @@ def check_combiner_inputs(q, k, v, variant, block_size, causal, key_padding_mask
         raise TypeError(f"causal must be a bool, got {causal!r}")
     check_probability("dropout_p", dropout_p)
     check_key_padding_mask(key_padding_mask, q)
-    return resolve_block_size(variant, block_size, q.shape[2])
+    return resolve_block_size(variant, block_size, q.shape[2], causal)
 
 
-def resolve_block_size(variant: str, block_size: int | None, seq: int) -> int:
-    """The block size (row length) ``combiner`` uses; raises ``ValueError`` for a bad one."""
+def resolve_block_size(variant: str, block_size: int | None, seq: int, causal: bool = False) -> int:
+    """The block size (row length) ``combiner`` uses; raises ``ValueError`` for a bad one. Causal inputs may be
+    shorter than a block (a decoder keeps one block size whatever the length so far)."""
     if block_size is None:
         return min(2, seq) if variant == "logsparse" else max(1, math.ceil(math.sqrt(seq)))
+    if causal:
+        return check_int("block_size", block_size, 1)
     return check_int("block_size", block_size, 1, seq, allowed=f"an integer in [1, seq={seq}]")
