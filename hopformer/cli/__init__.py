@@ -15,6 +15,7 @@ import sys
 VERBS: dict[str, str] = {
     "train": "train a model on a task (ListOps by default)",
     "eval": "evaluate a saved run on a data file",
+    "generate": "continue a prompt with a trained causal language model",
     "bench": "time and measure memory of the attention kernels",
     "graph": "analyse attention graphs: density, spectral gap, NIP, pictures",
     "data": "generate task data (ListOps, Pathfinder) in the released LRA layout",
