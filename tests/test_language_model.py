@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hopformer.data import byte_corpus as bc
+from hopformer.data import corpus as bc
 from hopformer.models import CausalLM, CausalLMConfig, EncoderConfig, from_pretrained
 from hopformer.train import load_config, train
 

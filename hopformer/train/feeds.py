@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from hopformer.data.byte_corpus import ByteCorpus, bits, eval_windows, sample_windows, unigram_bits
+from hopformer.data.corpus import Corpus, bits, eval_windows, sample_windows, unigram_bits
 from hopformer.train.batches import Runtime, mask_seed, next_training_batch, training_stream
 from hopformer.train.config import Config
 from hopformer.train.evaluation import evaluate
@@ -103,7 +103,7 @@ class WindowFeed:
 
     metric, higher_is_better = "bits_per_byte", False
 
-    def __init__(self, corpus: ByteCorpus, config: Config, runtime: Runtime, task: str = "bytes") -> None:
+    def __init__(self, corpus: Corpus, config: Config, runtime: Runtime, task: str = "bytes") -> None:
         self.corpus, self.config, self.runtime, self.task = corpus, config, runtime, task
         self.context = config.data.max_length
         self.micro_batch = config.train.batch_size // config.train.grad_accum

@@ -12,7 +12,7 @@
   ``DIR/pathfinder32/curv_contour_length_14/``, which ``--data-dir DIR`` then reads.
 
 - ``bytes`` / ``bytes:PATH``: a byte corpus for causal language modeling (``train.objective="causal"``):
-  the Python standard library's sources, or any local file or folder (:mod:`hopformer.data.byte_corpus`),
+  the Python standard library's sources, or any local file or folder (:mod:`hopformer.data.corpus`),
   loaded by :func:`load_byte_corpus`.
 
 ``lra-<name>`` is accepted for every name.
@@ -82,9 +82,9 @@ def is_byte_task(name: str) -> bool:
 
 
 def load_byte_corpus(config: Config, log: Any = print):
-    """The :class:`~hopformer.data.byte_corpus.ByteCorpus` of a ``bytes`` task: the standard library's sources,
+    """The :class:`~hopformer.data.corpus.Corpus` of a ``bytes`` task: the standard library's sources,
     or the file or folder after ``bytes:`` (built once into the cache, then memory-mapped)."""
-    from hopformer.data.byte_corpus import local_corpus, stdlib_corpus
+    from hopformer.data.corpus import local_corpus, stdlib_corpus
 
     path = config.task.removeprefix("bytes").removeprefix(":")
     return local_corpus(path, log=log) if path else stdlib_corpus(log=log)

@@ -1,8 +1,11 @@
-"""Byte-level corpora for language modeling: memory-mapped splits, random training windows, evaluation
-windows, bits per byte and the unigram baseline.
+"""Token corpora for language modeling: memory-mapped splits, random training windows, evaluation windows,
+bits per token and the unigram baseline.
 
-A corpus is three files of raw bytes (``train.bin``, ``val.bin``, ``test.bin``) in a folder, read through
-``numpy.memmap``: a 100 MB corpus is never copied into Python objects, and a window is one slice.
+A corpus is three files of token ids (``train.bin``, ``val.bin``, ``test.bin``) in a folder, read through
+``numpy.memmap``: a 100 MB corpus is never copied into Python objects, and a window is one slice. Byte corpora
+are raw bytes; others (word-level, e.g. Wikitext-103) say their id type, vocabulary size and unit in
+``META.json`` and their words in ``vocab.txt`` (:func:`write_corpus`). The released formats of enwik8, text8,
+Wikitext-103 and PG-19 are read by :mod:`hopformer.data.corpora`.
 
 Sources:
 
@@ -26,11 +29,12 @@ under the training split's byte histogram: what a model knows from byte frequenc
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import sysconfig
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,43 +47,80 @@ OFFSET_SPLIT = (0.90, 0.95)  # one file: the first 90% train, the next 5% valida
 VOCAB_SIZE = 256
 
 
+UNITS = ("byte", "character", "word")  # what one token is; a word-level corpus reports perplexity
+
+
 @dataclass
-class ByteCorpus:
-    """The three splits of a byte corpus as read-only memory maps, and where they came from."""
+class Corpus:
+    """The three splits of a token corpus as read-only 1-D memory maps, and where they came from.
+
+    ``vocab_size``: ids are in ``[0, vocab_size)`` (256 for bytes). ``unit``: what a token is (bits per byte,
+    bits per character, or perplexity per word). ``vocabulary``: the word of each id, for word-level corpora.
+    """
 
     splits: dict[str, np.ndarray]
     source: str
+    vocab_size: int = VOCAB_SIZE
+    unit: str = "byte"
+    vocabulary: list[str] | None = None
 
     def __post_init__(self) -> None:
         for split in SPLITS:
             if split not in self.splits:
-                raise ValueError(f"a byte corpus needs the splits {SPLITS}; {self.source} has {sorted(self.splits)}")
+                raise ValueError(f"a corpus needs the splits {SPLITS}; {self.source} has {sorted(self.splits)}")
+        if self.unit not in UNITS:
+            raise ValueError(f"corpus unit must be one of {UNITS}, got {self.unit!r}")
 
     def sizes(self) -> dict[str, int]:
         return {split: int(len(data)) for split, data in self.splits.items()}
 
     def describe(self) -> str:
         sizes = ", ".join(f"{split} {size:,}" for split, size in self.sizes().items())
-        return f"{self.source}: {sizes} bytes"
+        return f"{self.source}: {sizes} {self.unit}s"
 
 
-def load_corpus(folder: str | os.PathLike) -> ByteCorpus:
-    """The corpus written in ``folder`` (``train.bin``, ``val.bin``, ``test.bin``), memory-mapped."""
+def load_corpus(folder: str | os.PathLike) -> Corpus:
+    """The corpus written in ``folder`` (``train.bin``, ``val.bin``, ``test.bin``; ``META.json`` and
+    ``vocab.txt`` where it is not bytes), memory-mapped."""
     folder = Path(folder)
+    meta = json.loads((folder / "META.json").read_text()) if (folder / "META.json").is_file() else {}
+    dtype = np.dtype(meta.get("dtype", "uint8"))
     splits = {}
     for split in SPLITS:
         path = folder / f"{split}.bin"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; a byte corpus folder holds train.bin, val.bin and test.bin")
-        splits[split] = _memmap(path)
+            raise FileNotFoundError(f"{path}: missing; a corpus folder holds train.bin, val.bin and test.bin")
+        splits[split] = _memmap(path, dtype)
     source = (folder / "SOURCE").read_text().strip() if (folder / "SOURCE").is_file() else str(folder)
-    return ByteCorpus(splits, source)
+    vocab_file = folder / "vocab.txt"
+    vocabulary = vocab_file.read_text(encoding="utf-8").split("\n")[:-1] if vocab_file.is_file() else None
+    return Corpus(splits, source, int(meta.get("vocab_size", VOCAB_SIZE)), meta.get("unit", "byte"), vocabulary)
 
 
-def _memmap(path: Path) -> np.ndarray:
+def write_corpus(folder: Path, splits: dict[str, Iterable[np.ndarray]], source: str, *, vocab_size: int = VOCAB_SIZE,
+                 unit: str = "byte", vocabulary: list[str] | None = None, dtype: str = "uint8") -> Corpus:
+    """Stream each split's chunks of ids into ``folder`` (every file written atomically, ``train.bin`` last
+    but one and ``SOURCE`` last, so a folder with ``SOURCE`` is complete) and return it memory-mapped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if vocabulary is not None:
+        _atomic_text(folder / "vocab.txt", "".join(word + "\n" for word in vocabulary))
+    if (unit, vocab_size, dtype) != ("byte", VOCAB_SIZE, "uint8"):
+        _atomic_text(folder / "META.json", json.dumps({"dtype": dtype, "vocab_size": vocab_size, "unit": unit}))
+    for split in SPLITS:
+        _atomic_array(folder / f"{split}.bin", splits[split], dtype)
+    _atomic_text(folder / "SOURCE", source + "\n")
+    return load_corpus(folder)
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether :func:`write_corpus` finished writing ``folder``."""
+    return (folder / "SOURCE").is_file()
+
+
+def _memmap(path: Path, dtype: np.dtype = np.dtype(np.uint8)) -> np.ndarray:
     if path.stat().st_size == 0:
-        return np.zeros(0, dtype=np.uint8)  # numpy cannot map an empty file
-    return np.memmap(path, dtype=np.uint8, mode="r")
+        return np.zeros(0, dtype=dtype)  # numpy cannot map an empty file
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def default_cache() -> Path:
@@ -100,7 +141,7 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     )
 
 
-def stdlib_corpus(cache: str | os.PathLike | None = None, log=print) -> ByteCorpus:
+def stdlib_corpus(cache: str | os.PathLike | None = None, log=print) -> Corpus:
     """The standard-library corpus, built into ``cache`` (default ``$HOPFORMER_CACHE`` or
     ``~/.cache/hopformer``) on first use and memory-mapped."""
     root = stdlib_root()
@@ -111,13 +152,13 @@ def stdlib_corpus(cache: str | os.PathLike | None = None, log=print) -> ByteCorp
     digest = hashlib.sha256(listing.encode()).hexdigest()[:10]
     version = ".".join(map(str, __import__("sys").version_info[:2]))
     folder = Path(cache or default_cache()) / f"bytes-stdlib-{version}-{digest}"
-    if not (folder / "test.bin").is_file():
+    if not is_complete(folder):
         log(f"building the byte corpus of Python {version}'s standard library ({len(files)} files) in {folder}")
         _write_by_file(folder, root, files, f"Python {version} standard library ({len(files)} .py files)")
     return load_corpus(folder)
 
 
-def local_corpus(path: str | os.PathLike, cache: str | os.PathLike | None = None, log=print) -> ByteCorpus:
+def local_corpus(path: str | os.PathLike, cache: str | os.PathLike | None = None, log=print) -> Corpus:
     """A corpus of any local file (split by offset) or folder (split by file), built into ``cache``."""
     path = Path(path).expanduser().resolve()
     if not path.exists():
@@ -130,21 +171,19 @@ def local_corpus(path: str | os.PathLike, cache: str | os.PathLike | None = None
             raise ValueError(f"{path}: {size} bytes is too little to split into train, validation and test")
         stat = f"{path} {size} {path.stat().st_mtime_ns}"
         folder = Path(cache or default_cache()) / f"bytes-{hashlib.sha256(stat.encode()).hexdigest()[:10]}"
-        if not (folder / "test.bin").is_file():
+        if not is_complete(folder):
             log(f"splitting {path} ({size:,} bytes) by offset 90/5/5 into {folder}")
             cuts = [0, int(size * OFFSET_SPLIT[0]), int(size * OFFSET_SPLIT[1]), size]
-            folder.mkdir(parents=True, exist_ok=True)
             source = np.memmap(path, dtype=np.uint8, mode="r")
-            for split, start, stop in zip(SPLITS, cuts[:-1], cuts[1:], strict=True):
-                _atomic_bytes(folder / f"{split}.bin", [source[start:stop]])
-            (folder / "SOURCE").write_text(f"{path} (split by offset 90/5/5)\n")
+            parts = {split: [source[a:b]] for split, a, b in zip(SPLITS, cuts[:-1], cuts[1:], strict=True)}
+            write_corpus(folder, parts, f"{path} (split by offset 90/5/5)")
         return load_corpus(folder)
     files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: str(p.relative_to(path)))
     if not files:
         raise ValueError(f"--task bytes:{path}: the folder holds no files")
     listing = "\n".join(f"{p.relative_to(path)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
     folder = Path(cache or default_cache()) / f"bytes-{hashlib.sha256((str(path) + listing).encode()).hexdigest()[:10]}"
-    if not (folder / "test.bin").is_file():
+    if not is_complete(folder):
         log(f"building a byte corpus of {len(files)} files under {path} in {folder}")
         _write_by_file(folder, path, files, f"{path} ({len(files)} files, split by file)")
     return load_corpus(folder)
@@ -166,18 +205,22 @@ def _write_by_file(folder: Path, root: Path, files: list[Path], source: str) -> 
             f"{root}: {len(files)} files leave no file for the {', '.join(empty)} split (files go to splits by a hash "
             "of their path, 90/5/5); use a folder of more files, or one file (split by offset)"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, paths in groups.items():
-        _atomic_bytes(folder / f"{split}.bin", (np.fromfile(p, dtype=np.uint8) for p in paths))
-    (folder / "SOURCE").write_text(source + "\n")
+    chunks = {split: (np.fromfile(p, dtype=np.uint8) for p in paths) for split, paths in groups.items()}
+    write_corpus(folder, chunks, source)
 
 
-def _atomic_bytes(path: Path, chunks) -> None:
-    """Stream ``chunks`` (uint8 arrays) into ``path`` through a temporary file renamed at the end."""
+def _atomic_array(path: Path, chunks: Iterable[np.ndarray], dtype: str) -> None:
+    """Stream ``chunks`` into ``path`` as ``dtype`` through a temporary file renamed at the end."""
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temp, "wb") as out:
         for chunk in chunks:
-            out.write(np.asarray(chunk, dtype=np.uint8).tobytes())
+            out.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+    os.replace(temp, path)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(text, encoding="utf-8")
     os.replace(temp, path)
 
 
@@ -215,18 +258,18 @@ def eval_windows(data: np.ndarray, length: int, stride: int | None = None) -> It
         start += stride
 
 
-def byte_histogram(data: np.ndarray, chunk: int = 1 << 24) -> np.ndarray:
-    """Counts of each byte value, read in chunks."""
-    counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
+def histogram(data: np.ndarray, vocab_size: int = VOCAB_SIZE, chunk: int = 1 << 24) -> np.ndarray:
+    """Counts of each token id, read in chunks."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
     for start in range(0, len(data), chunk):
-        counts += np.bincount(np.asarray(data[start : start + chunk]), minlength=VOCAB_SIZE)
+        counts += np.bincount(np.asarray(data[start : start + chunk]), minlength=vocab_size)[:vocab_size]
     return counts
 
 
-def unigram_bits(train: np.ndarray, test: np.ndarray) -> float:
-    """Bits per byte of ``test`` under the add-one-smoothed byte histogram of ``train``."""
-    probabilities = (byte_histogram(train) + 1) / (len(train) + VOCAB_SIZE)
-    counts = byte_histogram(test)
+def unigram_bits(train: np.ndarray, test: np.ndarray, vocab_size: int = VOCAB_SIZE) -> float:
+    """Bits per token of ``test`` under the add-one-smoothed token histogram of ``train``."""
+    probabilities = (histogram(train, vocab_size) + 1) / (len(train) + vocab_size)
+    counts = histogram(test, vocab_size)
     return float(-(counts * np.log2(probabilities)).sum() / max(counts.sum(), 1))
 
 
