@@ -97,8 +97,16 @@ def load_corpus(folder: str | os.PathLike) -> Corpus:
     return Corpus(splits, source, int(meta.get("vocab_size", VOCAB_SIZE)), meta.get("unit", "byte"), vocabulary)
 
 
-def write_corpus(folder: Path, splits: dict[str, Iterable[np.ndarray]], source: str, *, vocab_size: int = VOCAB_SIZE,
-                 unit: str = "byte", vocabulary: list[str] | None = None, dtype: str = "uint8") -> Corpus:
+def write_corpus(
+    folder: Path,
+    splits: dict[str, Iterable[np.ndarray]],
+    source: str,
+    *,
+    vocab_size: int = VOCAB_SIZE,
+    unit: str = "byte",
+    vocabulary: list[str] | None = None,
+    dtype: str = "uint8",
+) -> Corpus:
     """Stream each split's chunks of ids into ``folder`` (every file written atomically, ``train.bin`` last
     but one and ``SOURCE`` last, so a folder with ``SOURCE`` is complete) and return it memory-mapped."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -117,7 +125,7 @@ def is_complete(folder: Path) -> bool:
     return (folder / "SOURCE").is_file()
 
 
-def _memmap(path: Path, dtype: np.dtype = np.dtype(np.uint8)) -> np.ndarray:
+def _memmap(path: Path, dtype: np.dtype | str = "uint8") -> np.ndarray:
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)  # numpy cannot map an empty file
     return np.memmap(path, dtype=dtype, mode="r")
