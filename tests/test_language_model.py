@@ -230,10 +230,13 @@ def test_byte_lm_resumes_exactly(tmp_path, text_file, monkeypatch):
 def test_task_and_objective_must_agree(tmp_path, text_file):
     config = _config(tmp_path, text_file)
     config.train.objective = "classify"
-    with pytest.raises(ValueError, match="bytes.*causal"):
+    with pytest.raises(ValueError, match="a corpus trains with --objective causal or masked"):
         train(config, log=lambda *_: None)
     config = load_config(None, {"train.objective": "causal", "train.run_dir": str(tmp_path / "x")})
-    with pytest.raises(ValueError, match="causal objective needs a bytes task"):
+    with pytest.raises(ValueError, match="an example task trains with --objective classify or masked"):
+        train(config, log=lambda *_: None)
+    config = load_config(None, {"task": "cifar10-pixels:/x", "train.objective": "masked"})
+    with pytest.raises(ValueError, match="an image set trains with --objective causal"):
         train(config, log=lambda *_: None)
 
 

@@ -573,7 +573,7 @@ def test_masked_tokens_are_real_tokens_drawn_from_the_seed():
     from hopformer.train.batches import Runtime
 
     examples = [{"input_ids": torch.arange(1, n + 1), "label": 0} for n in (300, 180)]
-    runtime = Runtime(torch.device("cpu"), False, 1, 512, mask_rate=0.25, mask_id=99)
+    runtime = Runtime(torch.device("cpu"), False, 1, 512, mask_rate=0.25, mask_id=99, mask_policy="mask")
     inputs, labels, tokens = runtime.batch(examples, mask_seed=7)
     real, ids = inputs["attention_mask"], torch.stack([torch.arange(1, 301), torch.arange(1, 301)])
     hidden = inputs["select"]

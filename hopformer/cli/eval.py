@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from hopformer.train.build import resolve_device
     from hopformer.train.config import CONFIG_NAME, load_config
     from hopformer.train.evaluation import evaluate
+    from hopformer.train.tasks import is_corpus_task
 
     path = Path(args.checkpoint)
     folder = checkpoint_folder(path, args.which)
@@ -58,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         if replaced:
             print(f"note: backend {sorted(replaced)} needs CUDA; evaluating with backend='auto'", file=sys.stderr)
     limit = max_tokens(model)
-    if isinstance(model, CausalLM):
-        return _evaluate_language_model(model, path, folder, device, args)
+    run_dir = path if (path / CONFIG_NAME).is_file() else folder.parent
+    if isinstance(model, CausalLM) or (is_corpus_task(load_config(run_dir / CONFIG_NAME).task)):
+        return _evaluate_language_model(model, run_dir, folder, device, args)
     if isinstance(model, MaskedTokenModel) and args.data:
         raise ValueError("a masked-token model is evaluated on its own task's splits: use --split, not --data")
     if args.data:
@@ -86,29 +88,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_language_model(model, path: Path, folder: Path, device, args: argparse.Namespace) -> int:
-    """Bits per byte of a causal LM on a split of its run's corpus (non-overlapping windows of its context)."""
+def _evaluate_language_model(model, run_dir: Path, folder: Path, device, args: argparse.Namespace) -> int:
+    """A language or pixel model on a split of its run's corpus or image set, scored as in training (bits per
+    byte or character, perplexity, bits per dimension; masked LMs over their hidden tokens)."""
     from hopformer.train.batches import Runtime
     from hopformer.train.config import CONFIG_NAME, load_config
-    from hopformer.train.feeds import WindowFeed
-    from hopformer.train.tasks import load_byte_corpus
+    from hopformer.train.feeds import make_feed, metric_label
+    from hopformer.train.tasks import load_corpus_task
 
     if args.data:
-        raise ValueError("a causal LM is evaluated on a split of its run's byte corpus: use --split, not --data")
-    run_dir = path if (path / CONFIG_NAME).is_file() else folder.parent
+        raise ValueError("a language model is evaluated on a split of its run's corpus: use --split, not --data")
     config = load_config(run_dir / CONFIG_NAME)
     config.train.eval_batch_size = args.batch_size
     runtime = Runtime(device, device.type == "cuda", 1, model.encoder.config.max_len)
-    feed = WindowFeed(load_byte_corpus(config, log=lambda *_: None), config, runtime, config.task)
+    feed = make_feed(load_corpus_task(config, log=lambda *_: None), config, runtime)
     result = feed.evaluate(model, args.split)
-    unigram = feed.baseline()["unigram_bits_per_byte"]
+    baseline = next(iter(feed.baseline().values()))
     if args.json:
-        print(
-            json.dumps({"checkpoint": str(folder), "data": f"{config.task} {args.split}", **result, "unigram": unigram})
-        )
+        record = {"checkpoint": str(folder), "data": f"{config.task} {args.split}", **result, "unigram": baseline}
+        print(json.dumps(record))
     else:
+        label = metric_label(feed.metric)
         print(
-            f"{folder} on {config.task} {args.split}: bits per byte {result['bits_per_byte']:.4f} (unigram baseline "
-            f"{unigram:.4f} on test; non-overlapping windows of {feed.context} bytes, {result['count']:,} bytes)"
+            f"{folder} on {config.task} {args.split}: {label} {result[feed.metric]:.4f} (unigram baseline "
+            f"{baseline:.4f} on test; {result['count']:,} predictions)"
         )
     return 0

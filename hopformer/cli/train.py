@@ -123,11 +123,12 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"run folder: {result.run_dir} (stopped at step {result.step}: {result.stop_reason})")
         return _EXIT_STATUS.get(result.stop_reason, 130)
-    if "test_bits_per_byte" in result.extra:
-        extra = result.extra
-        print(
-            f"bits per byte {extra['test_bits_per_byte']:.4f} (unigram baseline {extra['unigram_bits_per_byte']:.4f})"
-        )
+    scores = [key for key in result.extra if key.startswith("test_") and key != "test_checkpoint"]
+    if scores:  # a language or pixel model
+        metric = scores[0].removeprefix("test_")
+        baseline = result.extra.get(f"unigram_{metric}")
+        versus = "" if baseline is None else f" (unigram baseline {baseline:.4f})"
+        print(f"{metric.replace('_', ' ')} {result.extra[scores[0]]:.4f}{versus}")
     else:
         print(f"test accuracy: {result.test_accuracy:.4f}")
     print(f"run folder: {result.run_dir}")

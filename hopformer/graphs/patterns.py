@@ -231,6 +231,7 @@ def grid2d(
     num_random: int = 0,
     seed: int = 0,
     causal: bool = False,
+    channels: int = 1,
 ) -> BlockGraph:
     """Pixel neighbourhoods of an image in raster order, at token granularity.
 
@@ -240,24 +241,31 @@ def grid2d(
     ``seq_len`` must then be a perfect square; with ``side`` set, tokens past the image (padding)
     form further rows. A grid is a poor expander: spreading information across it takes about
     ``side / radius`` hops, which is what Diffuser's multi-hop diffusion supplies in one layer.
+
+    ``channels > 1``: tokens are subpixels, the ``channels`` values of a pixel consecutive (pixel modeling's
+    raster order): token ``i`` is channel ``i % channels`` of pixel ``i // channels`` and sees every channel
+    of the pixels around its own. With ``causal=True`` only the earlier tokens of that square remain: the rows
+    above, the pixels to the left and the earlier channels of its own pixel.
     """
     _check_positive_int("seq_len", seq_len)
+    _check_positive_int("channels", channels)
     if block_size != 1:
         raise ValueError(f"grid2d is a token-level graph: block_size must be 1, got {block_size!r}")
     if side is None:
-        side = math.isqrt(seq_len)
-        if side * side != seq_len:
+        side = math.isqrt(seq_len // channels)
+        if side * side * channels != seq_len:
             raise ValueError(
-                f"grid2d without side needs a square image, but seq_len={seq_len} is not a perfect square; "
-                "pass side=<image width in pixels>"
+                f"grid2d without side needs a square image, but seq_len={seq_len} is not channels={channels} times "
+                "a perfect square; pass side=<image width in pixels>"
             )
     _check_positive_int("side", side)
     _check_positive_int("radius", radius)
     count = _check_count("num_random", num_random, seq_len)
     draw = _random_draw(seed, causal)
-    row, col = torch.arange(seq_len) // side, torch.arange(seq_len) % side
+    pixel = torch.arange(seq_len) // channels
+    row, col = pixel // side, pixel % side
 
-    reach = radius * (side + 1)  # raster distance to the farthest neighbour
+    reach = (radius * (side + 1) + 1) * channels  # raster distance to the farthest neighbour
 
     def rows(start: int, stop: int) -> torch.Tensor:
         lo, hi = max(0, start - reach), min(seq_len, stop + reach)  # compare only where neighbours can be
@@ -267,8 +275,9 @@ def grid2d(
         return near | draw(start, stop, seq_len, count, near)
 
     random = f", r={count}" if count else ""
+    colours = f", channels={channels}" if channels > 1 else ""
     return BlockGraph.from_row_chunks(
-        seq_len, 1, rows, causal=causal, name=f"grid2d(side={side}, radius={radius}{random})"
+        seq_len, 1, rows, causal=causal, name=f"grid2d(side={side}, radius={radius}{colours}{random})"
     )
 
 

@@ -23,7 +23,7 @@ from hopformer.checks import check_int
 from hopformer.models.pretrained import PretrainedModel
 
 NORMS = ("pre", "post")
-POSITIONS = ("learned", "sinusoidal", "rope", "rope2d", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "rope2d", "image", "none")
 INITS = ("normal", "torch", "lra")
 EMBEDDINGS = ("table", "intensity", "conv")
 
@@ -44,7 +44,11 @@ class EncoderConfig:
             every attention rotates its queries and keys by position, so scores see relative
             offsets; needs an even head dim), ``"rope2d"`` (axial 2-D rotary for square images in raster
             order, Pathfinder and Image: scores see the (row, column) offset; needs a head dim divisible
-            by 4 and a square sequence, so mean pooling) or ``"none"``.
+            by 4 and a square sequence, so mean pooling), ``"image"`` (learned row, column and channel
+            embeddings, summed, for images flattened in raster order with the channels of a pixel consecutive;
+            needs ``image_shape``) or ``"none"``.
+        image_shape: ``(height, width, channels)`` of the images for ``positions="image"``: position ``p`` is
+            row ``p // (width * channels) % height``, column ``p // channels % width``, channel ``p % channels``.
         dropout: on embeddings and after attention and MLP (before the residual add).
         attention_dropout: passed to the attention module as ``dropout`` when > 0.
         pad_id: the embedding's ``padding_idx`` (0 for tokens). ``None`` for pixel tasks, where 0
@@ -95,6 +99,26 @@ class EncoderConfig:
     embedding: str = "table"
     stem_depth: int = 1
     causal: bool = False
+    image_shape: tuple[int, int, int] | None = None
+
+
+class ImagePositions(nn.Module):
+    """Learned row, column and channel embeddings of an image in raster order, summed: a pixel model knows
+    where in the image each position is with ``height + width + channels`` vectors instead of one per token."""
+
+    def __init__(self, shape: tuple[int, int, int], dim: int) -> None:
+        super().__init__()
+        self.shape = shape
+        height, width, channels = shape
+        self.row = nn.Parameter(torch.randn(height, dim) * 0.02)
+        self.column = nn.Parameter(torch.randn(width, dim) * 0.02)
+        self.channel = nn.Parameter(torch.randn(channels, dim) * 0.02)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the positions ``index`` (any shape) -> ``(*index.shape, dim)``."""
+        height, width, channels = self.shape
+        row = index // (width * channels) % height
+        return self.row[row] + self.column[index // channels % width] + self.channel[index % channels]
 
 
 class Block(nn.Module):
@@ -223,7 +247,8 @@ class TransformerEncoder(PretrainedModel):
                 "TransformerEncoder(EncoderConfig(vocab_size=..., dim=..., ...))"
             )
         _check_encoder_config(config)
-        config = replace(config, attention_options=dict(config.attention_options))  # the model's own copy
+        shape = None if config.image_shape is None else tuple(config.image_shape)  # a YAML list becomes a tuple
+        config = replace(config, attention_options=dict(config.attention_options), image_shape=shape)  # own copy
         self.config = config
         dim = config.dim
         if config.embedding == "table":
@@ -237,6 +262,7 @@ class TransformerEncoder(PretrainedModel):
             self.register_buffer("positions", sinusoidal_positions(config.max_len, dim), persistent=False)
         else:  # "rope" and "rope2d" live in the attention modules; "none" has no positions
             self.positions = None
+        self.image_positions = ImagePositions(config.image_shape, dim) if config.positions == "image" else None
         post, eps = config.norm == "post", config.layer_norm_eps
         self.embed_norm = nn.LayerNorm(dim, eps=eps) if post else nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
@@ -272,9 +298,7 @@ class TransformerEncoder(PretrainedModel):
         length = x.shape[1]
         if length > self.config.max_len:
             raise ValueError(f"sequence of {length} positions is longer than max_len={self.config.max_len}")
-        if self.positions is not None:
-            x = x + self.positions[:length].to(x.dtype)
-        x = self.dropout(self.embed_norm(x))
+        x = self.dropout(self.embed_norm(self._add_positions(x, torch.arange(length, device=x.device))))
 
         # Pad after the positions so the table only needs the real width; the mask hides the rest.
         extra = -length % self.config.pad_to_multiple
@@ -290,6 +314,14 @@ class TransformerEncoder(PretrainedModel):
                 x = block(x, mask)
         return self.final_norm(x)[:, :length]
 
+    def _add_positions(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``x`` plus the absolute position embeddings of ``index`` (none for rotary or no positions)."""
+        if self.positions is not None:
+            return x + self.positions[index].to(x.dtype)
+        if self.image_positions is not None:
+            return x + self.image_positions(index).to(x.dtype)
+        return x
+
     def new_caches(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> list[Any]:
         """One decoding cache per layer (:mod:`hopformer.attention.decoding`) for ``batch`` sequences of up to
         ``max_len`` tokens; causal encoders only."""
@@ -303,10 +335,7 @@ class TransformerEncoder(PretrainedModel):
         """The hidden state of one new token per sequence: ``input_ids (batch, 1)`` at ``positions (batch,)``,
         each attending to its own past through ``caches`` (filled by a forward pass with them): exactly what a
         full forward pass over the whole sequences gives at those positions."""
-        x = self.embed(input_ids)
-        if self.positions is not None:
-            x = x + self.positions[positions][:, None].to(x.dtype)
-        x = self.dropout(self.embed_norm(x))
+        x = self.dropout(self.embed_norm(self._add_positions(self.embed(input_ids), positions[:, None])))
         for block, cache in zip(self.blocks, caches, strict=True):
             x = block.step(x, cache, positions)
         return self.final_norm(x)
@@ -343,6 +372,17 @@ def _check_encoder_config(config: EncoderConfig) -> None:
             f"stem_depth={config.stem_depth} stacks 3 x 3 convolutions before the token embedding; it needs "
             f"embedding='conv', got embedding={config.embedding!r}"
         )
+    if (config.positions == "image") != (config.image_shape is not None):
+        raise ValueError(
+            f"positions='image' and image_shape=(height, width, channels) go together; got positions="
+            f"{config.positions!r}, image_shape={config.image_shape!r}"
+        )
+    if config.image_shape is not None:
+        shape = config.image_shape
+        if not isinstance(shape, (tuple, list)) or len(shape) != 3:
+            raise ValueError(f"image_shape must be (height, width, channels), got {shape!r}")
+        for name, value in zip(("height", "width", "channels"), shape, strict=True):
+            check_int(f"image_shape {name}", value, 1)
     if config.positions == "sinusoidal" and config.dim % 2:
         raise ValueError(f"positions='sinusoidal' needs an even dim, got {config.dim}")
     multiple = {"rope": 2, "rope2d": 4}.get(config.positions)  # channel pairs; 2-D splits them in two

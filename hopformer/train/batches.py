@@ -117,13 +117,15 @@ class Runtime:
     prefix: int = 0
     mask_rate: float = 0.0  # > 0: masked-token objective
     mask_id: int = 0
+    mask_policy: str = "bert"
+    first_id: int = 0  # the smallest real token id (1 where 0 pads): BERT's random replacements come from here
 
     def batch(self, examples: list[dict], mask_seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         """Collate and move to the device; returns (model inputs, labels, number of real tokens).
 
-        With ``mask_rate``, each real token is hidden (replaced by ``mask_id``) with that probability,
-        drawn from ``mask_seed``; the inputs then carry ``select`` (where tokens are hidden) and the
-        labels are the hidden tokens' ids, in row-major order.
+        With ``mask_rate``, each real token is hidden with that probability (:func:`hide_tokens`, drawn
+        from ``mask_seed``); the inputs then carry ``select`` (where tokens are hidden) and the labels are
+        the hidden tokens' ids, in row-major order.
         """
         batch = collate(examples, max_length=self.max_length)
         for ids_key, mask_key in (("input_ids", "attention_mask"), ("input_ids_2", "attention_mask_2")):
@@ -137,10 +139,11 @@ class Runtime:
         tokens = sum(int(mask.sum()) for key, mask in batch.items() if key.startswith("attention_mask"))
         if self.mask_rate > 0:
             ids = batch["input_ids"]
-            draws = torch.rand(ids.shape, generator=torch.Generator().manual_seed(mask_seed))
-            hidden = (draws < self.mask_rate) & batch["attention_mask"]
+            generator = torch.Generator().manual_seed(mask_seed)
+            batch["input_ids"], hidden = hide_tokens(
+                ids, batch["attention_mask"], self.mask_rate, self.mask_id, generator, self.mask_policy, self.first_id
+            )
             batch["label"], batch["select"] = ids[hidden], hidden
-            batch["input_ids"] = torch.where(hidden, self.mask_id, ids)
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
         return batch, batch.pop("label"), tokens
 
@@ -157,6 +160,37 @@ class Runtime:
         return cls(device, autocast, multiple, max_tokens(model), prefix_length(model), **masking(model, config))
 
 
+MASK_POLICIES = ("bert", "mask")
+
+
+def hide_tokens(
+    ids: torch.Tensor,
+    maskable: torch.Tensor,
+    rate: float,
+    mask_id: int,
+    generator: torch.Generator,
+    policy: str = "bert",
+    first_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the tokens a masked-LM predicts and what the model sees in their place: ``(inputs, hidden)``.
+
+    Each ``maskable`` token is hidden with probability ``rate``. ``policy="bert"`` (Devlin et al. 2019) shows
+    the mask id at 80% of the hidden tokens, a random id in ``[first_id, mask_id)`` at 10% and the token itself
+    at 10%, so the model cannot rely on the mask id to know where to predict; ``"mask"`` shows the mask id at
+    every hidden token. Every draw comes from ``generator`` (a seeded batch hides the same tokens again).
+    """
+    if policy not in MASK_POLICIES:
+        raise ValueError(f"train.mask_policy={policy!r} is not known; choose one of {list(MASK_POLICIES)}")
+    hidden = (torch.rand(ids.shape, generator=generator) < rate) & maskable.cpu()
+    if policy == "mask":
+        return torch.where(hidden, mask_id, ids), hidden
+    kind = torch.rand(ids.shape, generator=generator)
+    random_ids = torch.randint(first_id, mask_id, ids.shape, generator=generator)
+    inputs = torch.where(hidden & (kind < 0.8), mask_id, ids)
+    inputs = torch.where(hidden & (kind >= 0.8) & (kind < 0.9), random_ids, inputs)
+    return inputs, hidden
+
+
 def max_tokens(model: torch.nn.Module) -> int:
     """Longest input the model takes (the encoder's ``max_len`` less the CLS vector)."""
     return model.encoder.config.max_len - prefix_length(model)
@@ -167,7 +201,13 @@ def masking(model: torch.nn.Module, config: Config) -> dict[str, float | int]:
     last row of the embedding table, see :func:`hopformer.train.build.build_model`); none for a classifier."""
     if not isinstance(model, MaskedTokenModel):
         return {}
-    return {"mask_rate": config.train.mask_rate, "mask_id": model.config.vocab_size - 1}
+    first_id = 1 if model.encoder.config.pad_id == 0 else 0  # the example tasks pad with id 0
+    return {
+        "mask_rate": config.train.mask_rate,
+        "mask_id": model.config.vocab_size - 1,
+        "mask_policy": config.train.mask_policy,
+        "first_id": first_id,
+    }
 
 
 def prefix_length(model: torch.nn.Module) -> int:

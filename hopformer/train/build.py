@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from hopformer.attention import available
+from hopformer.attention import available, option_names
 from hopformer.attention import build as build_attention
 from hopformer.checks import check_int
 from hopformer.models import (
@@ -26,8 +27,9 @@ from hopformer.models.pretrained import WEIGHTS_NAME, read_weights
 from hopformer.train.batches import batch_multiple
 from hopformer.train.checkpoint import find_checkpoint
 from hopformer.train.config import Config
+from hopformer.train.feeds import PIXEL_LEVELS
 from hopformer.train.optim import SCHEDULES
-from hopformer.train.tasks import TaskData, is_byte_task
+from hopformer.train.tasks import TaskData, corpus_kind, is_corpus_task, is_image_task
 
 OBJECTIVES = ("classify", "masked", "causal")
 
@@ -75,28 +77,83 @@ def model_config(config: Config, data: TaskData) -> EncoderConfig:
     )
 
 
-def language_model_config(config: Config) -> CausalLMConfig:
-    """The :class:`CausalLM` of a ``bytes`` task: 256 byte ids (no padding id: byte 0 is text), positions for
-    the context (``data.max_length``) unless ``model.max_len`` says more, batches' padding multiple."""
+def language_model_config(config: Config, data: Any) -> CausalLMConfig:
+    """The :class:`CausalLM` of a corpus or image set: its vocabulary (256 bytes, a word list, or 256 grey
+    levels and a start token for images; no padding id), positions for the context (``data.max_length``, or
+    the whole image) unless ``model.max_len`` says more, and the attention options the length decides
+    (:func:`length_options`; :func:`image_options` for images)."""
     m = config.model
-    if m.vocab_size is not None and m.vocab_size < 256:
-        raise ValueError(f"model.vocab_size={m.vocab_size} is below the 256 byte values of task {config.task!r}")
+    image = is_image_task(config.task)
+    vocab = PIXEL_LEVELS + 1 if image else data.vocab_size
+    if m.vocab_size is not None and m.vocab_size < vocab:
+        raise ValueError(f"model.vocab_size={m.vocab_size} is below the {vocab} ids of task {config.task!r}")
+    length = int(np.prod(data.shape)) if image else config.data.max_length
+    options = length_options(m.attention, length)
+    shape = None
+    if image:
+        options |= image_options(m.attention, data.shape)
+        shape = tuple(data.shape) if m.positions == "image" else None
     encoder = replace(
         m,
-        vocab_size=m.vocab_size or 256,
-        max_len=m.max_len or config.data.max_length,
+        vocab_size=m.vocab_size or vocab,
+        max_len=m.max_len or length,
         pad_to_multiple=m.pad_to_multiple or batch_multiple(config),
+        attention_options={**options, **m.attention_options},  # what the config says wins
         causal=True,
+        image_shape=m.image_shape or shape,
     )
     return CausalLMConfig(encoder, tie_embeddings=config.head.tie_embeddings)
 
 
-def build_model(config: Config, data: TaskData | None) -> torch.nn.Module:
+def masked_language_model_config(config: Config, corpus: Any) -> EncoderConfig:
+    """The encoder of a masked LM on a corpus: its vocabulary plus the mask id (the last), no padding id."""
+    m = config.model
+    vocab = corpus.vocab_size + 1
+    if m.vocab_size is not None and m.vocab_size < vocab:
+        raise ValueError(
+            f"model.vocab_size={m.vocab_size} is below the {vocab} ids of task {config.task!r} and the mask id"
+        )
+    length = config.data.max_length
+    return replace(
+        m,
+        vocab_size=m.vocab_size or vocab,
+        max_len=m.max_len or length,
+        pad_id=None,
+        pad_to_multiple=m.pad_to_multiple or batch_multiple(config),
+        attention_options={**length_options(m.attention, length), **m.attention_options},
+    )
+
+
+def length_options(attention: str, length: int) -> dict[str, Any]:
+    """Options an attention takes from the sequence length: ``max_seq_len`` (Routing's clusters, a causal
+    Combiner's one block size) is the context of the run."""
+    return {"max_seq_len": length} if "max_seq_len" in option_names(attention) else {}
+
+
+def image_options(attention: str, shape: tuple[int, int, int]) -> dict[str, Any]:
+    """Image-shaped defaults of a pixel model's attention (``(height, width, channels)`` in raster order):
+    Diffuser diffuses over each subpixel's causal 2-D neighbourhood (``grid2d`` of radius 2, 8 random keys);
+    Routing's local window and Combiner's blocks are one row of pixels. Other attentions keep their own."""
+    _, width, channels = shape
+    row = width * channels
+    if attention == "diffuser":
+        return {"pattern": "grid2d", "side": width, "channels": channels, "radius": 2, "num_random": 8}
+    if attention == "routing":
+        return {"local_window": row}
+    if attention == "combiner":
+        return {"block_size": row}
+    return {}
+
+
+def build_model(config: Config, data: Any) -> torch.nn.Module:
     """The model of ``config`` for ``data``: a classifier of the task's labels (a dual encoder for pair
-    tasks) with the ``head`` settings, for ``train.objective="masked"`` a :class:`MaskedTokenModel`, and for
-    ``"causal"`` a :class:`CausalLM` (``data`` unused: a byte LM needs nothing from its corpus)."""
+    tasks) with the ``head`` settings; for ``train.objective="masked"`` a :class:`MaskedTokenModel` (on an
+    example task or a corpus); for ``"causal"`` a :class:`CausalLM` of the corpus or image set."""
     if config.train.objective == "causal":
-        return CausalLM(language_model_config(config))
+        return CausalLM(language_model_config(config, data))
+    if config.train.objective == "masked" and is_corpus_task(config.task):
+        encoder = TransformerEncoder(masked_language_model_config(config, data))
+        return MaskedTokenModel(encoder, encoder.config.vocab_size)
     if config.train.objective == "masked" and data.spec.pair:
         raise ValueError(f"train.objective='masked' reads one sequence per example; {data.spec.name!r} has pairs")
     encoder = TransformerEncoder(model_config(config, data))
@@ -154,6 +211,18 @@ def check_device_support(config: Config, device: torch.device) -> None:
         raise ValueError(f"{settings} cannot run on {device.type}: {verdict.why}")
 
 
+def check_objective(task: str, objective: str) -> None:
+    """Which objectives a task trains: a corpus a causal or masked LM, an image set a causal pixel model, an
+    example task a classifier or masked-token self-pretraining."""
+    kind = corpus_kind(task)
+    allowed = ("causal",) if is_image_task(task) else ("causal", "masked") if kind else ("classify", "masked")
+    if objective not in allowed:
+        what = "an image set" if is_image_task(task) else "a corpus" if kind else "an example task"
+        raise ValueError(
+            f"task={task!r} with train.objective={objective!r}: {what} trains with --objective {' or '.join(allowed)}"
+        )
+
+
 def check_config(config: Config) -> None:
     """Errors that name the setting, before any data is loaded."""
     tc, oc = config.train, config.optim
@@ -167,14 +236,11 @@ def check_config(config: Config) -> None:
         raise ValueError(f"train.objective={tc.objective!r} is not known; choose one of {list(OBJECTIVES)}")
     if tc.objective == "masked" and not 0 < tc.mask_rate < 1:
         raise ValueError(f"train.mask_rate must be in (0, 1) for the masked objective, got {tc.mask_rate!r}")
-    byte_task = is_byte_task(config.task)
-    if byte_task != (tc.objective == "causal"):
-        raise ValueError(
-            f"task={config.task!r} with train.objective={tc.objective!r}: a bytes[:PATH] task trains a causal language "
-            "model (--objective causal), and the causal objective needs a bytes task"
+    check_objective(config.task, tc.objective)
+    if is_corpus_task(config.task) and not is_image_task(config.task):
+        check_int(
+            "data.max_length", config.data.max_length, 2, allowed="at least 2 (the context of the language model)"
         )
-    if byte_task:
-        check_int("data.max_length", config.data.max_length, 2, allowed="at least 2 (the context of the byte LM)")
     if oc.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={oc.schedule!r} is not known; choose one of {list(SCHEDULES)}")
     if oc.lr <= 0:

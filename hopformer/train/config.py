@@ -146,9 +146,12 @@ class TrainConfig:
     ``time_limit_minutes``: stop cleanly (checkpoint ``last/``, return) before this much wall time has
     passed since :func:`~hopformer.train.train` was called (data loading included); None = no limit.
     Resume with ``--resume`` to continue exactly.
-    ``objective``: ``"classify"`` (the task's labels), ``"masked"`` (self-pretraining: ``mask_rate`` of
-    the real tokens are replaced by a mask id and predicted from the rest; accuracy is over the hidden
-    tokens) or ``"causal"`` (next-byte prediction on a ``bytes`` task, scored in bits per byte).
+    ``objective``: ``"classify"`` (the task's labels), ``"masked"`` (masked-LM: ``mask_rate`` of the real
+    tokens are hidden and predicted from the rest; ``mask_policy="bert"`` shows the mask id at 80% of them, a
+    random token at 10% and the token itself at 10%, ``"mask"`` the mask id at all; on an example task this is
+    self-pretraining scored by accuracy over the hidden tokens, on a corpus a masked LM scored in bits per
+    hidden character) or ``"causal"`` (next-token prediction on a corpus or image set, scored in bits per
+    byte, bits per character, perplexity or bits per dimension).
     ``init_from``: a run (its ``best/`` checkpoint) or checkpoint folder whose encoder weights start this
     run, e.g. a ``masked`` run before a ``classify`` one on the same task.
     """
@@ -170,6 +173,7 @@ class TrainConfig:
     time_limit_minutes: float | None = None
     objective: str = "classify"
     mask_rate: float = 0.15
+    mask_policy: str = "bert"
     init_from: str | None = None
 
 

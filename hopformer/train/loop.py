@@ -57,10 +57,10 @@ from hopformer.train.checkpoint import (
 )
 from hopformer.train.config import CONFIG_NAME, Config, load_config, save_config, with_overrides
 from hopformer.train.evaluation import objective_loss
-from hopformer.train.feeds import ExampleFeed, Feed, WindowFeed
+from hopformer.train.feeds import Feed, make_feed
 from hopformer.train.metrics import RESULTS_NAME, MetricsLog, training_cost
 from hopformer.train.optim import learning_rate, make_optimizer, optimizer_step, set_learning_rate
-from hopformer.train.tasks import is_byte_task, load_byte_corpus, load_task
+from hopformer.train.tasks import is_corpus_task, load_corpus_task, load_task
 
 # Settings a resumed run may change: they decide when and how it runs, not what it computes
 # (``train.steps`` only under a schedule that does not depend on it; see :func:`train`).
@@ -138,11 +138,7 @@ def _train(
         log(f"encoder weights from {load_encoder_weights(model, tc.init_from)}")
     optimizer = make_optimizer(model, config)
     runtime = Runtime.for_training(model, config, device)
-    feed = (
-        WindowFeed(data, config, runtime, config.task)
-        if is_byte_task(config.task)
-        else ExampleFeed(data, config, runtime)
-    )
+    feed = make_feed(data, config, runtime)
     budget = control.TimeBudget(deadline, control.margin_seconds(tc.time_limit_minutes, deadline, started))
     run = _Run(config, run_dir, feed, model, optimizer, runtime, budget, log, started)
     run.describe()
@@ -209,9 +205,9 @@ def default_run_dir(config: Config) -> Path:
 
 
 def _load_data(config: Config, run_dir: Path, log: Any):
-    """The task's examples (:class:`~hopformer.train.tasks.TaskData`) or its byte corpus."""
-    if is_byte_task(config.task):
-        return load_byte_corpus(config, log)
+    """The task's examples (:class:`~hopformer.train.tasks.TaskData`), its corpus or its image set."""
+    if is_corpus_task(config.task):
+        return load_corpus_task(config, log)
     data = load_task(config, progress=config.train.progress, log=log)
     if config.data.data_dir is None:  # record the generated folder, so resume and eval find the same data
         config.data.data_dir = str(data.source)
@@ -368,7 +364,7 @@ class _Run:
         self.metrics.write({"step": self.state.step, "split": "test", **_scores(test)})
         self.metrics.close()
         extra = {"task": self.feed.task, "attention": self.config.model.attention, "test_checkpoint": tested}
-        if self.feed.metric != "accuracy":  # a byte LM: its scores and baseline
+        if self.feed.metric != "accuracy":  # a language or pixel model: its scores and baseline
             baseline = self.feed.baseline()
             extra |= {
                 f"test_{self.feed.metric}": test[self.feed.metric],

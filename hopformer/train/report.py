@@ -21,6 +21,7 @@ the same table and curves, with that metric in place of accuracy.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,10 @@ import yaml
 
 from hopformer.train.config import CONFIG_NAME, Config, migrate_legacy_keys
 from hopformer.train.metrics import METRICS_NAME, RESULTS_NAME, training_cost
+
+# the scores of language and pixel models (lower is better); everything else is scored by accuracy
+_SCORES = ("bits_per_byte", "bits_per_character", "perplexity")
+LOSS_METRICS = (*_SCORES, *(f"masked_{score}" for score in _SCORES), "bits_per_dim")
 
 # settings that say where or how a run ran, not what was trained: never part of a row's identity
 _NOT_IDENTITY = {
@@ -66,21 +71,23 @@ def read_run(folder: Path) -> dict[str, Any]:
     eval_steps = [r["step"] for r in val]
     results_path = folder / RESULTS_NAME
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
-    if any("bits_per_byte" in r for r in val):  # a language model: bits per byte, lower is better
-        best = min(val, key=lambda r: r["bits_per_byte"], default=None)
-        test = None if results is None else results.get("extra", {}).get("test_bits_per_byte")
+    metric = next((key for key in (val[0] if val else {}) if key in LOSS_METRICS), None)
+    if metric is not None:  # a language or pixel model: bits or perplexity, lower is better
+        best = min(val, key=lambda r: r[metric], default=None)
+        test = None if results is None else results.get("extra", {}).get(f"test_{metric}")
+        score = math.exp if "perplexity" in metric else _bits
         return {
             "folder": str(folder),
             "settings": settings,
             "seed": settings.get("train.seed"),
             "steps": settings.get("train.steps"),
             "step": max((r["step"] for r in records), default=0),
-            "metric": "bits_per_byte",
-            "best_val": None if best is None else best["bits_per_byte"],
+            "metric": metric,
+            "best_val": None if best is None else best[metric],
             "best_val_step": None if best is None else best["step"],
-            "train_accuracy_end": None if not train else _bits(train[-1]["loss"]),
-            "val_curve": [[r["step"], r["bits_per_byte"]] for r in val],
-            "train_curve": [[step, _bits(loss)] for step, loss in _interval_means(train, eval_steps, "loss", 1)],
+            "train_accuracy_end": None if not train else score(train[-1]["loss"]),
+            "val_curve": [[r["step"], r[metric]] for r in val],
+            "train_curve": [[step, score(loss)] for step, loss in _interval_means(train, eval_steps, "loss", 1)],
             "val_loss_curve": [[r["step"], r["loss"]] for r in val],
             "train_loss_curve": _interval_means(train, eval_steps, "loss", 1),
             "steps_per_s": training_cost(folder).get("steps_per_s"),
@@ -154,9 +161,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         )
     metrics = {m["metric"] for m in runs}
     if len(metrics) > 1:
-        raise ValueError("cannot compare runs scored by accuracy with runs scored in bits per byte in one report")
+        raise ValueError(f"cannot compare runs scored differently ({', '.join(sorted(metrics))}) in one report")
     metric = metrics.pop()
-    lower_is_better = metric == "bits_per_byte"
+    lower_is_better = metric != "accuracy"
     missing = float("inf") if lower_is_better else -1.0
     rows.sort(
         key=lambda r: (1 if lower_is_better else -1) * (r["test_mean"] if r["test_mean"] is not None else missing)
@@ -180,7 +187,8 @@ def _gap(values: list[float], top: list[float]) -> list[float] | None:
 
 def to_markdown(report: dict[str, Any]) -> str:
     """Rows best first: test mean ± std over the finished seeds, then each run's details."""
-    unit = "bits per byte" if report.get("metric") == "bits_per_byte" else "%"
+    metric = report.get("metric", "accuracy")
+    unit = "%" if metric == "accuracy" else metric.replace("_", " ")
     lines = [
         f"| row | seeds | test {unit} (mean ± std) | per seed | best validation {unit} (mean ± std) | gap to the top "
         "row: test / validation (± SE) | runs finished |",
@@ -233,7 +241,8 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(12.0, 4.4 + 0.2 * len(report["rows"])), dpi=110)
-    score = "bits per byte" if report.get("metric") == "bits_per_byte" else "accuracy (%)"
+    metric = report.get("metric", "accuracy")
+    score = "accuracy (%)" if metric == "accuracy" else metric.replace("_", " ")
     panels = [("val_curve", "train_curve", score), ("val_loss_curve", "train_loss_curve", "loss")]
     for ax, (val_key, train_key, name) in zip(axes, panels):
         plotted = []

@@ -11,9 +11,13 @@
   can be generated instead: ``hopformer data pathfinder --out DIR --n 200000`` writes
   ``DIR/pathfinder32/curv_contour_length_14/``, which ``--data-dir DIR`` then reads.
 
-- ``bytes`` / ``bytes:PATH``: a byte corpus for causal language modeling (``train.objective="causal"``):
-  the Python standard library's sources, or any local file or folder (:mod:`hopformer.data.corpus`),
-  loaded by :func:`load_byte_corpus`.
+- Corpora for language modeling (``train.objective`` ``"causal"`` or ``"masked"``), loaded by
+  :func:`load_corpus_task` (:mod:`hopformer.data.corpus`, :mod:`hopformer.data.corpora`): ``bytes`` (the
+  Python standard library's sources) or ``bytes:PATH`` (any file or folder), ``enwik8:DIR``, ``text8:DIR``,
+  ``wikitext103:DIR`` (words, the released vocabulary), ``wikitext103-raw:DIR`` (bytes) and ``pg19:DIR``.
+- Image sets for pixel modeling (``train.objective="causal"`` over subpixels, bits per dimension), loaded by
+  the same function (:mod:`hopformer.data.images`): ``cifar10-pixels:DIR``, ``imagenet64-pixels:DIR`` and
+  ``pathfinder-pixels`` (generated 32 x 32 Pathfinder images, for machines without the real ones).
 
 ``lra-<name>`` is accepted for every name.
 """
@@ -76,18 +80,54 @@ class TaskData:
         return max(counts.values()) / sum(counts.values())
 
 
-def is_byte_task(name: str) -> bool:
-    """Whether ``name`` is a byte-corpus task: ``bytes`` or ``bytes:PATH``."""
-    return name == "bytes" or name.startswith("bytes:")
+TEXT_CORPORA = ("bytes", "enwik8", "text8", "wikitext103", "wikitext103-raw", "pg19")
+IMAGE_SETS = ("cifar10-pixels", "imagenet64-pixels", "pathfinder-pixels")
+NO_PATH_NEEDED = ("bytes", "pathfinder-pixels")  # built on any machine
 
 
-def load_byte_corpus(config: Config, log: Any = print):
-    """The :class:`~hopformer.data.corpus.Corpus` of a ``bytes`` task: the standard library's sources,
-    or the file or folder after ``bytes:`` (built once into the cache, then memory-mapped)."""
-    from hopformer.data.corpus import local_corpus, stdlib_corpus
+def corpus_kind(name: str) -> str | None:
+    """The corpus or image set a task name reads (``"enwik8"`` of ``"enwik8:/data"``), or None for the
+    example tasks (LRA, ListOps)."""
+    kind = name.partition(":")[0]
+    return kind if kind in TEXT_CORPORA + IMAGE_SETS else None
 
-    path = config.task.removeprefix("bytes").removeprefix(":")
-    return local_corpus(path, log=log) if path else stdlib_corpus(log=log)
+
+def is_corpus_task(name: str) -> bool:
+    """Whether ``name`` trains a language or pixel model on a corpus (``bytes``, ``enwik8:DIR``, ...)."""
+    return corpus_kind(name) is not None
+
+
+def is_image_task(name: str) -> bool:
+    """Whether ``name`` is pixel modeling on an image set (``cifar10-pixels:DIR``, ...)."""
+    return corpus_kind(name) in IMAGE_SETS
+
+
+def load_corpus_task(config: Config, log: Any = print):
+    """The :class:`~hopformer.data.corpus.Corpus` or :class:`~hopformer.data.images.ImageSet` of a corpus
+    task, built once into the cache (``$HOPFORMER_CACHE``) where its release needs converting, then
+    memory-mapped."""
+    from hopformer.data import corpus
+
+    kind = corpus_kind(config.task)
+    path = config.task.partition(":")[2]
+    if not path and kind not in NO_PATH_NEEDED:
+        raise ValueError(f"task={config.task!r} needs the folder of the released files: --task {kind}:DIR")
+    if kind == "bytes":
+        return corpus.local_corpus(path, log=log) if path else corpus.stdlib_corpus(log=log)
+    from hopformer.data import corpora, images  # the released formats
+
+    if kind == "pathfinder-pixels":
+        return images.pathfinder_images(resolution=int(path or 32), log=log)
+    loaders = {
+        "enwik8": corpora.enwik8_corpus,
+        "text8": corpora.text8_corpus,
+        "wikitext103": lambda p, log: corpora.wikitext103_corpus(p, level="word", log=log),
+        "wikitext103-raw": lambda p, log: corpora.wikitext103_corpus(p, level="raw", log=log),
+        "pg19": corpora.pg19_corpus,
+        "cifar10-pixels": images.cifar10_images,
+        "imagenet64-pixels": images.imagenet64_images,
+    }
+    return loaders[kind](path, log=log)
 
 
 def task_spec(name: str) -> TaskSpec:
@@ -96,7 +136,8 @@ def task_spec(name: str) -> TaskSpec:
     if key not in TASKS:
         known = ", ".join(sorted(TASKS))
         raise ValueError(
-            f"task={name!r} is not known; choose one of {known} (optionally as lra-<name>), or bytes[:PATH]"
+            f"task={name!r} is not known; choose one of {known} (optionally as lra-<name>), a corpus "
+            f"({', '.join(k + ':DIR' for k in TEXT_CORPORA)}), or an image set ({', '.join(IMAGE_SETS)}, with :DIR)"
         )
     return TASKS[key]
 
