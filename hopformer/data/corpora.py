@@ -200,10 +200,9 @@ def _write_wikitext_words(folder: Path, files: dict[str, Path], log: Callable) -
     write_corpus(folder, chunks, source, unit="word", vocab_size=len(vocabulary), vocabulary=vocabulary, dtype="int32")
     for split in ("val", "test"):
         if unknown[split]:
-            log(
-                f"{files[split].name}: {sum(unknown[split].values()):,} words ({len(unknown[split]):,} distinct) "
-                f"outside the training vocabulary became {UNK}"
-            )
+            total, distinct = sum(unknown[split].values()), len(unknown[split])
+            name = files[split].name
+            log(f"{name}: words outside the training vocabulary: {total:,} ({distinct:,} distinct), now {UNK}")
 
 
 def _encode_words(file: Path, ids: dict[str, int], unknown: Counter) -> Iterator[np.ndarray]:
