@@ -69,6 +69,7 @@ class ImageSet:
         return {split: int(images.shape[0]) for split, images in self.splits.items()}
 
     def describe(self) -> str:
+        """One line: the source, the images per split and their shape."""
         sizes = ", ".join(f"{split} {size:,}" for split, size in self.sizes().items())
         height, width, channels = self.shape
         return f"{self.source}: {sizes} images of {height}x{width}x{channels} ({math.prod(self.shape):,} values each)"
