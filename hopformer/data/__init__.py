@@ -1,4 +1,6 @@
-"""Task data: generators (ListOps, Pathfinder) and loaders for every released LRA format.
+"""Task data: generators (ListOps, Pathfinder), loaders for every released LRA format, and loaders for the
+language- and image-modeling datasets in their released layouts (enwik8, text8, Wikitext-103, PG-19, CIFAR-10,
+ImageNet 64x64).
 
 Names are resolved lazily so that ``import hopformer.data`` stays light.
 """
@@ -22,6 +24,15 @@ _EXPORTS = {
     "LRA_TASKS": "lra",
     # Pathfinder generator (hopformer/data/pathfinder.py)
     "generate_pathfinder": "pathfinder",
+    # released text corpora for language modeling (hopformer/data/corpora.py)
+    "enwik8_corpus": "corpora",
+    "text8_corpus": "corpora",
+    "wikitext103_corpus": "corpora",
+    "pg19_corpus": "corpora",
+    # released image sets for pixel modeling (hopformer/data/images.py)
+    "ImageSet": "images",
+    "cifar10_images": "images",
+    "imagenet64_images": "images",
 }
 
 __all__ = sorted(_EXPORTS)
