@@ -9,7 +9,7 @@ RUNS=${RUNS:-runs/lm4k}; LIMIT=${LIMIT:-7}; KEEP=${KEEP:-diffuser}
 ATTENTIONS=${ATTENTIONS:-"full bigbird diffuser routing combiner hypercube"}
 mkdir -p "$RUNS"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "from hopformer.data.byte_corpus import stdlib_corpus; print(stdlib_corpus().describe())"
+python3 -c "from hopformer.data.corpus import stdlib_corpus; print(stdlib_corpus().describe())"
 if [ "${STEP_BENCH:-1}" = 1 ]; then
   python3 benchmarks/lm_step.py --config configs/bytes_4k.yaml --attentions "$(echo ${ATTENTIONS//@*/} | tr ' ' ,)" \
     --out "$OUT/lm_step.json"

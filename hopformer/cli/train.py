@@ -50,13 +50,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (default: the packaged small ListOps CPU run)")
     parser.add_argument(
         "--task",
-        help="listops | text | retrieval | image | pathfinder32 (or lra-<name>) | bytes[:PATH] (a byte corpus: the "
-        "Python standard library's sources, or any file or folder)",
+        help="listops | text | retrieval | image | pathfinder32 (or lra-<name>); a corpus: bytes[:PATH] (the Python "
+        "standard library's sources, or any file or folder) | enwik8:DIR | text8:DIR | wikitext103:DIR | "
+        "wikitext103-raw:DIR | pg19:DIR; an image set: cifar10-pixels:DIR | imagenet64-pixels:DIR | pathfinder-pixels",
     )
     parser.add_argument(
         "--objective",
         choices=("classify", "masked", "causal"),
-        help="classify the task's labels, masked-token pretraining, or causal language modeling (bytes tasks)",
+        help="classify the task's labels; masked: masked LM (BERT masking; self-pretraining on example tasks); "
+        "causal: next-token prediction (corpora and image sets)",
     )
     parser.add_argument("--attention", help="attention name (hopformer.attention.available())")
     parser.add_argument(

@@ -7,6 +7,8 @@ then blue); the loaders interleave them once and cache the result.
 
 - :func:`cifar10_images`: CIFAR-10's python version. Train is the first 45,000 images of ``data_batch_1..5``,
   validation the last 5,000 (the end of ``data_batch_5``), test ``test_batch``.
+- :func:`pathfinder_images`: generated Pathfinder images (one grey channel), for machines without the real
+  sets: images ``0 .. count - 1`` of the generator's stream, the last 10% held out as validation and test.
 - :func:`imagenet64_images`: downsampled ImageNet 64x64, ``train_data_batch_1..10.npz`` and ``val_data.npz``.
   Train is the training batches but their last 10,000 images, which are the validation split; test is
   ``val_data.npz`` (the released set has no labelled test split of its own).
@@ -23,8 +25,10 @@ conversion is redone on the next call. The splits are memory-mapped from it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import multiprocessing
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -37,7 +41,7 @@ from hopformer.data.corpora import _fingerprint
 from hopformer.data.corpus import SPLITS, _atomic_text, default_cache, is_complete, load_corpus, write_corpus
 from hopformer.data.lra import _read_cifar_batch
 
-__all__ = ["ImageSet", "cifar10_images", "imagenet64_images"]
+__all__ = ["ImageSet", "cifar10_images", "imagenet64_images", "pathfinder_images"]
 
 CIFAR_SHAPE = (32, 32, 3)
 CIFAR_VAL = 5_000
@@ -196,6 +200,37 @@ def _val_count(total: int, released: int, folder: Path, log: Callable) -> int:
     if count != released:
         log(f"{folder}: {total:,} training images; validation is their last tenth ({count:,}), not {released:,}")
     return count
+
+
+def pathfinder_images(
+    resolution: int = 32,
+    count: int = 12_000,
+    seed: int = 0,
+    cache: str | os.PathLike | None = None,
+    log: Callable = print,
+) -> ImageSet:
+    """``count`` generated Pathfinder images (:func:`hopformer.data.pathfinder.make_sample`, shape
+    ``(resolution, resolution, 1)``): the first 90% train, then 5% validation and 5% test. Rendered once, on
+    every core, into the cache."""
+    if count < 20:
+        raise ValueError(f"count={count}: pathfinder_images needs at least 20 images to split 90/5/5")
+    folder = Path(cache or default_cache()) / f"pathfinder-pixels-{resolution}-{count}-{seed}"
+    if not is_complete(folder):
+        log(f"rendering {count:,} Pathfinder images of {resolution} x {resolution} into {folder}")
+        render = functools.partial(_pathfinder_pixels, resolution, seed)
+        with multiprocessing.Pool(max(1, min(os.cpu_count() or 1, 16))) as pool:
+            rows = np.stack(pool.map(render, range(count), chunksize=64))
+        cuts = [0, count * 90 // 100, count * 95 // 100, count]
+        chunks = {split: [rows[a:b]] for split, a, b in zip(SPLITS, cuts[:-1], cuts[1:], strict=True)}
+        source = f"{count:,} generated Pathfinder images ({resolution} x {resolution}, seed {seed})"
+        _write_images(folder, chunks, (resolution, resolution, 1), source)
+    return _load_images(folder)
+
+
+def _pathfinder_pixels(resolution: int, seed: int, index: int) -> np.ndarray:
+    from hopformer.data.pathfinder import make_sample
+
+    return make_sample(resolution, seed=seed, index=index).image.reshape(-1)
 
 
 def _write_images(

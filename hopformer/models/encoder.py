@@ -101,6 +101,10 @@ class EncoderConfig:
     causal: bool = False
     image_shape: tuple[int, int, int] | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.image_shape, list):  # from YAML or JSON
+            self.image_shape = tuple(self.image_shape)
+
 
 class ImagePositions(nn.Module):
     """Learned row, column and channel embeddings of an image in raster order, summed: a pixel model knows
@@ -247,8 +251,7 @@ class TransformerEncoder(PretrainedModel):
                 "TransformerEncoder(EncoderConfig(vocab_size=..., dim=..., ...))"
             )
         _check_encoder_config(config)
-        shape = None if config.image_shape is None else tuple(config.image_shape)  # a YAML list becomes a tuple
-        config = replace(config, attention_options=dict(config.attention_options), image_shape=shape)  # own copy
+        config = replace(config, attention_options=dict(config.attention_options))  # the model's own copy
         self.config = config
         dim = config.dim
         if config.embedding == "table":

@@ -271,7 +271,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     Args:
         path: a config file (its ``base:`` chain followed, see :func:`read_config_file`); None = the
             packaged default (:data:`DEFAULT_CONFIG_NAME`, or :data:`BYTES_DEFAULT_CONFIG_NAME` when the
-            overrides set a ``bytes`` task).
+            overrides set a corpus or image task: ``bytes``, ``enwik8:DIR``, ``cifar10-pixels:DIR``...).
         overrides: ``{"model.attention": "diffuser", ...}``, applied after the file(s).
 
     Raises:
@@ -280,8 +280,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             the message names the file.
     """
     if path is None:
+        from hopformer.train.tasks import is_corpus_task  # here: tasks reads this module
+
         task = str((overrides or {}).get("task", ""))
-        name = BYTES_DEFAULT_CONFIG_NAME if task == "bytes" or task.startswith("bytes:") else DEFAULT_CONFIG_NAME
+        name = BYTES_DEFAULT_CONFIG_NAME if is_corpus_task(task) else DEFAULT_CONFIG_NAME
         where = f"hopformer/train/{name}"
         values = _parse(importlib.resources.files("hopformer.train").joinpath(name).read_text(), where)
     else:
