@@ -4,8 +4,6 @@ graphs), end to end on tiny data."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
