@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: backend {sorted(replaced)} needs CUDA; evaluating with backend='auto'", file=sys.stderr)
     limit = max_tokens(model)
     run_dir = path if (path / CONFIG_NAME).is_file() else folder.parent
-    if isinstance(model, CausalLM) or (is_corpus_task(load_config(run_dir / CONFIG_NAME).task)):
+    run_config = run_dir / CONFIG_NAME
+    if isinstance(model, CausalLM) or (run_config.is_file() and is_corpus_task(load_config(run_config).task)):
         return _evaluate_language_model(model, run_dir, folder, device, args)
     if isinstance(model, MaskedTokenModel) and args.data:
         raise ValueError("a masked-token model is evaluated on its own task's splits: use --split, not --data")
