@@ -529,6 +529,7 @@ def test_dihedral_gives_the_eight_symmetries_of_the_square():
         dihedral({"input_ids": torch.arange(24)}, 1)
 
 
+@pytest.mark.slow
 def test_dihedral_augmentation_trains_and_resumes_exactly(tmp_path, monkeypatch):
     """Training batches are transformed, seeded by the stream's state: a resumed run matches an unbroken one."""
     from hopformer.data.pathfinder import generate_pathfinder
