@@ -347,6 +347,7 @@ def test_sparse_gaps_are_reproducible_to_the_last_digit():
     assert first == again
 
 
+@pytest.mark.slow
 def test_arpack_no_convergence_retries_before_accepting_a_partial_answer(monkeypatch):
     matrix = random_digraph(400, 0.03, seed=5)
     expected = reference_gap(np.linalg.eigvals(transition_matrix(matrix).toarray()))

@@ -77,6 +77,7 @@ def test_routing_and_combiner_rows_beside_bigbird(tmp_path, capsys):
     assert "| op, fwd+bwd |" in printed and "/ sparse [gather] =" in printed
 
 
+@pytest.mark.slow
 def test_all_combiner_variants_and_dense_skips(tmp_path):
     result = _bench(
         tmp_path,
@@ -179,6 +180,7 @@ def _benchmark_script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_runs_every_variant_on_the_same_batches(tmp_path):
     """benchmarks/train_step.py on CPU, tiny model: one row per variant, ratios to the first, JSON."""
     module = _benchmark_script("train_step")

@@ -366,6 +366,26 @@ def test_causal_random_blocks_differ_across_rows_and_are_uniform():
     assert chi2 < 399 + 5 * (2 * 399) ** 0.5, f"chi-square {chi2:.0f} for 398 degrees of freedom"
 
 
+@pytest.mark.parametrize("pattern", ["bigbird", "diffuser"])
+def test_bidirectional_random_blocks_differ_across_rows_and_are_uniform(pattern):
+    """Bidirectional random blocks, as documented: per query block ``num_random`` distinct blocks drawn
+    uniformly from those it does not attend already (here: every block but its own). Rows draw independently:
+    two neighbouring rows share about ``r^2 / (n - 1)`` blocks, not all of them; and over all rows each block
+    is drawn about equally often (chi-square against the expected counts)."""
+    n, r = 400, 10
+    graph = G.build_graph(pattern, 64 * n, 64, window=1, num_global=0, num_random=r, seed=5)
+    picks = [set(keys) - {row} for row, keys in enumerate(graph.block_lists())]
+    assert all(len(p) == r for p in picks), "exactly num_random blocks per row, none of them the row's own"
+    overlap = sum(len(a & b) for a, b in zip(picks, picks[1:])) / (n - 1)
+    assert overlap < 1.0, f"neighbouring rows share {overlap:.1f} of {r} random blocks: rows repeat one another"
+    counts = torch.zeros(n, dtype=torch.float64)
+    for p in picks:
+        counts[list(p)] += 1
+    expected = r  # each of the n - 1 other rows draws block j with probability r / (n - 1)
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < (n - 1) + 5 * (2 * (n - 1)) ** 0.5, f"chi-square {chi2:.0f} for {n - 1} degrees of freedom"
+
+
 def test_bigbird_global_placement():
     both = G.bigbird(1024, 64, num_global=2, num_random=0, global_placement="first_last")
     lists = both.block_lists()

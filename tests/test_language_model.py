@@ -172,6 +172,7 @@ def _config(tmp_path, text_file, steps=40, attention="full", **settings):
     return load_config(None, overrides)
 
 
+@pytest.mark.slow
 def test_training_a_byte_lm_beats_the_unigram_baseline(tmp_path, text_file, monkeypatch):
     monkeypatch.setenv("HOPFORMER_CACHE", str(tmp_path / "cache"))
     lines = []
@@ -190,6 +191,7 @@ def test_training_a_byte_lm_beats_the_unigram_baseline(tmp_path, text_file, monk
     assert "test bits per byte" in to_markdown(report)
 
 
+@pytest.mark.slow
 def test_byte_lm_resumes_exactly(tmp_path, text_file, monkeypatch):
     """A real SIGINT once step 10 is logged (between two evaluations), then a resume: the same metrics and
     weights as a run that never stopped (the windows come from the seed and the step)."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hopformer.data import LRA_TASKS, load_lra
+from hopformer.data import LRA_TASKS, listops, load_lra
 from hopformer.data.lra import UnsafePickleError
 
 SPLITS = ("train", "val", "test")
@@ -54,7 +54,6 @@ def test_unknown_task_split_or_option_is_refused(tmp_path):
 
 
 def test_listops_reads_the_released_tsv(tmp_path):
-    listops = pytest.importorskip("hopformer.data.listops", reason="hopformer/data/listops.py not written yet")
     folder = tmp_path / "listops-1000"
     folder.mkdir()
     for split in SPLITS:

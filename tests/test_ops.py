@@ -223,6 +223,37 @@ def test_ppr_coefficients_match_the_reference():
     assert c[5] == pytest.approx(0.59049) and sum(c) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(
+    "hops, heat_time, remainder, expected",
+    [
+        (3, 2.0, "renormalize", [3 / 19, 6 / 19, 6 / 19, 4 / 19]),  # e^-2 2^k / k! = e^-2 [1, 2, 2, 4/3], rescaled
+        (2, 1.0, "renormalize", [0.4, 0.4, 0.2]),  # e^-1 [1, 1, 1/2], rescaled
+        (2, 1.0, "keep", [math.exp(-1), math.exp(-1), 1 - 2 * math.exp(-1)]),  # the tail on the last term
+        (4, 0.5, "renormalize", [384 / 633, 192 / 633, 48 / 633, 8 / 633, 1 / 633]),  # 0.5^k / k!, rescaled
+    ],
+)
+def test_heat_coefficients_are_the_literal_poisson_weights(hops, heat_time, remainder, expected):
+    """Heat-kernel weights written out by hand (``c_k = e^-t t^k / k!``), not computed with the library's
+    formula: the fused diffusion's power series must use exactly these."""
+    got = diffusion_coefficients(hops, kernel="heat", heat_time=heat_time, remainder=remainder)
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_heat_diffusion_is_the_hand_written_series():
+    """``diffuse(kernel="heat")`` on every CPU backend equals ``(3 V + 6 A V + 6 A^2 V + 4 A^3 V) / 19`` (t = 2,
+    three hops, renormalised), with the attention matrix built here."""
+    graph = G.bigbird(70, 16, num_random=1, seed=4)
+    (q, k, v), mask = _inputs(graph, batch=2, padding=True, seed=3)
+    matrix = _dense_attention_matrix(q, k, graph, mask)
+    av = matrix @ v
+    a2v = matrix @ av
+    expected = (3 * v + 6 * av + 6 * a2v + 4 * (matrix @ a2v)) / 19 * mask[:, None, :, None]
+    for backend in ("dense", "gather", "matrix"):
+        got = diffuse(q, k, v, graph, 3, key_padding_mask=mask, backend=backend, kernel="heat", heat_time=2.0,
+                      remainder="renormalize")  # fmt: skip
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=backend)
+
+
 def test_identity_cases():
     graph = G.local(50, 16)
     (q, k, v), _ = _inputs(graph, padding=False)
@@ -252,9 +283,71 @@ def test_dropout_paths_have_consistent_gradients():
                 q, k, v, graph, 3, 0.2, mask, "gather", dropout_p=0.3, edge_dropout=edge_dropout, hop_dropout_p=0.2
             )
 
-        assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+        assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
         torch.manual_seed(1)
         assert not torch.allclose(fn(q, k, v), diffuse(q, k, v, graph, 3, 0.2, mask, "gather"))
+
+
+def _dropout_samples(backend, edge_dropout, dropout_p=0.0, hop_dropout_p=0.0, samples=8000):
+    """``samples`` independent draws (the batch) of two PPR hops on blocks of two tokens with uniform attention
+    (q = k = 0, so every ``A_ij`` is 1/2 and the self-loops weigh as much as they can), and the attention."""
+    graph = G.local(8, 2, window=1)
+    heads, alpha = 2, 0.3
+    v = torch.randn(1, heads, 8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = v.expand(samples, -1, -1, -1)
+    zeros = torch.zeros_like(v)
+    torch.manual_seed(1)
+    options = dict(dropout_p=dropout_p, edge_dropout=edge_dropout, hop_dropout_p=hop_dropout_p)
+    out = diffuse(zeros, zeros, v, graph, 2, alpha, backend=backend, **options)
+    matrix = graph.to_dense().double() / 2
+    return out, v[0], matrix, alpha
+
+
+def _assert_mean(samples, expected, what):
+    """The sample mean is within 5 standard errors (per entry) of ``expected``."""
+    mean, error = samples.mean(0), samples.std(0) / samples.shape[0] ** 0.5
+    worst = ((mean - expected).abs() / error.clamp_min(1e-12)).max()
+    assert worst < 5, f"{what}: the mean is {worst:.1f} standard errors from its expected value"
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather"])
+def test_edge_dropout_has_the_expected_mean(backend):
+    """Edge dropout is unbiased hop by hop: with a fresh mask per hop (``per_hop``) the mean output is the output
+    without dropout. One mask for every hop (``once``) weighs each self-loop twice with the same mask, so its mean
+    is off by exactly ``(1 - alpha)^2 p / (1 - p) diag(A_ii^2) v`` (two hops): worked out here, and large enough
+    that a ``per_hop`` that reused its mask would fail."""
+    p = 0.5
+    out, v, matrix, alpha = _dropout_samples(backend, "per_hop", dropout_p=p)
+    z1 = (1 - alpha) * matrix @ v + alpha * v
+    clean = (1 - alpha) * matrix @ z1 + alpha * v
+    _assert_mean(out, clean, f"{backend} per_hop")
+    out, *_ = _dropout_samples(backend, "once", dropout_p=p)
+    once = clean + (1 - alpha) ** 2 * p / (1 - p) * torch.diag(matrix.diagonal() ** 2) @ v
+    assert ((once - clean).abs() / (out.std(0) / out.shape[0] ** 0.5)).max() > 20, "the test must tell them apart"
+    _assert_mean(out, once, f"{backend} once")
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather", "matrix"])
+def test_hop_dropout_has_the_expected_mean(backend):
+    """Feature dropout on every hop's state is unbiased: the mean output is the output without dropout."""
+    out, v, matrix, alpha = _dropout_samples(backend, "once", hop_dropout_p=0.4)
+    z1 = (1 - alpha) * matrix @ v + alpha * v
+    _assert_mean(out, (1 - alpha) * matrix @ z1 + alpha * v, backend)
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather"])
+def test_per_hop_edge_dropout_draws_a_new_mask_every_hop(backend):
+    """From the same seed, ``per_hop`` and ``once`` draw the same first mask; every later hop must differ. A
+    ``per_hop`` that reused its mask would give ``once``'s output exactly; with one hop they agree."""
+    graph = G.bigbird(40, 8, num_random=1, seed=0)
+    (q, k, v), mask = _inputs(graph, batch=1, dim=4, padding=True, seed=2)
+    results = {}
+    for hops in (1, 3):
+        for mode in ("once", "per_hop"):
+            torch.manual_seed(5)
+            results[hops, mode] = diffuse(q, k, v, graph, hops, 0.2, mask, backend, dropout_p=0.3, edge_dropout=mode)
+    torch.testing.assert_close(results[1, "once"], results[1, "per_hop"], rtol=0, atol=0)
+    assert (results[3, "once"] - results[3, "per_hop"]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("backend", ["gather", "matrix"])
@@ -287,7 +380,7 @@ def test_matrix_backward_with_hop_dropout(kernel, remainder):
         torch.manual_seed(0)  # the same dropout masks on every call
         return diffuse(q, k, v, graph, 3, 0.2, mask, "matrix", kernel=kernel, remainder=remainder, hop_dropout_p=0.3)
 
-    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", ["gather", "matrix"])
@@ -331,7 +424,7 @@ def test_dropout_gradients_across_chunks_and_skipped_steps(monkeypatch, dropout_
         options = {"dropout_p": dropout_p, "edge_dropout": edge_dropout, "hop_dropout_p": 0.3}
         return diffuse(q, k, v, graph, 3, 0.2, mask, "gather", remainder="renormalize", **options)
 
-    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,84 @@ def test_causal_matches_dense_reference_forward_and_gradients(shared_qk, padded,
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+def _members_in_test(x, centroids, window, mask, qk_norm):
+    """Every cluster's ``window`` members, from the definitions (not with the library's code): the tokens whose
+    normalised vectors have the largest dot product with the centroid; padded tokens only when a cluster has
+    more slots than there are real tokens. Returns per (batch, head, cluster) the set of real members."""
+    if qk_norm == "l2":
+        unit = x / x.norm(dim=-1, keepdim=True)
+    else:  # LayerNorm without affine: zero mean, unit (biased) variance
+        centred = x - x.mean(-1, keepdim=True)
+        unit = centred / (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    batch, heads, seq, _ = x.shape
+    real = torch.ones(batch, seq, dtype=torch.bool) if mask is None else mask
+    members = {}
+    for b in range(batch):
+        for h in range(heads):
+            for c in range(centroids.shape[1]):
+                scores = [(float(unit[b, h, i] @ centroids[h, c]), i) for i in range(seq) if real[b, i]]
+                members[b, h, c] = {i for _, i in sorted(scores, reverse=True)[:window]}
+    return members
+
+
+def _real_members(idx, mask):
+    """Per (batch, head, cluster), the set of real tokens among the members ``idx``."""
+    batch, heads, clusters, _ = idx.shape
+    real = torch.ones(batch, int(idx.max()) + 1, dtype=torch.bool) if mask is None else mask
+    return {
+        (b, h, c): {int(i) for i in idx[b, h, c] if real[b, i]}
+        for b in range(batch)
+        for h in range(heads)
+        for c in range(clusters)
+    }
+
+
+def _indices(members, shape, seq):
+    """Member sets back to ``(batch, heads, clusters, window)`` indices, filled up with other (padded) positions."""
+    out = torch.zeros(shape, dtype=torch.long)
+    for (b, h, c), chosen in members.items():
+        fill = [i for i in range(seq) if i not in chosen][: shape[-1] - len(chosen)]
+        out[b, h, c] = torch.tensor(sorted([*chosen, *fill]))
+    return out
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("shared_qk", [False, True])
+@pytest.mark.parametrize("qk_norm", ["layernorm", "l2"])
+def test_memberships_and_output_match_memberships_computed_here(qk_norm, shared_qk, padded):
+    """Bidirectional routing: the clusters are the top-w by similarity of the *normalised* q (queries) and
+    k (keys) to each centroid, computed in this test; the output is the dense reference on those clusters.
+    The vectors get very different norms and offsets, so ranking raw vectors, or by the other norm, picks
+    other members."""
+    q, k, v, centroids = _inputs(grad=True, seed=11 + int(padded), clusters=4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for x in (q, k):
+            x.mul_(torch.rand(2, 3, 17, 1, generator=g, dtype=torch.float64) * 4 + 0.1)
+            x.add_(torch.randn(2, 3, 17, 1, generator=g, dtype=torch.float64))
+    mask = _padding(2, 17) if padded else None
+    keys = q if shared_qk else k
+    window = 6
+    expected_q = _members_in_test(q.detach(), centroids, window, mask, qk_norm)
+    expected_k = expected_q if shared_qk else _members_in_test(k.detach(), centroids, window, mask, qk_norm)
+    query_idx, key_idx = memberships(q, keys, centroids, window, mask, shared_qk=shared_qk, qk_norm=qk_norm)
+    assert _real_members(query_idx, mask) == expected_q
+    assert _real_members(key_idx, mask) == expected_k
+    other = "layernorm" if qk_norm == "l2" else "l2"
+    assert _members_in_test(k.detach(), centroids, window, mask, other) != expected_k, "inputs must tell norms apart"
+
+    out = routing(q, keys, v, centroids, window, False, mask, shared_qk=shared_qk, qk_norm=qk_norm)
+    shape = query_idx.shape
+    ref = routing_reference(
+        q, keys, v, _indices(expected_q, shape, 17), _indices(expected_k, shape, 17), False, mask, shared_qk=shared_qk
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn_like(out)
+    inputs = (q, v) if shared_qk else (q, k, v)
+    for a, b in zip(torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(ref, inputs, upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 def test_gradcheck_tiny():
     q, k, v, centroids = _inputs(batch=1, heads=1, seq=6, dim=3, clusters=2, grad=True)
     mask = torch.tensor([[True, True, False, True, True, True]])

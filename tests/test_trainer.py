@@ -14,7 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hopformer.train import BatchStream, batches, build, control, evaluation, learning_rate, loop, metrics, optim, train
+from hopformer.train import (
+    BatchStream,
+    batches,
+    build,
+    control,
+    evaluation,
+    feeds,
+    learning_rate,
+    metrics,
+    optim,
+    train,
+)
 from hopformer.train import checkpoint as checkpoint_module
 from hopformer.train.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from hopformer.train.config import Config, from_dict, load_config, parse_assignment
@@ -185,14 +196,14 @@ def test_a_run_resumed_without_its_best_checkpoint_says_which_weights_it_tested(
 
     if not validation_improves:  # every validation after the resume scores 0; the test (the last call) is real
         validations_left = sum(1 for s in range(first.step + 1, 21) if s % 2 == 0)
-        real_evaluate, calls = loop.evaluate, []
+        real_evaluate, calls = feeds.evaluate, []
 
         def evaluate(*args, **kwargs):
             calls.append(1)
             result = real_evaluate(*args, **kwargs)
             return {**result, "accuracy": 0.0} if len(calls) <= validations_left else result
 
-        monkeypatch.setattr(loop, "evaluate", evaluate)
+        monkeypatch.setattr(feeds, "evaluate", evaluate)
 
     lines = []
     monkeypatch.setattr(control, "clock", FakeClock(tick=0.0))
@@ -518,6 +529,7 @@ def test_dihedral_gives_the_eight_symmetries_of_the_square():
         dihedral({"input_ids": torch.arange(24)}, 1)
 
 
+@pytest.mark.slow
 def test_dihedral_augmentation_trains_and_resumes_exactly(tmp_path, monkeypatch):
     """Training batches are transformed, seeded by the stream's state: a resumed run matches an unbroken one."""
     from hopformer.data.pathfinder import generate_pathfinder

@@ -2,9 +2,10 @@
 random inputs, every pattern, causal or not, odd lengths, padding (including fully padded rows), split
 work (atomic adds), hop dropout and reset steps; and bf16 / fp16 within 16-bit rounding of float64.
 
-The kernel tests run on CUDA, or on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set here
-before the kernels are first imported), and skip where Triton is not installed; the tile plan, the index
-guard and the input checks need no Triton and always run."""
+The kernel tests (marked ``triton``) run on CUDA, or on CPU through Triton's interpreter (``TRITON_INTERPRET=1``,
+set here before the kernels are first imported), and skip where Triton is not installed (the ``dev`` extra
+installs it, so CI runs them in the interpreter); the tile plan, the index guard and the input checks need no
+Triton and always run. The kernel tests keep the ``cuda`` marker too, so ``pytest -m cuda`` on a GPU runs them."""
 
 import os
 
@@ -25,7 +26,12 @@ KERNELS = pytest.mark.skipif(
 )
 
 
-def _inputs(graph, dim=16, vdim=None, padding=True, batch=2, heads=2, dtype=torch.float64):
+# Triton's interpreter runs every program in Python: one head (the batch of two, with its wholly padded
+# sequence, still offsets the (batch * heads) layout) keeps the kernel tests to a few minutes on two CPU cores.
+HEADS = 2 if CUDA else 1
+
+
+def _inputs(graph, dim=16, vdim=None, padding=True, batch=2, heads=HEADS, dtype=torch.float64):
     seq = graph.seq_len
     q, k = (torch.randn(batch, heads, seq, dim, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
     v = torch.randn(batch, heads, seq, vdim or dim, dtype=dtype, device=DEVICE, requires_grad=True)
@@ -52,6 +58,7 @@ def _assert_matches_dense(call, tensors, what):
 
 
 @pytest.mark.cuda
+@pytest.mark.triton
 @KERNELS
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seq_len, block_size", [(37, 16), (150, 32), (200, 64)])
@@ -79,6 +86,7 @@ def test_matches_dense(seq_len, block_size, causal, padding):
 
 
 @pytest.mark.cuda
+@pytest.mark.triton
 @KERNELS
 @pytest.mark.parametrize("tile, split", [(16, 1), (16, 3), (32, 2)])
 def test_split_rows_and_columns_add_up(tile, split, monkeypatch):
@@ -97,6 +105,7 @@ def test_split_rows_and_columns_add_up(tile, split, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.triton
 @KERNELS
 @pytest.mark.parametrize("kernel, remainder", [("ppr", "renormalize"), ("heat", "keep"), ("heat", "renormalize")])
 def test_kernels_and_reset_steps(kernel, remainder):
@@ -111,6 +120,7 @@ def test_kernels_and_reset_steps(kernel, remainder):
 
 
 @pytest.mark.cuda
+@pytest.mark.triton
 @KERNELS
 @pytest.mark.parametrize("remainder", ["keep", "renormalize"])
 def test_hop_dropout_gradient_matches_finite_differences(remainder):
@@ -138,6 +148,7 @@ def test_hop_dropout_gradient_matches_finite_differences(remainder):
 
 
 @pytest.mark.cuda
+@pytest.mark.triton
 @KERNELS
 @pytest.mark.parametrize("real_fraction", [1.0, 0.22])
 @pytest.mark.parametrize("op", ["sparse", "diffuse"])

@@ -405,7 +405,7 @@ def local_attention(
     batch, heads, seq, dim = q.shape
     block = min(block, seq)
     request = Request.of("sparse_attention", q, v, block_size=block, attention_dropout=dropout_p > 0)
-    if q.is_cuda and dispatch.can_run("flex", request):
+    if dispatch.can_run("flex", request):  # flex's declared support says where it runs (CUDA)
         graph = _local_graph(seq, block, causal)
         return sparse_attention(q, k, v, graph, key_padding_mask, backend="flex", scale=dim**-0.5)
     blocks = -(-seq // block)
