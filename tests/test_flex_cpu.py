@@ -98,15 +98,18 @@ def kernel_view(flex_on_cpu, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- references
-def _inputs(seq, batch=2, heads=2, dim=16, padding=True, seed=SEED, grad=False):
+def _inputs(seq, batch=3, heads=2, dim=16, padding=True, seed=SEED, grad=False):
+    """Random float64 q, k, v and, with ``padding``, a key padding mask: sequence 0 scattered padding and its
+    second half padded (whole padded tiles), 1 nothing real, 2 left padding ending inside a tile and every
+    token after it real (wholly real query tiles beside a partly padded key tile)."""
     g = torch.Generator().manual_seed(seed + seq)
     q, k, v = (torch.randn(batch, heads, seq, dim, generator=g, dtype=torch.float64) for _ in range(3))
     mask = None
     if padding:
         mask = torch.rand(batch, seq, generator=g) > 0.2
-        mask[0, seq // 2 :] = False  # right padding: whole padded tiles at the end
-        if batch > 1:
-            mask[1] = False  # nothing real: every row is empty
+        mask[0, seq // 2 :] = False
+        mask[1] = False
+        mask[2] = torch.arange(seq) >= seq // 3 + 5
     return [x.requires_grad_(grad) for x in (q, k, v)], mask
 
 
@@ -150,7 +153,7 @@ def test_eager_flex_sparse_attention_and_diffusion_match_dense(eager_flex, seq, 
     wholly padded sequence; against the dense backend and the power series of the attention built here."""
     graph = G.bigbird(seq, block, window=3, num_global=1, num_random=2, seed=7, causal=causal)
     (q, k, v), mask = _inputs(seq)
-    attention = _dense(q, k, torch.eye(seq, dtype=torch.float64).expand(2, 2, -1, -1), _graph_mask(graph, mask))
+    attention = _dense(q, k, torch.eye(seq, dtype=torch.float64).expand(*q.shape[:2], -1, -1), _graph_mask(graph, mask))
     out = sparse_attention(q, k, v, graph, mask, "flex")
     torch.testing.assert_close(out, attention @ v, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out, sparse_attention(q, k, v, graph, mask, "dense"), rtol=1e-10, atol=1e-12)
@@ -202,17 +205,18 @@ def test_kernel_view_of_sparse_attention_and_diffusion_matches_dense(kernel_view
 @pytest.mark.parametrize("seq, block", [(300, 16), (517, 128), (700, 256), (129, 1)])
 def test_padding_block_mask_is_the_graph_between_real_tokens(seq, block, causal):
     """``block_mask`` with key padding, as the kernels read it: exactly the graph's edges between real tokens
-    (padded keys never attended, padded queries attend nowhere), tiles past the sequence empty; random
-    padding, a wholly padded sequence, and whole padded tiles."""
+    (padded keys never attended, padded queries attend nowhere), tiles past the sequence empty; scattered
+    padding, a wholly padded sequence, and left and right padding that ends inside a tile."""
     graph = G.bigbird(seq, block, window=3, num_global=1, num_random=2, seed=3, causal=causal)
     g = torch.Generator().manual_seed(seq)
-    mask = torch.rand(3, seq, generator=g) > 0.3
+    mask = torch.rand(4, seq, generator=g) > 0.3
     mask[1] = False
-    mask[2, : seq // 2] = False  # left padding
+    mask[2] = torch.arange(seq) >= seq // 2 + 3  # left padding ending inside a tile, real after it
+    mask[3] = torch.arange(seq) < seq - 45  # right padding starting inside a tile
     plan = flex.block_mask(graph, mask, torch.device("cpu"))
     assert plan.seq == seq and plan.padded == -(-seq // flex.TILE) * flex.TILE
     seen = kernel_mask(plan.mask)
-    expected = torch.zeros(3, plan.padded, plan.padded, dtype=torch.bool)
+    expected = torch.zeros(4, plan.padded, plan.padded, dtype=torch.bool)
     expected[:, :seq, :seq] = _graph_mask(graph, mask)[:, 0]
     assert torch.equal(seen, expected)
     unpadded = kernel_mask(flex.block_mask(graph, None, torch.device("cpu")).mask)
@@ -227,7 +231,7 @@ def test_eager_flex_combiner_fixed_matches_eager_backend(eager_flex, monkeypatch
     """Combiner-Fixed's one FlexAttention call over ``[tokens ; block summaries]`` (its mask_mod, layout and
     summary copies), run by PyTorch's FlexAttention eagerly, against the ``eager`` Combiner backend."""
     monkeypatch.setattr(combiner_flex, "SUMMARY_GROUP", 2)  # several copies of the summaries
-    (q, k, v), _ = _inputs(seq, padding=False)
+    (q, k, v), _ = _inputs(seq, batch=2, padding=False)
     mask = None
     if padded:
         mask = torch.ones(2, seq, dtype=torch.bool)
@@ -240,13 +244,21 @@ def test_eager_flex_combiner_fixed_matches_eager_backend(eager_flex, monkeypatch
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("seq, block, group", [(300, 48, 2), (517, 128, 16), (700, 256, 2), (256, 16, 16)])
-def test_kernel_view_of_combiner_fixed_matches_eager_backend(kernel_view, monkeypatch, seq, block, causal, group):
-    """Combiner-Fixed under its tile codes as the kernels read them: outputs and gradients against ``eager``."""
+@pytest.mark.parametrize(
+    "seq, block, group, padded",
+    [(300, 48, 2, True), (517, 128, 16, True), (700, 256, 2, True), (256, 16, 16, False), (768, 256, 2, False)],
+)
+def test_kernel_view_of_combiner_fixed_matches_eager_backend(
+    kernel_view, monkeypatch, seq, block, causal, group, padded
+):
+    """Combiner-Fixed under its tile codes as the kernels read them (without padding, whole tiles of a block are
+    full): outputs and gradients against ``eager``."""
     monkeypatch.setattr(combiner_flex, "SUMMARY_GROUP", group)
-    (q, k, v), _ = _inputs(seq, padding=False, grad=True)
-    mask = torch.ones(2, seq, dtype=torch.bool)
-    mask[0, -21:] = False
+    (q, k, v), _ = _inputs(seq, batch=2, padding=False, grad=True)
+    mask = None
+    if padded:
+        mask = torch.ones(2, seq, dtype=torch.bool)
+        mask[0, -21:] = False
     weights = torch.randn(q.shape, dtype=torch.float64)
     results = []
     for backend in ("eager", "flex"):

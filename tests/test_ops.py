@@ -9,6 +9,7 @@ import torch
 import hopformer.graphs as G
 import hopformer.ops.gather as gather_backend
 from hopformer.ops import diffuse, diffuse_weighted, diffusion_coefficients, sparse_attention
+from hopformer.ops.common import masked_softmax
 
 CUDA = torch.cuda.is_available()
 
@@ -82,6 +83,28 @@ def test_gather_head_chunks_and_token_granularity(monkeypatch):
     got = _run(lambda q, k, v, **kw: _diffuse(q, k, v, graph, **kw), tensors, mask, "gather")
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dim, inplace", [(-1, False), (-1, True), ((1, 3), True)])  # several dims: in place only
+def test_masked_softmax_is_the_softmax_over_the_allowed_entries(dim, inplace):
+    """``masked_softmax``'s contract, from the definition: on allowed entries ``exp(s) / sum exp(s)`` over the
+    allowed entries of the reduced dims, exactly 0 elsewhere; a row (a slice over ``dim``) with nothing allowed
+    is all zeros, never NaN and never uniform. Huge scores do not overflow."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64) * 30
+    allowed = torch.rand(3, 4, 5, 6, generator=g) > 0.5
+    allowed[0, 1] = False  # empty rows over the last dim
+    allowed[2, :, 3] = False  # an empty slice over dims (1, 3)
+    dims = (dim,) if isinstance(dim, int) else dim
+    top = scores.masked_fill(~allowed, -torch.inf).amax(dim=dims, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    exp = (scores - top).exp() * allowed
+    total = exp.sum(dim=dims, keepdim=True)
+    expected = exp / torch.where(total > 0, total, 1.0)
+    assert (total == 0).any(), "the test has empty rows"
+    got = masked_softmax(scores.clone(), allowed, dim, inplace=inplace)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+    assert (got[~allowed] == 0).all()
 
 
 def test_padding_gives_zeros_never_nan():
