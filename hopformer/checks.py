@@ -12,6 +12,19 @@ class InputTypeError(TypeError, ValueError):
     either see it."""
 
 
+class FileFormatError(ValueError):
+    """A file that exists but cannot be read as what it should be (truncated, empty, not UTF-8, malformed,
+    the wrong columns). The message names the file and the reason; a ``ValueError``, so code that catches bad
+    input as one sees it, and ``hopformer`` prints it as one line."""
+
+
+def file_error(path: Any, reason: str, error: BaseException | None = None, line: int | None = None) -> FileFormatError:
+    """A :class:`FileFormatError` ``"PATH[, line N]: reason (the underlying error)"``, to raise."""
+    detail = f" ({type(error).__name__}: {' '.join(str(error).split())[:200]})" if error is not None else ""
+    where = f"{path}, line {line}" if line is not None else str(path)
+    return FileFormatError(f"{where}: {reason}{detail}")
+
+
 def check_int(
     name: str, value: Any, low: int | None = None, high: int | None = None, allowed: str | None = None
 ) -> int:

@@ -23,7 +23,7 @@ from torch import nn
 
 from hopformer.attention.registry import register
 from hopformer.attention.rotary import RotaryEmbedding
-from hopformer.checks import check_int, check_probability
+from hopformer.checks import InputTypeError, check_int, check_probability
 from hopformer.ops import dispatch
 from hopformer.ops.backend import Request
 from hopformer.ops.dispatch import Explanation
@@ -41,6 +41,24 @@ def key_padding_mask(attention_mask: torch.Tensor | None, x: torch.Tensor) -> to
         )
     mask = attention_mask.bool()
     return None if bool(mask.all()) else mask
+
+
+def check_input_like(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """A module's input must be a floating-point tensor on its weights' device and, outside autocast, in their
+    dtype (as ``nn.Linear`` requires, but said at the door): float64 input to float32 weights is an
+    :class:`~hopformer.checks.InputTypeError` naming both dtypes. Under ``torch.autocast`` any float dtype
+    passes: autocast casts, as it does for PyTorch's own modules."""
+    if not x.is_floating_point():
+        raise InputTypeError(
+            f"x must be a floating-point tensor (the module's weights are {weight.dtype}), got {x.dtype}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the module's weights are on {weight.device}; move one to the other")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise InputTypeError(
+            f"x has dtype {x.dtype} but the module's weights are {weight.dtype}: convert one (x.to({weight.dtype}) or "
+            f"module.to({x.dtype})), or run under torch.autocast"
+        )
 
 
 class AttentionModule(nn.Module):
@@ -68,6 +86,7 @@ class AttentionModule(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
+        check_input_like(x, self.qkv.weight)
         padding = key_padding_mask(attention_mask, x)
         batch, seq, _ = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)

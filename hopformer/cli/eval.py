@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from hopformer.train.build import resolve_device
     from hopformer.train.config import CONFIG_NAME, load_config
     from hopformer.train.evaluation import evaluate
+    from hopformer.train.tasks import warn_truncation
 
     path = Path(args.checkpoint)
     folder = checkpoint_folder(path, args.which)
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         from hopformer.data.listops import load_listops_tsv
 
-        examples = load_listops_tsv(args.data, max_length=limit)
+        examples = load_listops_tsv(args.data, max_length=None)
         source, hiding = args.data, {}
     else:
         from hopformer.train.tasks import load_task
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(run_dir / CONFIG_NAME)
         examples = load_task(config, progress=False).splits[args.split]
         source, hiding = f"{config.task} {args.split}", masking(model, config)
+    warn_truncation({source: examples}, limit, f"the model's max_len={model.encoder.config.max_len}")
     pad = model.encoder.config.pad_to_multiple
     runtime = Runtime(device, device.type == "cuda", pad, limit, prefix_length(model), **hiding)
     result = evaluate(model, examples, runtime, args.batch_size)

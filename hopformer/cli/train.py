@@ -123,12 +123,16 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"run folder: {result.run_dir} (stopped at step {result.step}: {result.stop_reason})")
         return _EXIT_STATUS.get(result.stop_reason, 130)
-    if "test_bits_per_byte" in result.extra:
-        extra = result.extra
+    print(f"run folder: {result.run_dir}")
+    extra = result.extra
+    if "test_bits_per_byte" in extra:
         print(
             f"bits per byte {extra['test_bits_per_byte']:.4f} (unigram baseline {extra['unigram_bits_per_byte']:.4f})"
         )
-    else:
-        print(f"test accuracy: {result.test_accuracy:.4f}")
-    print(f"run folder: {result.run_dir}")
+        return 0
+    # the last line: the result beside every trivial baseline of the task, on the same test set
+    rules = [("majority class", result.majority_rate), ("root-operator rule", extra.get("root_operator_rate"))]
+    shown = ", ".join(f"{name} {rate:.4f}" for name, rate in rules if rate is not None)
+    versus = f"trivial baselines on test: {shown}" if shown else "over hidden tokens"
+    print(f"test accuracy {result.test_accuracy:.4f} ({versus})")
     return 0

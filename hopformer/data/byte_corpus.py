@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hopformer.checks import file_error
+
 SPLITS = ("train", "val", "test")
 FILE_SPLIT = (90, 95)  # crc32(path) % 100: below 90 train, below 95 validation, else test
 OFFSET_SPLIT = (0.90, 0.95)  # one file: the first 90% train, the next 5% validation, the last 5% test
@@ -66,13 +68,17 @@ class ByteCorpus:
 def load_corpus(folder: str | os.PathLike) -> ByteCorpus:
     """The corpus written in ``folder`` (``train.bin``, ``val.bin``, ``test.bin``), memory-mapped."""
     folder = Path(folder)
+    source_file = folder / "SOURCE"
+    source = (source_file.read_text(errors="replace").strip() if source_file.is_file() else "") or str(folder)
     splits = {}
     for split in SPLITS:
         path = folder / f"{split}.bin"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; a byte corpus folder holds train.bin, val.bin and test.bin")
         splits[split] = _memmap(path)
-    source = (folder / "SOURCE").read_text().strip() if (folder / "SOURCE").is_file() else str(folder)
+        if len(splits[split]) < 2:  # a split of 0 or 1 bytes has no next byte to predict
+            size = len(splits[split])
+            raise file_error(path, f"the {split} split of {source} holds {size} byte(s); at least 2 are needed")
     return ByteCorpus(splits, source)
 
 

@@ -16,7 +16,10 @@ graphs draw as they always have (their random blocks do depend on the length), s
 on them keep their graphs.
 
 ``window`` is the number of blocks in the sliding band centred on the query block (odd: 3 means the
-own block and one on each side, as in BigBird's ``num_sliding_blocks``).
+own block and one on each side, as in BigBird's ``num_sliding_blocks``). A window wider than the
+sequence is not an error: as with the counts, a short sequence gets all it has (every block sees every
+block), so the defaults (64-token blocks, window 3) run on inputs of any length, 64 tokens or fewer
+included.
 
 ``grid2d`` is the exception: a token-level graph (``block_size=1``) of pixel neighbourhoods, for
 images in raster order, where a 1-D band cannot reach the pixels above and below.
@@ -372,14 +375,12 @@ def _num_blocks(seq_len: int, block_size: int) -> int:
 
 
 def _check_window(window: Any, num_blocks: int, seq_len: int, block_size: int) -> int:
+    """The band's radius in blocks. ``window`` must be a positive odd number; like the block counts, a window
+    wider than a short sequence gets all the sequence has (the band of every block then covers every block),
+    so short inputs run with the defaults (the same graph a window of ``2 * num_blocks - 1`` gives)."""
     if check_int("window", window, 1, allowed="a positive odd number of blocks") % 2 == 0:
         raise ValueError(f"window must be a positive odd number of blocks (3 = own block +-1), got {window!r}")
-    if window > 2 * num_blocks - 1:
-        raise ValueError(
-            f"window={window} blocks is larger than the sequence: seq_len={seq_len} at block_size={block_size} "
-            f"has {num_blocks} blocks, so a centred window reaches past both ends beyond {2 * num_blocks - 1}"
-        )
-    return window // 2
+    return min(window, 2 * num_blocks - 1) // 2
 
 
 def _check_count(name: str, value: Any, limit: int) -> int:

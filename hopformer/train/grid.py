@@ -35,7 +35,7 @@ from hopformer.train import control
 from hopformer.train.checkpoint import find_checkpoint
 from hopformer.train.config import load_config
 from hopformer.train.loop import TrainResult, train
-from hopformer.train.metrics import RESULTS_NAME
+from hopformer.train.metrics import RESULTS_NAME, read_json
 
 MIN_CELL_SECONDS = 90.0  # a cell is not started with less time than this left before the deadline
 COLUMNS = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image", "pathfinder32": "Path"}
@@ -143,7 +143,7 @@ def run_grid(
                             stopped = outcome.stop_reason != "time_limit"
                             break
                 if results.is_file():
-                    cells.setdefault((task, attention), []).append(json.loads(results.read_text()))
+                    cells.setdefault((task, attention), []).append(read_json(results))
 
     result.table = summarise(tasks, attentions, cells, scale)
     if pretrain_steps is not None:
