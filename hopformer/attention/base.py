@@ -46,18 +46,19 @@ def key_padding_mask(attention_mask: torch.Tensor | None, x: torch.Tensor) -> to
 def check_input_like(x: torch.Tensor, weight: torch.Tensor) -> None:
     """A module's input must be a floating-point tensor on its weights' device and, outside autocast, in their
     dtype (as ``nn.Linear`` requires, but said at the door): float64 input to float32 weights is an
-    :class:`~hopformer.checks.InputTypeError` naming both dtypes. Under ``torch.autocast`` any float dtype
-    passes: autocast casts, as it does for PyTorch's own modules."""
+    :class:`~hopformer.checks.InputTypeError` naming both dtypes. Under ``torch.autocast`` float16, bfloat16 and
+    float32 pass: autocast casts them, as it does for PyTorch's own modules (it leaves float64 alone)."""
     if not x.is_floating_point():
         raise InputTypeError(
             f"x must be a floating-point tensor (the module's weights are {weight.dtype}), got {x.dtype}"
         )
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but the module's weights are on {weight.device}; move one to the other")
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if x.dtype != weight.dtype and not autocast:
         raise InputTypeError(
             f"x has dtype {x.dtype} but the module's weights are {weight.dtype}: convert one (x.to({weight.dtype}) or "
-            f"module.to({x.dtype})), or run under torch.autocast"
+            f"module.to({x.dtype})), or run under torch.autocast (which casts float16, bfloat16 and float32)"
         )
 
 

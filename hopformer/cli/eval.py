@@ -23,7 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--data", help="a ListOps TSV in the released format (Source<TAB>Target)")
     source.add_argument("--split", choices=("train", "val", "test"), help="a split of the run's own task data")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto (CUDA when available)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 

@@ -188,8 +188,11 @@ def _load_retrieval(root: Path, split: str, max_length: int = 4000) -> list[Exam
     path = _require_file(root / "tsv_data" / f"new_aan_pairs.{_AAN_FILES[split]}.tsv", f"AAN retrieval {split} split")
     examples = []
     empty = cut = 0
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):  # the last document may be cut short, and no column shows it
+        warnings.warn(f"{path}: the last line has no newline; was the file cut short?", stacklevel=3)
     # bytes all the way: the encoder works on UTF-8 bytes and no quote character is special
-    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+    for number, line in enumerate(raw.split(b"\n"), start=1):
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line:
@@ -475,7 +478,8 @@ def _pathfinder_listing(folder: Path, files: list[Path]) -> tuple[list[Path], li
         warnings.warn(f"{len(empty)} of {len(files)} metadata file(s) list no images: {shown}", stacklevel=5)
     if not paths:
         reason = "list no images" if not skipped else f"list only empty (zero-byte) images ({len(skipped)})"
-        raise FileFormatError(f"{folder}: its metadata files ({len(files)} in metadata/) {reason}; no examples")
+        names = ", ".join(p.name for p in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise FileFormatError(f"{folder}: its metadata files ({names}) {reason}; no examples")
     return paths, labels
 
 

@@ -61,6 +61,8 @@ class GenerateConfig:
     min_length: int = 20
     max_length: int = 200
     seed: int = 0
+    max_depth: int = 10  # the released generator's; shallower trees are easier
+    max_args: int = 10
 
 
 @dataclass

@@ -48,7 +48,7 @@ def read_metrics(path: Path, warn: bool = True) -> list[dict[str, Any]]:
                 if warn:
                     warnings.warn(f"{path}, line {number}: dropped a damaged last record ({error})", stacklevel=2)
                 break
-            raise file_error(path, f"line {number} is not a JSON record", error) from None
+            raise file_error(path, "not a JSON record", error, line=number) from None
         records.append(record)
     return records
 

@@ -187,7 +187,14 @@ def warn_truncation(splits: dict[str, list[dict]], limit: int, setting: str) -> 
 
 def listops_cache_dir(config: Config) -> Path:
     """``$HOPFORMER_CACHE`` (default ``~/.cache/hopformer``) ``/listops-<hash of the generation settings>``."""
-    settings = json.dumps(asdict(config.data.generate), sort_keys=True)
+    settings = asdict(config.data.generate)
+    for key in (
+        "max_depth",
+        "max_args",
+    ):  # added later: at the released value they leave the hash (and cache) as it was
+        if settings[key] == 10:
+            del settings[key]
+    settings = json.dumps(settings, sort_keys=True)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
     cache = Path(os.environ.get("HOPFORMER_CACHE", Path.home() / ".cache" / "hopformer")).expanduser()
     return cache / f"listops-{digest}"
@@ -211,6 +218,8 @@ def generate_listops_files(folder: Path, config: Config, progress: bool = True) 
         seed=settings.seed,
         min_length=settings.min_length,
         max_length=settings.max_length,
+        max_depth=settings.max_depth,
+        max_args=settings.max_args,
         progress=progress,
     )
     folder.mkdir(parents=True, exist_ok=True)
