@@ -97,6 +97,13 @@ def test_the_final_line_states_the_result_beside_every_trivial_baseline(tmp_path
     assert "root-operator rule 0." in out[-1] and out[-2] == f"run folder: {tmp_path / 'run'}"
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 <= results["extra"]["root_operator_rate"] <= 1 and results["majority_rate"] > 0
+    # a file of longer trees than the model takes: evaluated, and the cut said in one warning line
+    long = tmp_path / "long.tsv"
+    long.write_text("Source\tTarget\n" + "( [MAX " + "1 " * 300 + "] )\t1\n" + "( [MIN 3 4 ] )\t3\n")
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(long), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"hopformer: warning: the model's max_len=128 cuts inputs longer than 128 tokens (the longest has "
+                   f"302): {long} 1 of 2 examples"]  # fmt: skip
 
 
 def _tiny(tmp_path: Path, **train_settings):

@@ -8,7 +8,8 @@ parses and prints, and leaves the work to the library.
 Errors: a user error (:data:`USER_ERRORS`: a bad value, a missing or unreadable file, a wrong dtype, a
 diverged run) prints one line ``hopformer: error: ...`` on stderr and exits with status 2, as argparse
 does for bad flags. ``--debug`` (anywhere on the command line) or ``HOPFORMER_DEBUG=1`` lets the
-exception through instead, traceback and all. Anything else (a bug) always shows its traceback.
+exception through instead, traceback and all. Anything else (a bug) always shows its traceback. The
+library's warnings (inputs cut to a length, skipped files) print as one line ``hopformer: warning: ...``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 # verb -> one-line help; the verb's module is hopformer.cli.<verb>
 VERBS: dict[str, str] = {
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = DEBUG_FLAG in argv or os.environ.get("HOPFORMER_DEBUG", "") not in ("", "0")
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
     try:
-        return _run(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return _run(argv)
     except USER_ERRORS as error:
         if debug:
             raise
@@ -90,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("hopformer: interrupted", file=sys.stderr)
         return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """hopformer's own warnings (a cut input, a skipped file) as one line ``hopformer: warning: ...``; others as
+    Python shows them."""
+    if issubclass(category, UserWarning) and f"{os.sep}hopformer{os.sep}" in filename:
+        print(f"hopformer: warning: {message}", file=file or sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=file or sys.stderr)
 
 
 def describe_error(error: BaseException) -> str:
