@@ -94,7 +94,7 @@ def test_the_final_line_states_the_result_beside_every_trivial_baseline(tmp_path
     assert main(_train_argv(tmp_path)) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("test accuracy ") and "(trivial baselines on test: majority class 0." in out[-1]
-    assert "root-operator rule 0." in out[-1] and out[-2] == f"run folder: {tmp_path / 'run'}"
+    assert "root-operator rule 0." in out[-1] and out[-2].endswith(f"; run folder {tmp_path / 'run'}")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 <= results["extra"]["root_operator_rate"] <= 1 and results["majority_rate"] > 0
     # a file of longer trees than the model takes: evaluated, and the cut said in one warning line

@@ -123,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"run folder: {result.run_dir} (stopped at step {result.step}: {result.stop_reason})")
         return _EXIT_STATUS.get(result.stop_reason, 130)
-    print(f"run folder: {result.run_dir}")
-    extra = result.extra
+    extra = result.extra  # (the trainer's last log line names the run folder)
     if "test_bits_per_byte" in extra:
         print(
             f"bits per byte {extra['test_bits_per_byte']:.4f} (unigram baseline {extra['unigram_bits_per_byte']:.4f})"

@@ -97,7 +97,7 @@ class ExampleFeed:
         if self.config.train.objective == "masked":
             versus = "over hidden tokens"
         else:
-            versus = "; ".join(f"{_BASELINE_NAMES[key]} {value:.4f}" for key, value in self.baseline().items())
+            versus = ", ".join(f"{_BASELINE_NAMES[key]} {value:.4f}" for key, value in self.baseline().items())
             versus = f"trivial baselines on test: {versus}"
         return f"best val accuracy {best_text}; test accuracy {test['accuracy']:.4f} of the {tested} weights ({versus})"
 

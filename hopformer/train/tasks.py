@@ -257,9 +257,14 @@ def _load_listops(config: Config, spec: TaskSpec, progress: bool, log: Any) -> T
                 if any(folder.glob("basic_*.tsv")):
                     raise FileNotFoundError(f"{folder} has only some of {sorted(LISTOPS_FILES.values())}")
                 g = config.data.generate
+                shape = (
+                    f", depth <= {g.max_depth}, <= {g.max_args} arguments"
+                    if (g.max_depth, g.max_args) != (10, 10)
+                    else ""
+                )
                 log(
                     f"No ListOps files in {folder}: generating {g.train}/{g.val}/{g.test} trees with "
-                    f"{g.min_length} < length < {g.max_length} (seed {g.seed})"
+                    f"{g.min_length} < length < {g.max_length}{shape} (seed {g.seed})"
                 )
                 found = generate_listops_files(folder, config, progress)
     splits = {
