@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 
@@ -10,6 +12,31 @@ class InputTypeError(TypeError, ValueError):
     """An argument of the wrong type or dtype. Both a ``TypeError`` and a ``ValueError`` (as numpy's
     ``AxisError`` is both a ``ValueError`` and an ``IndexError``), so callers that catch bad input as
     either see it."""
+
+
+class FileFormatError(ValueError):
+    """A file that exists but cannot be read as what it should be (truncated, empty, not UTF-8, malformed,
+    the wrong columns). The message names the file and the reason; a ``ValueError``, so code that catches bad
+    input as one sees it, and ``hopformer`` prints it as one line."""
+
+
+def file_error(path: Any, reason: str, error: BaseException | None = None, line: int | None = None) -> FileFormatError:
+    """A :class:`FileFormatError` ``"PATH[, line N]: reason (the underlying error)"``, to raise."""
+    detail = f" ({type(error).__name__}: {' '.join(str(error).split())[:200]})" if error is not None else ""
+    where = f"{path}, line {line}" if line is not None else str(path)
+    return FileFormatError(f"{where}: {reason}{detail}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (``results.json``, ``META.json``); damaged or not an object: an error
+    naming the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise file_error(path, "not a valid JSON file (truncated or damaged?)", error) from None
+    if not isinstance(value, dict):
+        raise file_error(path, f"expected a JSON object, got a {type(value).__name__}")
+    return value
 
 
 def check_int(

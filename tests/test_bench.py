@@ -112,8 +112,8 @@ def test_append_adds_lengths_from_another_run(tmp_path):
         ("routing [eager]", 256, 1),
     }
     assert {(e["seq_len"], e["op"]) for e in result["ratios"]} == {(128, "diffuse [gather]"), (256, "routing [eager]")}
-    with pytest.raises(SystemExit, match="heads"):
-        main([*common, "--seq-lens", "128", "--heads", "4", "--append"])
+    with pytest.raises(ValueError, match="heads"):
+        main([*common, "--seq-lens", "128", "--heads", "4", "--append", "--debug"])
 
 
 def test_time_limit_and_threads(tmp_path):

@@ -44,7 +44,7 @@ def test_the_packaged_default_is_configs_listops_small():
     repository's ``configs/listops_small.yaml`` must say the same."""
     repository = load_config(Path(__file__).resolve().parents[1] / "configs" / "listops_small.yaml")
     assert load_config() == repository
-    assert load_config().train.steps == 400 and load_config().data.max_length == 256  # not the dataclass defaults
+    assert load_config().train.steps == 6000 and load_config().data.max_length == 128  # not the dataclass defaults
 
 
 def test_the_model_section_is_the_encoder_config_with_the_task_parts_open():

@@ -144,6 +144,6 @@ def test_bad_pattern_lists_the_allowed_ones(capsys):
 
 
 def test_pattern_error_is_reported_not_raised(capsys):
-    code = main(["graph", "local", "--seq-len", "64", "--block-size", "64", "--window", "5"])
+    code = main(["graph", "local", "--seq-len", "64", "--block-size", "64", "--window", "4"])  # windows are odd
     assert code == 2
     assert "window" in capsys.readouterr().err

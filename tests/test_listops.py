@@ -303,7 +303,8 @@ def test_write_and_load_round_trip(tmp_path, small_set):
         assert example["attention_mask"].dtype == torch.bool and bool(example["attention_mask"].all())
         assert example["attention_mask"].shape == example["input_ids"].shape
         assert example["label"] == label
-    short = load_listops_tsv(path, max_length=25)
+    with pytest.warns(UserWarning, match=r"basic_val\.tsv: cut \d+ of 300 examples to max_length=25"):
+        short = load_listops_tsv(path, max_length=25)
     assert max(len(example["input_ids"]) for example in short) == 25
     assert all(len(example["attention_mask"]) == len(example["input_ids"]) for example in short)
 

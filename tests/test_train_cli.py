@@ -63,7 +63,7 @@ def test_eval_on_a_tsv_matches_the_run(trained, capsys):
 
 def test_eval_names_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="best"):
-        main(["eval", "--checkpoint", str(tmp_path), "--data", "x.tsv", "--device", "cpu"])
+        main(["eval", "--checkpoint", str(tmp_path), "--data", "x.tsv", "--device", "cpu", "--debug"])
 
 
 def test_resume_of_a_finished_run_only_reports(trained, capsys):
@@ -129,9 +129,9 @@ def test_every_verb_has_help(capsys):
 
 def test_bad_option_values_are_named(tmp_path):
     with pytest.raises(ValueError, match="attention"):
-        main(["train", "--attention", "nope", "--run-dir", str(tmp_path / "r"), "--no-progress"])
+        main(["train", "--attention", "nope", "--run-dir", str(tmp_path / "r"), "--no-progress", "--debug"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        main(["train", "--attention-option", "hops", "--run-dir", str(tmp_path / "r"), "--no-progress"])
+        main(["train", "--attention-option", "hops", "--run-dir", str(tmp_path / "r"), "--no-progress", "--debug"])
 
 
 class FakeClock:
@@ -225,10 +225,10 @@ def test_lra_pretrains_each_cell_before_its_classifier(trained, tmp_path, capsys
 
 def test_lra_pretraining_options_are_checked(tmp_path):
     base = ["lra", "--tasks", "listops", "--runs-dir", str(tmp_path)]
-    with pytest.raises(SystemExit, match="--pretrain-steps must be a positive step count, got 0"):
-        main([*base, "--pretrain-steps", "0"])
-    with pytest.raises(SystemExit, match="--pretrain-set needs --pretrain-steps"):
-        main([*base, "--pretrain-set", "optim.lr=0.001"])
+    with pytest.raises(ValueError, match="--pretrain-steps must be a positive step count, got 0"):
+        main([*base, "--pretrain-steps", "0", "--debug"])
+    with pytest.raises(ValueError, match="--pretrain-set needs --pretrain-steps"):
+        main([*base, "--pretrain-set", "optim.lr=0.001", "--debug"])
 
 
 def test_lra_reports_a_failing_cell_and_goes_on(tmp_path, capsys):

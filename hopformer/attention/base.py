@@ -24,7 +24,7 @@ from torch import nn
 from hopformer.attention.decoding import KVCache
 from hopformer.attention.registry import register
 from hopformer.attention.rotary import RotaryEmbedding
-from hopformer.checks import check_int, check_probability
+from hopformer.checks import InputTypeError, check_int, check_probability
 from hopformer.ops import dispatch
 from hopformer.ops.backend import Request
 from hopformer.ops.dispatch import Explanation
@@ -42,6 +42,25 @@ def key_padding_mask(attention_mask: torch.Tensor | None, x: torch.Tensor) -> to
         )
     mask = attention_mask.bool()
     return None if bool(mask.all()) else mask
+
+
+def check_input_like(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """A module's input must be a floating-point tensor on its weights' device and, outside autocast, in their
+    dtype (as ``nn.Linear`` requires, but said at the door): float64 input to float32 weights is an
+    :class:`~hopformer.checks.InputTypeError` naming both dtypes. Under ``torch.autocast`` float16, bfloat16 and
+    float32 pass: autocast casts them, as it does for PyTorch's own modules (it leaves float64 alone)."""
+    if not x.is_floating_point():
+        raise InputTypeError(
+            f"x must be a floating-point tensor (the module's weights are {weight.dtype}), got {x.dtype}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the module's weights are on {weight.device}; move one to the other")
+    autocast = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if x.dtype != weight.dtype and not autocast:
+        raise InputTypeError(
+            f"x has dtype {x.dtype} but the module's weights are {weight.dtype}: convert one (x.to({weight.dtype}) or "
+            f"module.to({x.dtype})), or run under torch.autocast (which casts float16, bfloat16 and float32)"
+        )
 
 
 class AttentionModule(nn.Module):
@@ -71,6 +90,7 @@ class AttentionModule(nn.Module):
         and the cache filled for decoding the tokens after these prompts (right-padded by ``attention_mask``)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
+        check_input_like(x, self.qkv.weight)
         padding = key_padding_mask(attention_mask, x)
         batch, seq, _ = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)

@@ -27,12 +27,11 @@ import torch
 import torch.nn.functional as F
 
 import hopformer
+from hopformer.bench import COMBINER_VARIANTS, OPS  # noqa: F401 (re-exported: callers import them from here)
 from hopformer.graphs import build_graph
 from hopformer.ops import diffuse, sparse_attention
 from hopformer.ops.combiner_attention import combiner, resolve_block_size
 
-OPS = ("sdpa", "sparse", "diffuse", "routing", "combiner")
-COMBINER_VARIANTS = ("fixed", "logsparse", "axial", "axial_horizontal", "mixture")  # "axial" is the vertical form
 MEASURED = {
     "sdpa": "F.scaled_dot_product_attention; on CPU with the graph's dense boolean (L, L) mask, on CUDA "
     "unmasked (full attention through the fused cuDNN / Flash kernels).",
@@ -459,6 +458,19 @@ def table(result: dict, mode: str) -> str:
     return "\n".join(lines)
 
 
+def plot_title(pattern: str, options: dict) -> str:
+    """A graph's settings as words for a figure title: ``bigbird graph: 64-token blocks, window 3, ...``."""
+    words = {
+        "block_size": "{}-token blocks",
+        "window": "window {} blocks",
+        "num_global": "{} global blocks",
+        "num_random": "{} random blocks",
+        "seed": "seed {}",
+    }
+    parts = [words.get(key, key.replace("_", " ") + " {}").format(value) for key, value in options.items()]
+    return f"{pattern} graph" + (f": {', '.join(parts)}" if parts else "")
+
+
 def plot(result: dict, path: str) -> None:
     """Time and peak memory against sequence length, one line per (op, backend, mode)."""
     import matplotlib
@@ -480,7 +492,10 @@ def plot(result: dict, path: str) -> None:
         time_ax.plot(lengths, [r["ms"] for r in series], **style)
         memory_ax.plot(lengths, [max(r["peak_mib"], 1e-3) for r in series], **style)
     s = result["settings"]
-    title = f"{s['pattern']} {s['graph_options']}, B={s['batch']} H={s['heads']} D={s['head_dim']} {s['dtype']}"
+    title = (
+        f"{plot_title(s['pattern'], s['graph_options'])}; batch {s['batch']}, {s['heads']} heads of {s['head_dim']}, "
+    )
+    title += s["dtype"]
     if result["environment"].get("device") == "cpu":
         title += f", {result['environment'].get('threads')} thread(s)"
     for ax, ylabel in ((time_ax, "time (ms, median)"), (memory_ax, "peak extra memory (MiB)")):

@@ -9,40 +9,25 @@ import json
 import os
 from dataclasses import asdict
 
-import torch
-
-from hopformer.bench.harness import (
-    COMBINER_VARIANTS,
-    MEASURED,
-    OPS,
-    Case,
-    environment,
-    label,
-    plot,
-    ratio_line,
-    ratios,
-    run_grid,
-    table,
-    write_json,
-)
+from hopformer.bench import COMBINER_VARIANTS, OPS  # no torch: --help stays fast; run() imports the harness
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--seq-lens", default="1024,2048,4096", help="comma-separated sequence lengths")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--pattern", default="bigbird")
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--window", type=int, default=3)
-    parser.add_argument("--num-global", type=int, default=2)
-    parser.add_argument("--num-random", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hops", type=int, default=5)
-    parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--ops", default=",".join(OPS), help=f"any of {', '.join(OPS)}")
+    parser.add_argument("--batch", type=int, default=1, help="batch size of q, k, v (default 1)")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
+    parser.add_argument("--head-dim", type=int, default=64, help="features per head (default 64)")
+    parser.add_argument("--pattern", default="bigbird", help="graph pattern of sparse and diffuse (default bigbird)")
+    parser.add_argument("--block-size", type=int, default=64, help="tokens per graph block (default 64)")
+    parser.add_argument("--window", type=int, default=3, help="sliding window of the graph, in blocks (default 3)")
+    parser.add_argument("--num-global", type=int, default=2, help="global blocks of the graph (default 2)")
+    parser.add_argument("--num-random", type=int, default=3, help="random key blocks per query block (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of q, k, v and the graph's random blocks")
+    parser.add_argument("--hops", type=int, default=5, help="diffusion hops of diffuse (default 5)")
+    parser.add_argument("--alpha", type=float, default=0.1, help="PPR teleport probability of diffuse (default 0.1)")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, any of {', '.join(OPS)}")
     parser.add_argument(
         "--backends",
         default=None,
@@ -56,11 +41,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--combiner-block-size", type=int, default=None, help="Combiner block / row length (default ceil(sqrt(L)))"
     )
-    parser.add_argument("--routing-local-heads", type=int, default=None, help="default heads // 2")
-    parser.add_argument("--routing-local-window", type=int, default=128)
-    parser.add_argument("--routing-clusters", type=int, default=None, help="default round(sqrt(L))")
-    parser.add_argument("--routing-window", type=int, default=None, help="members per cluster (default L // clusters)")
-    parser.add_argument("--modes", default="fwd,fwd+bwd")
+    parser.add_argument(
+        "--routing-local-heads", type=int, default=None, help="Routing: heads on local attention (default heads // 2)"
+    )
+    parser.add_argument(
+        "--routing-local-window", type=int, default=128, help="Routing: local window in tokens (default 128)"
+    )
+    parser.add_argument("--routing-clusters", type=int, default=None, help="Routing: clusters (default round(sqrt(L)))")
+    parser.add_argument(
+        "--routing-window", type=int, default=None, help="Routing: members per cluster (default L // clusters)"
+    )
+    parser.add_argument(
+        "--modes", default="fwd,fwd+bwd", help="comma-separated: fwd (forward only), fwd+bwd (with the backward)"
+    )
     parser.add_argument("--sdpa-max-len", type=int, default=None, help="skip dense SDPA above this length")
     parser.add_argument(
         "--case-budget-s",
@@ -84,8 +77,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="add this run's lengths to the JSON at --out (same device, threads and settings required); rows "
         "of those lengths already there are replaced, so each length's rows and ratios come from one run",
     )
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per case; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per case before the repeats")
     parser.add_argument(
         "--out",
         default="attention_bench.json",
@@ -94,6 +87,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from hopformer.bench.harness import (
+        MEASURED,
+        Case,
+        environment,
+        label,
+        plot,
+        ratio_line,
+        ratios,
+        run_grid,
+        table,
+        write_json,
+    )
+
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
@@ -106,11 +114,11 @@ def run(args: argparse.Namespace) -> int:
     variants = COMBINER_VARIANTS if args.combiner_variants == "all" else tuple(args.combiner_variants.split(","))
     for variant in variants:
         if variant not in COMBINER_VARIANTS + ("axial_vertical",):
-            raise SystemExit(f"--combiner-variants: unknown variant {variant!r}; choose from {COMBINER_VARIANTS}")
+            raise ValueError(f"--combiner-variants: unknown variant {variant!r}; choose from {COMBINER_VARIANTS}")
     ops = args.ops.split(",")
     for op in ops:
         if op not in OPS:
-            raise SystemExit(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
+            raise ValueError(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
     settings = {
         "dtype": dtype,
         "batch": args.batch,
@@ -226,7 +234,7 @@ def _merge(path: str, env: dict, settings: dict, rows: list[dict], this_run: dic
         mine[key], theirs[key] = env[key], old["environment"].get(key)
     differ = sorted(key for key in mine if mine[key] != theirs[key])
     if differ:
-        raise SystemExit(f"--append: {path} was measured with other {', '.join(differ)}; use another --out")
+        raise ValueError(f"--append: {path} was measured with other {', '.join(differ)}; use another --out")
     runs = old.get("runs") or [_run_entry(old["environment"], old["rows"], old["settings"])]
     lengths = set(this_run["seq_lens"])
     kept = [r for r in old["rows"] if r["seq_len"] not in lengths]

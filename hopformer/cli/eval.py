@@ -23,7 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--data", help="a ListOps TSV in the released format (Source<TAB>Target)")
     source.add_argument("--split", choices=("train", "val", "test"), help="a split of the run's own task data")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default 64)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto (CUDA when available)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from hopformer.train.build import resolve_device
     from hopformer.train.config import CONFIG_NAME, load_config
     from hopformer.train.evaluation import evaluate
-    from hopformer.train.tasks import is_corpus_task
+    from hopformer.train.tasks import is_corpus_task, warn_truncation
 
     path = Path(args.checkpoint)
     folder = checkpoint_folder(path, args.which)
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         from hopformer.data.listops import load_listops_tsv
 
-        examples = load_listops_tsv(args.data, max_length=limit)
+        examples = load_listops_tsv(args.data, max_length=None)
         source, hiding = args.data, {}
     else:
         from hopformer.train.tasks import load_task
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(run_dir / CONFIG_NAME)
         examples = load_task(config, progress=False).splits[args.split]
         source, hiding = f"{config.task} {args.split}", masking(model, config)
+    warn_truncation({source: examples}, limit, f"the model's max_len={model.encoder.config.max_len}")
     pad = model.encoder.config.pad_to_multiple
     runtime = Runtime(device, device.type == "cuda", pad, limit, prefix_length(model), **hiding)
     result = evaluate(model, examples, runtime, args.batch_size)

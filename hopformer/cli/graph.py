@@ -18,10 +18,14 @@ import json
 import math
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hopformer.graphs import PATTERNS, BlockGraph, build_graph
+if TYPE_CHECKING:
+    from hopformer.graphs import BlockGraph
 
+# The names of hopformer.graphs.PATTERNS, written out so that `hopformer graph --help` need not import torch
+# (a test keeps the two equal).
+PATTERN_NAMES = ("bigbird", "diffuser", "full", "grid2d", "hypercube", "local", "longformer")
 # Pattern options the verb forwards (to the patterns whose constructor takes them).
 PATTERN_OPTIONS = ("window", "num_global", "num_random", "seed", "random_granularity", "side", "radius")
 # Largest number of nodes whose full spectrum the spectrum figure computes (dense); beyond, the top 64.
@@ -32,9 +36,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "patterns",
         nargs="+",
-        choices=sorted(PATTERNS),
+        choices=PATTERN_NAMES,
         metavar="PATTERN",
-        help=f"attention patterns to measure: {', '.join(sorted(PATTERNS))}",
+        help=f"attention patterns to measure: {', '.join(PATTERN_NAMES)}",
     )
     parser.add_argument(
         "--seq-len", type=int, nargs="+", default=[1024], metavar="L", help="sequence lengths (default: 1024)"
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from hopformer.analysis.summary import measure_graph
+    from hopformer.graphs import PATTERNS, build_graph
 
     unknown = [pattern for pattern in args.patterns if pattern not in PATTERNS]
     if unknown:
@@ -120,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         written = write_outputs(args.out, graphs, rows, args.alpha, args.hops, spectral_level, args.spectrum_len)
         print(f"wrote {len(written)} files to {args.out}: {', '.join(sorted(os.path.basename(p) for p in written))}")
+        if len(written) == 1:
+            print("pictures not drawn: matplotlib is missing (pip install 'hopformer[plot]')")
     return 0
 
 
@@ -188,12 +195,20 @@ def write_outputs(
     level: str,
     spectrum_len: int | None = None,
 ) -> list[str]:
-    """Pattern pictures, spectra (at ``spectrum_len``, default the shortest length), scaling curves,
-    the comparison figure and ``measures.json``."""
+    """``measures.json``, then (with matplotlib) pattern pictures, spectra (at ``spectrum_len``, default the
+    shortest length), scaling curves and the comparison figure. Without matplotlib only the JSON is written
+    (the caller says so), as ``hopformer bench`` and ``hopformer report`` do."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "measures.json")
+    with open(path, "w") as handle:
+        json.dump([_json_row(row) for row in rows], handle, indent=1, default=float, allow_nan=False)
+    written = [path]
+    try:
+        import matplotlib  # noqa: F401 (an optional extra: plot)
+    except ImportError:
+        return written
     from hopformer.analysis import plots
 
-    os.makedirs(out, exist_ok=True)
-    written = []
     for (pattern, seq_len), graph in graphs.items():
         path = os.path.join(out, f"pattern_{pattern}_L{seq_len}.png")
         graph.plot(path)
@@ -214,10 +229,6 @@ def write_outputs(
     pictures = {pattern: graph for (pattern, seq_len), graph in graphs.items() if seq_len == spectrum_len}
     path = os.path.join(out, "graph_comparison.png")
     plots.plot_comparison(pictures, rows, path, hops=hops)
-    written.append(path)
-    path = os.path.join(out, "measures.json")
-    with open(path, "w") as handle:
-        json.dump([_json_row(row) for row in rows], handle, indent=1, default=float, allow_nan=False)
     written.append(path)
     return written
 
@@ -242,6 +253,8 @@ def _spectra(graph: BlockGraph, alpha: float, hops: int, level: str) -> dict[str
 
 
 def _pattern_options(pattern: str, args: argparse.Namespace) -> dict[str, Any]:
+    from hopformer.graphs import PATTERNS
+
     accepted = inspect.signature(PATTERNS[pattern]).parameters
     options, ignored = {}, []
     for name in PATTERN_OPTIONS:

@@ -56,16 +56,16 @@ def run(args: argparse.Namespace) -> int:
     seeds = [int(seed) for seed in _names(args.seeds)]
     unknown = [task for task in tasks if task not in COLUMNS]
     if unknown:
-        raise SystemExit(f"hopformer lra: unknown task(s) {unknown}; choose from {list(COLUMNS)}")
+        raise ValueError(f"unknown task(s) {unknown}; choose from {list(COLUMNS)}")
     if args.pretrain_steps is not None and args.pretrain_steps < 1:
-        raise SystemExit(f"hopformer lra: --pretrain-steps must be a positive step count, got {args.pretrain_steps}")
+        raise ValueError(f"--pretrain-steps must be a positive step count, got {args.pretrain_steps}")
     assignments = dict(parse_assignment(text) for text in args.set)
     pretrain_assignments = dict(parse_assignment(text) for text in args.pretrain_set)
     if pretrain_assignments and args.pretrain_steps is None:
-        raise SystemExit("hopformer lra: --pretrain-set needs --pretrain-steps")
+        raise ValueError("--pretrain-set needs --pretrain-steps")
     limit = args.time_limit if args.time_limit is not None else assignments.get("train.time_limit_minutes")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
-        raise SystemExit(f"hopformer lra: the time limit must be a positive number of minutes, got {limit!r}")
+        raise ValueError(f"the time limit must be a positive number of minutes, got {limit!r}")
     overrides = {}
     if args.data_dir:
         overrides["data.data_dir"] = args.data_dir

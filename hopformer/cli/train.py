@@ -125,13 +125,17 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"run folder: {result.run_dir} (stopped at step {result.step}: {result.stop_reason})")
         return _EXIT_STATUS.get(result.stop_reason, 130)
-    scores = [key for key in result.extra if key.startswith("test_") and key != "test_checkpoint"]
-    if scores:  # a language or pixel model
+    extra = result.extra  # (the trainer's last log line names the run folder)
+    scores = [key for key in extra if key.startswith("test_") and key != "test_checkpoint"]
+    if scores:  # a language or pixel model, beside the unigram model of its training split
         metric = scores[0].removeprefix("test_")
-        baseline = result.extra.get(f"unigram_{metric}")
+        baseline = extra.get(f"unigram_{metric}")
         versus = "" if baseline is None else f" (unigram baseline {baseline:.4f})"
-        print(f"{metric.replace('_', ' ')} {result.extra[scores[0]]:.4f}{versus}")
-    else:
-        print(f"test accuracy: {result.test_accuracy:.4f}")
-    print(f"run folder: {result.run_dir}")
+        print(f"{metric.replace('_', ' ')} {extra[scores[0]]:.4f}{versus}")
+        return 0
+    # the last line: the result beside every trivial baseline of the task, on the same test set
+    rules = [("majority class", result.majority_rate), ("root-operator rule", extra.get("root_operator_rate"))]
+    shown = ", ".join(f"{name} {rate:.4f}" for name, rate in rules if rate is not None)
+    versus = f"trivial baselines on test: {shown}" if shown else "over hidden tokens"
+    print(f"test accuracy {result.test_accuracy:.4f} ({versus})")
     return 0

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hopformer.checks import file_error, read_json
+
 SPLITS = ("train", "val", "test")
 FILE_SPLIT = (90, 95)  # crc32(path) % 100: below 90 train, below 95 validation, else test
 OFFSET_SPLIT = (0.90, 0.95)  # one file: the first 90% train, the next 5% validation, the last 5% test
@@ -83,7 +85,9 @@ def load_corpus(folder: str | os.PathLike) -> Corpus:
     """The corpus written in ``folder`` (``train.bin``, ``val.bin``, ``test.bin``; ``META.json`` and
     ``vocab.txt`` where it is not bytes), memory-mapped."""
     folder = Path(folder)
-    meta = json.loads((folder / "META.json").read_text()) if (folder / "META.json").is_file() else {}
+    source_file = folder / "SOURCE"
+    source = (source_file.read_text(errors="replace").strip() if source_file.is_file() else "") or str(folder)
+    meta = read_json(folder / "META.json") if (folder / "META.json").is_file() else {}
     dtype = np.dtype(meta.get("dtype", "uint8"))
     splits = {}
     for split in SPLITS:
@@ -91,7 +95,9 @@ def load_corpus(folder: str | os.PathLike) -> Corpus:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; a corpus folder holds train.bin, val.bin and test.bin")
         splits[split] = _memmap(path, dtype)
-    source = (folder / "SOURCE").read_text().strip() if (folder / "SOURCE").is_file() else str(folder)
+        if len(splits[split]) < 2:  # a split of 0 or 1 tokens has no next token to predict
+            size = len(splits[split])
+            raise file_error(path, f"the {split} split of {source} holds {size} token(s); at least 2 are needed")
     vocab_file = folder / "vocab.txt"
     vocabulary = vocab_file.read_text(encoding="utf-8").split("\n")[:-1] if vocab_file.is_file() else None
     return Corpus(splits, source, int(meta.get("vocab_size", VOCAB_SIZE)), meta.get("unit", "byte"), vocabulary)

@@ -25,12 +25,15 @@ import multiprocessing
 import os
 import random
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
 import torch
+
+from hopformer.checks import file_error
 
 OPERATORS: tuple[str, ...] = ("[MIN", "[MAX", "[MED", "[SM")
 """The four operators of the released data (``[FIRST`` and ``[LAST`` exist upstream but are disabled)."""
@@ -479,46 +482,71 @@ def load_listops_tsv(path: str | os.PathLike, max_length: int | None = 2000) -> 
         One dict per row: ``input_ids`` (LongTensor ``[L]``), ``attention_mask`` (BoolTensor ``[L]``,
         all True), ``label`` (int 0-9). A list of dicts is already a map-style dataset for a DataLoader.
 
+    Examples longer than ``max_length`` are cut with one warning that counts them.
+
     Raises:
-        ValueError: naming the file, the line and the reason, on a missing header, a wrong number of
-            columns, a label that is not an integer 0-9, an empty source or an unknown token (tokens
-            past ``max_length`` are checked too).
+        FileFormatError: (a ``ValueError``) naming the file, the line and the reason, on an empty file, text
+            that is not UTF-8, a missing header, a wrong number of columns, a label that is not an integer
+            0-9, an empty source, an unknown token (tokens past ``max_length`` are checked too), or a file
+            that holds no examples (only the header).
     """
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
     path = Path(path)
-    examples = []
-    with open(path, encoding="utf-8") as file:
-        header = file.readline().rstrip("\r\n").split("\t")
-        if header != ["Source", "Target"]:
-            raise ValueError(f"{path}, line 1: expected the header 'Source<TAB>Target', got {header!r}")
-        for line_number, line in enumerate(file, start=2):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue  # a trailing blank line is harmless
-            columns = line.split("\t")
-            if len(columns) != 2:
-                raise ValueError(f"{path}, line {line_number}: expected 2 tab-separated columns, got {len(columns)}")
-            source, target = columns
-            target = target.strip()
-            if not (target.isascii() and target.isdigit() and len(target) == 1):
-                raise ValueError(f"{path}, line {line_number}: label must be an integer 0-9, got {target!r}")
-            try:
-                input_ids = encode_listops(source)
-            except ValueError as error:
-                raise ValueError(f"{path}, line {line_number}: {error}") from None
-            if len(input_ids) == 0:
-                raise ValueError(f"{path}, line {line_number}: empty source")
-            if max_length is not None and len(input_ids) > max_length:
-                input_ids = input_ids[:max_length].clone()  # a copy, so the cut tail is freed
-            examples.append(
-                {
-                    "input_ids": input_ids,
-                    "attention_mask": torch.ones(len(input_ids), dtype=torch.bool),
-                    "label": int(target),
-                }
-            )
+    try:
+        with open(path, encoding="utf-8") as file:
+            examples, cut, longest = _read_listops_rows(path, file, max_length)
+    except UnicodeDecodeError as error:
+        raise file_error(path, "not a ListOps TSV: the text is not UTF-8", error) from None
+    if not examples:
+        raise file_error(path, "holds no examples (only the header 'Source<TAB>Target')")
+    if cut:
+        warnings.warn(
+            f"{path}: cut {cut} of {len(examples)} examples to max_length={max_length} tokens (the longest has "
+            f"{longest})",
+            stacklevel=2,
+        )
     return examples
+
+
+def _read_listops_rows(path: Path, file, max_length: int | None) -> tuple[list[dict], int, int]:
+    """The examples of an open ListOps TSV, how many were cut to ``max_length`` and the longest length."""
+    examples, cut, longest = [], 0, 0
+    first = file.readline()
+    if not first:
+        raise file_error(path, "is empty (expected the header 'Source<TAB>Target', then one tree per line)")
+    header = first.rstrip("\r\n").split("\t")
+    if header != ["Source", "Target"]:
+        raise file_error(path, f"expected the header 'Source<TAB>Target', got {header!r}", line=1)
+    for line_number, line in enumerate(file, start=2):
+        line = line.rstrip("\r\n")
+        if not line:
+            continue  # a trailing blank line is harmless
+        columns = line.split("\t")
+        if len(columns) != 2:
+            raise file_error(path, line=line_number, reason=f"expected 2 tab-separated columns, got {len(columns)}")
+        source, target = columns
+        target = target.strip()
+        if not (target.isascii() and target.isdigit() and len(target) == 1):
+            raise file_error(path, line=line_number, reason=f"label must be an integer 0-9, got {target[:20]!r}")
+        try:
+            input_ids = encode_listops(source)
+        except ValueError as error:
+            raise file_error(path, str(error), line=line_number) from None
+        if len(input_ids) == 0:
+            raise file_error(path, "empty source", line=line_number)
+        longest = max(longest, len(input_ids))
+        if max_length is not None and len(input_ids) > max_length:
+            input_ids = input_ids[:max_length].clone()  # a copy, so the cut tail is freed
+            cut += 1
+        examples.append(
+            {
+                "input_ids": input_ids,
+                "attention_mask": torch.ones(len(input_ids), dtype=torch.bool),
+                "label": int(target),
+            }
+        )
+    return examples, cut, longest
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hopformer.checks import FileFormatError, file_error
+
 __all__ = ["LRA_SPLITS", "LRA_TASKS", "PATHFINDER_DIFFICULTIES", "UnsafePickleError", "load_lra"]
 
 LRA_TASKS: tuple[str, ...] = (
@@ -150,18 +152,26 @@ def _load_text(root: Path, split: str, max_length: int = 1000) -> list[Example]:
     max_length = _check_length("max_length", max_length)
     folder = _require_dir(root / "aclImdb", "IMDb reviews as distributed by their owners")
     part = _require_dir(folder / ("train" if split == "train" else "test"), f"IMDb {split} reviews")
-    examples = []
+    examples, cut = [], 0
     for name, label in (("neg", 0), ("pos", 1)):
         directory = _require_dir(part / name, f"IMDb {name} reviews")
         files = sorted(directory.glob("*.txt"))
         if not files:
-            raise ValueError(f"{directory}: no *.txt reviews found")
+            raise FileFormatError(f"{directory}: no *.txt reviews found")
         for file in files:
             text = file.read_bytes().strip()
             if not text:
-                raise ValueError(f"{file}: empty review")
+                raise file_error(file, "empty review")
+            cut += len(text) > max_length
             examples.append(_example(_byte_ids(text[:max_length]), label))
+    _warn_cut(part, cut, len(examples), f"reviews to max_length={max_length} bytes")
     return examples
+
+
+def _warn_cut(where: Path, cut: int, total: int, what: str) -> None:
+    """One warning line when inputs were cut (nothing is cut silently)."""
+    if cut:
+        warnings.warn(f"{where}: cut {cut} of {total} {what}", stacklevel=4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,33 +187,41 @@ def _load_retrieval(root: Path, split: str, max_length: int = 4000) -> list[Exam
     keep = min(max_length, _AAN_TEXT_BYTES)
     path = _require_file(root / "tsv_data" / f"new_aan_pairs.{_AAN_FILES[split]}.tsv", f"AAN retrieval {split} split")
     examples = []
-    empty = 0
+    empty = cut = 0
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):  # the last document may be cut short, and no column shows it
+        warnings.warn(f"{path}: the last line has no newline; was the file cut short?", stacklevel=3)
     # bytes all the way: the encoder works on UTF-8 bytes and no quote character is special
-    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+    for number, line in enumerate(raw.split(b"\n"), start=1):
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line:
             continue
         columns = line.split(b"\t")
         if len(columns) != 5:
-            raise ValueError(
-                f"{path}, line {number}: expected 5 tab-separated columns "
-                f"(label, id1, id2, text1, text2), got {len(columns)}"
+            raise file_error(
+                path,
+                f"expected 5 tab-separated columns (label, id1, id2, text1, text2), got {len(columns)}",
+                line=number,
             )
         try:
             value = float(columns[0])
         except ValueError:
             value = None
         if value not in (0.0, 1.0):
-            raise ValueError(f"{path}, line {number}: bad label {columns[0][:20]!r}, expected 0 or 1")
+            raise file_error(path, f"bad label {columns[0][:20]!r}, expected 0 or 1", line=number)
+        cut += (len(columns[3]) > keep) + (len(columns[4]) > keep)
         first, second = _byte_ids(columns[3][:keep]), _byte_ids(columns[4][:keep])
         empty += (len(first) == 0) + (len(second) == 0)
         example = _example(first, int(value))
         example["input_ids_2"] = second
         example["attention_mask_2"] = torch.ones(second.shape[0], dtype=torch.bool)
         examples.append(example)
+    if not examples:
+        raise file_error(path, "holds no examples (an empty AAN retrieval file)")
     if empty:
         warnings.warn(f"{path}: {empty} empty document(s) (zero-length sequences)", stacklevel=3)
+    _warn_cut(path, cut, 2 * len(examples), f"documents to max_length={keep} bytes")
     return examples
 
 
@@ -270,18 +288,18 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except UnsafePickleError as error:
         raise UnsafePickleError(f"{path}: {error}") from error
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
-        raise ValueError(f"{path}: corrupt pickle ({type(error).__name__}: {error})") from error
+        raise FileFormatError(f"{path}: corrupt pickle ({type(error).__name__}: {error})") from error
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise ValueError(f"{path}: expected a dict with b'data' and b'labels'")
+        raise FileFormatError(f"{path}: expected a dict with b'data' and b'labels'")
     data = batch[b"data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
-        raise ValueError(f"{path}: b'data' must be a uint8 array of shape (N, 3072), got {shape}")
+        raise FileFormatError(f"{path}: b'data' must be a uint8 array of shape (N, 3072), got {shape}")
     labels = np.asarray(batch[b"labels"])
     if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
-        raise ValueError(f"{path}: b'labels' must be {data.shape[0]} integers, got shape {labels.shape}")
+        raise FileFormatError(f"{path}: b'labels' must be {data.shape[0]} integers, got shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{path}: labels must lie in 0..9, got {labels.min()}..{labels.max()}")
+        raise FileFormatError(f"{path}: labels must lie in 0..9, got {labels.min()}..{labels.max()}")
     return data, labels.astype(np.int64)
 
 
@@ -334,13 +352,13 @@ def _read_metadata(path: Path) -> list[tuple[int, list[str]]]:
         try:
             with open(path, "rb") as file:
                 table = np.load(file, allow_pickle=False)
-        except ValueError as error:
-            raise ValueError(f"{path}: unreadable .npy metadata ({error})") from error
+        except (ValueError, EOFError, OSError) as error:
+            raise file_error(path, "unreadable .npy metadata (truncated or damaged)", error) from error
         return [(n, [str(c) for c in np.atleast_1d(row)]) for n, row in enumerate(np.atleast_2d(table), 1)]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: metadata is neither text nor .npy ({error})") from error
+        raise file_error(path, "metadata is neither text nor .npy", error) from error
     return [(n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
@@ -357,10 +375,10 @@ def _decode_png(path: Path, resolution: int) -> np.ndarray:
             image.load()
             size = image.size
             if size != (resolution, resolution):
-                raise ValueError(f"{path}: expected a {resolution}x{resolution} image, got {size[0]}x{size[1]}")
+                raise FileFormatError(f"{path}: expected a {resolution}x{resolution} image, got {size[0]}x{size[1]}")
             pixels = np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{path}: corrupt or unreadable image ({error})") from error
+        raise FileFormatError(f"{path}: corrupt or unreadable image ({error})") from error
     return pixels.reshape(-1)
 
 
@@ -394,12 +412,12 @@ def _load_pathfinder(
             table = _build_cache(cache, paths, labels, resolution)
     if table is not None:  # the cached folder: pixels (N, R*R) uint8, labels in the last column
         count = len(table)
-        chosen = _pathfinder_split(count, seed, split)
+        chosen = _pathfinder_split(count, seed, split, folder)
         pixels = torch.from_numpy(table[chosen, :-1].astype(np.int64))
         labels_of = table[chosen, -1].tolist()
         return [_example(pixels[row], int(label)) for row, label in enumerate(labels_of)]
 
-    chosen = _pathfinder_split(len(paths), seed, split)
+    chosen = _pathfinder_split(len(paths), seed, split, folder)
     # reading many small files is I/O-bound: a few threads overlap it (Pillow decodes without the GIL)
     chosen_paths = [paths[k] for k in chosen.tolist()]
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -411,11 +429,17 @@ PATHFINDER_CACHE_MIN = 10_000
 """Folders with at least this many images get a decoded pixel cache (smaller ones load fast anyway)."""
 
 
-def _pathfinder_split(count: int, seed: int, split: str) -> np.ndarray:
-    """Indices of ``split`` among ``count`` examples: a seeded permutation cut 80/10/10."""
+def _pathfinder_split(count: int, seed: int, split: str, folder: Path | None = None) -> np.ndarray:
+    """Indices of ``split`` among ``count`` examples: a seeded permutation cut 80/10/10; an empty split (too
+    few examples) is an error naming ``folder``."""
     order = np.random.default_rng(seed).permutation(count)
     cut80, cut90 = int(count * 0.8), int(count * 0.9)
-    return {"train": order[:cut80], "val": order[cut80:cut90], "test": order[cut90:]}[split]
+    chosen = {"train": order[:cut80], "val": order[cut80:cut90], "test": order[cut90:]}[split]
+    if len(chosen) == 0:
+        raise FileFormatError(
+            f"{folder}: the {split} split of its {count} image(s) is empty (splits are 80/10/10; at least 10 needed)"
+        )
+    return chosen
 
 
 def _pathfinder_listing(folder: Path, files: list[Path]) -> tuple[list[Path], list[int]]:
@@ -423,13 +447,19 @@ def _pathfinder_listing(folder: Path, files: list[Path]) -> tuple[list[Path], li
     paths: list[Path] = []
     labels: list[int] = []
     skipped: list[Path] = []
+    empty: list[Path] = []
     for meta in files:
-        for number, columns in _read_metadata(meta):
+        rows = _read_metadata(meta)
+        if not rows:
+            empty.append(meta)
+        for number, columns in rows:
             where = f"{meta}, line {number}"
             if len(columns) != _PATHFINDER_COLUMNS:
-                raise ValueError(f"{where}: expected {_PATHFINDER_COLUMNS} space-separated columns, got {len(columns)}")
+                raise file_error(
+                    meta, f"expected {_PATHFINDER_COLUMNS} space-separated columns, got {len(columns)}", line=number
+                )
             if columns[3] not in ("0", "1"):
-                raise ValueError(f"{where}: bad label {columns[3]!r}, expected 0 or 1")
+                raise file_error(meta, f"bad label {columns[3][:20]!r}, expected 0 or 1", line=number)
             image = folder / columns[0] / columns[1]
             try:
                 size = image.stat().st_size
@@ -443,6 +473,13 @@ def _pathfinder_listing(folder: Path, files: list[Path]) -> tuple[list[Path], li
     if skipped:
         shown = ", ".join(str(p) for p in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
         warnings.warn(f"skipped {len(skipped)} empty (zero-byte) image file(s): {shown}", stacklevel=5)
+    if empty:
+        shown = ", ".join(str(p) for p in empty[:3]) + (" ..." if len(empty) > 3 else "")
+        warnings.warn(f"{len(empty)} of {len(files)} metadata file(s) list no images: {shown}", stacklevel=5)
+    if not paths:
+        reason = "list no images" if not skipped else f"list only empty (zero-byte) images ({len(skipped)})"
+        names = ", ".join(p.name for p in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise FileFormatError(f"{folder}: its metadata files ({names}) {reason}; no examples")
     return paths, labels
 
 

@@ -16,7 +16,10 @@ graphs draw as they always have (their random blocks do depend on the length), s
 on them keep their graphs.
 
 ``window`` is the number of blocks in the sliding band centred on the query block (odd: 3 means the
-own block and one on each side, as in BigBird's ``num_sliding_blocks``).
+own block and one on each side, as in BigBird's ``num_sliding_blocks``). A window wider than the
+sequence is not an error: as with the counts, a short sequence gets all it has (every block sees every
+block), so the defaults (64-token blocks, window 3) run on inputs of any length, 64 tokens or fewer
+included.
 
 ``grid2d`` is the exception: a token-level graph (``block_size=1``) of pixel neighbourhoods, for
 images in raster order, where a 1-D band cannot reach the pixels above and below.
@@ -49,7 +52,7 @@ def full(seq_len: int, block_size: int = 64, *, causal: bool = False) -> BlockGr
 def local(seq_len: int, block_size: int = 64, *, window: int = 3, causal: bool = False) -> BlockGraph:
     """Sliding window of ``window`` blocks centred on the query block."""
     num_blocks = _num_blocks(seq_len, block_size)
-    radius = _check_window(window, num_blocks, seq_len, block_size, causal)
+    radius = _check_window(window, num_blocks, seq_len, block_size)
     return BlockGraph.from_row_chunks(
         seq_len,
         block_size,
@@ -64,7 +67,7 @@ def longformer(
 ) -> BlockGraph:
     """Sliding window plus ``num_global`` global blocks at the start (they see and are seen by all)."""
     num_blocks = _num_blocks(seq_len, block_size)
-    radius = _check_window(window, num_blocks, seq_len, block_size, causal)
+    radius = _check_window(window, num_blocks, seq_len, block_size)
     global_blocks = torch.arange(_check_count("num_global", num_global, num_blocks))
 
     def rows(start: int, stop: int) -> torch.Tensor:
@@ -94,7 +97,7 @@ def bigbird(
     own: the first ``ceil(g / 2)`` and the last ``floor(g / 2)`` blocks; bidirectional graphs only, since
     the last block moves with the length)."""
     num_blocks = _num_blocks(seq_len, block_size)
-    radius = _check_window(window, num_blocks, seq_len, block_size, causal)
+    radius = _check_window(window, num_blocks, seq_len, block_size)
     count = _check_count("num_global", num_global, num_blocks)
     if global_placement not in ("first", "first_last"):
         raise ValueError(f"global_placement must be 'first' or 'first_last', got {global_placement!r}")
@@ -149,7 +152,7 @@ def diffuser(
     default is ``"block"``, a documented deviation from the paper.
     """
     num_blocks = _num_blocks(seq_len, block_size)
-    radius = _check_window(window, num_blocks, seq_len, block_size, causal)
+    radius = _check_window(window, num_blocks, seq_len, block_size)
     _check_count("num_random", num_random, num_blocks)
     if random_granularity not in ("block", "token"):
         raise ValueError(f"random_granularity must be 'block' or 'token', got {random_granularity!r}")
@@ -380,17 +383,13 @@ def _num_blocks(seq_len: int, block_size: int) -> int:
     return math.ceil(seq_len / block_size)
 
 
-def _check_window(window: Any, num_blocks: int, seq_len: int, block_size: int, causal: bool = False) -> int:
-    # a causal graph is the top-left corner of the same graph at any longer length, so a window that reaches
-    # past a short sequence (a prompt, say) is the window of that longer graph, not a mistake
+def _check_window(window: Any, num_blocks: int, seq_len: int, block_size: int) -> int:
+    """The band's radius in blocks. ``window`` must be a positive odd number; like the block counts, a window
+    wider than a short sequence gets all the sequence has (the band of every block then covers every block),
+    so short inputs run with the defaults (the same graph a window of ``2 * num_blocks - 1`` gives)."""
     if check_int("window", window, 1, allowed="a positive odd number of blocks") % 2 == 0:
         raise ValueError(f"window must be a positive odd number of blocks (3 = own block +-1), got {window!r}")
-    if window > 2 * num_blocks - 1 and not causal:
-        raise ValueError(
-            f"window={window} blocks is larger than the sequence: seq_len={seq_len} at block_size={block_size} "
-            f"has {num_blocks} blocks, so a centred window reaches past both ends beyond {2 * num_blocks - 1}"
-        )
-    return window // 2
+    return min(window, 2 * num_blocks - 1) // 2
 
 
 def _check_count(name: str, value: Any, limit: int) -> int:

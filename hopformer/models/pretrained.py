@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from hopformer.checks import file_error
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPES: dict[str, type[PretrainedModel]] = {}
@@ -96,27 +98,51 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} has no {name}; expected a folder written by save_pretrained")
-    values = json.loads((directory / CONFIG_NAME).read_text())
+    config_path = directory / CONFIG_NAME
+    try:
+        values = json.loads(config_path.read_bytes().decode("utf-8"))
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise file_error(config_path, "not a valid model config (JSON)", error) from None
+    if not isinstance(values, dict):
+        raise file_error(config_path, f"a model config must be a JSON object, got a {type(values).__name__}")
     model_type = values.pop("model_type", None)
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"{directory / CONFIG_NAME}: model_type={model_type!r}; known: {sorted(MODEL_TYPES)}")
+        raise file_error(config_path, f"model_type={model_type!r}; known: {sorted(MODEL_TYPES)}")
     cls = MODEL_TYPES[model_type]
-    model = cls.from_config(config_from_dict(cls.config_class, values))
-    model.load_state_dict(read_weights(directory / WEIGHTS_NAME))
+    try:
+        model = cls.from_config(config_from_dict(cls.config_class, values))
+    except (TypeError, ValueError) as error:
+        raise file_error(config_path, "settings that build no model", error) from None
+    load_into(model, read_weights(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
     return model.to(device)
+
+
+def load_into(model: nn.Module, weights: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``model.load_state_dict(weights)``; weights that do not fit the model are an error naming ``path``."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # missing or unexpected keys, shape mismatches
+        raise file_error(path, f"its weights do not fit the {type(model).__name__}", error) from None
 
 
 def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a ``model.safetensors`` written by :meth:`PretrainedModel.save_pretrained`, tied weights
     restored under every name they had (a state dict ``load_state_dict`` takes)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
     tensors = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as weights:
-        tied = json.loads((weights.metadata() or {}).get("tied", "{}"))
-        for name in weights.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
-            tensors[name] = weights.get_tensor(name)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as weights:
+            tied = json.loads((weights.metadata() or {}).get("tied", "{}"))
+            for name in weights.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+                tensors[name] = weights.get_tensor(name)
+        if not isinstance(tied, dict) or any(source not in tensors for source in tied.values()):
+            raise ValueError(f"the 'tied' metadata names tensors the file does not hold: {tied!r}")
+    except (SafetensorError, ValueError, OSError, RuntimeError) as error:  # truncated, garbage, or not safetensors
+        raise file_error(path, "not a readable safetensors file (truncated or damaged?)", error) from None
     for name, source in tied.items():
         tensors[name] = tensors[source]
     return tensors

@@ -57,7 +57,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hopformer.checks import check_int, check_probability
+from hopformer.checks import InputTypeError, check_finite, check_int, check_probability
 from hopformer.ops import dispatch
 from hopformer.ops.backend import Request, Support
 from hopformer.ops.common import check_key_padding_mask, check_qkv, masked_softmax, pad_seq
@@ -105,7 +105,7 @@ def combiner(
     request = Request.of("combiner", q, v, variant=variant, attention_dropout=dropout_p > 0)
     runner = dispatch.combiner_backend(request, backend)
     batch, _, seq, head_dim = q.shape
-    scale = head_dim**-0.5 if scale is None else float(scale)
+    scale = head_dim**-0.5 if scale is None else check_finite("scale", scale)
     real = key_padding_mask
     if real is None:
         real = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
@@ -412,7 +412,7 @@ def check_combiner_inputs(q, k, v, variant, block_size, causal, key_padding_mask
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not known; choose one of {list(VARIANTS)}")
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+        raise InputTypeError(f"causal must be a bool, got {causal!r}")
     check_probability("dropout_p", dropout_p)
     check_key_padding_mask(key_padding_mask, q)
     return resolve_block_size(variant, block_size, q.shape[2], causal)

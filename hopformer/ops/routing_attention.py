@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hopformer.checks import check_int, check_probability
+from hopformer.checks import InputTypeError, check_finite, check_int, check_probability
 from hopformer.ops.common import check_key_padding_mask, check_qkv, describe_shape, masked_softmax
 from hopformer.ops.masked_sdpa import masked_sdpa
 
@@ -80,6 +80,7 @@ def routing(
         ``(batch, heads, seq, v.shape[-1])``.
     """
     _check_inputs(q, k, v, centroids, window, causal, key_padding_mask, qk_norm, dropout_p)
+    scale = None if scale is None else check_finite("scale", scale)
     if causal:
         query_cluster, key_cluster = nearest_clusters(q, k, centroids, shared_qk=shared_qk, qk_norm=qk_norm)
         return causal_clustered_attention(
@@ -389,12 +390,18 @@ def _check_inputs(q, k, v, centroids, window, causal, key_padding_mask, qk_norm,
         raise ValueError(
             f"centroids must have at least one cluster and head_dim={head_dim}, got {describe_shape(centroids)}"
         )
+    if not centroids.is_floating_point():
+        raise InputTypeError(
+            f"centroids must be a floating-point tensor (any float dtype), got dtype {centroids.dtype}"
+        )
+    if centroids.device != q.device:
+        raise ValueError(f"centroids are on {centroids.device} but q is on {q.device}")
     if causal:  # a cluster's last `window` keys: any window works
         check_int("window", window, 1)
     else:
         check_int("window", window, 1, seq, allowed=f"an integer in [1, seq={seq}]")
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+        raise InputTypeError(f"causal must be a bool, got {causal!r}")
     if qk_norm not in QK_NORMS:
         raise ValueError(f"qk_norm={qk_norm!r} is not known; choose one of {list(QK_NORMS)}")
     check_probability("dropout_p", dropout_p)

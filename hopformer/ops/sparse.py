@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from hopformer.checks import check_finite, check_probability
+from hopformer.checks import InputTypeError, check_finite, check_probability
 from hopformer.graphs import BlockGraph
 from hopformer.ops import dispatch
 from hopformer.ops.backend import EDGE_DROPOUT, HopOptions, Request
@@ -172,7 +172,8 @@ def diffuse_weighted(
     scale = _check_inputs(q, k, v, graph, key_padding_mask, dropout_p, scale)
     heads = q.shape[1]
     if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-        raise TypeError(f"weights must be a floating-point tensor, got {type(weights).__name__}")
+        kind = f"dtype {weights.dtype}" if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise InputTypeError(f"weights must be a floating-point tensor (any float dtype), got {kind}")
     if weights.dim() == 1:
         weights = weights.expand(heads, -1)
     if weights.dim() != 2 or weights.shape[0] != heads or weights.shape[1] < 1:
@@ -213,7 +214,7 @@ def _check_inputs(q, k, v, graph, key_padding_mask, dropout_p, scale) -> float:
     """Checks shared by the three ops; returns the score scale."""
     check_qkv(q, k, v)
     if not isinstance(graph, BlockGraph):
-        raise TypeError(f"graph must be a hopformer.graphs.BlockGraph, got {type(graph).__name__}")
+        raise InputTypeError(f"graph must be a hopformer.graphs.BlockGraph, got {type(graph).__name__}")
     if graph.seq_len != q.shape[2]:
         raise ValueError(f"graph.seq_len={graph.seq_len} does not match the input length seq={q.shape[2]}")
     check_key_padding_mask(key_padding_mask, q)

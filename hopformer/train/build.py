@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from hopformer.attention import available, option_names
 from hopformer.attention import build as build_attention
-from hopformer.checks import check_int
+from hopformer.checks import check_finite, check_int
 from hopformer.models import (
     CausalLM,
     CausalLMConfig,
@@ -243,15 +244,23 @@ def check_config(config: Config) -> None:
         )
     if oc.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={oc.schedule!r} is not known; choose one of {list(SCHEDULES)}")
-    if oc.lr <= 0:
-        raise ValueError(f"optim.lr must be positive, got {oc.lr!r}")
+    for name in ("lr", "eps"):  # NaN and inf are refused here, not found later as a NaN loss
+        check_finite(f"optim.{name}", getattr(oc, name), positive=True)
+    for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
+        if check_finite(f"optim.{name}", getattr(oc, name)) < 0:
+            raise ValueError(f"optim.{name} must be >= 0, got {getattr(oc, name)!r}")
+    for beta in oc.betas:
+        if not 0.0 <= check_finite("optim.betas", beta) < 1.0:
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(oc.betas)}")
     scale = oc.hop_lr_scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"optim.hop_lr_scale must be a positive number, got {scale!r}")
     if oc.warmup_steps < 0:
         raise ValueError(f"optim.warmup_steps must be >= 0, got {oc.warmup_steps!r}")
     limit = tc.time_limit_minutes
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < math.inf
+    ):
         raise ValueError(f"train.time_limit_minutes must be a positive number of minutes or null, got {limit!r}")
     m = config.model
     for name in ("vocab_size", "pad_to_multiple", "pad_id"):  # None: from the task

@@ -15,6 +15,7 @@ no temporary files once the next save or load tidies up.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hopformer.models.pretrained import WEIGHTS_NAME, atomic_write, read_weights
+from hopformer.checks import FileFormatError, file_error
+from hopformer.models.pretrained import WEIGHTS_NAME, atomic_write, load_into, read_weights
 from hopformer.train.metrics import Window
 from hopformer.train.optim import learning_rate
 
@@ -100,14 +102,62 @@ def find_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def load_state(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The training state of a checkpoint folder, read with ``weights_only=True``."""
-    return torch.load(Path(directory) / STATE_NAME, map_location=map_location, weights_only=True)
+    """The training state of a checkpoint folder, read with ``weights_only=True``; a truncated or damaged
+    ``state.pt`` is a :class:`~hopformer.checks.FileFormatError` naming it."""
+    path = Path(directory) / STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such training state")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch.load fails in many ways on a cut file: RuntimeError, EOFError, IndexError...
+        raise file_error(path, "not a readable training state (truncated or damaged?)", error) from None
+    if not isinstance(state, dict):
+        raise file_error(path, f"a training state must be a dict, got {type(state).__name__}")
+    return state
+
+
+def check_state(state: dict[str, Any], path: str | os.PathLike, metric: str = "accuracy") -> None:
+    """Check the values a resume reads from ``state.pt`` (at ``path``): a non-negative step, a finite best score
+    or none, the optimiser's, data order's, RNGs' and log window's entries of the right kinds."""
+
+    def bad(key: str, wanted: str) -> FileFormatError:
+        return file_error(path, f"{key} must be {wanted}, got {_short(state.get(key))}")
+
+    missing = sorted({"step", "optimizer", "data", "rng"} - set(state))
+    if missing:
+        raise file_error(path, f"a training state holds step, optimizer, data and rng; {missing} missing")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad("step", "a non-negative integer")
+    best = state.get(f"best_val_{metric}")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float)) or not math.isfinite(best)):
+        raise bad(f"best_val_{metric}", "a finite number or None")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        raise bad("optimizer", "an optimizer state dict (state, param_groups)")
+    data = state["data"]
+    if not isinstance(data, dict) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in data.values()):
+        raise bad("data", "a dict of non-negative integers (the data order's position)")
+    if not isinstance(state["rng"], dict) or not {"python", "numpy", "torch"} <= set(state["rng"]):
+        raise bad("rng", "the random generators' states (python, numpy, torch)")
+    window = state.get("window", {})
+    numbers = isinstance(window, dict) and all(
+        not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in window.values()
+    )
+    if not numbers:
+        raise bad("window", "a dict of finite non-negative numbers (the log window's sums)")
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, (dict, list, tuple)) else f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
     """Load ``model.safetensors`` of a checkpoint folder into ``model`` (on its device)."""
     device = next(model.parameters()).device
-    model.load_state_dict(read_weights(Path(directory) / WEIGHTS_NAME, device))
+    path = Path(directory) / WEIGHTS_NAME
+    load_into(model, read_weights(path, device), path)
 
 
 @dataclass
@@ -162,10 +212,15 @@ def resume_training(
     if found is None:
         raise FileNotFoundError(f"--resume {run_dir}: no checkpoint in {run_dir / 'last'}")
     state = load_state(found)
-    if int(state["step"]) > steps:
-        raise ValueError(f"train.steps={steps} is below the step {int(state['step'])} this run has reached")
+    path = found / STATE_NAME
+    check_state(state, path, metric)
+    if state["step"] > steps:
+        raise ValueError(f"train.steps={steps} is below the step {state['step']} this run has reached")
     load_weights(model, found)
-    optimizer.load_state_dict(state["optimizer"])
-    stream.load_state_dict(state["data"])
-    set_rng_state(state["rng"])
-    return TrainState(int(state["step"]), state.get(f"best_val_{metric}"), Window(state.get("window", {}))), found
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        raise file_error(path, "its optimiser, data order or RNG state does not fit this run", error) from None
+    return TrainState(state["step"], state.get(f"best_val_{metric}"), Window(state.get("window", {}))), found

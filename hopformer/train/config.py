@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from hopformer.checks import FileFormatError, file_error
 from hopformer.models.encoder import EncoderConfig
 
 CONFIG_NAME = "config.yaml"
@@ -60,6 +61,8 @@ class GenerateConfig:
     min_length: int = 20
     max_length: int = 200
     seed: int = 0
+    max_depth: int = 10  # the released generator's; shallower trees are easier
+    max_args: int = 10
 
 
 @dataclass
@@ -289,9 +292,44 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     else:
         where = str(path)
         values = read_config_file(path)
-    for key, value in migrate_legacy_keys(dict(overrides or {}), "overrides (--set)").items():
+    from_dict(values, Config, where=where)  # the file alone: its errors name the file
+    overrides = migrate_legacy_keys(dict(overrides or {}), OVERRIDES)
+    for key, value in overrides.items():
+        check_override(key, value)  # the overrides' errors name --set and the key
         set_dotted(values, key, value)
-    return from_dict(values, Config, where=where)
+    return from_dict(values, Config, where=OVERRIDES if overrides else where)
+
+
+OVERRIDES = "--set"
+"""How errors name the command-line overrides (``--set KEY=VALUE`` and the flags that stand for settings)."""
+
+
+def check_override(key: str, value: Any) -> None:
+    """A dotted override must name a setting and have a value of its kind; ``ValueError`` naming ``--set``.
+
+    Free-form mappings (``model.attention_options``) take any key below them; their values are checked
+    where they are used.
+    """
+    if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"{OVERRIDES} {key!r}: expected a dotted setting name such as model.dim")
+    node: Any = Config()
+    parts = key.split(".")
+    for index, part in enumerate(parts):
+        section = ".".join(parts[:index]) or "the config"
+        if isinstance(node, dict):  # attention_options and the like: free-form below this point
+            return
+        if not dataclasses.is_dataclass(node):
+            raise ValueError(f"{OVERRIDES} {key}={value!r}: {section} is a setting, not a section")
+        names = [f.name for f in fields(node)]
+        if part not in names:
+            raise ValueError(f"{OVERRIDES} {key}={value!r}: {section} has no setting {part!r}; it has {sorted(names)}")
+        node = getattr(node, part)
+    if dataclasses.is_dataclass(node):
+        if not isinstance(value, dict):
+            raise ValueError(f"{OVERRIDES} {key}={value!r}: {key} is a section; set one of its keys ({key}.KEY=VALUE)")
+        _update(node, value, f"{OVERRIDES} {key}")
+        return
+    _coerce(value, node, f"{OVERRIDES} {key}")
 
 
 def read_config_file(path: str | os.PathLike, _named_by: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -308,7 +346,7 @@ def read_config_file(path: str | os.PathLike, _named_by: tuple[Path, ...] = ()) 
     if not path.is_file():
         named = f" (the base: of {_named_by[-1]})" if _named_by else ""
         raise FileNotFoundError(f"config file {path} does not exist{named}")
-    values = migrate_legacy_keys(_parse(path.read_text(), str(path)), str(path))
+    values = migrate_legacy_keys(read_yaml_file(path), str(path))
     base = values.pop("base", None)
     from_dict(values, Config, where=str(path))
     if base is None:
@@ -318,15 +356,25 @@ def read_config_file(path: str | os.PathLike, _named_by: tuple[Path, ...] = ()) 
     return merge_settings(read_config_file(path.parent / Path(base).expanduser(), tuple(chain)), values)
 
 
+def read_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping a YAML config file holds (empty for an empty file); a file that is not UTF-8, not YAML or
+    not a mapping is a :class:`~hopformer.checks.FileFormatError` naming it."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise file_error(path, "not a YAML config: the text is not UTF-8", error) from None
+    return _parse(text, str(path))
+
+
 def _parse(text: str, where: str) -> dict[str, Any]:
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ValueError(f"{where}: not valid YAML: {error}") from None
+        raise FileFormatError(f"{where}: not valid YAML: {' '.join(str(error).split())}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: a config file must hold a mapping, got {type(values).__name__}")
+        raise FileFormatError(f"{where}: a config file must hold a mapping, got {type(values).__name__}")
     return values
 
 

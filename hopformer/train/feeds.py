@@ -30,7 +30,7 @@ from hopformer.data.corpus import Corpus, bits, eval_windows, sample_windows, un
 from hopformer.train.batches import Runtime, hide_tokens, mask_seed, next_training_batch, training_stream
 from hopformer.train.config import Config
 from hopformer.train.evaluation import evaluate
-from hopformer.train.tasks import TaskData
+from hopformer.train.tasks import TaskData, warn_truncation
 
 PIXEL_LEVELS = 256  # 8-bit subpixels; the start token of a pixel model is id 256
 
@@ -76,6 +76,10 @@ class Feed(Protocol):
     def load_state_dict(self, state: dict[str, int]) -> None: ...
 
 
+# how the final line names each trivial baseline of :meth:`TaskData.baselines`
+_BASELINE_NAMES = {"majority_rate": "majority class", "root_operator_rate": "root-operator rule"}
+
+
 class ExampleFeed:
     """Batches of a task's examples, in the order of a seeded :class:`BatchStream` (saved in checkpoints)."""
 
@@ -86,14 +90,15 @@ class ExampleFeed:
         self.task = data.spec.name
         self.stream = training_stream(data.splits["train"], config)
         self.eval_batch = config.train.eval_batch_size or config.train.batch_size
+        self._baselines: dict[str, float] | None = None
+        warn_truncation(data.splits, runtime.max_length, f"model.max_len={runtime.max_length + runtime.prefix}")
 
     def describe(self) -> str:
         splits = self.data.splits
         counts = "/".join(str(len(splits[split])) for split in ("train", "val", "test"))
-        return (
-            f"{self.config.task}: {counts} examples from {self.data.source}; "
-            f"majority-class rate (test) {self.data.majority_rate('test'):.1%}"
-        )
+        rules = ", ".join(f"{_BASELINE_NAMES[key]} {value:.1%}" for key, value in self.baseline().items())
+        rules = f"; trivial baselines on test: {rules}" if rules else ""
+        return f"{self.config.task}: {counts} examples from {self.data.source}{rules}"
 
     def next_batch(self, step: int, micro: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         examples = next_training_batch(self.data.splits["train"], self.stream, self.config)
@@ -107,12 +112,17 @@ class ExampleFeed:
         return batches if max_batches is None else min(batches, max_batches)
 
     def baseline(self) -> dict[str, float]:
-        return {"majority_rate": self.data.majority_rate("test")}
+        if self._baselines is None:  # masked pretraining scores hidden tokens: no rule on the labels applies
+            self._baselines = {} if self.config.train.objective == "masked" else self.data.baselines()
+        return self._baselines
 
     def final_line(self, test: dict[str, float], best: float | None, tested: str) -> str:
-        masked = self.config.train.objective == "masked"
-        versus = "over hidden tokens" if masked else f"majority class {self.data.majority_rate('test'):.4f}"
         best_text = "none" if best is None else f"{best:.4f}"
+        if self.config.train.objective == "masked":
+            versus = "over hidden tokens"
+        else:
+            versus = ", ".join(f"{_BASELINE_NAMES[key]} {value:.4f}" for key, value in self.baseline().items())
+            versus = f"trivial baselines on test: {versus}"
         return f"best val accuracy {best_text}; test accuracy {test['accuracy']:.4f} of the {tested} weights ({versus})"
 
     def state_dict(self) -> dict[str, int]:

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from hopformer.checks import read_json
 from hopformer.train import control
 from hopformer.train.checkpoint import find_checkpoint
 from hopformer.train.config import load_config
@@ -143,7 +144,7 @@ def run_grid(
                             stopped = outcome.stop_reason != "time_limit"
                             break
                 if results.is_file():
-                    cells.setdefault((task, attention), []).append(json.loads(results.read_text()))
+                    cells.setdefault((task, attention), []).append(read_json(results))
 
     result.table = summarise(tasks, attentions, cells, scale)
     if pretrain_steps is not None:

@@ -1,6 +1,7 @@
 """The training loop: :func:`train`, read top to bottom (nanoGPT style).
 
-setup (device, seeds, run folder) -> data -> model + AdamW -> resume -> loop -> best checkpoint on test.
+setup (device, seeds) -> data -> model + AdamW -> run folder -> resume -> loop -> best checkpoint on test.
+The run folder is made only once data, model and optimiser are ready: a run that cannot start leaves none.
 
 The loop, per optimiser step: set the learning rate, run ``grad_accum`` micro-batches (task loss +
 every module's ``aux_loss``; bf16 autocast on CUDA), clip, step; log; every ``eval_every`` steps
@@ -112,8 +113,6 @@ def train(
     started = control.clock()
     config, run_dir = _settle(config, resume, resume_overrides)
     check_config(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_NAME)
     deadline = control.run_deadline(started, config.train.time_limit_minutes, deadline)
     threads = torch.get_num_threads()
     if config.train.threads:
@@ -132,13 +131,16 @@ def _train(
     device = resolve_device(tc.device)
     check_device_support(config, device)
     seed_everything(tc.seed)
-    data = _load_data(config, run_dir, log)
+    data = _load_data(config, log)
     model = build_model(config, data).to(device)
     if tc.init_from and not resuming:
         log(f"encoder weights from {load_encoder_weights(model, tc.init_from)}")
     optimizer = make_optimizer(model, config)
     runtime = Runtime.for_training(model, config, device)
     feed = make_feed(data, config, runtime)
+    # The run can start: only now is its folder made, so a run that fails to start leaves none behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_NAME)
     budget = control.TimeBudget(deadline, control.margin_seconds(tc.time_limit_minutes, deadline, started))
     run = _Run(config, run_dir, feed, model, optimizer, runtime, budget, log, started)
     run.describe()
@@ -204,14 +206,13 @@ def default_run_dir(config: Config) -> Path:
     return Path("runs") / f"{config.task}-{config.model.attention}-{stamp}"
 
 
-def _load_data(config: Config, run_dir: Path, log: Any):
+def _load_data(config: Config, log: Any):
     """The task's examples (:class:`~hopformer.train.tasks.TaskData`), its corpus or its image set."""
     if is_corpus_task(config.task):
         return load_corpus_task(config, log)
     data = load_task(config, progress=config.train.progress, log=log)
-    if config.data.data_dir is None:  # record the generated folder, so resume and eval find the same data
+    if config.data.data_dir is None:  # record the generated folder (in config.yaml), so resume and eval find it
         config.data.data_dir = str(data.source)
-        save_config(config, run_dir / CONFIG_NAME)
     return data
 
 
@@ -364,13 +365,12 @@ class _Run:
         self.metrics.write({"step": self.state.step, "split": "test", **_scores(test)})
         self.metrics.close()
         extra = {"task": self.feed.task, "attention": self.config.model.attention, "test_checkpoint": tested}
-        if self.feed.metric != "accuracy":  # a language or pixel model: its scores and baseline
-            baseline = self.feed.baseline()
+        if self.feed.metric != "accuracy":  # a language or pixel model: its scores
             extra |= {
                 f"test_{self.feed.metric}": test[self.feed.metric],
                 f"best_val_{self.feed.metric}": self.state.best,
             }
-            extra |= baseline
+        extra |= self.feed.baseline()  # every trivial baseline on test (ListOps: also the root-operator rule)
         result = self._result(test, extra={**extra, **training_cost(self.run_dir)})
         (self.run_dir / RESULTS_NAME).write_text(json.dumps(result.__dict__, indent=2) + "\n")
         self.log(f"{self.feed.final_line(test, self.state.best, tested)}; run folder {self.run_dir}")

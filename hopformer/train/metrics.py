@@ -5,13 +5,41 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hopformer.checks import file_error
+
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
+
+
+def read_metrics(path: Path, warn: bool = True) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``. A damaged *last* line (a run killed mid-write) is dropped, with one
+    warning when ``warn``; a damaged line before it, or a file that is not UTF-8, is a
+    :class:`~hopformer.checks.FileFormatError` naming the file and the line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise file_error(path, "not a UTF-8 metrics log", error) from None
+    numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as error:
+            if index == len(numbered) - 1:  # the line a killed run was writing: the records before it stand
+                if warn:
+                    warnings.warn(f"{path}, line {number}: dropped a damaged last record ({error})", stacklevel=2)
+                break
+            raise file_error(path, "not a JSON record", error, line=number) from None
+        records.append(record)
+    return records
 
 
 class MetricsLog:
@@ -32,7 +60,7 @@ class MetricsLog:
         """Keep the records up to ``step``: a resumed run rewrites what the crashed one logged after it."""
         if not self.path.exists():
             return
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = read_metrics(self.path)
         kept = [r for r in records if r.get("step", 0) <= step and r.get("split") != "test"]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
@@ -105,7 +133,7 @@ class Window:
 def training_cost(run_dir: Path) -> dict[str, float]:
     """Median training steps/s and the largest CUDA peak memory (MiB) logged in ``metrics.jsonl``
     (all segments of a resumed run); what is not logged is left out."""
-    records = [json.loads(line) for line in (run_dir / METRICS_NAME).read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir / METRICS_NAME, warn=False)
     train_records = [r for r in records if r.get("split") == "train"]
     cost = {}
     speeds = [r["steps_per_s"] for r in train_records if "steps_per_s" in r]

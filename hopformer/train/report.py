@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from hopformer.train.config import CONFIG_NAME, Config, migrate_legacy_keys
-from hopformer.train.metrics import METRICS_NAME, RESULTS_NAME, training_cost
+from hopformer.checks import read_json
+from hopformer.train.config import CONFIG_NAME, Config, migrate_legacy_keys, read_yaml_file
+from hopformer.train.metrics import METRICS_NAME, RESULTS_NAME, read_metrics, training_cost
 
 # the scores of language and pixel models (lower is better); everything else is scored by accuracy
 _SCORES = ("bits_per_byte", "bits_per_character", "perplexity")
@@ -58,19 +58,17 @@ def read_run(folder: Path) -> dict[str, Any]:
     for path in (config_path, metrics_path):
         if not path.is_file():
             raise ValueError(f"{folder} is not a run folder: {path.name} is missing")
-    config = yaml.safe_load(config_path.read_text())
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a mapping of settings, got {type(config).__name__}")
+    config = read_yaml_file(config_path)
     # settings added since the run was made take their defaults, and moved ones their new place, so that it
     # groups with newer runs
     config = migrate_legacy_keys(config, str(config_path), warn=False)
     settings = {**_flatten(Config().to_dict()), **_flatten(config)}
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics_path, warn=False)
     val = [r for r in records if r.get("split") == "val"]
     train = [r for r in records if r.get("split") == "train"]
     eval_steps = [r["step"] for r in val]
     results_path = folder / RESULTS_NAME
-    results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    results = read_json(results_path) if results_path.is_file() else None
     metric = next((key for key in (val[0] if val else {}) if key in LOSS_METRICS), None)
     if metric is not None:  # a language or pixel model: bits or perplexity, lower is better
         best = min(val, key=lambda r: r[metric], default=None)
@@ -143,19 +141,21 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for identity, members in zip(identities, groups.values()):
         members.sort(key=lambda m: (m["seed"] is None, m["seed"]))
-        tests = [m["test"] for m in members if m["test"] is not None]
-        vals = [m["best_val"] for m in members if m["best_val"] is not None]
+        # runs of one seed and the same settings are repeats, not more seeds: one value per seed (their mean)
+        tests, vals = _per_seed(members, "test"), _per_seed(members, "best_val")
+        repeats = Counter(m["seed"] for m in members)
         rows.append(
             {
                 "label": " ".join(f"{_short(k)}={_text(identity[k])}" for k in varying if k in identity) or "all runs",
-                "seeds": [m["seed"] for m in members],
+                "seeds": list(repeats),
+                "repeated_seeds": {str(seed): count for seed, count in repeats.items() if count > 1},
                 "test_mean": statistics.fmean(tests) if tests else None,
                 "test_std": statistics.stdev(tests) if len(tests) > 1 else None,
                 "tests": tests,
                 "best_val_mean": statistics.fmean(vals) if vals else None,
                 "best_val_std": statistics.stdev(vals) if len(vals) > 1 else None,
                 "best_vals": vals,
-                "finished": len(tests),
+                "finished": sum(m["test"] is not None for m in members),
                 "runs": members,
             }
         )
@@ -173,6 +173,22 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         row["best_val_gap"] = _gap(row["best_vals"], rows[0]["best_vals"]) if index else None
     shared = {_short(k): identities[0][k] for k in ("task", "train.steps") if k in keys and k not in varying}
     return {"shared": shared, "varying": varying, "rows": rows, "metric": metric}
+
+
+def _per_seed(members: list[dict[str, Any]], key: str) -> list[float]:
+    """``key`` of the runs, one value per seed in seed order: the mean over the runs of a seed that have it."""
+    by_seed: dict[Any, list[float]] = {}
+    for m in members:
+        if m[key] is not None:
+            by_seed.setdefault(m["seed"], []).append(m[key])
+    return [statistics.fmean(values) for values in by_seed.values()]
+
+
+def _seed_count(row: dict[str, Any]) -> str:
+    """``3 seeds``, or with repeats ``1 seed, 2 runs``."""
+    seeds, runs = len(row["seeds"]), len(row["runs"])
+    text = f"{seeds} seed{'s' if seeds != 1 else ''}"
+    return text if runs == seeds else f"{text}, {runs} runs"
 
 
 def _gap(values: list[float], top: list[float]) -> list[float] | None:
@@ -200,7 +216,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         val = _mean_std(row["best_val_mean"], row["best_val_std"])
         gaps = (row["test_gap"], row["best_val_gap"])
         gap = " / ".join("–" if g is None else f"{g[0]:+.2f} ± {g[1]:.2f}" for g in gaps)
-        seeds = ", ".join(str(s) for s in row["seeds"])
+        repeated = row.get("repeated_seeds", {})
+        seeds = ", ".join(f"{s} ({repeated[str(s)]} runs)" if str(s) in repeated else str(s) for s in row["seeds"])
         finished = f"{row['finished']} of {len(row['runs'])}"
         lines.append(f"| {row['label']} | {seeds} | {test} | {per_seed} | {val} | {gap} | {finished} |")
     lines += [
@@ -221,7 +238,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     shared = ", ".join(f"{k}={_text(v)}" for k, v in report["shared"].items())
     note = (
         "\nTest: the run's results.json (the best-validation checkpoint); mean ± sample std over the seeds that "
-        "finished. Gap: the difference of the means from the top row's, ± its standard error (Welch; shown for "
+        "finished. Runs with the same seed and settings are repeats, not more seeds: a seed's runs count as one "
+        "value, their mean (the seeds column says how many runs a repeated seed has). Gap: the difference of the "
+        "means from the top row's, ± its standard error (Welch; shown for "
         "rows of two or more seeds); within about two standard errors, the seeds cannot rank the two rows. "
         "Rows are named by the settings that differ between them"
         + (f"; shared: {shared}" if shared else "")
@@ -248,7 +267,7 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
         plotted = []
         for index, row in enumerate(report["rows"]):
             colour, runs = f"C{index % 10}", row["runs"]
-            label = f"{row['label']} ({len(runs)} seeds)" if len(runs) > 1 else row["label"]
+            label = f"{row['label']} ({_seed_count(row)})" if len(runs) > 1 else row["label"]
             if len(runs) >= 3:  # one mean line: a dozen overlapping seeds hide the comparison
                 for key, style in ((val_key, "-"), (train_key, "--")):
                     steps, means, stds = seed_mean([m.get(key) or [] for m in runs])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,6 +79,17 @@ class TaskData:
         """Accuracy of always predicting the most frequent label of ``split``."""
         counts = Counter(int(example["label"]) for example in self.splits[split])
         return max(counts.values()) / sum(counts.values())
+
+    def baselines(self, split: str = "test") -> dict[str, float]:
+        """Accuracy on ``split`` of every trivial rule of the task, as a model must beat them: the majority
+        class (``majority_rate``) and, for ListOps, the label guessed from the root operator alone
+        (``root_operator_rate``, :func:`hopformer.data.listops.root_operator_baseline`, counted on train)."""
+        rates = {"majority_rate": self.majority_rate(split)}
+        if self.spec.name == "listops":
+            from hopformer.data.listops import root_operator_baseline
+
+            rates["root_operator_rate"] = root_operator_baseline(self.splits["train"], self.splits[split])
+        return rates
 
 
 TEXT_CORPORA = ("bytes", "enwik8", "text8", "wikitext103", "wikitext103-raw", "pg19")
@@ -179,6 +191,7 @@ def load_task(config: Config, progress: bool = True, log: Any = print) -> TaskDa
     if spec.name.startswith("pathfinder"):
         options = {"difficulty": config.data.pathfinder_difficulty}
     splits = {split: list(load_lra(spec.name, root, split, **options)) for split in SPLITS}
+    check_splits(splits, root)
     if config.data.mask_black_pixels:
         for examples in splits.values():
             for example in examples:
@@ -186,9 +199,43 @@ def load_task(config: Config, progress: bool = True, log: Any = print) -> TaskDa
     return TaskData(spec, splits, root)
 
 
+def check_splits(splits: dict[str, list[dict]], source: Path) -> None:
+    """Every split must hold examples: training on an empty one would report made-up scores."""
+    empty = [split for split in SPLITS if not splits.get(split)]
+    if empty:
+        counts = ", ".join(f"{split} {len(splits.get(split, []))}" for split in SPLITS)
+        raise ValueError(
+            f"{source}: the {' and '.join(empty)} split(s) hold no examples ({counts}); a run needs all three"
+        )
+
+
+def warn_truncation(splits: dict[str, list[dict]], limit: int, setting: str) -> None:
+    """One warning line when examples are longer than the model takes (``limit`` tokens, set by ``setting``):
+    they are cut to it, and the counts say how many, per split."""
+    keys = ("input_ids", "input_ids_2")
+    cut = {
+        split: sum(any(len(e.get(key, ())) > limit for key in keys) for e in examples)
+        for split, examples in splits.items()
+    }
+    if any(cut.values()):
+        longest = max(len(e[key]) for examples in splits.values() for e in examples for key in keys if key in e)
+        counts = ", ".join(f"{split} {cut[split]} of {len(splits[split])}" for split in splits)
+        warnings.warn(
+            f"{setting} cuts inputs longer than {limit} tokens (the longest has {longest}): {counts} examples",
+            stacklevel=2,
+        )
+
+
 def listops_cache_dir(config: Config) -> Path:
     """``$HOPFORMER_CACHE`` (default ``~/.cache/hopformer``) ``/listops-<hash of the generation settings>``."""
-    settings = json.dumps(asdict(config.data.generate), sort_keys=True)
+    settings = asdict(config.data.generate)
+    for key in (
+        "max_depth",
+        "max_args",
+    ):  # added later: at the released value they leave the hash (and cache) as it was
+        if settings[key] == 10:
+            del settings[key]
+    settings = json.dumps(settings, sort_keys=True)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
     cache = Path(os.environ.get("HOPFORMER_CACHE", Path.home() / ".cache" / "hopformer")).expanduser()
     return cache / f"listops-{digest}"
@@ -212,6 +259,8 @@ def generate_listops_files(folder: Path, config: Config, progress: bool = True) 
         seed=settings.seed,
         min_length=settings.min_length,
         max_length=settings.max_length,
+        max_depth=settings.max_depth,
+        max_args=settings.max_args,
         progress=progress,
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -249,12 +298,18 @@ def _load_listops(config: Config, spec: TaskSpec, progress: bool, log: Any) -> T
                 if any(folder.glob("basic_*.tsv")):
                     raise FileNotFoundError(f"{folder} has only some of {sorted(LISTOPS_FILES.values())}")
                 g = config.data.generate
+                shape = (
+                    f", depth <= {g.max_depth}, <= {g.max_args} arguments"
+                    if (g.max_depth, g.max_args) != (10, 10)
+                    else ""
+                )
                 log(
                     f"No ListOps files in {folder}: generating {g.train}/{g.val}/{g.test} trees with "
-                    f"{g.min_length} < length < {g.max_length} (seed {g.seed})"
+                    f"{g.min_length} < length < {g.max_length}{shape} (seed {g.seed})"
                 )
                 found = generate_listops_files(folder, config, progress)
     splits = {
         split: load_listops_tsv(found / LISTOPS_FILES[split], max_length=config.data.max_length) for split in SPLITS
     }
+    check_splits(splits, found)
     return TaskData(spec, splits, found)
