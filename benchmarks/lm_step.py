@@ -1,7 +1,7 @@
 """Training steps of the byte-level causal LM per attention, each alone on the device: tokens/s and peak memory.
 
-    python benchmarks/lm_step.py --config configs/bytes_4k.yaml --attentions full,bigbird,diffuser,routing,combiner,hypercube \
-        --out lm_step.json
+    python benchmarks/lm_step.py --config configs/bytes_4k.yaml \
+        --attentions full,bigbird,diffuser,routing,combiner,hypercube --out lm_step.json
 
 Every attention runs the same model (the config's, causal) on the same random byte windows, under bf16 autocast
 on CUDA, with AdamW; after ``--warmup`` steps, ``--steps`` are timed (synchronised) and the peak memory of the
