@@ -124,7 +124,7 @@ def test_legacy_head_keys_move_to_head_with_one_warning(tmp_path, caplog):
     assert load_config(child).head == HeadConfig("mean", 24)
     with pytest.raises(ValueError, match="both model.pooling and head.pooling are set"):
         load_config(write(tmp_path / "both.yaml", "model: {pooling: cls}\nhead: {pooling: mean}\n"))
-    assert Config().to_dict()["head"] == {"pooling": "mean", "head_dim": None}
+    assert Config().to_dict()["head"] == {"pooling": "mean", "head_dim": None, "tie_embeddings": True}
     assert "pooling" not in Config().to_dict()["model"]
 
 

@@ -64,7 +64,8 @@ def test_a_v0_1_run_folder_resumes_to_the_numbers_v0_1_gave(tmp_path, capsys, ca
         len(warnings) == 1 and "model.pooling is now head.pooling, model.head_dim is now head.head_dim" in warnings[0]
     )
     saved = yaml.safe_load((run / "config.yaml").read_text())  # written back in the new form
-    assert saved["head"] == {"pooling": "cls", "head_dim": 24} and "pooling" not in saved["model"]
+    assert saved["head"] == {"pooling": "cls", "head_dim": 24, "tie_embeddings": True}
+    assert "pooling" not in saved["model"]
     results = json.loads((run / "results.json").read_text())
     assert (results["step"], results["best_val_accuracy"]) == (12, 0.1875)
     assert (results["test_accuracy"], results["test_loss"]) == (0.125, 2.297595262527466)

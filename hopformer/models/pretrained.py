@@ -1,8 +1,10 @@
-"""Saving and loading models as Hugging Face does: a folder with ``config.json`` and ``model.safetensors``.
+"""Saving and loading models in Hugging Face's folder format: ``config.json`` and ``model.safetensors``.
 
 Every model is a :class:`PretrainedModel` built from a plain dataclass config; :func:`from_pretrained`
-rebuilds any of them, the class named by ``model_type`` in ``config.json``. Weights are safetensors, so
-loading never unpickles anything.
+rebuilds any of them, the class named in ``config.json``. The folder is the one ``transformers`` reads and
+writes for :mod:`hopformer.hf`'s classes (:mod:`hopformer.models.hf_format`): a run's checkpoint loads with
+``transformers.AutoModelForSequenceClassification.from_pretrained``, and a model saved by ``transformers``
+loads here. Weights are safetensors, so loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 import tempfile
 import typing
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,13 +50,15 @@ class PretrainedModel(nn.Module):
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created), each atomically."""
         from safetensors.torch import save_file
 
+        from hopformer.models import hf_format
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": self.model_type, **asdict(self.config)}
+        config = hf_format.to_hf_config(self.model_type, self.config)
         atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
         tensors, tied = {}, {}
         first: dict[tuple, str] = {}
-        for name, tensor in self.state_dict().items():
+        for name, tensor in hf_format.weights_to_folder(self.model_type, self.state_dict()).items():
             # tied weights (a causal LM's head and embedding) are one tensor: saved once, named in the metadata
             key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
             if tensor.numel() and key in first:
@@ -62,7 +66,7 @@ class PretrainedModel(nn.Module):
                 continue
             first[key] = name
             tensors[name] = tensor.detach().contiguous().cpu()
-        metadata = {"tied": json.dumps(tied)} if tied else None
+        metadata = {"format": "pt", **({"tied": json.dumps(tied)} if tied else {})}  # "pt": transformers asks
         atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata=metadata))
         return directory
 
@@ -96,14 +100,37 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} has no {name}; expected a folder written by save_pretrained")
+    from hopformer.models import hf_format
+
     values = json.loads((directory / CONFIG_NAME).read_text())
-    model_type = values.pop("model_type", None)
+    if hf_format.is_hf_config(values):
+        model_type, config = hf_format.from_hf_config(values)
+    else:  # the format of hopformer 0.1: model_type is the class, the config nested
+        model_type = values.pop("model_type", None)
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"{directory / CONFIG_NAME}: model_type={model_type!r}; known: {sorted(MODEL_TYPES)}")
+        config = config_from_dict(MODEL_TYPES[model_type].config_class, values)
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"{directory / CONFIG_NAME}: model_type={model_type!r}; known: {sorted(MODEL_TYPES)}")
-    cls = MODEL_TYPES[model_type]
-    model = cls.from_config(config_from_dict(cls.config_class, values))
-    model.load_state_dict(read_weights(directory / WEIGHTS_NAME))
+        raise ValueError(f"{directory / CONFIG_NAME}: hopformer_class={model_type!r}; known: {sorted(MODEL_TYPES)}")
+    model = MODEL_TYPES[model_type].from_config(config)
+    weights = hf_format.weights_from_folder(model_type, read_weights(directory / WEIGHTS_NAME))
+    load_weights_into(model, weights)
     return model.to(device)
+
+
+def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(tensors)`` (strict), where a weight the model ties to another (a causal LM's output
+    layer and its embedding) may be absent: ``transformers`` stores a tied weight once, under either name."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    tensors = dict(tensors)
+    for group in names.values():
+        present = [name for name in group if name in tensors]
+        for name in group:
+            if present and name not in tensors:
+                tensors[name] = tensors[present[0]]
+    model.load_state_dict(tensors)
 
 
 def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
