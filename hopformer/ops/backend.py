@@ -135,7 +135,7 @@ class Support:
         if request.device is not None and self.requires is not None and (missing := self.requires()):
             found.append(missing)
         if request.exporting and not self.exportable:
-            found.append("cannot be exported: torch.export cannot trace its compiled kernels")
+            found.append("runs compiled kernels, which torch.export cannot trace")
         if request.device is not None and request.device not in self.devices:
             found.append(f"runs on {' or '.join(self.devices)}, not {request.device}")
         if request.dtype is not None and request.dtype not in self.dtypes:
