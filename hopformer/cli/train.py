@@ -18,12 +18,17 @@ with status 0. Ctrl-C (SIGINT) or SIGTERM saves ``last/`` at the end of the curr
 130 or 143. ``--resume RUN`` continues exactly; with it only ``--time-limit``, ``--no-progress`` and (for
 the ``rsqrt``/``constant`` schedules) ``--steps`` may be given.
 
+Several processes: ``torchrun --nproc-per-node N -m hopformer train ...`` trains with DDP, or with FSDP2 given
+``--set train.parallel=fsdp``; ``--batch-size`` stays the global batch of an optimiser step. Rank 0 logs and writes
+the run folder; its checkpoints resume under any number of processes (see ``hopformer.train.distributed``).
+
 Exit status: 0 finished or stopped at the time limit, 130 SIGINT, 143 SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 # flag -> dotted config key
 _FLAGS = {
@@ -120,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         result = train(resume=args.resume, resume_overrides=allowed)
     else:
         result = train(load_config(args.config, overrides))
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return _EXIT_STATUS.get(result.stop_reason, 130) if result.interrupted else 0
     if result.interrupted:
         print(f"run folder: {result.run_dir} (stopped at step {result.step}: {result.stop_reason})")
         return _EXIT_STATUS.get(result.stop_reason, 130)

@@ -46,8 +46,9 @@ class PretrainedModel(nn.Module):
     def from_config(cls, config: Any) -> PretrainedModel:
         raise NotImplementedError
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created), each atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created), each atomically;
+        ``state_dict``: the weights to write (default the model's own; a sharded model's gathered ones)."""
         from safetensors.torch import save_file
 
         from hopformer.models import hf_format
@@ -58,7 +59,8 @@ class PretrainedModel(nn.Module):
         atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
         tensors, tied = {}, {}
         first: dict[tuple, str] = {}
-        for name, tensor in hf_format.weights_to_folder(self.model_type, self.state_dict()).items():
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        for name, tensor in hf_format.weights_to_folder(self.model_type, state_dict).items():
             # tied weights (a causal LM's head and embedding) are one tensor: saved once, named in the metadata
             key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
             if tensor.numel() and key in first:

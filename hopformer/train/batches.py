@@ -118,12 +118,15 @@ class Runtime:
     mask_rate: float = 0.0  # > 0: masked-token objective
     mask_id: int = 0
 
-    def batch(self, examples: list[dict], mask_seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    def batch(
+        self, examples: list[dict], mask_seed: int = 0, rows: slice | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         """Collate and move to the device; returns (model inputs, labels, number of real tokens).
 
         With ``mask_rate``, each real token is hidden (replaced by ``mask_id``) with that probability,
         drawn from ``mask_seed``; the inputs then carry ``select`` (where tokens are hidden) and the
-        labels are the hidden tokens' ids, in row-major order.
+        labels are the hidden tokens' ids, in row-major order. ``rows``: keep these rows of the collated
+        batch (a process's share of a distributed micro-batch: padded and masked as the whole batch is).
         """
         batch = collate(examples, max_length=self.max_length)
         for ids_key, mask_key in (("input_ids", "attention_mask"), ("input_ids_2", "attention_mask_2")):
@@ -141,6 +144,8 @@ class Runtime:
             hidden = (draws < self.mask_rate) & batch["attention_mask"]
             batch["label"], batch["select"] = ids[hidden], hidden
             batch["input_ids"] = torch.where(hidden, self.mask_id, ids)
+        if rows is not None:
+            batch, tokens = select_rows(batch, rows)
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
         return batch, batch.pop("label"), tokens
 
@@ -155,6 +160,21 @@ class Runtime:
         autocast = precision == "bf16" or (precision == "auto" and device.type == "cuda")
         multiple = batch_multiple(config)
         return cls(device, autocast, multiple, max_tokens(model), prefix_length(model), **masking(model, config))
+
+
+def select_rows(batch: dict[str, torch.Tensor], rows: slice) -> tuple[dict[str, torch.Tensor], int]:
+    """``rows`` of a collated batch, and their real tokens; a masked batch's labels (the hidden tokens, row-major)
+    keep those of these rows."""
+    label = batch["label"]
+    if "select" in batch:  # one label per hidden token: keep the tokens hidden in these rows
+        row_of_label = batch["select"].nonzero()[:, 0]
+        label = label[(row_of_label >= rows.start) & (row_of_label < rows.stop)]
+    else:
+        label = label[rows]
+    kept = {key: value[rows] for key, value in batch.items() if key != "label"}
+    kept["label"] = label
+    tokens = sum(int(mask.sum()) for key, mask in kept.items() if key.startswith("attention_mask"))
+    return kept, tokens
 
 
 def max_tokens(model: torch.nn.Module) -> int:

@@ -151,6 +151,9 @@ class TrainConfig:
     tokens) or ``"causal"`` (next-byte prediction on a ``bytes`` task, scored in bits per byte).
     ``init_from``: a run (its ``best/`` checkpoint) or checkpoint folder whose encoder weights start this
     run, e.g. a ``masked`` run before a ``classify`` one on the same task.
+    ``parallel``: under ``torchrun`` with several processes, ``"ddp"`` (DistributedDataParallel) or ``"fsdp"``
+    (FSDP2, ``fully_shard`` per block); ``batch_size`` stays the global batch (see
+    :mod:`hopformer.train.distributed`). A single process ignores it.
     """
 
     steps: int = 1500
@@ -171,6 +174,7 @@ class TrainConfig:
     objective: str = "classify"
     mask_rate: float = 0.15
     init_from: str | None = None
+    parallel: str = "ddp"
 
 
 @dataclass

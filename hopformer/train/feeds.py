@@ -57,11 +57,12 @@ class ExampleFeed:
 
     metric, higher_is_better = "accuracy", True
 
-    def __init__(self, data: TaskData, config: Config, runtime: Runtime) -> None:
+    def __init__(self, data: TaskData, config: Config, runtime: Runtime, rows: slice | None = None) -> None:
         self.data, self.config, self.runtime = data, config, runtime
         self.task = data.spec.name
         self.stream = training_stream(data.splits["train"], config)
         self.eval_batch = config.train.eval_batch_size or config.train.batch_size
+        self.rows = rows  # a process's rows of each micro-batch (distributed training); None: all
 
     def describe(self) -> str:
         splits = self.data.splits
@@ -73,7 +74,9 @@ class ExampleFeed:
 
     def next_batch(self, step: int, micro: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         examples = next_training_batch(self.data.splits["train"], self.stream, self.config)
-        return self.runtime.batch(examples, mask_seed(self.config, step, micro))
+        if self.rows is None:
+            return self.runtime.batch(examples, mask_seed(self.config, step, micro))
+        return self.runtime.batch(examples, mask_seed(self.config, step, micro), rows=self.rows)
 
     def evaluate(self, model: torch.nn.Module, split: str, max_batches: int | None = None) -> dict[str, float]:
         return evaluate(model, self.data.splits[split], self.runtime, self.eval_batch, max_batches)
@@ -103,8 +106,11 @@ class WindowFeed:
 
     metric, higher_is_better = "bits_per_byte", False
 
-    def __init__(self, corpus: ByteCorpus, config: Config, runtime: Runtime, task: str = "bytes") -> None:
+    def __init__(
+        self, corpus: ByteCorpus, config: Config, runtime: Runtime, task: str = "bytes", rows: slice | None = None
+    ) -> None:
         self.corpus, self.config, self.runtime, self.task = corpus, config, runtime, task
+        self.rows = rows  # a process's rows of each micro-batch's windows (distributed training); None: all
         self.context = config.data.max_length
         self.micro_batch = config.train.batch_size // config.train.grad_accum
         self.eval_batch = config.train.eval_batch_size or config.train.batch_size
@@ -127,6 +133,8 @@ class WindowFeed:
     def next_batch(self, step: int, micro: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         generator = torch.Generator().manual_seed(mask_seed(self.config, step, micro))
         windows = sample_windows(self.corpus.splits["train"], self.micro_batch, self.context + 1, generator)
+        if self.rows is not None:  # the windows of the whole micro-batch are drawn, then this process's kept
+            windows = windows[self.rows]
         windows = windows.to(self.runtime.device, non_blocking=True)
         return {"input_ids": windows[:, :-1]}, windows[:, 1:], windows.shape[0] * self.context
 
