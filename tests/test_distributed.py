@@ -126,3 +126,42 @@ def test_routing_centroids_stay_identical_on_every_rank(tmp_path):
     script = tmp_path / "routing_worker.py"
     script.write_text(textwrap.dedent(WORKER))
     assert "centroids identical" in torchrun([str(script)], tmp_path).stdout
+
+
+def test_each_rank_gets_its_rows_of_the_single_process_batches(setup):
+    """The feeds' shares (no processes needed): the ranks' rows, put together, are the single-process batch, hidden
+    tokens and their labels included (masked objective), and so are the byte windows of the causal LM."""
+    import numpy as np
+    import torch
+
+    from hopformer.data.byte_corpus import ByteCorpus
+    from hopformer.train.batches import Runtime
+    from hopformer.train.distributed import Parallel, rows
+    from hopformer.train.feeds import ExampleFeed, WindowFeed
+    from hopformer.train.tasks import load_task
+
+    _, data_dir, _ = setup
+    config = load_config(None, {**SETTINGS, "data.data_dir": str(data_dir), "train.objective": "masked"})
+    task = load_task(config, progress=False, log=lambda *_: None)
+    runtime = Runtime(torch.device("cpu"), False, 16, 2000, mask_rate=0.3, mask_id=20)
+    shares = [rows(Parallel("ddp", rank, 2), 4) for rank in range(2)]
+    whole, parts = ExampleFeed(task, config, runtime), [ExampleFeed(task, config, runtime, rows=r) for r in shares]
+    for step in range(3):
+        inputs, labels, tokens = whole.next_batch(step, 0)
+        pieces = [part.next_batch(step, 0) for part in parts]
+        for key in inputs:
+            assert torch.equal(torch.cat([piece[0][key] for piece in pieces]), inputs[key]), key
+        assert torch.equal(torch.cat([piece[1] for piece in pieces]), labels) and len(labels) > 0
+        assert sum(piece[2] for piece in pieces) == tokens
+
+    corpus = ByteCorpus({split: np.arange(5000, dtype=np.uint8) for split in ("train", "val", "test")}, "ramp")
+    config = load_config(None, {"task": "bytes", "data.max_length": 64, "train.batch_size": 8})
+    whole = WindowFeed(corpus, config, runtime)
+    parts = [WindowFeed(corpus, config, runtime, rows=r) for r in (slice(0, 4), slice(4, 8))]
+    inputs, targets, tokens = whole.next_batch(5, 0)
+    pieces = [part.next_batch(5, 0) for part in parts]
+    assert torch.equal(torch.cat([piece[0]["input_ids"] for piece in pieces]), inputs["input_ids"])
+    assert torch.equal(torch.cat([piece[1] for piece in pieces]), targets)
+    assert sum(piece[2] for piece in pieces) == tokens
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        rows(Parallel("ddp", 0, 3), 4)

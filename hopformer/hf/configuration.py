@@ -9,7 +9,6 @@ hopformer's own loader uses for the settings a saved ``config.json`` leaves out.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -119,14 +118,6 @@ class HopformerConfig(PreTrainedConfig):
                 config = config_from_dict(MODEL_TYPES[model_type].config_class, values)
                 config_dict = hf_format.to_hf_config(model_type, config)
         return super().from_dict(config_dict, **kwargs)
-
-    def with_encoder(self, **changes: Any) -> HopformerConfig:
-        """A copy with encoder settings changed (``attention="bigbird"``, ``max_len=8192``...)."""
-        encoder = replace(self.encoder_config(), **changes)
-        copy = self.__class__.from_dict(self.to_dict())
-        for name, value in vars(encoder).items():
-            setattr(copy, name, value)
-        return copy
 
 
 __all__ = ["HopformerConfig"]
