@@ -197,8 +197,8 @@ def test_save_and_load_round_trip(tmp_path, make):
     model = make().eval()
     folder = model.save_pretrained(tmp_path / "saved")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
-    config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == model.model_type
+    config = json.loads((folder / "config.json").read_text())  # the transformers format (hopformer.hf reads it)
+    assert config["model_type"] == "hopformer" and config["hopformer_class"] == model.model_type
     torch.manual_seed(123)  # a different init, so equal outputs must come from the loaded weights
     loaded = from_pretrained(folder).eval()
     assert type(loaded) is type(model) and loaded.config == model.config

@@ -37,8 +37,8 @@ def test_train_generates_data_trains_and_reports(trained, capsys):
     for name in ("config.yaml", "metrics.jsonl", "results.json", "last/model.safetensors", "best/state.pt"):
         assert (run / name).is_file(), name
     model_config = json.loads((run / "best" / "config.json").read_text())
-    assert model_config["encoder"]["attention"] == "diffuser"
-    assert model_config["encoder"]["attention_options"] == {"hops": 2, "alpha": 0.2}
+    assert model_config["attention"] == "diffuser"  # the transformers config format: settings flat
+    assert model_config["attention_options"] == {"hops": 2, "alpha": 0.2}
     results = json.loads((run / "results.json").read_text())
     assert results["step"] == 3 and 0 <= results["test_accuracy"] <= 1
     import yaml

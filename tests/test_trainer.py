@@ -196,7 +196,7 @@ def test_a_run_resumed_without_its_best_checkpoint_says_which_weights_it_tested(
 
     if not validation_improves:  # every validation after the resume scores 0; the test (the last call) is real
         validations_left = sum(1 for s in range(first.step + 1, 21) if s % 2 == 0)
-        real_evaluate, calls = feeds.evaluate, []
+        real_evaluate, calls = feeds.evaluate, []  # the example feed's evaluation
 
         def evaluate(*args, **kwargs):
             calls.append(1)
@@ -641,7 +641,9 @@ def test_masked_pretraining_learns_resumes_and_starts_a_classifier(tmp_path, dat
     train(tiny_config(tmp_path, "fine", steps=2, init_from=str(tmp_path / "pre")), log=logs.append)
     assert any("encoder weights from" in line and "pre" in line for line in logs)
     pretrained = load_weights_file(str(tmp_path / "pre" / "best" / "model.safetensors"))
-    saved = json.loads((tmp_path / "pre" / "best" / "config.json").read_text())["encoder"]
+    from hopformer.models.hf_format import encoder_config
+
+    saved = vars(encoder_config(json.loads((tmp_path / "pre" / "best" / "config.json").read_text())))
     # the classifier's table has no mask row: the task's ids only
     classifier = SequenceClassifier(
         TransformerEncoder(EncoderConfig(**{**saved, "vocab_size": saved["vocab_size"] - 1})), 10
@@ -689,7 +691,9 @@ def test_pixel_embeddings_pretrain_and_start_a_classifier(tmp_path, data, embedd
     pre = load_file(str(tmp_path / "pre" / "best" / "model.safetensors"))
     fine_weights = load_file(str(tmp_path / "fine" / "last" / "model.safetensors"))
     assert pre["encoder.embed.special.weight"].shape == (1, 16) and "encoder.embed.special.weight" not in fine_weights
-    saved = json.loads((tmp_path / "pre" / "best" / "config.json").read_text())["encoder"]
+    from hopformer.models.hf_format import encoder_config
+
+    saved = vars(encoder_config(json.loads((tmp_path / "pre" / "best" / "config.json").read_text())))
     classifier = SequenceClassifier(TransformerEncoder(EncoderConfig(**{**saved, "vocab_size": 256})), 2)
     load_encoder_weights(classifier, tmp_path / "pre")
     for name, tensor in classifier.encoder.state_dict().items():

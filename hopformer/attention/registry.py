@@ -23,6 +23,12 @@ def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return decorate
 
 
+def name_of(module: nn.Module) -> str | None:
+    """The registered name of an attention module's class (``"diffuser"``...), or None."""
+    _load_builtin()
+    return next((name for name, cls in _REGISTRY.items() if type(module) is cls), None)
+
+
 def available() -> list[str]:
     """Names accepted by :func:`build`, sorted."""
     _load_builtin()

@@ -25,9 +25,9 @@ When the centroids change:
   autograd engine (``torch._C._current_graph_task_id() != -1``, which is how both reentrant and
   non-reentrant ``torch.utils.checkpoint`` recompute) neither initialises nor updates nor records
   statistics. A reentrant checkpoint's first, no-grad pass is the real forward and is recorded.
-- Under ``torch.distributed`` the pending counts and sums are all-reduced (averaged over ranks)
-  before the EMA, and the data initialisation is broadcast from rank 0, so all ranks keep the same
-  centroids.
+- Under ``torch.distributed`` the pending counts and sums are all-reduced (summed over ranks: each rank
+  records its share of the global batch) before the EMA, and the data initialisation is broadcast from
+  rank 0, so all ranks keep the same centroids.
 
 Commitment loss ``commitment * mean ||x - sg(mu_c(x))||^2`` (mean over real tokens, heads and
 features; summed over the normalised Q and K, Q only with shared QK) is left in ``self.aux_loss``.
@@ -303,11 +303,9 @@ class RoutingAttention(AttentionModule):
             return
         counts = self.pending_counts / batches
         sums = self.pending_sums / batches
-        if _distributed():
-            world = dist.get_world_size()
+        if _distributed():  # summed over ranks: the statistics of the global batch, as one process sees them
             dist.all_reduce(counts)
             dist.all_reduce(sums)
-            counts, sums = counts / world, sums / world
         self.ema_counts.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         self.ema_sums.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
         mean = self.ema_sums / (self.ema_counts[..., None] + EMA_EPS)

@@ -21,11 +21,15 @@ from hopformer.graphs import PATTERNS, BlockGraph, build_graph
 from hopformer.ops import diffuse, diffuse_weighted, dispatch, sparse_attention
 from hopformer.ops.backend import EDGE_DROPOUT
 from hopformer.ops.coefficients import check_coefficients, check_diffusion_args, diffusion_coefficients, mixing_weights
+from hopformer.ops.common import eager_constants
 
 
 @functools.lru_cache(maxsize=256)
 def _graph(pattern: str, seq_len: int, options: tuple[tuple[str, Any], ...]) -> BlockGraph:
-    return build_graph(pattern, seq_len, **dict(options))
+    # on the CPU whatever the default device (transformers builds models under torch.device("meta")), and
+    # eagerly under torch.export: a graph is a constant of the model, shared by every call
+    with eager_constants(), torch.device("cpu"):
+        return build_graph(pattern, seq_len, **dict(options))
 
 
 def cached_graph(pattern: str, seq_len: int, **options: Any) -> BlockGraph:

@@ -30,6 +30,8 @@ VERBS: dict[str, str] = {
     "data": "generate task data (ListOps, Pathfinder) in the released LRA layout",
     "lra": "run or collect a grid of LRA runs and write one results table",
     "report": "one comparison table from any run folders, seeds grouped",
+    "convert": "a pretrained RoBERTa or BERT folder as a long-sequence hopformer model on any attention",
+    "export": "a saved model as a torch.export program or an ONNX file (checked with onnxruntime)",
 }
 
 

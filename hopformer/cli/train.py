@@ -15,8 +15,12 @@ reaches any setting.
 ``--time-limit MIN`` stops the run cleanly before MIN minutes (counted from the start of training, data
 loading included): it saves ``last/``, logs "stopped at time limit, resume with --resume RUN" and exits
 with status 0. Ctrl-C (SIGINT) or SIGTERM saves ``last/`` at the end of the current step and exits with
-130 or 143. ``--resume RUN`` continues exactly; with it only ``--time-limit``, ``--no-progress`` and (for
-the ``rsqrt``/``constant`` schedules) ``--steps`` may be given.
+130 or 143. ``--resume RUN`` continues exactly; with it only ``--time-limit``, ``--no-progress``,
+``--set train.parallel=...`` and (for the ``rsqrt``/``constant`` schedules) ``--steps`` may be given.
+
+Several processes: ``torchrun --nproc-per-node N -m hopformer train ...`` trains with DDP, or with FSDP2 given
+``--set train.parallel=fsdp``; ``--batch-size`` stays the global batch of an optimiser step. Rank 0 logs and writes
+the run folder; its checkpoints resume under any number of processes (see ``hopformer.train.distributed``).
 
 Exit status: 0 finished or stopped at the time limit, 130 SIGINT, 143 SIGTERM.
 """
@@ -24,6 +28,7 @@ Exit status: 0 finished or stopped at the time limit, 130 SIGINT, 143 SIGTERM.
 from __future__ import annotations
 
 import argparse
+import os
 
 # flag -> dotted config key
 _FLAGS = {
@@ -116,12 +121,15 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = overrides_from_args(args)
     if args.resume:
-        allowed = {key: overrides.pop(key) for key in [*_RESUME_FLAGS.values(), "train.progress"] if key in overrides}
+        resumable = [*_RESUME_FLAGS.values(), "train.progress", "train.parallel"]
+        allowed = {key: overrides.pop(key) for key in resumable if key in overrides}
         if args.config or overrides:
             print("hopformer train: --resume uses the run's own config.yaml; other settings are ignored")
         result = train(resume=args.resume, resume_overrides=allowed)
     else:
         result = train(load_config(args.config, overrides))
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return _EXIT_STATUS.get(result.stop_reason, 130) if result.interrupted else 0
     if result.interrupted:
         print(f"run folder: {result.run_dir} (stopped at step {result.step}: {result.stop_reason})")
         return _EXIT_STATUS.get(result.stop_reason, 130)

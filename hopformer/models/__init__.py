@@ -1,7 +1,9 @@
 """Models: a transformer encoder on any registered attention, heads on it, and a causal language model.
 
 Each model has a dataclass ``config`` and HF-like ``save_pretrained(dir)`` / ``from_pretrained(dir)``
-(``config.json`` + ``model.safetensors``); :func:`from_pretrained` loads any of them.
+(``config.json`` + ``model.safetensors``, the folder format of Hugging Face ``transformers``:
+:mod:`hopformer.models.hf_format`); :func:`from_pretrained` loads any of them. :mod:`hopformer.models.export`
+exports them with ``torch.export`` and to ONNX.
 """
 
 from hopformer.models.causal_lm import CausalLM, CausalLMConfig

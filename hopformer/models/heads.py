@@ -3,7 +3,9 @@ and the masked-token model.
 
 CLS pooling follows the LRA reference: a learned CLS *vector* (not a token id, so the vocabulary is
 untouched) is prepended to the embedded tokens and takes position 0; the real tokens take positions
-1..L, so the encoder's ``max_len`` must be at least ``L + 1``. Pooled outputs never look at padding.
+1..L, so the encoder's ``max_len`` must be at least ``L + 1``. ``"first"`` pools the output at the first
+token itself (BERT and RoBERTa, whose inputs start with a ``[CLS]`` / ``<s>`` token). Pooled outputs never
+look at padding.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from hopformer.checks import check_int
 from hopformer.models.encoder import EncoderConfig, TransformerEncoder, _init_weights
 from hopformer.models.pretrained import PretrainedModel
 
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "first")
+ACTIVATIONS = {"gelu": nn.GELU, "tanh": nn.Tanh}  # the classifier head's (BERT and RoBERTa heads use tanh)
 
 
 @dataclass
@@ -30,6 +33,7 @@ class SequenceClassifierConfig:
     num_classes: int
     pooling: str = "mean"
     head_dim: int | None = None
+    head_activation: str = "gelu"
 
 
 @dataclass
@@ -44,15 +48,17 @@ class DualEncoderClassifierConfig:
 
 @dataclass
 class MaskedTokenModelConfig:
-    """Hyperparameters of :class:`MaskedTokenModel`."""
+    """Hyperparameters of :class:`MaskedTokenModel`; ``transform``: a dense layer, GELU and LayerNorm before the
+    output layer (BERT's and RoBERTa's masked-LM head)."""
 
     encoder: EncoderConfig
     vocab_size: int
+    transform: bool = False
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
-    """``(batch, seq, dim) -> (batch, dim)``: position 0 (``"cls"``) or the mean over real tokens."""
-    if pooling == "cls":
+    """``(batch, seq, dim) -> (batch, dim)``: position 0 (``"cls"``, ``"first"``) or the mean over real tokens."""
+    if pooling in ("cls", "first"):
         return hidden[:, 0]
     if mask is None:
         return hidden.mean(dim=1)
@@ -89,9 +95,11 @@ class SequenceClassifier(_PoolingEncoder):
     Args:
         encoder: a :class:`TransformerEncoder`.
         num_classes: number of labels.
-        pooling: ``"mean"`` (over real tokens only, by ``attention_mask``) or ``"cls"`` (a learned
-            vector prepended at position 0, as LRA does; its output is the pooled feature).
+        pooling: ``"mean"`` (over real tokens only, by ``attention_mask``), ``"cls"`` (a learned
+            vector prepended at position 0, as LRA does; its output is the pooled feature) or ``"first"``
+            (the output at the first token: BERT's ``[CLS]``, RoBERTa's ``<s>``).
         head_dim: hidden width of the head; default the encoder's ``mlp_dim``.
+        head_activation: between the head's two layers, ``"gelu"`` or ``"tanh"`` (BERT's pooler, RoBERTa's head).
 
     ``forward(input_ids, attention_mask=None) -> logits (batch, num_classes)``.
     """
@@ -100,20 +108,29 @@ class SequenceClassifier(_PoolingEncoder):
     model_type = "sequence_classifier"
 
     def __init__(
-        self, encoder: TransformerEncoder, num_classes: int, pooling: str = "mean", head_dim: int | None = None
+        self,
+        encoder: TransformerEncoder,
+        num_classes: int,
+        pooling: str = "mean",
+        head_dim: int | None = None,
+        head_activation: str = "gelu",
     ) -> None:
         super().__init__()
         check_int("num_classes", num_classes, 1)
+        if head_activation not in ACTIVATIONS:
+            raise ValueError(f"head_activation={head_activation!r} is not known; choose one of {list(ACTIVATIONS)}")
         self._setup(encoder, pooling)
-        self.config = SequenceClassifierConfig(encoder.config, num_classes, pooling, head_dim)
+        self.config = SequenceClassifierConfig(encoder.config, num_classes, pooling, head_dim, head_activation)
         hidden = head_dim or encoder.config.mlp_dim
-        self.head = nn.Sequential(nn.Linear(encoder.config.dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+        self.head = nn.Sequential(
+            nn.Linear(encoder.config.dim, hidden), ACTIVATIONS[head_activation](), nn.Linear(hidden, num_classes)
+        )
         self.head.apply(functools.partial(_init_weights, scheme=encoder.config.init))
 
     @classmethod
     def from_config(cls, config: SequenceClassifierConfig) -> SequenceClassifier:
         encoder = TransformerEncoder.from_config(config.encoder)
-        return cls(encoder, config.num_classes, config.pooling, config.head_dim)
+        return cls(encoder, config.num_classes, config.pooling, config.head_dim, config.head_activation)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.features(input_ids, attention_mask))
@@ -191,18 +208,23 @@ class MaskedTokenModel(PretrainedModel):
     config_class = MaskedTokenModelConfig
     model_type = "masked_token_model"
 
-    def __init__(self, encoder: TransformerEncoder, vocab_size: int) -> None:
+    def __init__(self, encoder: TransformerEncoder, vocab_size: int, transform: bool = False) -> None:
         super().__init__()
         if not isinstance(encoder, TransformerEncoder):
             raise TypeError(f"encoder must be a TransformerEncoder, got {type(encoder).__name__}")
         self.encoder = encoder
-        self.config = MaskedTokenModelConfig(encoder.config, vocab_size)
-        self.head = nn.Linear(encoder.config.dim, vocab_size)
+        self.config = MaskedTokenModelConfig(encoder.config, vocab_size, transform)
+        dim = encoder.config.dim
+        if transform:  # BERT's prediction head: dense, GELU, LayerNorm, then the output layer
+            norm = nn.LayerNorm(dim, eps=encoder.config.layer_norm_eps)
+            self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), norm, nn.Linear(dim, vocab_size))
+        else:
+            self.head = nn.Linear(dim, vocab_size)
         self.head.apply(functools.partial(_init_weights, scheme=encoder.config.init))
 
     @classmethod
     def from_config(cls, config: MaskedTokenModelConfig) -> MaskedTokenModel:
-        return cls(TransformerEncoder.from_config(config.encoder), config.vocab_size)
+        return cls(TransformerEncoder.from_config(config.encoder), config.vocab_size, config.transform)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, select: torch.Tensor | None = None

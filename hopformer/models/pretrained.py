@@ -1,8 +1,10 @@
-"""Saving and loading models as Hugging Face does: a folder with ``config.json`` and ``model.safetensors``.
+"""Saving and loading models in Hugging Face's folder format: ``config.json`` and ``model.safetensors``.
 
 Every model is a :class:`PretrainedModel` built from a plain dataclass config; :func:`from_pretrained`
-rebuilds any of them, the class named by ``model_type`` in ``config.json``. Weights are safetensors, so
-loading never unpickles anything.
+rebuilds any of them, the class named in ``config.json``. The folder is the one ``transformers`` reads and
+writes for :mod:`hopformer.hf`'s classes (:mod:`hopformer.models.hf_format`): a run's checkpoint loads with
+``transformers.AutoModelForSequenceClassification.from_pretrained``, and a model saved by ``transformers``
+loads here. Weights are safetensors, so loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 import tempfile
 import typing
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,17 +48,21 @@ class PretrainedModel(nn.Module):
     def from_config(cls, config: Any) -> PretrainedModel:
         raise NotImplementedError
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created), each atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created), each atomically;
+        ``state_dict``: the weights to write (default the model's own; a sharded model's gathered ones)."""
         from safetensors.torch import save_file
+
+        from hopformer.models import hf_format
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": self.model_type, **asdict(self.config)}
+        config = hf_format.to_hf_config(self.model_type, self.config)
         atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
         tensors, tied = {}, {}
         first: dict[tuple, str] = {}
-        for name, tensor in self.state_dict().items():
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        for name, tensor in hf_format.weights_to_folder(self.model_type, state_dict).items():
             # tied weights (a causal LM's head and embedding) are one tensor: saved once, named in the metadata
             key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
             if tensor.numel() and key in first:
@@ -64,7 +70,7 @@ class PretrainedModel(nn.Module):
                 continue
             first[key] = name
             tensors[name] = tensor.detach().contiguous().cpu()
-        metadata = {"tied": json.dumps(tied)} if tied else None
+        metadata = {"format": "pt", **({"tied": json.dumps(tied)} if tied else {})}  # "pt": transformers asks
         atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata=metadata))
         return directory
 
@@ -98,6 +104,8 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} has no {name}; expected a folder written by save_pretrained")
+    from hopformer.models import hf_format
+
     config_path = directory / CONFIG_NAME
     try:
         values = json.loads(config_path.read_bytes().decode("utf-8"))
@@ -105,22 +113,44 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
         raise file_error(config_path, "not a valid model config (JSON)", error) from None
     if not isinstance(values, dict):
         raise file_error(config_path, f"a model config must be a JSON object, got a {type(values).__name__}")
-    model_type = values.pop("model_type", None)
+    hf = hf_format.is_hf_config(values)
+    # the transformers format names the class hopformer_class; that of hopformer 0.1 names it model_type
+    model_type = hf_format.hopformer_class(values) if hf else values.pop("model_type", None)
     if model_type not in MODEL_TYPES:
-        raise file_error(config_path, f"model_type={model_type!r}; known: {sorted(MODEL_TYPES)}")
-    cls = MODEL_TYPES[model_type]
+        known = "hopformer_class" if hf else "model_type"
+        raise file_error(config_path, f"{known}={model_type!r}; known: {sorted(MODEL_TYPES)}")
     try:
-        model = cls.from_config(config_from_dict(cls.config_class, values))
-    except (TypeError, ValueError) as error:
+        if hf:
+            config = hf_format.from_hf_config(values)[1]
+        else:
+            config = config_from_dict(MODEL_TYPES[model_type].config_class, values)
+        model = MODEL_TYPES[model_type].from_config(config)
+    except (TypeError, ValueError, KeyError) as error:
         raise file_error(config_path, "settings that build no model", error) from None
-    load_into(model, read_weights(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
+    weights_path = directory / WEIGHTS_NAME
+    load_into(model, hf_format.weights_from_folder(model_type, read_weights(weights_path)), weights_path)
     return model.to(device)
 
 
+def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(tensors)`` (strict), where a weight the model ties to another (a causal LM's output
+    layer and its embedding) may be absent: ``transformers`` stores a tied weight once, under either name."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    tensors = dict(tensors)
+    for group in names.values():
+        present = [name for name in group if name in tensors]
+        for name in group:
+            if present and name not in tensors:
+                tensors[name] = tensors[present[0]]
+    model.load_state_dict(tensors)
+
+
 def load_into(model: nn.Module, weights: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """``model.load_state_dict(weights)``; weights that do not fit the model are an error naming ``path``."""
+    """:func:`load_weights_into`; weights that do not fit the model are an error naming ``path``."""
     try:
-        model.load_state_dict(weights)
+        load_weights_into(model, weights)
     except RuntimeError as error:  # missing or unexpected keys, shape mismatches
         raise file_error(path, f"its weights do not fit the {type(model).__name__}", error) from None
 

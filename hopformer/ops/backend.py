@@ -43,6 +43,7 @@ class Request:
     hop_dropout: bool = False
     variant: str | None = None  # Combiner's
     gpu_memory: int | None = None  # bytes of the GPU the call runs on
+    exporting: bool = False  # traced by torch.export (and the ONNX exporter on it): a program for any device
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -53,6 +54,11 @@ class Request:
         """The request of a call on ``q`` (and ``v``, ``graph``): device, dtype, shape and block size from
         the tensors, the rest from ``facts``."""
         batch, heads, seq_len, head_dim = q.shape
+        if torch.compiler.is_exporting():  # the program runs anywhere, on any batch: choose without either
+            known = dict(dtype=q.dtype, heads=heads, seq_len=seq_len, head_dim=head_dim, exporting=True,
+                         value_dim=head_dim if v is None else v.shape[-1],
+                         block_size=None if graph is None else graph.block_size)  # fmt: skip
+            return cls(op, **{**known, **facts})
         known = dict(
             device=q.device.type,
             dtype=q.dtype,
@@ -87,6 +93,8 @@ class Request:
             parts.append("attention dropout" + (f" ({self.edge_dropout})" if diffusion else ""))
         if self.hop_dropout:
             parts.append("hop dropout")
+        if self.exporting:
+            parts.append("under torch.export")
         return ", ".join(parts)
 
     def replace(self, **changes: Any) -> Request:
@@ -99,7 +107,8 @@ class Support:
     """What a backend can run, declared once. :meth:`reasons` lists what stops it running a request.
 
     ``block_sizes``: a predicate on the graph's block size with its description (``rule``);
-    ``requires``: a check of the installation, returning the reason it cannot run at all (or None).
+    ``requires``: a check of the installation, returning the reason it cannot run at all (or None);
+    ``exportable``: ``torch.export`` can trace it into a program of standard operators (no compiled kernel).
     """
 
     ops: tuple[str, ...]
@@ -114,6 +123,7 @@ class Support:
     block_sizes: Callable[[int], bool] | None = None
     rule: str = ""
     requires: Callable[[], str | None] | None = field(default=None, compare=False)
+    exportable: bool = True
 
     def reasons(self, request: Request) -> list[str]:
         """Why a backend with this support cannot run ``request``; empty when it can."""
@@ -124,6 +134,8 @@ class Support:
         # and run elsewhere)
         if request.device is not None and self.requires is not None and (missing := self.requires()):
             found.append(missing)
+        if request.exporting and not self.exportable:
+            found.append("runs compiled kernels, which torch.export cannot trace")
         if request.device is not None and request.device not in self.devices:
             found.append(f"runs on {' or '.join(self.devices)}, not {request.device}")
         if request.dtype is not None and request.dtype not in self.dtypes:

@@ -35,6 +35,7 @@ class FlexCombiner:
     support = Support(
         ops=("combiner",),
         devices=("cuda",),
+        exportable=False,
         attention_dropout=False,
         min_head_dim=flex.MIN_HEAD_DIM,
         same_value_dim=True,

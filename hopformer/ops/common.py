@@ -3,6 +3,7 @@ padding and the diffusion hop loop."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -55,6 +56,20 @@ def check_key_padding_mask(key_padding_mask: object, q: torch.Tensor) -> None:
         raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
 
 
+@contextlib.contextmanager
+def eager_constants() -> Iterator[None]:
+    """Build what depends only on a graph and a length (the graph itself, its token mask, gather plans) eagerly,
+    even while ``torch.export`` traces a model: they become constants of the exported program instead of traced
+    computations on the graph's index tensors, whose values would be data-dependent guards. A no-op otherwise."""
+    if not torch.compiler.is_exporting():
+        yield
+        return
+    from torch.utils._python_dispatch import _disable_current_modes  # the tracer's fake and proxy modes
+
+    with _disable_current_modes():
+        yield
+
+
 # ------------------------------------------------------------------------------------ arithmetic
 def masked_softmax(
     scores: torch.Tensor,
@@ -98,7 +113,8 @@ def token_mask(graph, key_padding_mask: torch.Tensor | None, device: torch.devic
     masked, so they never reach a real token."""
     key = ("dense_mask", str(device))
     if key not in graph.cache:
-        graph.cache[key] = graph.to_dense(device)
+        with eager_constants():
+            graph.cache[key] = graph.to_dense(device)
     allowed = graph.cache[key][None, None]
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]

@@ -77,7 +77,7 @@ def _matrix_bytes(request: Request) -> int | None:
 def auto_ranking(request: Request) -> list[tuple[str, str]]:
     """The backends ``auto`` considers for ``request``, best first, each with why it is there. Backends
     left out are ones ``auto`` never takes for such a call (see :func:`_left_out`)."""
-    cuda = request.device == "cuda"
+    cuda = request.device == "cuda" and not request.exporting  # an exported program: the portable ranking
     if request.op == "combiner":
         long = request.seq_len is not None and request.seq_len >= COMBINER_FLEX_MIN_LEN
         if cuda and long:
@@ -93,9 +93,10 @@ def auto_ranking(request: Request) -> list[tuple[str, str]]:
             and (size is None or size <= MATRIX_AUTO_BYTES)
             and not request.attention_dropout
         )
-        gather = ("gather", "off CUDA: block tiles in pure PyTorch, memory O(seq x keys)")
+        where = "under torch.export" if request.exporting else "off CUDA"
+        gather = ("gather", f"{where}: block tiles in pure PyTorch, memory O(seq x keys)")
         if short:
-            why = f"diffusion off CUDA up to {CPU_MATRIX_AUTO_MAX_LEN} tokens: faster than gathering blocks"
+            why = f"diffusion {where} up to {CPU_MATRIX_AUTO_MAX_LEN} tokens: faster than gathering blocks"
             return [("matrix", why), gather]
         return [gather]
     if request.op == "sparse_attention":

@@ -241,6 +241,7 @@ class FlexBackend:
     support = Support(
         ops=("sparse_attention", "diffuse", "diffuse_weighted"),
         devices=("cuda",),
+        exportable=False,
         attention_dropout=False,  # PyTorch's FlexAttention has none
         min_head_dim=MIN_HEAD_DIM,
         block_sizes=tiles_fit,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from hopformer.graphs import BlockGraph
 from hopformer.ops.backend import NO_OPTIONS, HopOptions, Support
-from hopformer.ops.common import diffusion_steps, masked_softmax
+from hopformer.ops.common import diffusion_steps, eager_constants, masked_softmax
 
 # A narrow row costs about this much more per key than a wide (dense) row, for the gather copies.
 _GATHER_OVERHEAD = 1.5
@@ -46,7 +46,8 @@ def gather_plan(graph: BlockGraph, device: torch.device) -> GatherPlan:
     """The cached :class:`GatherPlan` of ``graph`` on ``device``."""
     key = ("gather_plan", str(device))
     if key not in graph.cache:
-        graph.cache[key] = _build_plan(graph, device)
+        with eager_constants():
+            graph.cache[key] = _build_plan(graph, device)
     return graph.cache[key]
 
 
@@ -188,8 +189,8 @@ def _pad_blocks(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def _head_chunks(graph: BlockGraph, plan: GatherPlan, batch: int, heads: int, store: bool) -> list[slice]:
-    if store:  # dropout masks must meet the same values in backward: keep everything in one chunk
-        return [slice(0, heads)]
+    if store or torch.compiler.is_exporting():  # dropout masks must meet the same values in backward; an
+        return [slice(0, heads)]  # exported program takes any batch size: keep everything in one chunk
     per_head = batch * (plan.narrow_mask.numel() + plan.wide_mask.numel())
     size = max(1, min(heads, CHUNK_ELEMENTS // max(per_head, 1)))
     return [slice(h, min(h + size, heads)) for h in range(0, heads, size)]

@@ -420,6 +420,7 @@ class TritonBackend:
             ops=("sparse_attention", "diffuse", "diffuse_weighted"),
             # the interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors, for tests
             devices=("cuda", "cpu") if interpreting() else ("cuda",),
+            exportable=False,
             attention_dropout=False,
             block_sizes=lambda size: size % MIN_TILE == 0,
             rule=f"is a multiple of {MIN_TILE}",

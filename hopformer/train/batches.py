@@ -120,12 +120,15 @@ class Runtime:
     mask_policy: str = "bert"
     first_id: int = 0  # the smallest real token id (1 where 0 pads): BERT's random replacements come from here
 
-    def batch(self, examples: list[dict], mask_seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    def batch(
+        self, examples: list[dict], mask_seed: int = 0, rows: slice | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         """Collate and move to the device; returns (model inputs, labels, number of real tokens).
 
         With ``mask_rate``, each real token is hidden with that probability (:func:`hide_tokens`, drawn
         from ``mask_seed``); the inputs then carry ``select`` (where tokens are hidden) and the labels are
-        the hidden tokens' ids, in row-major order.
+        the hidden tokens' ids, in row-major order. ``rows``: keep these rows of the
+        collated batch (a process's share of a distributed micro-batch: padded and masked as the whole batch is).
         """
         batch = collate(examples, max_length=self.max_length)
         for ids_key, mask_key in (("input_ids", "attention_mask"), ("input_ids_2", "attention_mask_2")):
@@ -144,6 +147,8 @@ class Runtime:
                 ids, batch["attention_mask"], self.mask_rate, self.mask_id, generator, self.mask_policy, self.first_id
             )
             batch["label"], batch["select"] = ids[hidden], hidden
+        if rows is not None:
+            batch, tokens = select_rows(batch, rows)
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
         return batch, batch.pop("label"), tokens
 
@@ -189,6 +194,21 @@ def hide_tokens(
     inputs = torch.where(hidden & (kind < 0.8), mask_id, ids)
     inputs = torch.where(hidden & (kind >= 0.8) & (kind < 0.9), random_ids, inputs)
     return inputs, hidden
+
+
+def select_rows(batch: dict[str, torch.Tensor], rows: slice) -> tuple[dict[str, torch.Tensor], int]:
+    """``rows`` of a collated batch, and their real tokens; a masked batch's labels (the hidden tokens, row-major)
+    keep those of these rows."""
+    label = batch["label"]
+    if "select" in batch:  # one label per hidden token: keep the tokens hidden in these rows
+        row_of_label = batch["select"].nonzero()[:, 0]
+        label = label[(row_of_label >= rows.start) & (row_of_label < rows.stop)]
+    else:
+        label = label[rows]
+    kept = {key: value[rows] for key, value in batch.items() if key != "label"}
+    kept["label"] = label
+    tokens = sum(int(mask.sum()) for key, mask in kept.items() if key.startswith("attention_mask"))
+    return kept, tokens
 
 
 def max_tokens(model: torch.nn.Module) -> int:

@@ -233,6 +233,10 @@ def check_config(config: Config) -> None:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum={tc.grad_accum}")
     if tc.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"train.precision must be auto, bf16 or fp32, got {tc.precision!r}")
+    from hopformer.train.distributed import PARALLELS
+
+    if tc.parallel not in PARALLELS:
+        raise ValueError(f"train.parallel={tc.parallel!r} is not known; choose one of {list(PARALLELS)}")
     if tc.objective not in OBJECTIVES:
         raise ValueError(f"train.objective={tc.objective!r} is not known; choose one of {list(OBJECTIVES)}")
     if tc.objective == "masked" and not 0 < tc.mask_rate < 1:

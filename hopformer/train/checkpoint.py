@@ -177,21 +177,27 @@ def save_training_checkpoint(
     state: TrainState,
     config: Config,
     metric: str = "accuracy",
+    *,
+    optimizer_state: dict[str, Any] | None = None,
+    window_sums: dict[str, Any] | None = None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Save the model and all a resume needs (:func:`resume_training` reads it back) into ``directory``."""
-    return save_checkpoint(
-        directory,
-        model,
-        {
-            "step": state.step,
-            "optimizer": optimizer.state_dict(),
-            "data": stream.state_dict(),
-            "rng": rng_state(),
-            f"best_val_{metric}": state.best,  # the validation score that picks best/
-            "schedule": {"name": config.optim.schedule, "lr": learning_rate(state.step, config)},
-            "window": state.window.sums(),
-        },
-    )
+    """Save the model and all a resume needs (:func:`resume_training` reads it back) into ``directory``.
+
+    A distributed run (:mod:`hopformer.train.distributed`) passes what it gathered from every rank: the optimiser
+    state as a single process keys it, the training window's summed sums and each rank's RNG state."""
+    values = {
+        "step": state.step,
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+        "data": stream.state_dict(),
+        "rng": rng_state(),
+        f"best_val_{metric}": state.best,  # the validation score that picks best/
+        "schedule": {"name": config.optim.schedule, "lr": learning_rate(state.step, config)},
+        "window": state.window.sums() if window_sums is None else window_sums,
+    }
+    if rng_ranks is not None:
+        values["rng_ranks"] = rng_ranks
+    return save_checkpoint(directory, model, values)
 
 
 def resume_training(
@@ -201,8 +207,13 @@ def resume_training(
     stream: Any,
     steps: int,
     metric: str = "accuracy",
+    parallel: Any = None,
 ) -> tuple[TrainState, Path]:
     """Load ``run_dir/last`` into the model, optimiser, data order and RNGs; returns the state and the folder.
+
+    ``parallel`` (a :class:`~hopformer.train.distributed.Parallel`): this process's place in a distributed run,
+    which loads weights and optimiser state into a wrapped or sharded model; the checkpoint may come from any
+    number of processes.
 
     Raises:
         FileNotFoundError: the run has no ``last/`` checkpoint.
@@ -216,6 +227,8 @@ def resume_training(
     check_state(state, path, metric)
     if state["step"] > steps:
         raise ValueError(f"train.steps={steps} is below the step {state['step']} this run has reached")
+    if parallel is not None and parallel.active:
+        return _resume_distributed(found, state, model, optimizer, stream, metric, parallel), found
     load_weights(model, found)
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -224,3 +237,19 @@ def resume_training(
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise file_error(path, "its optimiser, data order or RNG state does not fit this run", error) from None
     return TrainState(state["step"], state.get(f"best_val_{metric}"), Window(state.get("window", {}))), found
+
+
+def _resume_distributed(found, state, model, optimizer, stream, metric, parallel) -> TrainState:
+    device = next(model.parameters()).device
+    parallel.load_model_state(model, read_weights(Path(found) / WEIGHTS_NAME, device))
+    parallel.load_optimizer_state(model, optimizer, state["optimizer"])
+    stream.load_state_dict(state["data"])
+    ranks = state.get("rng_ranks")
+    if ranks is not None and len(ranks) == parallel.world:  # the same world: every rank's own RNG continues
+        set_rng_state(ranks[parallel.rank])
+    else:  # another world size: rank 0 continues rank 0's (a single process's) RNG, the others draw anew
+        set_rng_state(state["rng"])
+        if not parallel.main:
+            torch.manual_seed(int(state["step"]) * 1_000_003 + parallel.rank)
+    window = Window(state.get("window", {}) if parallel.main else {})  # the summed window, counted once
+    return TrainState(int(state["step"]), state.get(f"best_val_{metric}"), window)

@@ -157,6 +157,9 @@ class TrainConfig:
     byte, bits per character, perplexity or bits per dimension).
     ``init_from``: a run (its ``best/`` checkpoint) or checkpoint folder whose encoder weights start this
     run, e.g. a ``masked`` run before a ``classify`` one on the same task.
+    ``parallel``: under ``torchrun`` with several processes, ``"ddp"`` (DistributedDataParallel) or ``"fsdp"``
+    (FSDP2, ``fully_shard`` per block); ``batch_size`` stays the global batch (see
+    :mod:`hopformer.train.distributed`). A single process ignores it.
     """
 
     steps: int = 1500
@@ -178,6 +181,7 @@ class TrainConfig:
     mask_rate: float = 0.15
     mask_policy: str = "bert"
     init_from: str | None = None
+    parallel: str = "ddp"
 
 
 @dataclass

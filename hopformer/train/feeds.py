@@ -35,14 +35,16 @@ from hopformer.train.tasks import TaskData, warn_truncation
 PIXEL_LEVELS = 256  # 8-bit subpixels; the start token of a pixel model is id 256
 
 
-def make_feed(data: Any, config: Config, runtime: Runtime) -> Feed:
-    """The feed of a run: examples for the example tasks, windows of a corpus (causal or masked), images."""
+def make_feed(data: Any, config: Config, runtime: Runtime, rows: slice | None = None) -> Feed:
+    """The feed of a run: examples for the example tasks, windows of a corpus (causal or masked), images.
+    ``rows``: a process's rows of every micro-batch (distributed training; each process draws the whole
+    micro-batch a single process would, then keeps its rows); None: all."""
     if isinstance(data, TaskData):
-        return ExampleFeed(data, config, runtime)
+        return ExampleFeed(data, config, runtime, rows=rows)
     if isinstance(data, Corpus):
         masked = config.train.objective == "masked"
-        return (MaskedWindowFeed if masked else WindowFeed)(data, config, runtime, config.task)
-    return PixelFeed(data, config, runtime, config.task)
+        return (MaskedWindowFeed if masked else WindowFeed)(data, config, runtime, config.task, rows=rows)
+    return PixelFeed(data, config, runtime, config.task, rows=rows)
 
 
 def metric_label(metric: str) -> str:
@@ -85,13 +87,14 @@ class ExampleFeed:
 
     metric, higher_is_better = "accuracy", True
 
-    def __init__(self, data: TaskData, config: Config, runtime: Runtime) -> None:
+    def __init__(self, data: TaskData, config: Config, runtime: Runtime, rows: slice | None = None) -> None:
         self.data, self.config, self.runtime = data, config, runtime
         self.task = data.spec.name
         self.stream = training_stream(data.splits["train"], config)
         self.eval_batch = config.train.eval_batch_size or config.train.batch_size
         self._baselines: dict[str, float] | None = None
         warn_truncation(data.splits, runtime.max_length, f"model.max_len={runtime.max_length + runtime.prefix}")
+        self.rows = rows  # a process's rows of each micro-batch (distributed training); None: all
 
     def describe(self) -> str:
         splits = self.data.splits
@@ -102,7 +105,9 @@ class ExampleFeed:
 
     def next_batch(self, step: int, micro: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         examples = next_training_batch(self.data.splits["train"], self.stream, self.config)
-        return self.runtime.batch(examples, mask_seed(self.config, step, micro))
+        if self.rows is None:
+            return self.runtime.batch(examples, mask_seed(self.config, step, micro))
+        return self.runtime.batch(examples, mask_seed(self.config, step, micro), rows=self.rows)
 
     def evaluate(self, model: torch.nn.Module, split: str, max_batches: int | None = None) -> dict[str, float]:
         return evaluate(model, self.data.splits[split], self.runtime, self.eval_batch, max_batches)
@@ -137,8 +142,11 @@ class WindowFeed:
 
     higher_is_better = False
 
-    def __init__(self, corpus: Corpus, config: Config, runtime: Runtime, task: str = "bytes") -> None:
+    def __init__(
+        self, corpus: Corpus, config: Config, runtime: Runtime, task: str = "bytes", rows: slice | None = None
+    ) -> None:
         self.corpus, self.config, self.runtime, self.task = corpus, config, runtime, task
+        self.rows = rows  # a process's rows of each micro-batch's windows (distributed training); None: all
         self.context = config.data.max_length
         self.micro_batch = config.train.batch_size // config.train.grad_accum
         self.eval_batch = config.train.eval_batch_size or config.train.batch_size
@@ -175,6 +183,8 @@ class WindowFeed:
     def next_batch(self, step: int, micro: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         generator = torch.Generator().manual_seed(mask_seed(self.config, step, micro))
         windows = sample_windows(self.corpus.splits["train"], self.micro_batch, self.context + 1, generator)
+        if self.rows is not None:  # the windows of the whole micro-batch are drawn, then this process's kept
+            windows = windows[self.rows]
         windows = windows.to(self.runtime.device, non_blocking=True)
         return {"input_ids": windows[:, :-1]}, windows[:, 1:], windows.shape[0] * self.context
 
@@ -256,19 +266,25 @@ class MaskedWindowFeed(WindowFeed):
     its own index (the same tokens every time), scored over the hidden tokens only: bits per hidden byte or
     character (the Diffuser and BigBird papers' bits per character), perplexity for words."""
 
-    def __init__(self, corpus: Corpus, config: Config, runtime: Runtime, task: str = "bytes") -> None:
-        super().__init__(corpus, config, runtime, task)
+    def __init__(
+        self, corpus: Corpus, config: Config, runtime: Runtime, task: str = "bytes", rows: slice | None = None
+    ) -> None:
+        super().__init__(corpus, config, runtime, task, rows)
         self.mask_id = corpus.vocab_size  # the model's extra last id
 
     def score_name(self) -> str:
         return f"masked_{super().score_name()}"
 
-    def _hide(self, windows: torch.Tensor, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    def _hide(
+        self, windows: torch.Tensor, seed: int, rows: slice | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         tc = self.config.train
         generator = torch.Generator().manual_seed(seed)
         inputs, hidden = hide_tokens(
             windows, torch.ones_like(windows, dtype=torch.bool), tc.mask_rate, self.mask_id, generator, tc.mask_policy
         )
+        if rows is not None:  # the whole micro-batch is hidden as one process would, then this process's rows kept
+            windows, inputs, hidden = windows[rows], inputs[rows], hidden[rows]
         device = self.runtime.device
         labels = windows[hidden].to(device, non_blocking=True)
         return {"input_ids": inputs.to(device), "select": hidden.to(device)}, labels, windows.numel()
@@ -278,7 +294,7 @@ class MaskedWindowFeed(WindowFeed):
         windows = sample_windows(
             self.corpus.splits["train"], self.micro_batch, self.context, torch.Generator().manual_seed(seed)
         )
-        return self._hide(windows, seed + 1)
+        return self._hide(windows, seed + 1, self.rows)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, split: str, max_batches: int | None = None) -> dict[str, float]:
@@ -325,8 +341,9 @@ class PixelFeed:
 
     metric, higher_is_better = "bits_per_dim", False
 
-    def __init__(self, images: Any, config: Config, runtime: Runtime, task: str) -> None:
+    def __init__(self, images: Any, config: Config, runtime: Runtime, task: str, rows: slice | None = None) -> None:
         self.images, self.config, self.runtime, self.task = images, config, runtime, task
+        self.rows = rows  # a process's rows of each micro-batch's images (distributed training); None: all
         self.dims = int(np.prod(images.shape))
         self.micro_batch = config.train.batch_size // config.train.grad_accum
         self.eval_batch = config.train.eval_batch_size or config.train.batch_size
@@ -351,6 +368,8 @@ class PixelFeed:
         generator = torch.Generator().manual_seed(mask_seed(self.config, step, micro))
         train = self.images.splits["train"]
         picks = torch.randint(0, len(train), (self.micro_batch,), generator=generator).tolist()
+        if self.rows is not None:
+            picks = picks[self.rows]
         return self._batch(np.stack([train[i] for i in picks]))
 
     @torch.no_grad()

@@ -20,6 +20,9 @@ step the loop checks that the next one, with any evaluation and checkpoints it b
 margin, still ends before the limit, and otherwise saves ``last/`` and returns
 (:mod:`hopformer.train.control`).
 
+Under ``torchrun`` with several processes the same loop trains with DDP or FSDP2 (``train.parallel``), each
+process on its share of every batch, rank 0 logging and writing (:mod:`hopformer.train.distributed`).
+
 Run folder: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON record per log line),
 ``last/`` and ``best/`` checkpoints, ``results.json`` (final numbers), ``tensorboard/`` when
 TensorBoard is installed. A folder moved with ``last/`` alone resumes with a warning; its test then
@@ -39,7 +42,8 @@ from typing import Any
 import torch
 
 from hopformer.models import aux_loss, count_parameters
-from hopformer.train import control
+from hopformer.models.pretrained import WEIGHTS_NAME, read_weights
+from hopformer.train import control, distributed
 from hopformer.train.batches import Runtime
 from hopformer.train.build import (
     build_model,
@@ -54,6 +58,7 @@ from hopformer.train.checkpoint import (
     find_checkpoint,
     load_weights,
     resume_training,
+    rng_state,
     save_training_checkpoint,
 )
 from hopformer.train.config import CONFIG_NAME, Config, load_config, save_config, with_overrides
@@ -65,7 +70,8 @@ from hopformer.train.tasks import is_corpus_task, load_corpus_task, load_task
 
 # Settings a resumed run may change: they decide when and how it runs, not what it computes
 # (``train.steps`` only under a schedule that does not depend on it; see :func:`train`).
-RESUME_OVERRIDES = ("train.time_limit_minutes", "train.progress", "train.steps")
+RESUME_OVERRIDES = ("train.time_limit_minutes", "train.progress", "train.steps", "train.parallel")
+STOP_CODES = (None, "time_limit", "SIGTERM", "SIGINT")  # ranks agree on the largest
 
 
 @dataclass
@@ -113,36 +119,61 @@ def train(
     started = control.clock()
     config, run_dir = _settle(config, resume, resume_overrides)
     check_config(config)
-    deadline = control.run_deadline(started, config.train.time_limit_minutes, deadline)
-    threads = torch.get_num_threads()
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+    parallel = distributed.setup(config.train.parallel, config.train.device)  # a single process: no change
     try:
-        return _train(config, run_dir, resume is not None, log, deadline, started)
+        if parallel.active:  # one run folder: rank 0's (a default one is named by the time)
+            run_dir = Path(parallel.broadcast(str(run_dir)))
+            config.train.run_dir = str(run_dir)
+            log = log if parallel.main else _quiet
+        deadline = control.run_deadline(started, config.train.time_limit_minutes, deadline)
+        threads = torch.get_num_threads()
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        try:
+            return _train(config, run_dir, resume is not None, log, deadline, started, parallel)
+        finally:
+            torch.set_num_threads(threads)  # a library call leaves the process as it found it
     finally:
-        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+        parallel.close()
+
+
+def _quiet(*_: Any) -> None:
+    """The log of ranks other than 0."""
 
 
 def _train(
-    config: Config, run_dir: Path, resuming: bool, log: Any, deadline: float | None, started: float
+    config: Config,
+    run_dir: Path,
+    resuming: bool,
+    log: Any,
+    deadline: float | None,
+    started: float,
+    parallel: distributed.Parallel | None = None,
 ) -> TrainResult:
     """The body of :func:`train` once the run folder and config are settled."""
     tc = config.train
-    device = resolve_device(tc.device)
+    parallel = parallel or distributed.Parallel()
+    device = parallel.device(resolve_device(tc.device))
     check_device_support(config, device)
-    seed_everything(tc.seed)
-    data = _load_data(config, log)
+    seed_everything(tc.seed)  # on every rank: the same initial weights
+    data = _load_data(config, log, parallel)
     model = build_model(config, data).to(device)
     if tc.init_from and not resuming:
         log(f"encoder weights from {load_encoder_weights(model, tc.init_from)}")
+    raw, rows = model, distributed.rows(parallel, tc.batch_size // tc.grad_accum)
+    if parallel.active:
+        model = parallel.wrap(model)
+        torch.manual_seed(tc.seed * 1_000_003 + parallel.rank)  # dropout: each rank its own masks
     optimizer = make_optimizer(model, config)
-    runtime = Runtime.for_training(model, config, device)
-    feed = make_feed(data, config, runtime)
+    runtime = Runtime.for_training(raw, config, device)
+    feed = make_feed(data, config, runtime, rows=rows)
     # The run can start: only now is its folder made, so a run that fails to start leaves none behind.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_NAME)
+    if parallel.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_NAME)
+    parallel.barrier()
     budget = control.TimeBudget(deadline, control.margin_seconds(tc.time_limit_minutes, deadline, started))
-    run = _Run(config, run_dir, feed, model, optimizer, runtime, budget, log, started)
+    run = _Run(config, run_dir, feed, model, optimizer, runtime, budget, log, started, parallel=parallel, raw=raw)
     run.describe()
     if resuming:
         run.resume()
@@ -152,7 +183,7 @@ def _train(
 
     model.train()
     with control.StopFlag() as stop:
-        reason = "time_limit" if run.state.step < tc.steps and run.budget.expired() else None
+        reason = run.agree("time_limit" if run.state.step < tc.steps and run.budget.expired() else None)
         while run.state.step < tc.steps and reason is None:
             began = control.clock()
             lr = run.train_step()
@@ -167,7 +198,7 @@ def _train(
                 run.checkpoint("last")
             if evaluates:
                 run.state.window.restart_clock()  # tokens/s, steps/s: training time only
-            reason = stop.reason or (None if step == tc.steps or run.next_step_fits() else "time_limit")
+            reason = run.agree(stop.reason or (None if step == tc.steps or run.next_step_fits() else "time_limit"))
     run.bar.close()
     return run.stop(reason) if reason else run.test()
 
@@ -206,13 +237,20 @@ def default_run_dir(config: Config) -> Path:
     return Path("runs") / f"{config.task}-{config.model.attention}-{stamp}"
 
 
-def _load_data(config: Config, log: Any):
-    """The task's examples (:class:`~hopformer.train.tasks.TaskData`), its corpus or its image set."""
+def _load_data(config: Config, log: Any, parallel: distributed.Parallel | None = None):
+    """The task's examples (:class:`~hopformer.train.tasks.TaskData`), its corpus or its image set. In a
+    distributed run rank 0 loads first (generating or downloading what it must), the others after it."""
+    parallel = parallel or distributed.Parallel()
+    if not parallel.main:
+        parallel.barrier()
     if is_corpus_task(config.task):
-        return load_corpus_task(config, log)
-    data = load_task(config, progress=config.train.progress, log=log)
-    if config.data.data_dir is None:  # record the generated folder (in config.yaml), so resume and eval find it
-        config.data.data_dir = str(data.source)
+        data = load_corpus_task(config, log)
+    else:
+        data = load_task(config, progress=config.train.progress and parallel.main, log=log)
+        if config.data.data_dir is None:  # record the generated folder (in config.yaml), so resume and eval find it
+            config.data.data_dir = str(data.source)
+    if parallel.main:
+        parallel.barrier()
     return data
 
 
@@ -232,12 +270,23 @@ class _Run:
     state: TrainState = field(default_factory=TrainState)
     bar: Any = None
     saved_at: int | None = None  # the step of the newest last/ checkpoint
+    parallel: distributed.Parallel = field(default_factory=distributed.Parallel)
+    raw: torch.nn.Module | None = None  # the model unwrapped (DDP's module); the model itself by default
 
     def __post_init__(self) -> None:
-        self.metrics = MetricsLog(self.run_dir)
-        self.parameters = count_parameters(self.model)
+        self.raw = self.model if self.raw is None else self.raw
+        self.metrics = MetricsLog(self.run_dir) if self.parallel.main else _NoMetrics()
+        self.parameters = count_parameters(self.raw)
+        self.eval_model = self.parallel.evaluation_model(self.model)
 
     def describe(self) -> None:
+        if self.parallel.active:  # the first line of a distributed run: how it is spread
+            tc = self.config.train
+            share = tc.batch_size // tc.grad_accum // self.parallel.world
+            self.log(
+                f"{self.parallel.describe()}: global batch {tc.batch_size} in {tc.grad_accum} micro-batch(es), "
+                f"{share} example(s) per process each"
+            )
         self.log(self.feed.describe())
         self.log(
             f"model: {self.config.model.attention} attention, {self.parameters:,} parameters, on "
@@ -249,13 +298,18 @@ class _Run:
 
         tc = self.config.train
         self.bar = tqdm(
-            total=tc.steps, initial=self.state.step, disable=not tc.progress, dynamic_ncols=True, desc="train"
+            total=tc.steps,
+            initial=self.state.step,
+            disable=not (tc.progress and self.parallel.main),
+            dynamic_ncols=True,
+            desc="train",
         )
 
     def resume(self) -> None:
         """Continue from ``last/``: weights, optimiser, data order, RNGs, and the metrics up to that step."""
+        parallel = self.parallel if self.parallel.active else None  # None: the single-process path as it was
         self.state, found = resume_training(
-            self.run_dir, self.model, self.optimizer, self.feed, self.config.train.steps, self.feed.metric
+            self.run_dir, self.model, self.optimizer, self.feed, self.config.train.steps, self.feed.metric, parallel
         )
         self.metrics.truncate(self.state.step)
         self.log(f"resumed from {found} at step {self.state.step}")
@@ -270,14 +324,16 @@ class _Run:
         """One optimiser step over ``train.grad_accum`` micro-batches; returns its learning rate."""
         config, state, runtime = self.config, self.state, self.runtime
         lr = set_learning_rate(self.optimizer, learning_rate(state.step, config))
-        for micro in range(config.train.grad_accum):
+        accum = config.train.grad_accum
+        for micro in range(accum):
             inputs, labels, tokens = self.feed.next_batch(state.step, micro)
-            with runtime.context():
-                logits = self.model(**inputs).float()
-                loss, right, scored = objective_loss(logits, labels)
-                extra = aux_loss(self.model)
-                total = loss if extra is None else loss + extra
-            (total / config.train.grad_accum).backward()
+            with self.parallel.gradient_sync(self.model, micro == accum - 1):  # DDP/FSDP: the last one syncs
+                with runtime.context():
+                    logits = self.model(**inputs).float()
+                    loss, right, scored = objective_loss(logits, labels)
+                    extra = aux_loss(self.model)
+                    total = loss if extra is None else loss + extra
+                (total / accum).backward()
             state.window.add(loss, right, scored, tokens)
         optimizer_step(self.model, self.optimizer, config.optim.grad_clip)
         state.step += 1
@@ -288,6 +344,8 @@ class _Run:
     def log_training(self, lr: float) -> None:
         """Write the training record of the steps since the last one; a non-finite loss stops the run."""
         step, window = self.state.step, self.state.window
+        if self.parallel.active:  # the window of the whole batch: every rank's sums added
+            window.loss, window.correct, window.count, window.tokens = self._summed_window().values()
         record = window.record(step, lr)
         if self.runtime.device.type == "cuda":  # since the process started: training and evaluation
             record["peak_memory_mib"] = torch.cuda.max_memory_allocated(self.runtime.device) / 2**20
@@ -306,11 +364,12 @@ class _Run:
     def validate(self) -> None:
         """Score the validation split; save ``best/`` when the feed's score beats the best so far."""
         began = control.clock()
-        val = self.feed.evaluate(self.model, "val", self.config.train.eval_batches)
+        val = self.feed.evaluate(self.eval_model, "val", self.config.train.eval_batches)
         self.budget.eval_seconds = control.clock() - began
         step, metric = self.state.step, self.feed.metric
         self.metrics.write({"step": step, "split": "val", **_scores(val)})
-        self.bar.write(f"step {step}: val loss {val['loss']:.4f}, val {metric.replace('_', ' ')} {val[metric]:.4f}")
+        if self.parallel.main:
+            self.bar.write(f"step {step}: val loss {val['loss']:.4f}, val {metric.replace('_', ' ')} {val[metric]:.4f}")
         best = self.state.best
         if best is None or (val[metric] > best if self.feed.higher_is_better else val[metric] < best):
             self.state.best = val[metric]
@@ -319,12 +378,50 @@ class _Run:
     def checkpoint(self, name: str) -> None:
         """Save ``best/`` or ``last/``, timing it for the time budget."""
         began = control.clock()
-        save_training_checkpoint(
-            self.run_dir / name, self.model, self.optimizer, self.feed, self.state, self.config, self.feed.metric
-        )
+        if self.parallel.active:
+            self._checkpoint_distributed(name)
+        else:
+            save_training_checkpoint(
+                self.run_dir / name, self.model, self.optimizer, self.feed, self.state, self.config, self.feed.metric
+            )
         self.budget.checkpoint_seconds = max(self.budget.checkpoint_seconds, control.clock() - began)
         if name == "last":
             self.saved_at = self.state.step
+
+    def _checkpoint_distributed(self, name: str) -> None:
+        """Every rank gathers its part (weights, optimiser state, window sums, RNG state); rank 0 writes the
+        checkpoint in the single-process format, atomically; the others wait until it is in place."""
+        parallel = self.parallel
+        weights = parallel.full_model_state(self.model)
+        optimizer_state = parallel.full_optimizer_state(self.model, self.optimizer)
+        window = self._summed_window()
+        rngs = parallel.gather(rng_state())
+        if parallel.main:
+            save_training_checkpoint(
+                self.run_dir / name,
+                _GatheredModel(self.raw, weights),
+                self.optimizer,
+                self.feed,
+                self.state,
+                self.config,
+                self.feed.metric,
+                optimizer_state=optimizer_state,
+                window_sums=window,
+                rng_ranks=rngs,
+            )
+        parallel.barrier()
+
+    def _summed_window(self) -> dict[str, float | int]:
+        """The training window's sums over every rank."""
+        sums = self.state.window.sums()
+        loss, correct, count, tokens = self.parallel.sum([float(value) for value in sums.values()])
+        return {"loss": loss, "correct": int(correct), "count": int(count), "tokens": int(tokens)}
+
+    def agree(self, reason: str | None) -> str | None:
+        """The stop reason every rank acts on (a single process: its own)."""
+        if not self.parallel.active:
+            return reason
+        return STOP_CODES[self.parallel.agree(STOP_CODES.index(reason))]
 
     def next_step_fits(self) -> bool:
         """Whether the next step, with the evaluation and checkpoints it brings, ends before the deadline."""
@@ -359,9 +456,13 @@ class _Run:
         """The best validation checkpoint (else the final weights) on the test split (LRA convention)."""
         best_dir = find_checkpoint(self.run_dir / "best")
         if best_dir is not None:
-            load_weights(self.model, best_dir)
+            if self.parallel.active:
+                device = next(self.model.parameters()).device
+                self.parallel.load_model_state(self.model, read_weights(best_dir / WEIGHTS_NAME, device))
+            else:
+                load_weights(self.model, best_dir)
         tested = "best" if best_dir is not None else "final"  # final: no validation ran, or best/ was lost
-        test = self.feed.evaluate(self.model, "test")
+        test = self.feed.evaluate(self.eval_model, "test")
         self.metrics.write({"step": self.state.step, "split": "test", **_scores(test)})
         self.metrics.close()
         extra = {"task": self.feed.task, "attention": self.config.model.attention, "test_checkpoint": tested}
@@ -371,6 +472,8 @@ class _Run:
                 f"best_val_{self.feed.metric}": self.state.best,
             }
         extra |= self.feed.baseline()  # every trivial baseline on test (ListOps: also the root-operator rule)
+        if not self.parallel.main:  # rank 0 writes the results
+            return self._result(test, extra=extra)
         result = self._result(test, extra={**extra, **training_cost(self.run_dir)})
         (self.run_dir / RESULTS_NAME).write_text(json.dumps(result.__dict__, indent=2) + "\n")
         self.log(f"{self.feed.final_line(test, self.state.best, tested)}; run folder {self.run_dir}")
@@ -389,6 +492,30 @@ class _Run:
             self.parameters,
             **kwargs,
         )
+
+
+class _NoMetrics:
+    """The metrics log of ranks other than 0: writes nothing."""
+
+    def truncate(self, step: int) -> None:
+        pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _GatheredModel:
+    """A model to save with weights gathered from every rank (FSDP2's shards)."""
+
+    model: torch.nn.Module
+    weights: dict[str, torch.Tensor]
+
+    def save_pretrained(self, directory: Path) -> Path:
+        return self.model.save_pretrained(directory, state_dict=self.weights)
 
 
 def _scores(result: dict[str, float]) -> dict[str, float]:
