@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import hopformer.hf as hf
-    from hopformer.data.byte_corpus import sample_windows, stdlib_corpus
+    from hopformer.data.corpus import sample_windows, stdlib_corpus
     from hopformer.hf.convert import save_converted
     from hopformer.train.config import parse_assignment
 

@@ -85,7 +85,8 @@ def test_ddp_on_two_processes_gives_the_single_process_losses(setup):
     result = torchrun(train_args(root / "ddp", data, 4), root)
     first = result.stdout.strip().splitlines()[0]
     assert first.startswith("DDP, world size 2 (gloo)"), result.stdout
-    assert result.stdout.count("run folder: ") == 1  # rank 0 reports, the other process is quiet
+    finals = [line for line in result.stdout.splitlines() if line.startswith("test accuracy ")]
+    assert len(finals) == 1 and result.stdout.count("best val accuracy") == 1, result.stdout  # rank 1 is quiet
     assert_same_losses(losses(root / "ddp"), expected)
     saved = json.loads((root / "ddp" / "results.json").read_text())
     assert saved["test_loss"] == pytest.approx(expected[-1][2], abs=1e-5)
@@ -130,14 +131,16 @@ def test_routing_centroids_stay_identical_on_every_rank(tmp_path):
 
 def test_each_rank_gets_its_rows_of_the_single_process_batches(setup):
     """The feeds' shares (no processes needed): the ranks' rows, put together, are the single-process batch, hidden
-    tokens and their labels included (masked objective), and so are the byte windows of the causal LM."""
+    tokens and their labels included (masked objective), and so are the byte windows of the causal LM, the masked
+    windows of a masked LM and the images of a pixel model."""
     import numpy as np
     import torch
 
-    from hopformer.data.byte_corpus import ByteCorpus
+    from hopformer.data.corpus import Corpus
+    from hopformer.data.images import ImageSet
     from hopformer.train.batches import Runtime
     from hopformer.train.distributed import Parallel, rows
-    from hopformer.train.feeds import ExampleFeed, WindowFeed
+    from hopformer.train.feeds import ExampleFeed, MaskedWindowFeed, PixelFeed, WindowFeed
     from hopformer.train.tasks import load_task
 
     _, data_dir, _ = setup
@@ -154,14 +157,23 @@ def test_each_rank_gets_its_rows_of_the_single_process_batches(setup):
         assert torch.equal(torch.cat([piece[1] for piece in pieces]), labels) and len(labels) > 0
         assert sum(piece[2] for piece in pieces) == tokens
 
-    corpus = ByteCorpus({split: np.arange(5000, dtype=np.uint8) for split in ("train", "val", "test")}, "ramp")
-    config = load_config(None, {"task": "bytes", "data.max_length": 64, "train.batch_size": 8})
-    whole = WindowFeed(corpus, config, runtime)
-    parts = [WindowFeed(corpus, config, runtime, rows=r) for r in (slice(0, 4), slice(4, 8))]
-    inputs, targets, tokens = whole.next_batch(5, 0)
-    pieces = [part.next_batch(5, 0) for part in parts]
-    assert torch.equal(torch.cat([piece[0]["input_ids"] for piece in pieces]), inputs["input_ids"])
-    assert torch.equal(torch.cat([piece[1] for piece in pieces]), targets)
-    assert sum(piece[2] for piece in pieces) == tokens
+    corpus = Corpus({split: np.arange(5000, dtype=np.uint8) for split in ("train", "val", "test")}, "ramp")
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 4 * 4 * 3), dtype=np.uint8)
+    images = ImageSet({"train": pixels[:20], "val": pixels[20:30], "test": pixels[30:]}, (4, 4, 3), "noise")
+    cases = [
+        (WindowFeed, corpus, {"task": "bytes"}),
+        (MaskedWindowFeed, corpus, {"task": "bytes", "train.objective": "masked", "train.mask_rate": 0.3}),
+        (PixelFeed, images, {"task": "pixels"}),
+    ]
+    for feed, data, settings in cases:
+        config = load_config(None, {**settings, "data.max_length": 64, "train.batch_size": 8})
+        whole = feed(data, config, runtime, config.task)
+        parts = [feed(data, config, runtime, config.task, rows=r) for r in (slice(0, 4), slice(4, 8))]
+        inputs, targets, tokens = whole.next_batch(5, 0)
+        pieces = [part.next_batch(5, 0) for part in parts]
+        for key in inputs:
+            assert torch.equal(torch.cat([piece[0][key] for piece in pieces]), inputs[key]), (feed.__name__, key)
+        assert torch.equal(torch.cat([piece[1] for piece in pieces]), targets) and len(targets) > 0, feed.__name__
+        assert sum(piece[2] for piece in pieces) == tokens, feed.__name__
     with pytest.raises(ValueError, match="does not split over 3 processes"):
         rows(Parallel("ddp", 0, 3), 4)
