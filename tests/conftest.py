@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without CUDA, the Triton kernels' tests run under Triton's CPU interpreter. It must be chosen before triton is
+# first imported (transformers and torch.export import it), or triton's own helper functions stay compiled-only.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,7 +3,7 @@ random inputs, every pattern, causal or not, odd lengths, padding (including ful
 work (atomic adds), hop dropout and reset steps; and bf16 / fp16 within 16-bit rounding of float64.
 
 The kernel tests (marked ``triton``) run on CUDA, or on CPU through Triton's interpreter (``TRITON_INTERPRET=1``,
-set here before the kernels are first imported), and skip where Triton is not installed (the ``dev`` extra
+set in conftest.py before triton is first imported), and skip where Triton is not installed (the ``dev`` extra
 installs it, so CI runs them in the interpreter); the tile plan, the index guard and the input checks need no
 Triton and always run. The kernel tests keep the ``cuda`` marker too, so ``pytest -m cuda`` on a GPU runs them."""
 
@@ -16,9 +16,7 @@ import hopformer.graphs as G
 from hopformer.ops import diffuse, sparse_attention
 from hopformer.ops import triton_diffusion as T
 
-CUDA = torch.cuda.is_available()
-if not CUDA and T.available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+CUDA = torch.cuda.is_available()  # without CUDA, tests/conftest.py has turned Triton's interpreter on
 DEVICE = "cuda" if CUDA else "cpu"
 KERNELS = pytest.mark.skipif(
     not T.available() or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),

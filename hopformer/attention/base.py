@@ -213,17 +213,19 @@ class FullAttention(AttentionModule):
         return out * (key_padding_mask & has_real[:, None])[:, None, :, None].to(out.dtype)
 
 
-def use_portable_backends(model: nn.Module) -> set[str]:
+def use_portable_backends(model: nn.Module, exporting: bool = False) -> set[str]:
     """Set every attention layer of ``model`` whose backend runs on CUDA only (``flex``, ``triton``) to
     ``"auto"``, which computes the same attention on any device; returns the backends replaced. For
-    evaluating or analysing a checkpoint trained on a GPU with an explicit backend on a CPU."""
+    evaluating or analysing a checkpoint trained on a GPU with an explicit backend on a CPU. ``exporting``:
+    also replace the backends ``torch.export`` cannot trace (compiled kernels, wherever they run)."""
     from hopformer.ops import dispatch
 
     replaced = set()
     for module in model.modules():
         backend = getattr(module, "backend", "auto")
         if isinstance(module, AttentionModule) and backend != "auto":
-            if "cpu" not in dispatch.backends_for(module.op)[backend].support.devices:
+            support = dispatch.backends_for(module.op)[backend].support
+            if "cpu" not in support.devices or (exporting and not support.exportable):
                 replaced.add(backend)
                 module.backend = "auto"
     return replaced

@@ -27,7 +27,7 @@ class HopformerConfig(PreTrainedConfig):
     ``mlp_dim``, ``max_len``, ``attention`` (any name of ``hopformer.attention.available()``),
     ``attention_options``, ``norm``, ``positions``, ``dropout``, ``attention_dropout``, ``pad_id``,
     ``pad_to_multiple``, ``layer_norm_eps``, ``gradient_checkpointing``, ``init``, ``embedding``,
-    ``stem_depth``, ``causal``.
+    ``stem_depth``, ``causal``, ``image_shape`` (``(height, width, channels)`` with ``positions="image"``).
 
     Heads: ``pooling`` (``"mean"``, ``"cls"`` or ``"first"``), ``head_dim``, ``head_activation`` and
     ``num_labels`` / ``id2label`` (sequence classification); ``mlm_transform`` and ``masked_vocab_size``
@@ -70,6 +70,7 @@ class HopformerConfig(PreTrainedConfig):
     embedding: str = _E["embedding"]
     stem_depth: int = _E["stem_depth"]
     causal: bool = _E["causal"]
+    image_shape: list[int] | None = None
     pooling: str = _H["pooling"]
     head_dim: int | None = _H["head_dim"]
     head_activation: str = _H["head_activation"]

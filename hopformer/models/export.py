@@ -105,7 +105,7 @@ def _prepare(model: nn.Module, seq_len: int | None, portable: bool) -> tuple[Pre
 
     model = _hopformer_model(model).eval()
     if portable:
-        use_portable_backends(model)
+        use_portable_backends(model, exporting=True)
     seq_len = default_length(model) if seq_len is None else seq_len
     check_exportable(model, seq_len)
     return model, seq_len
