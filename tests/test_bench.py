@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from hopformer.bench.harness import Case, command_line, dense_skip_reason, label, positive_int
+from hopformer.bench.harness import Case, command_line, dense_skip_reason, floors, label, positive_int
 from hopformer.cli import main
+from hopformer.graphs import build_graph
 
 TINY = ["--seq-lens", "128,256", "--heads", "2", "--head-dim", "8", "--block-size", "16", "--repeats", "1"]
 
@@ -225,3 +226,24 @@ def test_command_line_is_the_script_relative_to_here_then_the_arguments_given(mo
     monkeypatch.setattr("sys.argv", [str(tmp_path / "benchmarks" / "probe.py"), "--from", "shell"])
     assert command_line(["--images", "7"]) == "benchmarks/probe.py --images 7"
     assert command_line() == "benchmarks/probe.py --from shell"
+
+
+def test_floor_is_the_graphs_share_of_dense_time_per_pass():
+    """A pass over a graph of density p costs p x dense attention's FLOPs: its floor is p x SDPA's time, scaled
+    by (L / L_ref)^2 where SDPA did not run; diffusion makes hops + 1 passes."""
+    settings = {"pattern": "bigbird", "graph_options": {"block_size": 64, "num_global": 1, "num_random": 1}, "hops": 3}
+    rows = [
+        {"op": "sdpa", "backend": "sdpa", "seq_len": 1024, "mode": "fwd", "ms": 10.0},
+        {"op": "sparse", "backend": "triton", "seq_len": 1024, "mode": "fwd", "ms": 4.0},
+        {"op": "diffuse", "backend": "triton", "seq_len": 2048, "mode": "fwd", "ms": 30.0},
+        {"op": "sdpa", "backend": "sdpa", "seq_len": 2048, "mode": "fwd", "skipped": "too long"},
+        {"op": "sparse", "backend": "triton", "seq_len": 1024, "mode": "fwd+bwd", "ms": 9.0},  # no SDPA in this mode
+    ]
+    entries = {(e["op"], e["seq_len"]): e for e in floors(rows, settings)}
+    assert len(entries) == 2
+    density = {n: build_graph("bigbird", n, **settings["graph_options"]).density for n in (1024, 2048)}
+    sparse, diffused = entries[("sparse [triton]", 1024)], entries[("diffuse [triton]", 2048)]
+    assert sparse["floor_ms"] == pytest.approx(density[1024] * 10.0)
+    assert sparse["over_floor"] == pytest.approx(4.0 / (density[1024] * 10.0))
+    assert diffused["passes"] == 4 and diffused["sdpa_reference_len"] == 1024
+    assert diffused["floor_ms"] == pytest.approx(4 * density[2048] * 10.0 * 4)

@@ -35,7 +35,9 @@ from hopformer.ops.combiner_attention import combiner, resolve_block_size
 MEASURED = {
     "sdpa": "F.scaled_dot_product_attention; on CPU with the graph's dense boolean (L, L) mask, on CUDA "
     "unmasked (full attention through the fused cuDNN / Flash kernels).",
-    "sparse": "hopformer.ops.sparse_attention on the graph (bigbird), backend as named.",
+    "sparse": "hopformer.ops.sparse_attention on the graph (bigbird), backend as named; the peers 'flexattention' "
+    "and 'flexattention-flash' are PyTorch's compiled flex_attention itself under the graph's BlockMask, with "
+    "Inductor's kernel and with kernel_options={'BACKEND': 'FLASH'} (FlashAttention-4, where PyTorch has it).",
     "diffuse": "hopformer.ops.diffuse on the graph, `hops` hops, backend as named.",
     "routing": "RoutingAttention.attend (the module's attention core, no projections) in training mode: "
     "local heads (blocked local attention: FlexAttention on the local block graph on CUDA, batched SDPA "
@@ -57,6 +59,10 @@ class Case:
     seq_len: int
     mode: str  # "fwd" or "fwd+bwd"
     variant: str | None = None  # combiner variant
+
+
+# FlexAttention itself as the peer of `sparse`: its kernel options by backend name
+FLEX_PEERS = {"flexattention": None, "flexattention-flash": {"BACKEND": "FLASH"}}
 
 
 def label(row: dict) -> str:
@@ -249,6 +255,8 @@ def _core(case: Case, settings: dict, device: torch.device, q, k, v) -> tuple[Ca
         if case.op == "sdpa":
             mask = graph.to_dense(device) if device.type == "cpu" else None
             return (lambda: (F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None)), {}
+        if case.op == "sparse" and case.backend in FLEX_PEERS:
+            return _flex_peer(graph, case.backend, q, k, v), {}
         if case.op == "sparse":
             return (lambda: (sparse_attention(q, k, v, graph, backend=case.backend), None)), {}
         hops, alpha = settings["hops"], settings["alpha"]
@@ -277,6 +285,19 @@ def _core(case: Case, settings: dict, device: torch.device, q, k, v) -> tuple[Ca
         }
         return call, config
     raise ValueError(f"op={case.op!r} is not known; choose from {list(OPS)}")
+
+
+def _flex_peer(graph, backend: str, q, k, v) -> Callable:
+    """PyTorch's compiled ``flex_attention`` under the graph's BlockMask (no hopformer code in the timed step)."""
+    from hopformer.ops import flex
+
+    if graph.seq_len % flex.TILE:
+        raise ValueError(f"{backend} needs a length that is a multiple of {flex.TILE}, got {graph.seq_len}")
+    if not q.is_cuda:
+        raise ValueError(f"{backend} runs on CUDA only")
+    plan = flex.block_mask(graph, None, q.device)
+    options = FLEX_PEERS[backend]
+    return lambda: (flex.run_flex(q, k, v, plan.mask, q.shape[-1] ** -0.5, options or {}), None)
 
 
 def routing_module(settings: dict, seq_len: int, device: torch.device):
@@ -419,6 +440,49 @@ def ratios(rows: list[dict]) -> list[dict]:
                     entry["within_3x_time_2x_memory"] = entry["time"] <= 3.0 and entry["memory"] <= 2.0
                 out.append(entry)
     return out
+
+
+def floors(rows: list[dict], settings: dict) -> list[dict]:
+    """Each ``sparse`` and ``diffuse`` row against its FLOP floor: the time of its block-sparse passes (1 for
+    sparse attention, ``hops + 1`` for diffusion) at the rate dense SDPA reached in the same run and mode.
+    A pass over a graph of density ``p`` costs ``p`` times dense attention's FLOPs, so its floor is ``p`` times
+    SDPA's time at that length; where SDPA was not run at a length, its time is scaled from the longest length
+    it ran at by ``(L / L_ref)**2`` (its FLOPs)."""
+    dense = {(r["seq_len"], r["mode"]): r["ms"] for r in rows if r["op"] == "sdpa" and "ms" in r}
+    out = []
+    for row in rows:
+        if row["op"] not in ("sparse", "diffuse") or "ms" not in row:
+            continue
+        seq_len, mode = row["seq_len"], row["mode"]
+        references = [length for length, m in dense if m == mode and length <= seq_len]
+        if not references:
+            continue
+        reference = seq_len if (seq_len, mode) in dense else max(references)
+        sdpa_ms = dense[(reference, mode)] * (seq_len / reference) ** 2
+        density = build_graph(settings["pattern"], seq_len, **settings["graph_options"]).density
+        passes = 1 if row["op"] == "sparse" else settings["hops"] + 1
+        floor_ms = passes * density * sdpa_ms
+        out.append(
+            {
+                "seq_len": seq_len,
+                "mode": mode,
+                "op": label(row),
+                "passes": passes,
+                "density": density,
+                "sdpa_reference_len": reference,
+                "floor_ms": floor_ms,
+                "over_floor": row["ms"] / floor_ms,
+            }
+        )
+    return out
+
+
+def floor_line(entry: dict) -> str:
+    return (
+        f"L={entry['seq_len']} {entry['mode']}: {entry['op']} = {entry['over_floor']:.2f}x its floor "
+        f"({entry['floor_ms']:.2f} ms: {entry['passes']} pass(es) at density {entry['density']:.4f}, SDPA's rate "
+        f"at L={entry['sdpa_reference_len']})"
+    )
 
 
 def ratio_line(entry: dict) -> str:

@@ -31,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backends",
         default=None,
-        help="gather,flex,matrix,triton,dense for sparse/diffuse (default: gather on CPU, flex on CUDA)",
+        help="gather,flex,matrix,triton,dense for sparse/diffuse (default: gather on CPU, flex on CUDA); for sparse "
+        "also the peers flexattention and flexattention-flash (PyTorch's flex_attention itself, CUDA)",
     )
     parser.add_argument(
         "--combiner-variants",
@@ -90,9 +91,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hopformer.bench.harness import (
+        FLEX_PEERS,
         MEASURED,
         Case,
         environment,
+        floor_line,
+        floors,
         label,
         plot,
         ratio_line,
@@ -149,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
                     rows.append({**asdict(Case("sdpa", "sdpa", seq_len, mode)), "skipped": "above --sdpa-max-len"})
                 elif op == "sdpa":
                     cases.append(Case("sdpa", "sdpa", seq_len, mode))
-                elif op in ("sparse", "diffuse"):
-                    cases.extend(Case(op, backend, seq_len, mode) for backend in backends)
+                elif op in ("sparse", "diffuse"):  # FlexAttention itself is a peer of sparse attention only
+                    peers = () if op == "sparse" else FLEX_PEERS
+                    cases.extend(Case(op, backend, seq_len, mode) for backend in backends if backend not in peers)
                 elif op == "routing":
                     cases.append(Case("routing", "eager", seq_len, mode))
                 else:
@@ -184,9 +189,12 @@ def run(args: argparse.Namespace) -> int:
         "runs": runs,
         "rows": rows,
         "ratios": ratios(rows),
+        "floors": floors(rows, settings),
     }
     for entry in result["ratios"]:
         print(ratio_line(entry))
+    for entry in result["floors"]:
+        print(floor_line(entry))
     for mode in args.modes.split(","):
         print(table(result, mode))
     write_json(args.out, result)  # makes the folder the PNG below goes into

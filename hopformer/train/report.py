@@ -14,8 +14,9 @@ can be compared at equal steps, with the training curves dashed (the mean over e
 so overfitting shows as a widening gap. A row of three or more seeds is drawn as its mean over the seeds
 with a band of ± one standard deviation; a row of fewer, one line per run.
 
-Runs of a causal language model (``bytes`` tasks) are scored in bits per byte instead (lower is better):
-the same table and curves, with that metric in place of accuracy.
+Runs of a language or pixel model are scored by their own metric instead (bits per byte or character,
+masked bits per hidden byte, perplexity, bits per dimension; lower is better): the same table and curves,
+with that metric in place of accuracy.
 """
 
 from __future__ import annotations
@@ -223,14 +224,15 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"| run | seed | step (of) | best validation {unit} (step) | test {unit} | training "
-        f"{'bits per byte' if unit != '%' else 'accuracy %'} at end | steps/s |",
+        f"{unit if unit != '%' else 'accuracy %'} at end | steps/s |",
     ]
     lines.append("|---|---|---|---|---|---|---|")
     for row in report["rows"]:
         for m in row["runs"]:
             val = "–" if m["best_val"] is None else f"{m['best_val']:.2f} ({m['best_val_step']})"
             test = "–" if m["test"] is None else f"{m['test']:.2f}"
-            train = "–" if m["train_accuracy_end"] is None else f"{m['train_accuracy_end']:.1f}"
+            digits = 1 if unit == "%" else 2
+            train = "–" if m["train_accuracy_end"] is None else f"{m['train_accuracy_end']:.{digits}f}"
             speed = "–" if m["steps_per_s"] is None else f"{m['steps_per_s']:.1f}"
             lines.append(
                 f"| {m['folder']} | {m['seed']} | {m['step']} ({m['steps']}) | {val} | {test} | {train} | {speed} |"
