@@ -19,12 +19,22 @@ sequence's own position, so prompts of different lengths decode together). Every
 - :class:`CombinerCache`: Combiner-Fixed keeps the current block's tokens and one summary per completed block
   (made when the block completes); the other variants keep every past query, key and value and recompute the
   new row exactly (correct, not incremental).
+
+**Graph-safe steps.** A cache whose :func:`graph_safe` is True (:class:`KVCache`, :class:`GraphCache`) steps
+without a host synchronisation and with the same shapes at every position (full attention masks the whole
+preallocated length instead of slicing to the longest position), and a step is *idempotent*: running it twice
+for the same token and positions leaves the cache as once. ``CausalLM.generate`` captures such steps in one CUDA
+graph (it warms up by running the first step, so that step may run more than once). Routing and Combiner caches
+read counters and completed blocks on the host and decode eagerly.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +44,39 @@ from hopformer.ops.common import masked_softmax
 
 
 def scatter_positions(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """``buffer[b, :, index[b]] = values[b, :, 0]`` for every sequence ``b``: one new entry each."""
-    batch, heads, _, dim = buffer.shape
-    buffer.scatter_(2, index.view(batch, 1, 1, 1).expand(batch, heads, 1, dim), values)
+    """``buffer[..., b, :, index[b]] = values[..., b, :, 0]`` for every sequence ``b``: one new entry each
+    (leading dims, e.g. stacked pools, take the same positions)."""
+    batch = buffer.shape[-4]
+    buffer.scatter_(-2, index.view(batch, 1, 1, 1).expand(values.shape), values)
 
 
 def gather_positions(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``buffer[b, :, index[b, j]]`` for every ``b`` and ``j``: ``(batch, heads, len(index[b]), dim)``."""
-    batch, heads, _, dim = buffer.shape
-    return buffer.gather(2, index[:, None, :, None].expand(batch, heads, index.shape[1], dim))
+    """``buffer[..., b, :, index[b, j]]`` for every ``b`` and ``j``: ``(..., batch, heads, len(index[b]), dim)``
+    (leading dims, e.g. stacked pools, are gathered at the same positions)."""
+    *lead, batch, heads, _, dim = buffer.shape
+    return buffer.gather(-2, index[:, None, :, None].expand(*lead, batch, heads, index.shape[1], dim))
+
+
+def graph_safe(cache: Any) -> bool:
+    """Whether ``cache``'s decoding step can be captured in a CUDA graph: no host synchronisation, the same
+    shapes at every position, and idempotent (see the module docstring)."""
+    return bool(getattr(cache, "graph_safe", False))
+
+
+# Layers on the same graph derive the same neighbour indices from the same positions: within one decoding step
+# (:func:`shared_step_indices`) the first layer's are kept for the others.
+_STEP_INDICES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hopformer_step_indices", default=None)
+
+
+@contextlib.contextmanager
+def shared_step_indices() -> Iterator[None]:
+    """Within this block, :class:`GraphCache` steps on the same slot plan and the same ``positions`` tensor
+    share one derivation of the neighbour indices (``TransformerEncoder.step`` wraps its layers in it)."""
+    token = _STEP_INDICES.set({})
+    try:
+        yield
+    finally:
+        _STEP_INDICES.reset(token)
 
 
 def attend_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -60,6 +94,7 @@ class KVCache:
 
     k: torch.Tensor
     v: torch.Tensor
+    graph_safe: ClassVar[bool] = True
 
     @classmethod
     def new(cls, batch: int, heads: int, head_dim: int, max_len: int, device, dtype) -> KVCache:
@@ -73,9 +108,10 @@ class KVCache:
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         scatter_positions(self.k, positions, k)
         scatter_positions(self.v, positions, v)
-        reach = int(positions.max()) + 1
-        allowed = torch.arange(reach, device=q.device)[None, :] <= positions[:, None]  # (B, reach)
-        return attend_row(q, self.k[:, :, :reach], self.v[:, :, :reach], allowed[:, None])
+        # the whole preallocated length under a mask: the same shapes at every position and no host sync (slicing
+        # to the longest position would need it); later positions get probability exactly 0
+        allowed = torch.arange(self.k.shape[2], device=q.device)[None, :] <= positions[:, None]  # (B, max_len)
+        return attend_row(q, self.k, self.v, allowed[:, None])
 
 
 # ------------------------------------------------------------------------------------------ graphs
@@ -90,6 +126,31 @@ class SlotPlan:
     rows: torch.Tensor
     slot: torch.Tensor
     slots: int
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where the new tokens at ``positions (B,)`` read and write: pool indices ``(B, M)`` of their key
+        positions (``M = width * block_size``), which of them each may use ``(B, M)``, which is the token itself
+        ``(B, M)``, and its own pool index ``(B,)``. Tensor arithmetic only (no host sync); shared by the layers
+        of one step under :func:`shared_step_indices`."""
+        memo = None if torch.compiler.is_compiling() else _STEP_INDICES.get()
+        key = (id(self), id(positions))
+        if memo is not None and key in memo:
+            plan, same, found = memo[key]
+            if plan is self and same is positions:  # (ids of live objects: the entry holds both)
+                return found
+        bs = self.block_size
+        row = positions // bs
+        at = self.slot[row] * bs + positions % bs
+        blocks = self.rows[row]  # (B, width), -1 padded
+        offsets = torch.arange(bs, device=positions.device)
+        key_positions = (blocks[:, :, None] * bs + offsets).flatten(1)  # negative for padding blocks
+        index = (self.slot[blocks.clamp(min=0)][:, :, None] * bs + offsets).flatten(1)
+        allowed = (key_positions >= 0) & (key_positions <= positions[:, None])
+        own = key_positions == positions[:, None]
+        found = (index, allowed, own, at)
+        if memo is not None:
+            memo[key] = (self, positions, found)
+        return found
 
 
 def slot_plan(graph: BlockGraph, device: torch.device) -> SlotPlan:
@@ -130,19 +191,29 @@ def slot_plan(graph: BlockGraph, device: torch.device) -> SlotPlan:
 class GraphCache:
     """Keys and value states of the blocks a causal graph can still reach, in a pool of slots.
 
-    ``k``: ``(batch, heads, slots * block_size, head_dim)``; ``states[t]``: the pool of ``Z_t`` (``states[0]``
-    holds the values), one per hop state a later token reads (1 for sparse attention, ``hops`` for Diffuser).
+    ``pools``: ``(1 + states, batch, heads, slots * block_size, head_dim)``: the keys, then one pool per hop
+    state a later token reads (``Z_0 = V``; 1 state for sparse attention, ``hops`` for Diffuser), so that one
+    gather reads them all at a new token's neighbours. ``k`` and ``states[t]`` are views of it.
     """
 
     plan: SlotPlan
-    k: torch.Tensor
-    states: list[torch.Tensor]
+    pools: torch.Tensor
+    graph_safe: ClassVar[bool] = True
 
     @classmethod
     def new(cls, plan: SlotPlan, batch: int, heads: int, head_dim: int, num_states: int, device, dtype) -> GraphCache:
-        shape = (batch, heads, plan.slots * plan.block_size, head_dim)
-        pool = functools.partial(torch.zeros, shape, device=device, dtype=dtype)
-        return cls(plan, pool(), [pool() for _ in range(num_states)])
+        shape = (1 + num_states, batch, heads, plan.slots * plan.block_size, head_dim)
+        return cls(plan, torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def k(self) -> torch.Tensor:
+        """The key pool ``(batch, heads, slots * block_size, head_dim)``."""
+        return self.pools[0]
+
+    @property
+    def states(self) -> list[torch.Tensor]:
+        """The pools of ``Z_0 = V, Z_1 ...`` (views)."""
+        return [self.pools[t] for t in range(1, self.pools.shape[0])]
 
     def _pool_index(self, positions: torch.Tensor) -> torch.Tensor:
         bs = self.plan.block_size
@@ -160,18 +231,13 @@ class GraphCache:
         index = self._pool_index(positions)
         for b in range(k.shape[0]):
             kept = keep[b]
-            self.k[b, :, index[kept]] = k[b, :, kept]
-            for pool, state in zip(self.states, states, strict=True):
-                pool[b, :, index[kept]] = state[b, :, kept]
+            self.pools[0, b, :, index[kept]] = k[b, :, kept]
+            for t, state in enumerate(states, 1):
+                self.pools[t, b, :, index[kept]] = state[b, :, kept]
 
     def neighbours(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool indices ``(B, width * block_size)`` of each new token's keys, and which of them it may use."""
-        bs = self.plan.block_size
-        blocks = self.plan.rows[positions // bs]  # (B, width)
-        offsets = torch.arange(bs, device=positions.device)
-        key_positions = (blocks[:, :, None] * bs + offsets).flatten(1)
-        index = (self.plan.slot[blocks.clamp(min=0)][:, :, None] * bs + offsets).flatten(1)
-        allowed = (blocks[:, :, None] >= 0).expand(-1, -1, bs).flatten(1) & (key_positions <= positions[:, None])
+        index, allowed, _, _ = self.plan.lookup(positions)
         return index, allowed
 
     def step(
@@ -180,24 +246,34 @@ class GraphCache:
         """The new token's states ``z_1 .. z_T`` (the last is its output): sparse attention (``steps=[0.0]``)
         or the power iteration over the cached states, ``z_t = lerp(A z_{t-1}, v, a_t)``; its own states are
         stored for later tokens."""
-        at = self._pool_index(positions)
-        scatter_positions(self.k, at, k)
-        scatter_positions(self.states[0], at, v)
-        index, allowed = self.neighbours(positions)
-        keys = gather_positions(self.k, index)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        index, allowed, own, at = self.plan.lookup(positions)
+        scatter_positions(self.pools[0], at, k)
+        scatter_positions(self.pools[1], at, v)
+        gathered = gather_positions(self.pools, index)  # (1 + T, B, H, M, d): keys and every state, at once
+        scores = torch.matmul(q, gathered[0].transpose(-1, -2)) * q.shape[-1] ** -0.5
         probs = masked_softmax(scores.to(torch.promote_types(q.dtype, torch.float32)), allowed[:, None, None, :])
         probs = probs.to(v.dtype)
+        if len(steps) == 1:  # one hop: attention over the gathered values, the new token's own included
+            a = steps[0]
+            if a >= 1.0:
+                return [v]
+            attended = torch.matmul(probs, gathered[1])
+            return [attended if a == 0.0 else torch.lerp(attended, v, a)]
+        # Hop t reads Z_t of every neighbour. The others' states are final (prefix-stable causal graph), so all
+        # hops' sums over them are one matmul; the new token's own Z_t is made here (its pool entry is stale
+        # until stored), so its share is added apart: A z_t = others' part + p_own * z_t.
+        own = own[:, None, None, :]
+        own_share = (probs * own).sum(-1, keepdim=True)  # (B, H, 1, 1)
+        others = torch.matmul(probs.masked_fill(own, 0.0), gathered[1:])  # (T, B, H, 1, d)
         z, states = v, []
         for hop, a in enumerate(steps):
             if a >= 1.0:
                 z = v
             else:
-                attended = torch.matmul(probs, gather_positions(self.states[hop], index))
+                attended = torch.addcmul(others[hop], own_share, z)
                 z = attended if a == 0.0 else torch.lerp(attended, v, a)
             states.append(z)
-            if hop + 1 < len(steps):  # the next hop reads this state, the new token's own included
-                scatter_positions(self.states[hop + 1], at, z)
+        scatter_positions(self.pools[2:], at, torch.stack(states[:-1]))  # Z_1 .. Z_{T-1}, read by later tokens
         return states
 
 
