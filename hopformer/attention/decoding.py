@@ -72,6 +72,9 @@ _STEP_INDICES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hop
 def shared_step_indices() -> Iterator[None]:
     """Within this block, :class:`GraphCache` steps on the same slot plan and the same ``positions`` tensor
     share one derivation of the neighbour indices (``TransformerEncoder.step`` wraps its layers in it)."""
+    if torch.compiler.is_compiling():  # a traced step derives them per layer (the compiler shares them)
+        yield
+        return
     token = _STEP_INDICES.set({})
     try:
         yield

@@ -192,20 +192,20 @@ class CausalLM(PretrainedModel):
 
     def cuda_graph_obstacle(self, caches: list[Any]) -> str | None:
         """Why a decoding step against ``caches`` cannot be captured in a CUDA graph, or None when it can."""
+        reasons = []
         device = self.head.weight.device
         if device.type != "cuda":
-            return f"CUDA graphs need the model on a CUDA device; it is on {device}"
+            reasons.append(f"CUDA graphs need the model on a CUDA device; it is on {device}")
         unsafe = [
-            f"layer {index} ({self.config.encoder.attention}: {type(cache).__name__})"
-            for index, cache in enumerate(caches)
-            if not graph_safe(cache)
+            f"layer {index} ({type(cache).__name__})" for index, cache in enumerate(caches) if not graph_safe(cache)
         ]
         if unsafe:
-            return (
-                f"the decoding caches of {', '.join(unsafe)} step with host synchronisation (Routing and Combiner "
-                "read their counters and completed blocks on the host), so they decode eagerly"
+            reasons.append(
+                f"the {self.config.encoder.attention} attention's decoding caches ({', '.join(unsafe)}) step with host "
+                "synchronisation (Routing and Combiner read counters and completed blocks on the host): they decode "
+                "eagerly"
             )
-        return None
+        return "; ".join(reasons) or None
 
     def _last_logits(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The full forward pass over each sequence's first ``lengths`` tokens; the logits at its last one."""
