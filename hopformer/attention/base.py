@@ -111,7 +111,8 @@ class AttentionModule(nn.Module):
         batch = x.shape[0]
         q, k, v = self.qkv(x).view(batch, 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
-            q, k = self.rotary.at(q, positions), self.rotary.at(k, positions)
+            cos, sin = self.rotary.angles_at(positions, torch.promote_types(q.dtype, torch.float32))
+            q, k = self.rotary.rotate_at(q, cos, sin), self.rotary.rotate_at(k, cos, sin)
         y = self.attend_step(q, k, v, cache, positions)
         return self.out(y.transpose(1, 2).reshape(batch, 1, self.dim))
 

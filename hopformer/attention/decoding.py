@@ -19,12 +19,22 @@ sequence's own position, so prompts of different lengths decode together). Every
 - :class:`CombinerCache`: Combiner-Fixed keeps the current block's tokens and one summary per completed block
   (made when the block completes); the other variants keep every past query, key and value and recompute the
   new row exactly (correct, not incremental).
+
+**Graph-safe steps.** A cache whose :func:`graph_safe` is True (:class:`KVCache`, :class:`GraphCache`) steps
+without a host synchronisation and with the same shapes at every position (full attention masks the whole
+preallocated length instead of slicing to the longest position), and a step is *idempotent*: running it twice
+for the same token and positions leaves the cache as once. ``CausalLM.generate`` captures such steps in one CUDA
+graph (it warms up by running the first step, so that step may run more than once). Routing and Combiner caches
+read counters and completed blocks on the host and decode eagerly.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +44,66 @@ from hopformer.ops.common import masked_softmax
 
 
 def scatter_positions(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """``buffer[b, :, index[b]] = values[b, :, 0]`` for every sequence ``b``: one new entry each."""
-    batch, heads, _, dim = buffer.shape
-    buffer.scatter_(2, index.view(batch, 1, 1, 1).expand(batch, heads, 1, dim), values)
+    """``buffer[b, :, index[b]] = values[b, :, 0]`` for every sequence ``b``: one new entry each (``buffer`` may
+    be a view, e.g. some channels of a pool)."""
+    batch = buffer.shape[0]
+    buffer.scatter_(2, index.view(batch, 1, 1, 1).expand(values.shape), values)
 
 
 def gather_positions(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``buffer[b, :, index[b, j]]`` for every ``b`` and ``j``: ``(batch, heads, len(index[b]), dim)``."""
     batch, heads, _, dim = buffer.shape
     return buffer.gather(2, index[:, None, :, None].expand(batch, heads, index.shape[1], dim))
+
+
+def graph_safe(cache: Any) -> bool:
+    """Whether ``cache``'s decoding step can be captured in a CUDA graph: no host synchronisation, the same
+    shapes at every position, and idempotent (see the module docstring)."""
+    return bool(getattr(cache, "graph_safe", False))
+
+
+# What every layer of one decoding step derives alike from the new tokens' positions (neighbour indices, masks):
+# within :func:`shared_step_indices` the first layer's is kept for the others.
+_STEP_INDICES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hopformer_step_indices", default=None)
+
+
+@contextlib.contextmanager
+def shared_step_indices() -> Iterator[None]:
+    """Within this block, decoding steps at the same ``positions`` tensor share one derivation of what depends
+    on the positions alone (``TransformerEncoder.step`` wraps its layers in it)."""
+    if torch.compiler.is_compiling():  # a traced step derives them per layer (the compiler shares them)
+        yield
+        return
+    token = _STEP_INDICES.set({})
+    try:
+        yield
+    finally:
+        _STEP_INDICES.reset(token)
+
+
+def _shared(key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, once per ``key`` within :func:`shared_step_indices` (keys hold ids of objects alive for the
+    whole step: the positions tensor, a plan)."""
+    memo = None if torch.compiler.is_compiling() else _STEP_INDICES.get()
+    if memo is None:
+        return make()
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
+def score_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``allowed (B, M)`` as an additive bias ``(B, 1, 1, M)`` in ``dtype``: 0 where allowed, the lowest finite
+    value elsewhere (so a softmax gives exactly 0 there, as :func:`masked_softmax` does, in one pass)."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def attention_probs(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``softmax(q keys^T / sqrt(d) + bias)`` of one query per sequence, ``(B, H, 1, M)`` in ``q``'s dtype, the
+    softmax in ``bias``'s dtype (float32 or better). Every row needs an allowed key (else it comes out uniform)."""
+    scores = torch.add(bias, torch.matmul(q, keys.transpose(-1, -2)), alpha=q.shape[-1] ** -0.5)
+    return scores.softmax(-1).to(q.dtype)
 
 
 def attend_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -53,6 +114,10 @@ def attend_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowe
     return torch.matmul(probs.to(values.dtype), values)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 # ------------------------------------------------------------------------------------------- full
 @dataclass
 class KVCache:
@@ -60,6 +125,7 @@ class KVCache:
 
     k: torch.Tensor
     v: torch.Tensor
+    graph_safe: ClassVar[bool] = True
 
     @classmethod
     def new(cls, batch: int, heads: int, head_dim: int, max_len: int, device, dtype) -> KVCache:
@@ -73,23 +139,67 @@ class KVCache:
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         scatter_positions(self.k, positions, k)
         scatter_positions(self.v, positions, v)
-        reach = int(positions.max()) + 1
-        allowed = torch.arange(reach, device=q.device)[None, :] <= positions[:, None]  # (B, reach)
-        return attend_row(q, self.k[:, :, :reach], self.v[:, :, :reach], allowed[:, None])
+        # the whole preallocated length under a mask: the same shapes at every position and no host sync (slicing
+        # to the longest position would need one); later positions get probability exactly 0
+        length, dtype = self.k.shape[2], _compute_dtype(q.dtype)
+
+        def mask() -> torch.Tensor:
+            return score_bias(torch.arange(length, device=q.device)[None, :] <= positions[:, None], dtype)
+
+        bias = _shared(("kv", length, id(positions), dtype), mask)
+        return torch.matmul(attention_probs(q, self.k, bias), self.v)
 
 
 # ------------------------------------------------------------------------------------------ graphs
+@dataclass(frozen=True)
+class StepIndex:
+    """Where the new tokens at ``positions (B,)`` read and write in a :class:`GraphCache` (``M = width *
+    block_size`` key positions a row lists): ``index (B, M)`` their pool indices, ``allowed (B, M)`` which of
+    them each token may use, ``own (B, M)`` which is the token itself, ``at (B,)`` its own pool index;
+    ``bias (B, 1, 1, M)`` the mask as an additive score bias and ``own_column (B, 1, 1, 1)`` where ``own`` is,
+    both None unless every row of the graph lists its own block."""
+
+    index: torch.Tensor
+    allowed: torch.Tensor
+    own: torch.Tensor
+    at: torch.Tensor
+    bias: torch.Tensor | None
+    own_column: torch.Tensor | None
+
+
 @dataclass(frozen=True)
 class SlotPlan:
     """Where each block of a causal graph lives while it can still be reached (see :func:`slot_plan`).
 
     ``rows (num_blocks, width)``: each row's key blocks, -1 padded. ``slot (num_blocks,)``: the pool slot of
-    each block. ``slots``: how many slots the pool needs (the most blocks alive at once)."""
+    each block. ``slots``: how many slots the pool needs (the most blocks alive at once). ``self_loops``: every
+    row lists its own block (true of every causal pattern here), so a new token always has a key: itself."""
 
     block_size: int
     rows: torch.Tensor
     slot: torch.Tensor
     slots: int
+    self_loops: bool = False
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> StepIndex:
+        """The :class:`StepIndex` of the new tokens at ``positions (B,)``, its bias in ``dtype``. Tensor
+        arithmetic only (no host sync); shared by the layers of one step under :func:`shared_step_indices`."""
+        return _shared(("plan", id(self), id(positions), dtype), lambda: self._lookup(positions, dtype))
+
+    def _lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> StepIndex:
+        bs = self.block_size
+        row = positions // bs
+        at = self.slot[row] * bs + positions % bs
+        blocks = self.rows[row]  # (B, width), -1 padded
+        offsets = torch.arange(bs, device=positions.device)
+        key_positions = (blocks[:, :, None] * bs + offsets).flatten(1)  # negative for padding blocks
+        index = (self.slot[blocks.clamp(min=0)][:, :, None] * bs + offsets).flatten(1)
+        allowed = (key_positions >= 0) & (key_positions <= positions[:, None])
+        own = key_positions == positions[:, None]
+        if not self.self_loops:
+            return StepIndex(index, allowed, own, at, None, None)
+        own_column = own.to(torch.uint8).argmax(-1)[:, None, None, None]
+        return StepIndex(index, allowed, own, at, score_bias(allowed, dtype), own_column)
 
 
 def slot_plan(graph: BlockGraph, device: torch.device) -> SlotPlan:
@@ -121,7 +231,8 @@ def slot_plan(graph: BlockGraph, device: torch.device) -> SlotPlan:
     rows = torch.full((graph.num_blocks, width), -1, dtype=torch.long)
     for row, blocks in enumerate(lists):
         rows[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-    plan = SlotPlan(graph.block_size, rows.to(device), torch.tensor(slot, device=device), count)
+    self_loops = all(row in blocks for row, blocks in enumerate(lists))
+    plan = SlotPlan(graph.block_size, rows.to(device), torch.tensor(slot, device=device), count, self_loops)
     graph.cache[key] = plan
     return plan
 
@@ -130,19 +241,32 @@ def slot_plan(graph: BlockGraph, device: torch.device) -> SlotPlan:
 class GraphCache:
     """Keys and value states of the blocks a causal graph can still reach, in a pool of slots.
 
-    ``k``: ``(batch, heads, slots * block_size, head_dim)``; ``states[t]``: the pool of ``Z_t`` (``states[0]``
-    holds the values), one per hop state a later token reads (1 for sparse attention, ``hops`` for Diffuser).
+    ``pools``: ``(batch, heads, slots * block_size, (1 + states) * head_dim)``: per position its key, then one
+    value state per hop state a later token reads (``Z_0 = V``; 1 state for sparse attention, ``hops`` for
+    Diffuser), side by side, so that one gather reads them all at a new token's neighbours. ``k`` and
+    ``states[t]`` are views of it.
     """
 
     plan: SlotPlan
-    k: torch.Tensor
-    states: list[torch.Tensor]
+    pools: torch.Tensor
+    head_dim: int
+    graph_safe: ClassVar[bool] = True
 
     @classmethod
     def new(cls, plan: SlotPlan, batch: int, heads: int, head_dim: int, num_states: int, device, dtype) -> GraphCache:
-        shape = (batch, heads, plan.slots * plan.block_size, head_dim)
-        pool = functools.partial(torch.zeros, shape, device=device, dtype=dtype)
-        return cls(plan, pool(), [pool() for _ in range(num_states)])
+        shape = (batch, heads, plan.slots * plan.block_size, (1 + num_states) * head_dim)
+        return cls(plan, torch.zeros(shape, device=device, dtype=dtype), head_dim)
+
+    @property
+    def k(self) -> torch.Tensor:
+        """The keys ``(batch, heads, slots * block_size, head_dim)`` (a view)."""
+        return self.pools[..., : self.head_dim]
+
+    @property
+    def states(self) -> list[torch.Tensor]:
+        """The value states ``Z_0 = V, Z_1 ...``, each ``(batch, heads, slots * block_size, head_dim)`` (views)."""
+        d = self.head_dim
+        return [self.pools[..., t * d : (t + 1) * d] for t in range(1, self.pools.shape[-1] // d)]
 
     def _pool_index(self, positions: torch.Tensor) -> torch.Tensor:
         bs = self.plan.block_size
@@ -158,21 +282,15 @@ class GraphCache:
         last = _last_reader(self.plan)[blocks]  # (seq,)
         keep = (last[None, :] >= (lengths[:, None] // bs)) & (positions[None, :] < lengths[:, None])  # (B, seq)
         index = self._pool_index(positions)
+        entries = torch.cat([k, *states], dim=-1)  # (B, H, seq, (1 + states) * d), as the pool lays them out
         for b in range(k.shape[0]):
             kept = keep[b]
-            self.k[b, :, index[kept]] = k[b, :, kept]
-            for pool, state in zip(self.states, states, strict=True):
-                pool[b, :, index[kept]] = state[b, :, kept]
+            self.pools[b, :, index[kept]] = entries[b, :, kept]
 
     def neighbours(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool indices ``(B, width * block_size)`` of each new token's keys, and which of them it may use."""
-        bs = self.plan.block_size
-        blocks = self.plan.rows[positions // bs]  # (B, width)
-        offsets = torch.arange(bs, device=positions.device)
-        key_positions = (blocks[:, :, None] * bs + offsets).flatten(1)
-        index = (self.plan.slot[blocks.clamp(min=0)][:, :, None] * bs + offsets).flatten(1)
-        allowed = (blocks[:, :, None] >= 0).expand(-1, -1, bs).flatten(1) & (key_positions <= positions[:, None])
-        return index, allowed
+        where = self.plan.lookup(positions)
+        return where.index, where.allowed
 
     def step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, steps: list[float]
@@ -180,24 +298,48 @@ class GraphCache:
         """The new token's states ``z_1 .. z_T`` (the last is its output): sparse attention (``steps=[0.0]``)
         or the power iteration over the cached states, ``z_t = lerp(A z_{t-1}, v, a_t)``; its own states are
         stored for later tokens."""
-        at = self._pool_index(positions)
-        scatter_positions(self.k, at, k)
-        scatter_positions(self.states[0], at, v)
-        index, allowed = self.neighbours(positions)
-        keys = gather_positions(self.k, index)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        probs = masked_softmax(scores.to(torch.promote_types(q.dtype, torch.float32)), allowed[:, None, None, :])
-        probs = probs.to(v.dtype)
-        z, states = v, []
-        for hop, a in enumerate(steps):
-            if a >= 1.0:
-                z = v
-            else:
-                attended = torch.matmul(probs, gather_positions(self.states[hop], index))
-                z = attended if a == 0.0 else torch.lerp(attended, v, a)
-            states.append(z)
-            if hop + 1 < len(steps):  # the next hop reads this state, the new token's own included
-                scatter_positions(self.states[hop + 1], at, z)
+        d, hops = self.head_dim, len(steps)
+        where = self.plan.lookup(positions, _compute_dtype(q.dtype))
+        scatter_positions(self.pools[..., : 2 * d], where.at, torch.cat([k, v], dim=-1))
+        gathered = gather_positions(self.pools, where.index)  # (B, H, M, (1 + T) d): keys and every state at once
+        keys = gathered[..., :d]
+        if where.bias is not None:
+            probs = attention_probs(q, keys, where.bias)
+        else:  # a row may have no key at all: it gets zeros
+            scores = torch.matmul(q, keys.transpose(-1, -2)) * d**-0.5
+            probs = masked_softmax(scores.to(_compute_dtype(q.dtype)), where.allowed[:, None, None, :]).to(q.dtype)
+        if hops == 1:  # one hop: attention over the gathered values, the new token's own included
+            a = steps[0]
+            attended = torch.matmul(probs, gathered[..., d : 2 * d])
+            return [v if a >= 1.0 else attended if a == 0.0 else torch.lerp(attended, v, a)]
+        # Hop t reads Z_t of every neighbour. The others' states are final (prefix-stable causal graph), so all
+        # hops' sums over them are one product; the new token's own Z_t is made here (its pool entry is stale
+        # until stored), so its share is added apart: A z_t = others' part + p_own * z_t.
+        own = where.own[:, None, None, :]
+        if where.own_column is not None:
+            own_share = probs.gather(-1, where.own_column.expand(*probs.shape[:-1], 1))  # (B, H, 1, 1)
+        else:
+            own_share = (probs * own).sum(-1, keepdim=True)
+        batch, heads = probs.shape[:2]
+        others = torch.matmul(probs.masked_fill(own, 0.0), gathered[..., d:]).view(batch, heads, 1, hops, d)
+        state, states = v, []
+        if max(steps) - min(steps) < 1e-12 and steps[0] < 1.0:  # PPR (and learned weights): one rate for all
+            a = steps[0]  # (PPR's rates are alpha up to rounding)
+            base = others if a == 0.0 else torch.lerp(others, v[:, :, :, None, :], a)  # (1 - a) others + a v
+            rate = own_share if a == 0.0 else own_share * (1.0 - a)
+            for hop in range(hops):
+                state = torch.addcmul(base[..., hop, :], rate, state)
+                states.append(state)
+        else:  # a rate per hop (heat kernel, renormalised remainders; 1 resets the state to v)
+            for hop, a in enumerate(steps):
+                if a >= 1.0:
+                    state = v
+                else:
+                    attended = torch.addcmul(others[..., hop, :], own_share, state)
+                    state = attended if a == 0.0 else torch.lerp(attended, v, a)
+                states.append(state)
+        # Z_1 .. Z_{T-1} of the new token, read by later tokens (Z_T is the output only)
+        scatter_positions(self.pools[..., 2 * d :], where.at, torch.cat(states[:-1], dim=-1))
         return states
 
 

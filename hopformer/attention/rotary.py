@@ -17,6 +17,7 @@ one above it are neighbours, not 32 tokens apart.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ class RotaryEmbedding(nn.Module):
         if not base > 1.0:
             raise ValueError(f"rotary base must be > 1, got {base!r}")
         self.head_dim, self.base, self.grid = head_dim, float(base), grid
-        self._cache: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple, Any] = {}
 
     def angles(
         self, seq: int, device: torch.device, dtype: torch.dtype = torch.float32
@@ -65,9 +66,7 @@ class RotaryEmbedding(nn.Module):
                 frequency = self.base ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
                 angle = torch.cat([(position % side) * frequency, (position // side) * frequency], dim=-1)
             else:
-                half = self.head_dim // 2
-                frequency = self.base ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
-                angle = position * frequency
+                angle = position * self._frequency(device)
             angle = torch.cat([angle, angle], dim=-1)
             self._cache[key] = (angle.cos().to(dtype), angle.sin().to(dtype))
         return self._cache[key]
@@ -82,14 +81,39 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.angles(max(q_len, k_len), q.device, compute)
         return _rotate(q, cos[:q_len], sin[:q_len]), _rotate(k, cos[:k_len], sin[:k_len])
 
+    def _frequency(self, device: torch.device) -> torch.Tensor:
+        """``base ** (-2i / head_dim)`` for the 1-D channel pairs, float64, cached per device."""
+        key = ("frequency", str(device))
+        if key in self._cache:
+            return self._cache[key]
+        half = self.head_dim // 2
+        frequency = self.base ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # not a CUDA graph's memory
+            self._cache[key] = frequency
+        return frequency
+
+    def angles_at(
+        self, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos`` and ``sin`` rows ``(batch, head_dim)`` of the 1-D positions ``positions (batch,)``: the rows
+        :meth:`angles` has for them, computed from the positions alone (no table sized by the largest position,
+        which would need it on the host)."""
+        if self.grid:
+            raise ValueError("incremental decoding with 2-D rotary positions is not supported (positions='rope2d')")
+        angle = positions.to(torch.float64)[:, None] * self._frequency(positions.device)
+        angle = torch.cat([angle, angle], dim=-1)
+        return angle.cos().to(dtype), angle.sin().to(dtype)
+
     def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x (batch, heads, 1, head_dim)`` by each sequence's own position (``positions (batch,)``):
         one token of incremental decoding. 1-D positions only (a 2-D grid needs the whole image)."""
-        if self.grid:
-            raise ValueError("incremental decoding with 2-D rotary positions is not supported (positions='rope2d')")
-        compute = torch.promote_types(x.dtype, torch.float32)
-        cos, sin = self.angles(int(positions.max()) + 1, x.device, compute)
-        return _rotate(x, cos[positions][:, None, None, :], sin[positions][:, None, None, :])
+        cos, sin = self.angles_at(positions, torch.promote_types(x.dtype, torch.float32))
+        return self.rotate_at(x, cos, sin)
+
+    @staticmethod
+    def rotate_at(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x (batch, heads, 1, head_dim)`` by the rows of :meth:`angles_at` (one per sequence)."""
+        return _rotate(x, cos[:, None, None, :], sin[:, None, None, :])
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base:g}" + (", grid=True" if self.grid else "")

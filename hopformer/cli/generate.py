@@ -5,7 +5,8 @@
 
 ``--checkpoint`` is a run folder (its ``best/`` checkpoint, ``--which last`` for the other) or a checkpoint
 folder. Byte models read the prompt as UTF-8 bytes and print the text as it streams (bytes decoded as UTF-8,
-invalid sequences replaced), then the number of tokens and tokens/s on standard error.
+invalid sequences replaced), then the number of tokens and tokens/s on standard error. On CUDA the cached step is
+replayed from a CUDA graph where the attention allows it (``--no-cuda-graph``: eager steps).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed of the sampling")
     parser.add_argument("--stop", help="stop after this byte (a character, e.g. '\\n', or a number 0-255)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the full forward pass at every token")
+    parser.add_argument(
+        "--no-cuda-graph",
+        action="store_true",
+        help="on CUDA, run every cached step eagerly instead of replaying it from a CUDA graph (same tokens)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
 
 
@@ -91,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     result = model.generate(
         ids, steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         use_cache=not args.no_cache, seed=args.seed, stop_token=stop_byte(args.stop), on_token=show,
+        cuda_graph=False if args.no_cuda_graph else None,
     )  # fmt: skip
     seconds = time.perf_counter() - began
     out.write(decoder.decode(b"", final=True) + "\n")

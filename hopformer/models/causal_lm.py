@@ -3,18 +3,22 @@
 
 ``forward(input_ids, attention_mask=None) -> logits (batch, seq, vocab)``: the logits at position ``t``
 predict token ``t + 1`` from tokens ``0..t``. :meth:`CausalLM.generate` continues prompts, with incremental
-decoding caches (:mod:`hopformer.attention.decoding`) or by recomputing the full pass. Bytes are tokens
+decoding caches (:mod:`hopformer.attention.decoding`) or by recomputing the full pass; on CUDA the cached step
+is replayed from a CUDA graph where every layer's cache allows it (:class:`CUDAGraphStep`). Bytes are tokens
 ``0..255`` (``vocab_size=256``, no padding id: byte 0 is real text), so a byte LM needs no tokenizer.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
+from hopformer.attention.decoding import graph_safe
 from hopformer.checks import check_finite, check_int
 from hopformer.models.encoder import EncoderConfig, TransformerEncoder
 from hopformer.models.pretrained import PretrainedModel
@@ -74,6 +78,7 @@ class CausalLM(PretrainedModel):
         seed: int | None = None,
         stop_token: int | None = None,
         on_token: Callable[[torch.Tensor], None] | None = None,
+        cuda_graph: bool | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -90,6 +95,13 @@ class CausalLM(PretrainedModel):
             stop_token: a sequence that emits it stops there (the rest of its row repeats it); all stopped
                 ends the loop.
             on_token: called with each step's new tokens ``(batch,)`` (e.g. to print them as they come).
+            cuda_graph: replay every cached decoding step from one CUDA graph (the new tokens' embedding, every
+                layer's step, the final norm and the head; sampling stays outside), which removes the step's
+                kernel-launch overhead. ``None`` (default): wherever possible, i.e. with ``use_cache`` on a CUDA
+                device and every layer's cache graph-safe (full attention and the graph attentions: local,
+                Longformer, BigBird, hypercube, grid, Diffuser; Routing and Combiner decode eagerly). ``True``:
+                the same, but a ``ValueError`` saying why where impossible. ``False``: eager steps. Same tokens
+                either way.
 
         Returns:
             ``(batch, prompt + new)`` ids for a tensor input; a list of 1-D tensors for a list of prompts.
@@ -98,6 +110,12 @@ class CausalLM(PretrainedModel):
         check_int("max_new_tokens", max_new_tokens, 0)
         check_sampling(temperature, top_k, top_p)
         device = self.head.weight.device
+        if cuda_graph not in (None, True, False):
+            raise TypeError(f"cuda_graph must be None (where possible), True or False, got {cuda_graph!r}")
+        if cuda_graph and not use_cache:
+            raise ValueError("cuda_graph=True needs use_cache=True (recomputing changes the shapes every step)")
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {device}")
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         total = int(lengths.max()) + max_new_tokens
         if total > self.config.encoder.max_len:
@@ -113,20 +131,23 @@ class CausalLM(PretrainedModel):
         self.eval()
         try:
             new = self._decode(tokens, lengths, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                               stop_token, on_token)  # fmt: skip
+                               stop_token, on_token, cuda_graph)  # fmt: skip
         finally:
             self.train(was_training)
         if isinstance(input_ids, torch.Tensor):
             return tokens[:, : int(lengths.max()) + new]
         return [tokens[row, : int(lengths[row]) + new] for row in range(len(prompts))]
 
-    def _decode(self, tokens, lengths, steps, temperature, top_k, top_p, use_cache, generator, stop, on_token) -> int:
+    def _decode(
+        self, tokens, lengths, steps, temperature, top_k, top_p, use_cache, generator, stop, on_token, cuda_graph=None
+    ) -> int:
         """Fill ``tokens`` after each prompt; returns how many tokens every row got."""
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         prompt = int(lengths.max())
         mask = torch.arange(prompt, device=tokens.device)[None, :] < lengths[:, None]
         if use_cache:
             caches = self.encoder.new_caches(tokens.shape[0], tokens.shape[1], tokens.device, self.head.weight.dtype)
+            decode_step = self.step_function(caches, cuda_graph=cuda_graph)
             hidden = self.encoder(tokens[:, :prompt], mask, caches=caches)
             logits = self.head(hidden[rows, lengths - 1])
         else:
@@ -143,11 +164,48 @@ class CausalLM(PretrainedModel):
             if step + 1 == steps or (stop is not None and bool(finished.all())):
                 return step + 1
             if use_cache:
-                logits = self.head(self.encoder.step(chosen[:, None], positions, caches))[:, 0]
+                logits = decode_step(chosen, positions)
             else:
                 logits = self._last_logits(tokens, positions + 1)
             positions = positions + 1
         return steps
+
+    def step_function(
+        self, caches: list[Any], *, cuda_graph: bool | None = None
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """One cached decoding step as a function ``(ids (batch,), positions (batch,)) -> logits (batch, vocab)``:
+        the new token of each sequence at its position, against ``caches`` (from ``encoder.new_caches``, filled
+        by a forward pass with them), which take it in. ``cuda_graph`` as in :meth:`generate`: with it the
+        function is a :class:`CUDAGraphStep`, whose returned logits are overwritten by its next call."""
+
+        def eager(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder.step(ids[:, None], positions, caches))[:, 0]
+
+        if cuda_graph is False:
+            return eager
+        obstacle = self.cuda_graph_obstacle(caches)
+        if obstacle is None:
+            return CUDAGraphStep(eager, self.head.weight.device, fall_back=cuda_graph is None)
+        if cuda_graph:
+            raise ValueError(f"cuda_graph=True is not possible here: {obstacle}; pass cuda_graph=None or False")
+        return eager
+
+    def cuda_graph_obstacle(self, caches: list[Any]) -> str | None:
+        """Why a decoding step against ``caches`` cannot be captured in a CUDA graph, or None when it can."""
+        reasons = []
+        device = self.head.weight.device
+        if device.type != "cuda":
+            reasons.append(f"CUDA graphs need the model on a CUDA device; it is on {device}")
+        unsafe = [
+            f"layer {index} ({type(cache).__name__})" for index, cache in enumerate(caches) if not graph_safe(cache)
+        ]
+        if unsafe:
+            reasons.append(
+                f"the {self.config.encoder.attention} attention's decoding caches ({', '.join(unsafe)}) step with host "
+                "synchronisation (Routing and Combiner read counters and completed blocks on the host): they decode "
+                "eagerly"
+            )
+        return "; ".join(reasons) or None
 
     def _last_logits(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The full forward pass over each sequence's first ``lengths`` tokens; the logits at its last one."""
@@ -155,6 +213,67 @@ class CausalLM(PretrainedModel):
         mask = torch.arange(width, device=tokens.device)[None, :] < lengths[:, None]
         logits = self(tokens[:, :width], mask)
         return logits[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]
+
+
+class CUDAGraphStep:
+    """A graph-safe decoding step (:func:`~hopformer.attention.decoding.graph_safe` caches) replayed from a CUDA
+    graph: called like the eager step ``step(ids (batch,), positions (batch,)) -> logits (batch, vocab)``.
+
+    The first call runs the step eagerly on a side stream, twice (the warm-up PyTorch asks for before a capture;
+    a graph-safe step is idempotent, so this is also that step's real work and its result), then captures it
+    with static ``ids`` and ``positions`` buffers; later calls copy their inputs into those buffers and replay.
+    The caches are preallocated before, so the graph writes into them in place; what the step allocates lives in
+    the graph's private pool. The logits a replay returns are a static buffer that the next call overwrites. The
+    batch size and the caches are fixed at capture: each :meth:`CausalLM.generate` captures its own.
+
+    Args:
+        step: the eager step (see :meth:`CausalLM.step_function`).
+        device: its CUDA device.
+        fall_back: if the capture fails, warn and go on eagerly instead of raising.
+    """
+
+    warmups = 2
+
+    def __init__(
+        self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device, fall_back: bool = False
+    ) -> None:
+        self.step, self.device, self.fall_back = step, torch.device(device), fall_back
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager = False
+        self.ids = self.positions = self.logits = None
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.eager:
+            return self.step(ids, positions)
+        if self.graph is None:
+            return self._capture(ids, positions)
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        with torch.cuda.device(self.device):
+            self.ids, self.positions = ids.clone(), positions.clone()
+            main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmups):
+                    logits = self.step(self.ids, self.positions)
+            main.wait_stream(side)
+            logits.record_stream(main)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.logits = self.step(self.ids, self.positions)
+            except RuntimeError as error:
+                if not self.fall_back:
+                    raise
+                warnings.warn(f"decoding without a CUDA graph: capturing the step failed ({error})", stacklevel=3)
+                self.eager, self.logits = True, None
+                return logits
+            self.graph = graph
+        return logits
 
 
 def _prompt_list(input_ids: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:

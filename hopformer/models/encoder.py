@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hopformer.attention import build as build_attention
+from hopformer.attention.decoding import shared_step_indices
 from hopformer.attention.rotary import RotaryEmbedding
 from hopformer.checks import check_int
 from hopformer.models.pretrained import PretrainedModel
@@ -337,10 +338,13 @@ class TransformerEncoder(PretrainedModel):
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[Any]) -> torch.Tensor:
         """The hidden state of one new token per sequence: ``input_ids (batch, 1)`` at ``positions (batch,)``,
         each attending to its own past through ``caches`` (filled by a forward pass with them): exactly what a
-        full forward pass over the whole sequences gives at those positions."""
+        full forward pass over the whole sequences gives at those positions. With graph-safe caches
+        (:func:`~hopformer.attention.decoding.graph_safe`) the step makes no host sync and keeps its shapes, so
+        it can be captured in a CUDA graph."""
         x = self.dropout(self.embed_norm(self._add_positions(self.embed(input_ids), positions[:, None])))
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x = block.step(x, cache, positions)
+        with shared_step_indices():  # layers on one graph derive the new tokens' neighbours once
+            for block, cache in zip(self.blocks, caches, strict=True):
+                x = block.step(x, cache, positions)
         return self.final_norm(x)
 
 
