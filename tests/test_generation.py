@@ -325,6 +325,12 @@ def test_which_caches_are_graph_safe_and_what_cuda_graph_true_says_where_impossi
     with pytest.raises(TypeError, match="cuda_graph"):
         _model("full", {}).generate(prompt, 3, cuda_graph="yes")
     assert torch.equal(model.generate(prompt, 4), model.generate(prompt, 4, cuda_graph=False))
+    from hopformer.models.causal_lm import CUDAGraphStep
+
+    captured = CUDAGraphStep(lambda ids, positions: ids, torch.device("cpu"))
+    captured.graph, captured.ids, captured.positions = object(), torch.zeros(2), torch.zeros(2)  # as if captured
+    with pytest.raises(ValueError, match="captured for ids and positions of shape"):
+        captured(torch.zeros(1), torch.zeros(1))
 
 
 # ------------------------------------------------------------------------------------------- CUDA only

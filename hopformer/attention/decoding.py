@@ -11,9 +11,10 @@ sequence's own position, so prompts of different lengths decode together). Every
   prefix-stable, so the rows of the graph at ``max_len`` are the rows of every shorter one. A block is kept only
   while some later row can still reach it: each block gets a slot of a pool, and blocks whose last reader has
   passed give their slot to newer ones (a static plan, :func:`slot_plan`), so a local window's memory is the
-  window's, however long the text. Diffuser keeps one value pool per hop state ``Z_0 = V, Z_1 .. Z_{K-1}``:
-  past states never change under a causal, prefix-stable graph, so a new token computes its attention row once
-  and each hop from its neighbours' cached states, ``O(degree x hops x head_dim)`` per token and layer.
+  window's, however long the text. Diffuser keeps every hop state ``Z_0 = V, Z_1 .. Z_{K-1}`` of a position
+  beside its key: past states never change under a causal, prefix-stable graph, so a new token computes its
+  attention row once and each hop from its neighbours' cached states, ``O(degree x hops x head_dim)`` per token
+  and layer.
 - :class:`RoutingCache`: the local heads' last two blocks, and for the routing heads each cluster's last
   ``window`` keys and values (a ring per cluster), exactly the keys causal routing gives a new token.
 - :class:`CombinerCache`: Combiner-Fixed keeps the current block's tokens and one summary per completed block
@@ -25,7 +26,8 @@ without a host synchronisation and with the same shapes at every position (full 
 preallocated length instead of slicing to the longest position), and a step is *idempotent*: running it twice
 for the same token and positions leaves the cache as once. ``CausalLM.generate`` captures such steps in one CUDA
 graph (it warms up by running the first step, so that step may run more than once). Routing and Combiner caches
-read counters and completed blocks on the host and decode eagerly.
+read counters and completed blocks on the host and decode eagerly. Within one step the layers share what depends
+on the positions alone (:func:`shared_step_indices`): neighbour indices and masks are derived once, not per layer.
 """
 
 from __future__ import annotations

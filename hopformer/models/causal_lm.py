@@ -175,8 +175,9 @@ class CausalLM(PretrainedModel):
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """One cached decoding step as a function ``(ids (batch,), positions (batch,)) -> logits (batch, vocab)``:
         the new token of each sequence at its position, against ``caches`` (from ``encoder.new_caches``, filled
-        by a forward pass with them), which take it in. ``cuda_graph`` as in :meth:`generate`: with it the
-        function is a :class:`CUDAGraphStep`, whose returned logits are overwritten by its next call."""
+        by a forward pass with them), which take it in; the model in eval mode. ``cuda_graph`` as in
+        :meth:`generate`: with it the function is a :class:`CUDAGraphStep`, whose returned logits are overwritten
+        by its next call."""
 
         def eager(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return self.head(self.encoder.step(ids[:, None], positions, caches))[:, 0]
@@ -247,6 +248,11 @@ class CUDAGraphStep:
             return self.step(ids, positions)
         if self.graph is None:
             return self._capture(ids, positions)
+        if ids.shape != self.ids.shape or positions.shape != self.positions.shape:  # copy_ would broadcast
+            raise ValueError(
+                f"this CUDA graph was captured for ids and positions of shape {tuple(self.ids.shape)}, got "
+                f"{tuple(ids.shape)} and {tuple(positions.shape)}: make a new step function for another batch"
+            )
         self.ids.copy_(ids)
         self.positions.copy_(positions)
         self.graph.replay()
