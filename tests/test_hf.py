@@ -178,21 +178,62 @@ def test_transformers_trainer_trains_a_hopformer_model(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
 
 
-def test_generate_recomputes_the_prefix_and_matches_greedy_decoding():
-    torch.manual_seed(0)
-    model = hf.HopformerForCausalLM(small_config("local", pad_id=None, max_len=64)).eval()
-    prompt = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(1))
-    generated = model.generate(prompt, max_new_tokens=8, do_sample=False)
-    assert generated.shape == (2, 24)
+@pytest.mark.parametrize("attention", ["full", "local", "bigbird", "diffuser", "routing", "combiner"])
+def test_generate_decodes_with_hopformers_caches_as_the_recomputed_prefix_does(attention):
+    """transformers' generate() with its default use_cache=True runs the prompt once and then one new token a
+    step against hopformer's caches: the same tokens as recomputing the prefix (use_cache=False), as greedy
+    decoding by hand and as hopformer's own generate, and with sampling the same draws."""
+    torch.manual_seed(int(torch.randint(1000, ())))
+    model = hf.HopformerForCausalLM(small_config(attention, pad_id=None, max_len=64)).double().eval()
+    prompt = torch.randint(0, 40, (2, 13))
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)  # fmt: skip
+    cached = model.generate(prompt, max_new_tokens=9, do_sample=False)
+    assert calls == [13] + [1] * 8  # the prompt once, then each new token alone
+    recomputed = model.generate(prompt, max_new_tokens=9, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 22) and torch.equal(cached, recomputed)
     native, tokens = model.to_hopformer().eval(), prompt
     with torch.no_grad():
-        for _ in range(8):
+        for _ in range(9):
             tokens = torch.cat([tokens, native(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generated, tokens)
-    sampled = model.generate(prompt, max_new_tokens=4, do_sample=True, top_k=5)
-    assert sampled.shape == (2, 20) and torch.equal(sampled[:, :16], prompt)
-    labels = model(tokens, labels=tokens)
-    assert labels.loss.ndim == 0 and torch.isfinite(labels.loss)
+    assert torch.equal(cached, tokens)
+    assert torch.equal(native.generate(prompt, max_new_tokens=9), tokens)
+    beams = [model.generate(prompt, max_new_tokens=5, num_beams=3, use_cache=use) for use in (True, False)]
+    assert torch.equal(beams[0], beams[1])  # beam search reorders the caches
+    draws = []
+    for use_cache in (True, False):
+        torch.manual_seed(3)
+        draws.append(model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=5, use_cache=use_cache))
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0][:, :13], prompt)
+
+
+def test_a_cached_forward_gives_the_full_passs_logits_and_refuses_what_it_cannot_take():
+    torch.manual_seed(0)
+    model = hf.HopformerForCausalLM(small_config("diffuser", pad_id=None, max_len=24)).double().eval()
+    ids = torch.randint(0, 40, (2, 20))
+    with torch.no_grad():
+        full = model(ids).logits
+        first = model(ids[:, :15], use_cache=True)
+        assert first.cache is not None and first.cache.get_seq_length() == 15
+        torch.testing.assert_close(first.logits, full[:, :15], rtol=0, atol=1e-9)
+        swapped = model(ids[:, :15], use_cache=True).cache
+        swapped.reorder_cache(torch.tensor([1, 0]))  # beam search: row 0 continues sequence 1
+        step = model(ids[[1, 0], 15:16], cache=swapped)
+        torch.testing.assert_close(step.logits[:, 0], full[[1, 0], 15], rtol=0, atol=1e-9)
+        cache = first.cache
+        for t in range(15, 20):
+            step = model(ids[:, t : t + 1], cache=cache)
+            torch.testing.assert_close(step.logits[:, 0], full[:, t], rtol=0, atol=1e-9)
+        padded = torch.ones_like(ids).index_fill(1, torch.tensor([19]), 0)
+        assert model(ids, attention_mask=padded, use_cache=True).cache is None  # padded prompts recompute
+        assert model(ids, labels=ids, use_cache=True).cache is None  # training calls keep no cache
+        with pytest.raises(ValueError, match=r"one new token, shape \(2, 1\)"):
+            model(ids[:, :2], cache=cache)
+        for _ in range(20, 24):  # up to max_len
+            model(ids[:, :1], cache=cache)
+        with pytest.raises(ValueError, match="max_len=24"):
+            model(ids[:, :1], cache=cache)
 
 
 def test_token_types_other_than_zero_are_refused():

@@ -64,6 +64,16 @@ def graph_safe(cache: Any) -> bool:
     return bool(getattr(cache, "graph_safe", False))
 
 
+def reorder_caches(caches: list[Any], index: torch.Tensor) -> None:
+    """Keep sequence ``index[b]``'s cache in row ``b``, for every cache (beam search). Every tensor a cache holds
+    directly is batch-first (its plan, a :class:`SlotPlan`, is shared); rows are copied in place, so a CUDA graph
+    captured on the caches stays valid."""
+    for cache in caches:
+        for value in vars(cache).values():
+            if isinstance(value, torch.Tensor):
+                value.copy_(value.index_select(0, index.to(value.device)))
+
+
 # What every layer of one decoding step derives alike from the new tokens' positions (neighbour indices, masks):
 # within :func:`shared_step_indices` the first layer's is kept for the others.
 _STEP_INDICES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hopformer_step_indices", default=None)

@@ -17,6 +17,8 @@ trainer adds them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +33,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
 )
 
+from hopformer.attention.decoding import reorder_caches
 from hopformer.hf.configuration import HopformerConfig
 from hopformer.models import (
     CausalLM,
@@ -40,6 +43,7 @@ from hopformer.models import (
     aux_loss,
     pool,
 )
+from hopformer.models.causal_lm import decoding_step
 from hopformer.models.encoder import sinusoidal_positions
 from hopformer.models.pretrained import MODEL_TYPES, PretrainedModel, load_weights_into
 
@@ -284,11 +288,37 @@ class HopformerForMaskedLM(HopformerPreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
+@dataclass
+class HopformerDecodingCache:
+    """hopformer's decoding caches carried through ``transformers``' ``generate`` (as state-space models carry
+    theirs): one per layer, filled by the prompt pass (:mod:`hopformer.attention.decoding`), the decoding step
+    (replayed from a CUDA graph where it can be) and each sequence's next position."""
+
+    caches: list[Any]
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    positions: torch.Tensor
+    max_len: int
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens each sequence has seen."""
+        return int(self.positions.max())
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: row ``b`` continues sequence ``beam_idx[b]``."""
+        reorder_caches(self.caches, beam_idx)
+        self.positions.copy_(self.positions.index_select(0, beam_idx.to(self.positions.device)))
+
+
 class HopformerForCausalLM(HopformerPreTrainedModel, GenerationMixin):
     """A causal LM (every attention built with ``causal=True``): ``logits (batch, seq, vocab)``, those at position
     ``t`` predicting token ``t + 1``; with ``labels`` (usually ``input_ids``; ``-100`` = not scored) the
-    next-token cross-entropy, shifted inside as ``transformers`` does. ``generate()`` recomputes the prefix at
-    every step (no cache)."""
+    next-token cross-entropy, shifted inside as ``transformers`` does.
+
+    ``generate()`` decodes with hopformer's caches: with ``use_cache=True`` (``generate``'s default) the prompt
+    pass fills a :class:`HopformerDecodingCache`, returned as the output's ``cache``, and every later call takes
+    only the new tokens against it, each step the cost of its own row. Prompts with padding (an attention mask
+    with zeros) recompute the prefix at every step instead; :meth:`hopformer.models.CausalLM.generate` decodes
+    prompts of different lengths with caches."""
 
     hopformer_class = "causal_lm"
     _tied_weights_keys = {"head.weight": "encoder.embed.weight"}
@@ -314,14 +344,21 @@ class HopformerForCausalLM(HopformerPreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # no transformers cache: the model keeps none (yet)
+        return False  # not a transformers Cache: the model makes its own (HopformerDecodingCache) in forward
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: HopformerDecodingCache | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any]:
-        """The whole sequence at every step: without a key/value cache each new token recomputes the prefix
-        (a hopformer decoding cache, once the causal LM has one, takes the last token here instead)."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        """The prompt (and ``use_cache``) first; then, against the cache the prompt pass returned, only the newest
+        token of each sequence. Without a cache, the whole sequence at every step."""
+        if cache is not None:
+            return {"input_ids": input_ids[:, -1:], "cache": cache}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
 
     def forward(
         self,
@@ -333,17 +370,49 @@ class HopformerForCausalLM(HopformerPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         return_dict: bool | None = None,
         use_cache: bool | None = None,
+        cache: HopformerDecodingCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
+        """Logits (and the loss with ``labels``). ``use_cache=True`` on unpadded inputs also returns a
+        :class:`HopformerDecodingCache` (``cache``); given one, ``input_ids`` is each sequence's one new token."""
         _check_inputs(input_ids, inputs_embeds, token_type_ids, position_ids)
-        logits = self.head(self.encoder(input_ids, attention_mask))
+        if cache is not None:
+            logits, state = self._decode_step(input_ids, cache), cache
+        else:
+            state = None
+            unpadded = attention_mask is None or bool(attention_mask.all())
+            if use_cache and labels is None and unpadded and not self.training:
+                state = self._new_cache(input_ids)
+            caches = None if state is None else state.caches
+            logits = self.head(self.encoder(input_ids, attention_mask, caches=caches))
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].float().flatten(0, 1)
             loss = _with_aux(self, F.cross_entropy(shifted, labels[:, 1:].flatten(), ignore_index=-100))
         if return_dict is False:
             return (logits,) if loss is None else (loss, logits)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=state)
+
+    def _new_cache(self, input_ids: torch.Tensor) -> HopformerDecodingCache:
+        """Empty caches for the whole ``max_len``, which the prompt pass fills."""
+        batch, length = input_ids.shape
+        caches = self.encoder.new_caches(batch, self.config.max_len, input_ids.device, self.head.weight.dtype)
+        step = decoding_step(self.encoder, self.head, caches)
+        positions = torch.full((batch,), length, dtype=torch.long, device=input_ids.device)
+        return HopformerDecodingCache(caches, step, positions, self.config.max_len)
+
+    def _decode_step(self, input_ids: torch.Tensor, cache: HopformerDecodingCache) -> torch.Tensor:
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape != (cache.positions.shape[0], 1):
+            shape = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(
+                f"with a decoding cache, input_ids must be each sequence's one new token, shape "
+                f"({cache.positions.shape[0]}, 1); got {shape}"
+            )
+        if cache.get_seq_length() >= cache.max_len:
+            raise ValueError(f"generation reached the model's max_len={cache.max_len} tokens; generate fewer")
+        logits = cache.step(input_ids[:, 0], cache.positions).clone()  # a CUDA graph's output is reused
+        cache.positions += 1
+        return logits[:, None]
 
 
 def _with_aux(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:

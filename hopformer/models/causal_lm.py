@@ -178,35 +178,11 @@ class CausalLM(PretrainedModel):
         by a forward pass with them), which take it in; the model in eval mode. ``cuda_graph`` as in
         :meth:`generate`: with it the function is a :class:`CUDAGraphStep`, whose returned logits are overwritten
         by its next call."""
-
-        def eager(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return self.head(self.encoder.step(ids[:, None], positions, caches))[:, 0]
-
-        if cuda_graph is False:
-            return eager
-        obstacle = self.cuda_graph_obstacle(caches)
-        if obstacle is None:
-            return CUDAGraphStep(eager, self.head.weight.device, fall_back=cuda_graph is None)
-        if cuda_graph:
-            raise ValueError(f"cuda_graph=True is not possible here: {obstacle}; pass cuda_graph=None or False")
-        return eager
+        return decoding_step(self.encoder, self.head, caches, cuda_graph=cuda_graph)
 
     def cuda_graph_obstacle(self, caches: list[Any]) -> str | None:
         """Why a decoding step against ``caches`` cannot be captured in a CUDA graph, or None when it can."""
-        reasons = []
-        device = self.head.weight.device
-        if device.type != "cuda":
-            reasons.append(f"CUDA graphs need the model on a CUDA device; it is on {device}")
-        unsafe = [
-            f"layer {index} ({type(cache).__name__})" for index, cache in enumerate(caches) if not graph_safe(cache)
-        ]
-        if unsafe:
-            reasons.append(
-                f"the {self.config.encoder.attention} attention's decoding caches ({', '.join(unsafe)}) step with host "
-                "synchronisation (Routing and Combiner read counters and completed blocks on the host): they decode "
-                "eagerly"
-            )
-        return "; ".join(reasons) or None
+        return cuda_graph_obstacle(self.encoder, self.head, caches)
 
     def _last_logits(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The full forward pass over each sequence's first ``lengths`` tokens; the logits at its last one."""
@@ -304,6 +280,42 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         check_int("top_k", top_k, 1)
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def decoding_step(
+    encoder: nn.Module, head: nn.Module, caches: list[Any], *, cuda_graph: bool | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """:meth:`CausalLM.step_function` of any causal ``encoder`` and output ``head`` (``hopformer.hf``'s causal LM
+    holds the same two modules)."""
+
+    def eager(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return head(encoder.step(ids[:, None], positions, caches))[:, 0]
+
+    if cuda_graph is False:
+        return eager
+    obstacle = cuda_graph_obstacle(encoder, head, caches)
+    if obstacle is None:
+        return CUDAGraphStep(eager, head.weight.device, fall_back=cuda_graph is None)
+    if cuda_graph:
+        raise ValueError(f"cuda_graph=True is not possible here: {obstacle}; pass cuda_graph=None or False")
+    return eager
+
+
+def cuda_graph_obstacle(encoder: nn.Module, head: nn.Module, caches: list[Any]) -> str | None:
+    """Why a decoding step of ``encoder`` and ``head`` against ``caches`` cannot be captured in a CUDA graph, or
+    None when it can."""
+    reasons = []
+    device = head.weight.device
+    if device.type != "cuda":
+        reasons.append(f"CUDA graphs need the model on a CUDA device; it is on {device}")
+    unsafe = [f"layer {index} ({type(cache).__name__})" for index, cache in enumerate(caches) if not graph_safe(cache)]
+    if unsafe:
+        reasons.append(
+            f"the {encoder.config.attention} attention's decoding caches ({', '.join(unsafe)}) step with host "
+            "synchronisation (Routing and Combiner read counters and completed blocks on the host): they decode "
+            "eagerly"
+        )
+    return "; ".join(reasons) or None
 
 
 def sample_next(
