@@ -6,14 +6,17 @@ pair. A causal graph additionally drops keys after the query inside the diagonal
 
 The block lists are stored in CSR form (``indptr``, ``indices``), so graphs with dense global rows
 stay small at a million tokens. Kernels build the device-side views they need once per graph and
-cache them on the graph (see ``cache``).
+cache them on the graph (:meth:`BlockGraph.view`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,6 +24,11 @@ from hopformer.checks import check_int
 
 # Rows of the block adjacency handled at once when a graph is built or densified, bounding memory.
 ROW_CHUNK = 2048
+
+View = TypeVar("View")
+# Every live graph by its ``uid``, so that a view can be looked up from constants alone (see ``_view``).
+_LIVE: weakref.WeakValueDictionary[int, BlockGraph] = weakref.WeakValueDictionary()
+_UIDS = itertools.count()
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,7 +59,9 @@ class BlockGraph:
     """A short description used in plots and tables."""
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     """Device-side views that kernels build once per graph (gather plans, FlexAttention block masks),
-    by key; not part of the graph's identity."""
+    by key; not part of the graph's identity. Filled through :meth:`view`."""
+    uid: int = field(init=False, default=-1, repr=False, compare=False)
+    """A number that names this graph object for the life of the process (set on construction)."""
 
     def __post_init__(self) -> None:
         _check_positive_int("seq_len", self.seq_len)
@@ -61,6 +71,22 @@ class BlockGraph:
                 f"indptr must have shape ({self.num_blocks + 1},) for seq_len={self.seq_len}, "
                 f"block_size={self.block_size}; got {tuple(self.indptr.shape)}"
             )
+        object.__setattr__(self, "uid", next(_UIDS))
+        _LIVE[self.uid] = self
+
+    def view(self, build: Callable[..., View], *args: Any) -> View:
+        """``build(self, *args)``, built on first use and kept in :attr:`cache`: the device-side layouts a
+        kernel needs (index tables, masks). ``build`` must be a module-level function and ``args`` plain
+        constants (strings, numbers, tuples; a device as its string).
+
+        Under ``torch.compile`` the view is built (or found) while Dynamo traces the model and enters the
+        compiled graph as a constant, so graph construction is never traced.
+        """
+        return _view(self.uid, build, args)
+
+    def __reduce__(self) -> tuple:
+        # Copies and unpickled graphs are built anew: their own uid, an empty cache.
+        return BlockGraph, (self.seq_len, self.block_size, self.indptr, self.indices, self.is_causal, self.name)
 
     # ----------------------------------------------------------------------------------- basics
     @property
@@ -339,6 +365,20 @@ class BlockGraph:
             figure.savefig(path)
             plt.close(figure)
         return figure
+
+
+@torch.compiler.assume_constant_result
+def _view(uid: int, build: Callable[..., View], args: tuple) -> View:
+    # A trace-time constant: Dynamo calls this with constants (no graph object: it cannot hand one to such
+    # a function) and bakes the result into the graph instead of tracing the build.
+    graph = _LIVE[uid]
+    key = (f"{build.__module__}.{build.__qualname__}", *args)
+    if key not in graph.cache:
+        from hopformer.ops.common import eager_constants  # (ops import graphs: import here)
+
+        with eager_constants():
+            graph.cache[key] = build(graph, *args)
+    return graph.cache[key]
 
 
 def _lower_triangle(start: int, stop: int, num_blocks: int) -> torch.Tensor:
