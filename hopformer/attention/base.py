@@ -41,8 +41,8 @@ def key_padding_mask(attention_mask: torch.Tensor | None, x: torch.Tensor) -> to
             f"attention_mask must have shape (batch, seq) = {(batch, seq)}, got {tuple(attention_mask.shape)}"
         )
     mask = attention_mask.bool()
-    if torch.compiler.is_exporting():  # no branch on the mask's values in an exported program: an all-True
-        return mask  # mask gives the outputs None gives
+    if torch.compiler.is_compiling():  # no branch on the mask's values in a compiled or exported program: an
+        return mask  # all-True mask gives the outputs None gives
     return None if bool(mask.all()) else mask
 
 

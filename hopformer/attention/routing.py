@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -150,11 +151,11 @@ class RoutingAttention(AttentionModule):
         self.register_buffer("ema_counts", torch.zeros(shape[:2]))
         self.register_buffer("ema_sums", torch.zeros(shape))
         self.register_buffer("initialised", torch.tensor(False))
-        # Statistics recorded since the last EMA step. Plain attributes, not buffers: DDP's buffer
-        # broadcast would otherwise overwrite every rank's statistics with rank 0's.
-        self.pending_counts: torch.Tensor | None = None
-        self.pending_sums: torch.Tensor | None = None
-        self.pending_batches = 0
+        # Statistics recorded since the last EMA step: sums and counts side by side ``(H_r, C, d + 1)`` and the
+        # number of forwards. Plain tensor attributes (moved with the module), not buffers: DDP's buffer broadcast
+        # would otherwise overwrite every rank's statistics with rank 0's.
+        self._pending = torch.zeros(*shape[:2], self.head_dim + 1)
+        self._pending_batches = torch.zeros((), dtype=torch.int64)
         self._initialised_seen = False
 
     # ------------------------------------------------------------------------------------------
@@ -186,33 +187,8 @@ class RoutingAttention(AttentionModule):
         return torch.cat(outputs, dim=1)
 
     def _route(self, q, k, v, window, padding, dropout):
-        recording = self.training and not _recomputing()
         sources = [q] if self.share_qk else [q, k]
-        members, assignments = [], []
-        # Normalised vectors in at least float32 rank the tokens and feed the k-means statistics. They
-        # are made here without gradient and dropped before the attention; the commitment loss
-        # recomputes them in its backward.
-        with torch.no_grad():
-            dtype = torch.promote_types(q.dtype, torch.float32)
-            normalised = [normalise(x.to(dtype), self.qk_norm) for x in sources]
-            first = recording and not self._is_initialised()
-            if first and not self.causal:
-                self._initialise(normalised[0], normalised[-1], padding)
-            elif recording and not first and self.update == "auto":
-                self.update_centroids()
-            for x_norm in normalised:
-                if self.causal:  # each token's nearest centroid: its own vector decides, nothing later does
-                    assign = nearest_centroid(x_norm, self.centroids)
-                    members.append(assign)
-                else:
-                    index, assign = rank(x_norm, self.centroids, window, padding)
-                    members.append(index)
-                assignments.append(assign)
-            if first and self.causal:  # after routing: this batch's own k-means must not reach its past
-                self._initialise(normalised[0], normalised[-1], padding)
-            if recording:
-                self._record(list(zip(normalised, assignments)), padding)
-            del normalised
+        members, assignments = self._assign(sources, window, padding)
         # The loss before the attention: autograd runs its backward after the attention's, once the
         # attention's temporaries are freed (at 64K tokens that keeps its 96 MiB off Routing's peak).
         loss = sum(
@@ -225,6 +201,35 @@ class RoutingAttention(AttentionModule):
             )
         return clustered_attention(
             q, k, v, members[0], members[-1], self.causal, padding, shared_qk=self.share_qk, dropout_p=dropout
+        )
+
+    def _assign(self, sources, window, padding) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Members and nearest-centroid assignments of the query (and key) tokens, with this forward's k-means
+        bookkeeping (initialisation, EMA step, statistics) on the module's state. Under ``torch.compile`` one
+        custom op that declares the state it updates (:func:`_kmeans_op`), so the compiled program keeps it."""
+        state = self._state()
+        settings = dict(window=window, causal=self.causal, qk_norm=self.qk_norm, recording=self.training,
+                        update_auto=self.update == "auto", decay=self.decay, radius=self.radius,
+                        kmeans_iters=self.kmeans_iters)  # fmt: skip
+        if torch.compiler.is_dynamo_compiling():
+            key = sources[-1] if len(sources) > 1 else None
+            members_q, members_k, assign_q, assign_k = torch.ops.hopformer.routing_kmeans(
+                sources[0].detach(), None if key is None else key.detach(), padding, *state, **settings
+            )
+            if key is None:
+                return [members_q], [assign_q]
+            return [members_q, members_k], [assign_q, assign_k]
+        known = self._initialised_seen
+        members, assignments = kmeans_step(
+            [x.detach() for x in sources], padding, state, known_initialised=known, **settings
+        )
+        if self.training:
+            self._is_initialised()  # reads the flag (a device sync) only until it is set
+        return members, assignments
+
+    def _state(self) -> KMeansState:
+        return KMeansState(
+            self.centroids, self.ema_counts, self.ema_sums, self.initialised, self._pending, self._pending_batches
         )
 
     # ------------------------------------------------------------------------------------------
@@ -283,6 +288,8 @@ class RoutingAttention(AttentionModule):
             buffer = getattr(self, name)
             if buffer.dtype in (torch.float16, torch.bfloat16):
                 setattr(self, name, buffer.float())
+        self._pending = fn(self._pending).to(self.ema_counts.dtype)  # (plain attributes: moved here)
+        self._pending_batches = fn(self._pending_batches)
         return self
 
     def _is_initialised(self) -> bool:
@@ -295,85 +302,41 @@ class RoutingAttention(AttentionModule):
         super()._load_from_state_dict(*args, **kwargs)
         self._initialised_seen = False  # the loaded ``initialised`` decides again
 
+    @property
+    def pending_batches(self) -> int:
+        """Forwards recorded since the last EMA step."""
+        return int(self._pending_batches)
+
+    @pending_batches.setter
+    def pending_batches(self, value: int) -> None:
+        self._pending_batches.fill_(value)
+
+    @property
+    def pending_counts(self) -> torch.Tensor | None:
+        """Assignment counts recorded since the last EMA step ``(H_r, C)`` (None when nothing is recorded)."""
+        return None if self.pending_batches == 0 else self._pending[..., -1]
+
+    @pending_counts.setter
+    def pending_counts(self, value: torch.Tensor | None) -> None:
+        self._pending[..., -1] = 0.0 if value is None else value
+
+    @property
+    def pending_sums(self) -> torch.Tensor | None:
+        """Sums of the assigned normalised vectors recorded since the last EMA step ``(H_r, C, d)``."""
+        return None if self.pending_batches == 0 else self._pending[..., :-1]
+
+    @pending_sums.setter
+    def pending_sums(self, value: torch.Tensor | None) -> None:
+        self._pending[..., :-1] = 0.0 if value is None else value
+
     @torch.no_grad()
     def update_centroids(self) -> None:
         """Apply the pending statistics as one EMA step (averaged over the recorded forwards)."""
-        batches = self.pending_batches
-        if batches == 0:
-            return
-        counts = self.pending_counts / batches
-        sums = self.pending_sums / batches
-        if _distributed():  # summed over ranks: the statistics of the global batch, as one process sees them
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
-        self.ema_counts.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
-        self.ema_sums.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
-        mean = self.ema_sums / (self.ema_counts[..., None] + EMA_EPS)
-        norm = mean.norm(dim=-1, keepdim=True)
-        self.centroids.copy_(torch.where(norm > 1e-12, mean * (self.radius / norm.clamp_min(1e-12)), self.centroids))
-        self.pending_counts = self.pending_sums = None
-        self.pending_batches = 0
+        update_centroids(self._state(), self.decay, self.radius)
 
     def _record(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], padding: torch.Tensor | None) -> None:
         """Add one forward's assignment counts and sums (real tokens only) to the pending tables."""
-        for x, assign in pairs:
-            counts, sums = self._statistics(x, assign, padding)
-            if self.pending_counts is None:
-                self.pending_counts, self.pending_sums = torch.zeros_like(counts), torch.zeros_like(sums)
-            self.pending_counts.add_(counts)
-            self.pending_sums.add_(sums)
-        self.pending_batches += 1
-
-    def _statistics(self, x, assign, padding) -> tuple[torch.Tensor, torch.Tensor]:
-        # x (B, H_r, L, d), assign (B, H_r, L) -> counts (H_r, C), sums (H_r, C, d)
-        heads, dim = self.routing_heads, self.head_dim
-        weight = torch.ones_like(assign, dtype=x.dtype) if padding is None else padding[:, None, :].to(x.dtype)
-        weight = weight.expand_as(assign)
-        x = x.transpose(0, 1).reshape(heads, -1, dim)
-        assign = assign.transpose(0, 1).reshape(heads, -1)
-        weight = weight.transpose(0, 1).reshape(heads, -1)
-        counts = self.ema_counts.new_zeros(self.ema_counts.shape).scatter_add_(1, assign, weight.to(self.ema_counts))
-        index = assign[..., None].expand(-1, -1, dim)
-        sums = self.ema_sums.new_zeros(self.ema_sums.shape).scatter_add_(
-            1, index, (x * weight[..., None]).to(self.ema_sums)
-        )
-        return counts, sums
-
-    def _initialise(self, q_norm: torch.Tensor, k_norm: torch.Tensor, padding: torch.Tensor | None) -> None:
-        """Spherical k-means on sampled normalised tokens of this batch (the first training batch)."""
-        heads, dim = self.routing_heads, self.head_dim
-        sources = [q_norm] if self.share_qk else [q_norm, k_norm]
-        tokens = torch.cat([x.transpose(0, 1).reshape(heads, -1, dim) for x in sources], dim=1).float()
-        if padding is not None:
-            tokens = tokens[:, padding.reshape(-1).repeat(len(sources))]
-        total = tokens.shape[1]
-        if total == 0:  # nothing real to learn from: keep the random centroids, try again next batch
-            return
-        limit = self.clusters * INIT_TOKENS_PER_CLUSTER
-        if total > limit:
-            tokens = tokens[:, torch.randperm(total, device=tokens.device)[:limit]]
-        count = tokens.shape[1]
-        if count >= self.clusters:
-            start = torch.randperm(count, device=tokens.device)[: self.clusters]
-        else:
-            start = torch.randint(count, (self.clusters,), device=tokens.device)
-        centroids = tokens[:, start]
-        counts = torch.zeros(heads, self.clusters, device=tokens.device)
-        for _ in range(max(1, self.kmeans_iters)):
-            assign = torch.einsum("hnd,hcd->hnc", tokens, centroids).argmax(-1)
-            counts = torch.zeros_like(counts).scatter_add_(1, assign, torch.ones_like(assign, dtype=counts.dtype))
-            sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, dim), tokens)
-            norm = sums.norm(dim=-1, keepdim=True)
-            centroids = torch.where(norm > 1e-12, sums * (self.radius / norm.clamp_min(1e-12)), centroids)
-        # Start the EMA at this solution, with counts on the scale of one batch.
-        counts = counts * (total / count)
-        self.centroids.copy_(centroids)
-        self.ema_counts.copy_(counts)
-        self.ema_sums.copy_(centroids * counts[..., None])
-        if _distributed():
-            for buffer in (self.centroids, self.ema_counts, self.ema_sums):
-                dist.broadcast(buffer, src=0)
-        self.initialised.fill_(True)
+        record_statistics(self._state(), pairs, padding)
 
     def extra_repr(self) -> str:
         return (
@@ -381,6 +344,197 @@ class RoutingAttention(AttentionModule):
             f"clusters={self.clusters}, window={self.window}, causal={self.causal}, share_qk={self.share_qk}, "
             f"qk_norm={self.qk_norm!r}"
         )
+
+
+class KMeansState(NamedTuple):
+    """A Routing module's k-means state: the buffers, then the statistics recorded since the last EMA step."""
+
+    centroids: torch.Tensor  # (H_r, C, d) on the sphere of the normalised vectors
+    ema_counts: torch.Tensor  # (H_r, C)
+    ema_sums: torch.Tensor  # (H_r, C, d)
+    initialised: torch.Tensor  # bool, ()
+    pending: torch.Tensor  # (H_r, C, d + 1): sums, then counts
+    pending_batches: torch.Tensor  # int64, ()
+
+
+@torch.no_grad()
+def kmeans_step(
+    sources: list[torch.Tensor],
+    padding: torch.Tensor | None,
+    state: KMeansState,
+    *,
+    window: int,
+    causal: bool,
+    qk_norm: str,
+    recording: bool,
+    update_auto: bool,
+    decay: float,
+    radius: float,
+    kmeans_iters: int,
+    known_initialised: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Members and assignments of the tokens ``sources`` (queries, and keys unless shared) and, in a recording
+    (training) forward that is not an activation recomputation, the k-means bookkeeping on ``state`` (see the
+    module docstring). Normalised vectors in at least float32 rank the tokens and feed the statistics; they are
+    made here and dropped."""
+    recording = recording and not _recomputing()
+    dtype = torch.promote_types(sources[0].dtype, torch.float32)
+    normalised = [normalise(x.to(dtype), qk_norm) for x in sources]
+    first = recording and not known_initialised and not bool(state.initialised)
+    if first and not causal:
+        _initialise(state, normalised[0], normalised[-1], len(sources) == 1, padding, kmeans_iters, radius)
+    elif recording and not first and update_auto:
+        update_centroids(state, decay, radius)
+    members, assignments = [], []
+    for x_norm in normalised:
+        if causal:  # each token's nearest centroid: its own vector decides, nothing later does
+            assign = nearest_centroid(x_norm, state.centroids)
+            members.append(assign)
+        else:
+            index, assign = rank(x_norm, state.centroids, window, padding)
+            members.append(index)
+        assignments.append(assign)
+    if first and causal:  # after routing: this batch's own k-means must not reach its past
+        _initialise(state, normalised[0], normalised[-1], len(sources) == 1, padding, kmeans_iters, radius)
+    if recording:
+        record_statistics(state, list(zip(normalised, assignments)), padding)
+    return members, assignments
+
+
+def update_centroids(state: KMeansState, decay: float, radius: float) -> None:
+    """Apply the pending statistics as one EMA step (averaged over the recorded forwards) and clear them;
+    nothing changes when no forward was recorded. Tensor arithmetic throughout: no device sync."""
+    batches = state.pending_batches
+    recorded = batches > 0
+    statistics = state.pending / batches.clamp_min(1)
+    if _distributed():  # summed over ranks: the statistics of the global batch, as one process sees them
+        dist.all_reduce(statistics)
+    counts, sums = statistics[..., -1], statistics[..., :-1]
+    ema_counts = state.ema_counts * decay + counts * (1.0 - decay)
+    ema_sums = state.ema_sums * decay + sums * (1.0 - decay)
+    mean = ema_sums / (ema_counts[..., None] + EMA_EPS)
+    norm = mean.norm(dim=-1, keepdim=True)
+    centroids = torch.where(norm > 1e-12, mean * (radius / norm.clamp_min(1e-12)), state.centroids)
+    state.ema_counts.copy_(torch.where(recorded, ema_counts, state.ema_counts))
+    state.ema_sums.copy_(torch.where(recorded, ema_sums, state.ema_sums))
+    state.centroids.copy_(torch.where(recorded, centroids, state.centroids))
+    state.pending.zero_()
+    batches.zero_()
+
+
+def record_statistics(
+    state: KMeansState, pairs: list[tuple[torch.Tensor, torch.Tensor]], padding: torch.Tensor | None
+) -> None:
+    """Add one forward's assignment counts and sums (real tokens only) of each ``(x_norm, assignment)``
+    ``(B, H_r, L, d), (B, H_r, L)`` to the pending tables."""
+    heads, clusters, dim = state.centroids.shape
+    pending = state.pending
+    for x, assign in pairs:
+        weight = torch.ones_like(assign, dtype=x.dtype) if padding is None else padding[:, None, :].to(x.dtype)
+        weight = weight.expand_as(assign).transpose(0, 1).reshape(heads, -1)
+        x = x.transpose(0, 1).reshape(heads, -1, dim)
+        assign = assign.transpose(0, 1).reshape(heads, -1)
+        pending[..., -1].scatter_add_(1, assign, weight.to(pending.dtype))
+        index = assign[..., None].expand(-1, -1, dim)
+        sums = torch.zeros_like(pending[..., :-1]).scatter_add_(1, index, (x * weight[..., None]).to(pending.dtype))
+        pending[..., :-1] += sums
+    state.pending_batches.add_(1)
+
+
+def _initialise(
+    state: KMeansState,
+    q_norm: torch.Tensor,
+    k_norm: torch.Tensor,
+    shared: bool,
+    padding: torch.Tensor | None,
+    kmeans_iters: int,
+    radius: float,
+) -> None:
+    """Spherical k-means on sampled normalised tokens of this batch (the first training batch)."""
+    heads, clusters, dim = state.centroids.shape
+    sources = [q_norm] if shared else [q_norm, k_norm]
+    tokens = torch.cat([x.transpose(0, 1).reshape(heads, -1, dim) for x in sources], dim=1).float()
+    if padding is not None:
+        tokens = tokens[:, padding.reshape(-1).repeat(len(sources))]
+    total = tokens.shape[1]
+    if total == 0:  # nothing real to learn from: keep the random centroids, try again next batch
+        return
+    limit = clusters * INIT_TOKENS_PER_CLUSTER
+    if total > limit:
+        tokens = tokens[:, torch.randperm(total, device=tokens.device)[:limit]]
+    count = tokens.shape[1]
+    if count >= clusters:
+        start = torch.randperm(count, device=tokens.device)[:clusters]
+    else:
+        start = torch.randint(count, (clusters,), device=tokens.device)
+    centroids = tokens[:, start]
+    counts = torch.zeros(heads, clusters, device=tokens.device)
+    for _ in range(max(1, kmeans_iters)):
+        assign = torch.einsum("hnd,hcd->hnc", tokens, centroids).argmax(-1)
+        counts = torch.zeros_like(counts).scatter_add_(1, assign, torch.ones_like(assign, dtype=counts.dtype))
+        sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, dim), tokens)
+        norm = sums.norm(dim=-1, keepdim=True)
+        centroids = torch.where(norm > 1e-12, sums * (radius / norm.clamp_min(1e-12)), centroids)
+    # Start the EMA at this solution, with counts on the scale of one batch.
+    counts = counts * (total / count)
+    state.centroids.copy_(centroids)
+    state.ema_counts.copy_(counts)
+    state.ema_sums.copy_(centroids * counts[..., None])
+    if _distributed():
+        for buffer in (state.centroids, state.ema_counts, state.ema_sums):
+            dist.broadcast(buffer, src=0)
+    state.initialised.fill_(True)
+
+
+@torch.library.custom_op(
+    "hopformer::routing_kmeans",
+    mutates_args=("centroids", "ema_counts", "ema_sums", "initialised", "pending", "pending_batches"),
+)
+def _kmeans_op(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    padding: torch.Tensor | None,
+    centroids: torch.Tensor,
+    ema_counts: torch.Tensor,
+    ema_sums: torch.Tensor,
+    initialised: torch.Tensor,
+    pending: torch.Tensor,
+    pending_batches: torch.Tensor,
+    window: int,
+    causal: bool,
+    qk_norm: str,
+    recording: bool,
+    update_auto: bool,
+    decay: float,
+    radius: float,
+    kmeans_iters: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`kmeans_step` as one op for ``torch.compile``: ``(query members, key members, query assignments, key
+    assignments)``; the key outputs are empty with shared QK. The state arguments are updated in place."""
+    state = KMeansState(centroids, ema_counts, ema_sums, initialised, pending, pending_batches)
+    sources = [q] if k is None else [q, k]
+    members, assignments = kmeans_step(
+        sources, padding, state, window=window, causal=causal, qk_norm=qk_norm, recording=recording,
+        update_auto=update_auto, decay=decay, radius=radius, kmeans_iters=kmeans_iters,
+    )  # fmt: skip
+    if causal:  # members are the assignments themselves: outputs must not alias each other
+        members = [x.clone() for x in members]
+    if k is None:
+        empty = q.new_empty(0, dtype=torch.int64)
+        return members[0], empty, assignments[0], empty.clone()
+    return members[0], members[1], assignments[0], assignments[1]
+
+
+@_kmeans_op.register_fake
+def _(q, k, padding, centroids, ema_counts, ema_sums, initialised, pending, pending_batches, window, causal,
+      qk_norm, recording, update_auto, decay, radius, kmeans_iters):  # fmt: skip
+    batch, heads, seq, _ = q.shape
+    assign = q.new_empty((batch, heads, seq), dtype=torch.int64)
+    members = assign if causal else q.new_empty((batch, heads, centroids.shape[1], window), dtype=torch.int64)
+    if k is None:
+        empty = q.new_empty(0, dtype=torch.int64)
+        return members.clone(), empty, assign.clone(), empty.clone()
+    return members.clone(), members.clone(), assign.clone(), assign.clone()
 
 
 def local_attention(

@@ -18,10 +18,10 @@ from hopformer.attention.decoding import GraphCache, slot_plan
 from hopformer.attention.registry import register
 from hopformer.checks import check_probability
 from hopformer.graphs import PATTERNS, BlockGraph, build_graph
+from hopformer.graphs.tracing import eager_constants, static_int, trace_constant
 from hopformer.ops import diffuse, diffuse_weighted, dispatch, sparse_attention
 from hopformer.ops.backend import EDGE_DROPOUT
 from hopformer.ops.coefficients import check_coefficients, check_diffusion_args, diffusion_coefficients, mixing_weights
-from hopformer.ops.common import eager_constants
 
 
 @functools.lru_cache(maxsize=256)
@@ -33,10 +33,15 @@ def _graph(pattern: str, seq_len: int, options: tuple[tuple[str, Any], ...]) -> 
 
 
 def cached_graph(pattern: str, seq_len: int, **options: Any) -> BlockGraph:
-    """The graph of ``pattern`` at ``seq_len``, built on first use and shared afterwards."""
+    """The graph of ``pattern`` at ``seq_len``, built on first use and shared afterwards (under ``torch.compile``
+    a constant of the compiled program, see :mod:`hopformer.graphs.tracing`)."""
     # list options (``global_blocks=[0, 5]``, e.g. from a YAML config) become tuples: the cache key must hash
     key = tuple(sorted((name, tuple(v) if isinstance(v, list) else v) for name, v in options.items()))
-    return _graph(pattern, seq_len, key)
+    return trace_constant(_shared_graph, pattern, static_int(seq_len), key)
+
+
+def _shared_graph(pattern: str, seq_len: int, options: tuple[tuple[str, Any], ...]) -> BlockGraph:
+    return _graph(pattern, seq_len, options)  # (a plain function: Dynamo passes only those to trace-time builders)
 
 
 class GraphAttention(AttentionModule):

@@ -21,12 +21,13 @@ from typing import Any, TypeVar
 import torch
 
 from hopformer.checks import check_int
+from hopformer.graphs.tracing import eager_constants, trace_constant
 
 # Rows of the block adjacency handled at once when a graph is built or densified, bounding memory.
 ROW_CHUNK = 2048
 
 View = TypeVar("View")
-# Every live graph by its ``uid``, so that a view can be looked up from constants alone (see ``_view``).
+# Every live graph by its ``uid``, so that a view can be built from constants alone (see ``BlockGraph.view``).
 _LIVE: weakref.WeakValueDictionary[int, BlockGraph] = weakref.WeakValueDictionary()
 _UIDS = itertools.count()
 
@@ -79,10 +80,16 @@ class BlockGraph:
         kernel needs (index tables, masks). ``build`` must be a module-level function and ``args`` plain
         constants (strings, numbers, tuples; a device as its string).
 
-        Under ``torch.compile`` the view is built (or found) while Dynamo traces the model and enters the
-        compiled graph as a constant, so graph construction is never traced.
+        Views are constants of traced programs (:mod:`hopformer.graphs.tracing`): built eagerly under
+        ``torch.export``, and under ``torch.compile`` built outside the trace and read as a guarded constant.
         """
-        return _view(self.uid, build, args)
+        if torch.compiler.is_dynamo_compiling():
+            return trace_constant(_live_view, self.uid, build, args)
+        key = (f"{build.__module__}.{build.__qualname__}", *args)
+        if key not in self.cache:
+            with eager_constants():
+                self.cache[key] = build(self, *args)
+        return self.cache[key]
 
     def __reduce__(self) -> tuple:
         # Copies and unpickled graphs are built anew: their own uid, an empty cache.
@@ -367,18 +374,9 @@ class BlockGraph:
         return figure
 
 
-@torch.compiler.assume_constant_result
-def _view(uid: int, build: Callable[..., View], args: tuple) -> View:
-    # A trace-time constant: Dynamo calls this with constants (no graph object: it cannot hand one to such
-    # a function) and bakes the result into the graph instead of tracing the build.
-    graph = _LIVE[uid]
-    key = (f"{build.__module__}.{build.__qualname__}", *args)
-    if key not in graph.cache:
-        from hopformer.ops.common import eager_constants  # (ops import graphs: import here)
-
-        with eager_constants():
-            graph.cache[key] = build(graph, *args)
-    return graph.cache[key]
+def _live_view(uid: int, build: Callable[..., View], args: tuple) -> View:
+    # Dynamo hands constants only to trace-time builders: the graph is found by its uid.
+    return _LIVE[uid].view(build, *args)
 
 
 def _lower_triangle(start: int, stop: int, num_blocks: int) -> torch.Tensor:

@@ -3,13 +3,13 @@ padding and the diffusion hop loop."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from hopformer.checks import InputTypeError
+from hopformer.graphs.tracing import eager_constants  # noqa: F401 (where callers import it from)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -56,20 +56,6 @@ def check_key_padding_mask(key_padding_mask: object, q: torch.Tensor) -> None:
         raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
 
 
-@contextlib.contextmanager
-def eager_constants() -> Iterator[None]:
-    """Build what depends only on a graph and a length (the graph itself, its token mask, gather plans) eagerly,
-    even while ``torch.export`` traces a model: they become constants of the exported program instead of traced
-    computations on the graph's index tensors, whose values would be data-dependent guards. A no-op otherwise."""
-    if not torch.compiler.is_exporting():
-        yield
-        return
-    from torch.utils._python_dispatch import _disable_current_modes  # the tracer's fake and proxy modes
-
-    with _disable_current_modes():
-        yield
-
-
 # ------------------------------------------------------------------------------------ arithmetic
 def masked_softmax(
     scores: torch.Tensor,
@@ -111,14 +97,14 @@ def token_mask(graph, key_padding_mask: torch.Tensor | None, device: torch.devic
     """``(batch or 1, 1, seq, seq)`` bool: the graph's edges to real keys. The graph's token mask is cached
     on the graph. Padded queries keep their edges: callers zero their outputs, and as keys they are
     masked, so they never reach a real token."""
-    key = ("dense_mask", str(device))
-    if key not in graph.cache:
-        with eager_constants():
-            graph.cache[key] = graph.to_dense(device)
-    allowed = graph.cache[key][None, None]
+    allowed = graph.view(_dense_mask, str(device))[None, None]
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]
     return allowed
+
+
+def _dense_mask(graph, device: str) -> torch.Tensor:
+    return graph.to_dense(device)
 
 
 def zero_padded_queries(z: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hopformer.graphs.tracing import trace_constant
 from hopformer.ops.backend import CombinerBackend, DiffusionBackend, Request
 
 # ---------------------------------------------------------------------------------- crossovers
@@ -63,6 +64,10 @@ def combiner_backends() -> dict[str, CombinerBackend]:
 
 def backends_for(op: str) -> dict[str, Any]:
     """The backends of ``op`` by name (``"auto"`` not included)."""
+    return trace_constant(_backend_table, op)  # under torch.compile read as a constant, not traced
+
+
+def _backend_table(op: str) -> dict[str, Any]:
     return combiner_backends() if op == "combiner" else diffusion_backends()
 
 

@@ -608,9 +608,7 @@ def _backward(grad, q, k, v, out, plan, real, keeps, steps, scale, statics, edge
     batch, heads, length, _ = q.shape
     real_pairs = None if real is None else real.repeat_interleave(heads, 0)
     layout = _Layout(plan, statics, real_pairs, q.dtype)
-    q_blocks, k_blocks, v_blocks, out_blocks, grad_blocks = (
-        _as_pairs(x, layout.block) for x in (q, k, v, out, grad)
-    )
+    q_blocks, k_blocks, v_blocks, out_blocks, grad_blocks = (_as_pairs(x, layout.block) for x in (q, k, v, out, grad))
     run = _Steps(tuple(steps), scale, edge_p, per_hop, hop_p)
     # dq: every row is written once (narrow or wide); dk adds up over the rows that read a key block.
     grads = torch.empty_like(q_blocks), torch.zeros_like(k_blocks), torch.empty_like(v_blocks)

@@ -230,6 +230,8 @@ def commitment_loss(
     else:
         real = key_padding_mask.to(dtype)
         weight = real / (real.sum() * heads).clamp_min(1.0)
+    if torch.compiler.is_dynamo_compiling():  # (the recomputing backward calls autograd, which Dynamo cannot trace)
+        return _chunk_commitment(x, centroids.detach().to(dtype), assignment, weight, qk_norm)
     return _CommitmentLoss.apply(x, centroids.detach().to(dtype), assignment, weight, qk_norm)
 
 

@@ -1,0 +1,199 @@
+"""torch.compile: a whole model with every attention traces as one graph (``fullgraph=True``, no graph break) and
+gives eager's outputs, gradients and state updates; the custom ops pass ``torch.library.opcheck``.
+
+Models are compiled with the ``aot_eager`` backend (Dynamo's trace and AOTAutograd's joint graph, fake tensors and
+functionalisation included, without Inductor's C++ build time) in float64; one case runs Inductor itself."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from hopformer.attention import available
+from hopformer.graphs import bigbird, local
+from hopformer.models import CausalLM, CausalLMConfig, EncoderConfig, TransformerEncoder, aux_loss
+from hopformer.ops import diffuse, sparse_attention
+from hopformer.ops import triton_diffusion as triton_backend
+from hopformer.ops.coefficients import diffusion_coefficients, mixing_weights
+
+SEQ = 96
+
+# name -> (attention, options): every registered attention, and the backends and variants behind them
+CASES = {
+    "full": ("full", {}),
+    "local": ("local", {"block_size": 16}),
+    "grid2d": ("local", {"pattern": "grid2d", "side": 8, "radius": 1}),
+    "longformer": ("longformer", {"block_size": 16}),
+    "bigbird": ("bigbird", {"block_size": 16}),
+    "hypercube": ("hypercube", {"block_size": 16}),
+    "diffuser": ("diffuser", {"block_size": 16, "hops": 3}),  # auto: the matrix backend at this length
+    "diffuser_gather": ("diffuser", {"block_size": 16, "hops": 3, "backend": "gather"}),
+    "diffuser_dense": ("diffuser", {"block_size": 16, "hops": 2, "backend": "dense"}),
+    "diffuser_learned": ("diffuser", {"block_size": 16, "hops": 2, "learned_coefficients": True}),
+    "routing": ("routing", {"max_seq_len": SEQ, "local_window": 16, "clusters": 4}),
+    "routing_shared": ("routing", {"max_seq_len": SEQ, "local_window": 16, "clusters": 4, "share_qk": True}),
+    "combiner": ("combiner", {}),
+    "combiner_logsparse": ("combiner", {"variant": "logsparse"}),
+    "combiner_axial": ("combiner", {"variant": "axial"}),
+    "combiner_axial_horizontal": ("combiner", {"variant": "axial_horizontal"}),
+    "combiner_mixture": ("combiner", {"variant": "mixture"}),
+}
+CAUSAL = ["full", "local", "bigbird", "diffuser_gather", "routing", "combiner", "combiner_logsparse"]
+SLOW = {"diffuser_dense", "routing_shared", "combiner_axial_horizontal", "combiner_mixture", "hypercube"}
+
+
+def _param(name: str):
+    return pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+
+
+def test_every_attention_has_a_case():
+    assert {attention for attention, _ in CASES.values()} == set(available())
+
+
+def _encoder(name: str, causal: bool = False) -> torch.nn.Module:
+    attention, options = CASES[name]
+    torch.manual_seed(0)
+    config = EncoderConfig(vocab_size=50, dim=32, depth=2, heads=2, mlp_dim=48, max_len=SEQ + 1, dropout=0.0,
+                           attention=attention, attention_options=options)  # fmt: skip
+    if causal:
+        return CausalLM(CausalLMConfig(config)).double()
+    return TransformerEncoder(config).double()
+
+
+def _inputs(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (batch, SEQ), generator=generator)
+    mask = torch.ones(batch, SEQ, dtype=torch.long)
+    mask[-1, SEQ // 2 + 3 :] = 0  # the last row is partly padding
+    return ids, mask
+
+
+def _step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+    out = model(ids, mask)
+    loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum() + (aux_loss(model) or 0.0)
+    loss.backward()
+    module = getattr(model, "_orig_mod", model)  # a compiled module's parameters are its original's
+    return out.detach(), {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles its own models: Dynamo's caches start empty (another model's cached code would make
+    the next one's settings recompile, and the recompile limit counts across tests)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled_matches_eager(model: torch.nn.Module, steps: int = 2) -> None:
+    eager, compiled = model, copy.deepcopy(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    run = torch.compile(compiled, fullgraph=True, backend=counter)
+    for step in range(steps):  # the second step sees the state the first left (k-means statistics and EMA)
+        ids, mask = _inputs(seed=step)
+        torch.manual_seed(step)  # the same random draws (k-means initialisation) in both
+        expected, expected_grads = _step(eager, ids, mask)
+        torch.manual_seed(step)
+        got, got_grads = _step(run, ids, mask)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+        assert got_grads.keys() == expected_grads.keys()
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-8, atol=1e-9, msg=name)
+        for module in (eager, compiled):
+            module.zero_grad(set_to_none=True)
+    for (name, buffer), other in zip(eager.named_buffers(), compiled.buffers()):
+        torch.testing.assert_close(other, buffer, rtol=1e-9, atol=1e-9, msg=name)
+    assert counter.frame_count == 1, f"one graph, no graph break (got {counter.frame_count} frames)"
+
+
+@pytest.mark.parametrize("name", [_param(name) for name in CASES])
+def test_compiled_encoder_matches_eager_with_every_attention(name):
+    _compiled_matches_eager(_encoder(name))
+
+
+@pytest.mark.parametrize("name", [_param(name) for name in CAUSAL])
+def test_compiled_causal_lm_matches_eager(name):
+    _compiled_matches_eager(_encoder(name, causal=True))
+
+
+def test_eval_mode_compiles_and_matches():
+    model = _encoder("diffuser_gather").eval()
+    run = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids, mask = _inputs(3, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(run(ids, mask), model(ids, mask), rtol=1e-9, atol=1e-9)
+
+
+def test_inductor_compiles_the_gather_op_into_a_model():
+    """Inductor itself (C++ kernels around the opaque custom op), float32."""
+    model = _encoder("diffuser_gather").float()
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True)
+    ids, mask = _inputs()
+    expected, expected_grads = _step(model, ids, mask)
+    got, got_grads = _step(compiled, ids, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------------------- the custom ops
+def _qkv(seq: int = 40, dim: int = 8, batch: int = 2, heads: int = 2, dtype=torch.float64, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, seq, dim, generator=generator, dtype=dtype, requires_grad=True) for _ in "qkv"]
+
+
+def test_opcheck_gather_diffusion():
+    from hopformer.ops.gather import gather_plan
+
+    q, k, v = _qkv()
+    graph = bigbird(40, block_size=8, window=3, num_global=1, num_random=1)
+    plan = gather_plan(graph, q.device)
+    padding = torch.ones(2, 40, dtype=torch.bool)
+    padding[1, 30:] = False
+    steps = mixing_weights(diffusion_coefficients(3, 0.1))
+    for real, graph_steps in ((None, [0.0]), (padding, steps)):
+        args = (q, k, v, *plan.tensors(), real, graph_steps, 0.35, *plan.statics(), 0.0, False, 0.0)
+        torch.library.opcheck(torch.ops.hopformer.gather_diffusion.default, args)
+
+
+def test_opcheck_routing_kmeans():
+    from hopformer.attention import build
+
+    module = build("routing", 16, 2, local_heads=0, clusters=3, max_seq_len=24)
+    q, k = (torch.randn(2, 2, 24, 8) for _ in "qk")
+    for causal, key in ((False, k), (True, None)):
+        args = (q, key, None, *module._state(), 6, causal, "layernorm", True, True, 0.9, module.radius, 2)
+        torch.library.opcheck(torch.ops.hopformer.routing_kmeans.default, args)
+
+
+@pytest.mark.skipif(not triton_backend.available(), reason="needs triton")
+def test_opcheck_triton_diffusion():
+    if not (torch.cuda.is_available() or triton_backend.interpreting()):
+        pytest.skip("needs CUDA or Triton's interpreter")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (x.detach().to(device).requires_grad_() for x in _qkv(seq=32, dim=16, batch=1, dtype=torch.float32))
+    graph = local(32, block_size=16, window=3)
+    for steps in ([0.0], [0.1, 0.1]):
+        args = triton_backend.op_arguments(q, k, v, graph, None, steps, 0.25)
+        torch.library.opcheck(torch.ops.hopformer.triton_diffusion.default, args)
+
+
+def test_ops_compile_on_their_own():
+    """The functional ops with a graph made outside the compiled function (a user's own graph)."""
+    graph = bigbird(40, block_size=8, window=3, num_global=1, num_random=1)
+    q, k, v = _qkv()
+
+    def both(q, k, v):
+        return sparse_attention(q, k, v, graph, backend="gather") + diffuse(q, k, v, graph, 3, backend="gather")
+
+    counter = CompileCounterWithBackend("aot_eager")
+    out = torch.compile(both, fullgraph=True, backend=counter)(q, k, v)
+    torch.testing.assert_close(out, both(q, k, v), rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = torch.autograd.grad(both(q, k, v).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert counter.frame_count == 1
