@@ -34,9 +34,11 @@ _GATHER_OVERHEAD = 1.5
 # Attention probabilities kept alive at once (elements): (batch, head) pairs are processed in chunks of about this
 # size, and each chunk's attention and hop states are recomputed in backward, not stored.
 CHUNK_ELEMENTS = 1 << 22
-# Elements of the temporaries of one row chunk in the score gradient and the adjoint (gathered states and keys,
-# score gradients): backward visits the rows a few at a time so that these stay small beside the attention.
-ROW_CHUNK_ELEMENTS = 1 << 20
+# Elements of the temporaries of one row chunk (gathered keys or states and a product of their size; in the score
+# gradient every step's states of the key blocks and dP): rows are visited a few at a time so that these stay small
+# beside the attention.
+ROW_CHUNK_ELEMENTS = 1 << 18
+SCORE_CHUNK_ELEMENTS = 1 << 19
 
 
 # ----------------------------------------------------------------------------------------- plan
@@ -247,9 +249,9 @@ class _Layout:
         rows_real = real.view(pairs, -1, self.block)[:, self.wide_rows].flatten(1)
         return self.wide_mask.flatten(0, 1)[None] & real[:, None, :] & rows_real[:, :, None]
 
-    def row_chunk(self, pairs: int, per_row: int) -> int:
-        """Rows per chunk so that ``per_row`` elements a row for ``pairs`` pairs stay near ``ROW_CHUNK_ELEMENTS``."""
-        return max(1, ROW_CHUNK_ELEMENTS // max(pairs * per_row, 1))
+    def row_chunk(self, pairs: int, per_row: int, budget: int) -> int:
+        """Rows per chunk so that ``per_row`` elements a row for ``pairs`` pairs stay near ``budget``."""
+        return max(1, min(self.n, budget // max(pairs * per_row, 1)))
 
 
 def _softmax_(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -264,7 +266,7 @@ def _softmax_(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return scores
 
 
-# ------------------------------------------------------------------------------------ attention
+# ------------------------------------------------------------------------------------ workspace
 def _row_slices(count: int, step: int) -> list[slice]:
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
@@ -274,44 +276,101 @@ def _sub_ids(ids: slice | torch.Tensor, rows: slice) -> slice | torch.Tensor:
     return slice(ids.start + rows.start, ids.start + rows.stop) if isinstance(ids, slice) else ids[rows]
 
 
+def _slab(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
+    """The first elements of a flat ``buffer`` as a contiguous tensor of ``shape``."""
+    count = 1
+    for size in shape:
+        count *= size
+    return buffer[:count].view(shape)
+
+
+class _Workspace:
+    """The buffers of one call, sized for one chunk of ``pairs`` (batch, head) pairs and reused by every chunk:
+    the attention, the hop states and one scratch area for the row-chunk temporaries (the hops' and the adjoint's
+    gathers and products; in backward's last phase, the score gradient's). Each is allocated once, so the memory
+    a call touches is its live peak, not the sum of many short-lived tensors of varying sizes."""
+
+    def __init__(self, layout: _Layout, pairs: int, like: torch.Tensor, dim_qk: int, dim_v: int, steps: int,
+                 backward: bool) -> None:  # fmt: skip
+        bs, width, nb, length = layout.block, layout.width * layout.block, layout.length // layout.block, layout.length
+        dim = max(dim_qk, dim_v)
+
+        def empty(*shape: int) -> torch.Tensor:
+            return like.new_empty(shape)
+
+        self.probs = [empty(pairs, group.count, bs, width) for group in layout.groups]
+        self.wide = empty(pairs, layout.wide * bs, length) if layout.wide else None
+        self.z = [empty(pairs, nb, bs, dim_v) for _ in range(1 if backward else 2)]
+        # the hops and the adjoint: gathered keys or states of a few rows, and a product of their size
+        self.rows = layout.row_chunk(pairs, width * dim, ROW_CHUNK_ELEMENTS)
+        hops = {
+            "gather": pairs * self.rows * width * dim,
+            "term": pairs * self.rows * width * max(dim, bs),
+            "wide_term": pairs * layout.wide * bs * dim,
+        }
+        score = {}
+        if backward:
+            self.states = empty(pairs, nb, bs, steps, dim_v)  # z_0 .. z_{T-1} side by side
+            self.w = empty(pairs, nb, bs, steps, dim_v)  # w_0 .. w_{T-1} side by side
+            # the score gradient of a few rows: every step's states of their key blocks, dP, their keys, products
+            per_row = width * (steps * dim_v + bs + dim_qk + max(dim_qk, bs))
+            self.score_rows = layout.row_chunk(pairs, per_row, SCORE_CHUNK_ELEMENTS)
+            self.wide_blocks = max(1, min(layout.wide, SCORE_CHUNK_ELEMENTS // max(pairs * bs * length, 1)))
+            score = {
+                "score_keys": pairs * self.score_rows * width * steps * dim_v,
+                "score": pairs * self.score_rows * bs * width,
+                "keys": pairs * self.score_rows * width * dim_qk,
+                "score_term": pairs * self.score_rows * width * max(dim_qk, bs),
+                "wide_score": pairs * self.wide_blocks * bs * length,
+                "wide_dq": pairs * self.wide_blocks * bs * dim_qk,
+            }
+        scratch = empty(max(sum(hops.values()), sum(score.values())))
+        for phase in (hops, score):  # each phase's views side by side from the start of the scratch area
+            start = 0
+            for name, size in phase.items():
+                setattr(self, name, scratch[start : start + size])
+                start += size
+
+
+# ------------------------------------------------------------------------------------ attention
 class _Attention:
-    """The attention ``A`` of one chunk of ``G`` (batch, head) pairs: per narrow group the probabilities
-    ``(G, n_g, block, d * block)`` (queries against all their key blocks side by side), and the wide rows'
-    ``(G, w * block, padded_len)``.
+    """The attention ``A`` of one chunk of ``G`` (batch, head) pairs, in the workspace: per narrow group the
+    probabilities ``(G, n_g, block, d * block)`` (queries against all their key blocks side by side), and the wide
+    rows' ``(G, w * block, padded_len)``. Every pass visits the narrow rows a few at a time
+    (:meth:`_Layout.row_chunk`), so the gathered keys or states of a row chunk stay small beside ``A``."""
 
-    Every pass visits the narrow rows a few at a time (:meth:`_Layout.row_chunk`): the gathered keys or states
-    of a row chunk are small beside ``A`` itself, which is the only thing of its size that lives."""
-
-    def __init__(self, layout: _Layout, q: torch.Tensor, k: torch.Tensor, real, scale: float) -> None:
-        self.layout = layout
+    def __init__(self, layout: _Layout, work: _Workspace, q: torch.Tensor, k: torch.Tensor, real, scale: float):
+        self.layout, self.work = layout, work
         pairs, _, bs, dim = q.shape
-        self.narrow: list[torch.Tensor | None] = []
         width = layout.width * bs
-        for group in layout.groups:
-            probs = q.new_empty(pairs, group.count, bs, width)
+        self.narrow = [probs[:pairs] for probs in work.probs]
+        for group, probs in zip(layout.groups, self.narrow):
             mask = layout.mask(group, real)
-            for rows in _row_slices(group.count, layout.row_chunk(pairs, width * dim)):
+            for rows in _row_slices(group.count, work.rows):
                 count = rows.stop - rows.start
                 q_rows = _flat(_take(q, _sub_ids(group.ids, rows)))  # (G * r, bs, D)
                 keys = group.keys[rows.start * layout.width : rows.stop * layout.width]
-                k_keys = k.index_select(1, keys).view(pairs * count, width, dim).transpose(1, 2)
+                k_keys = _slab(work.gather, pairs, count * layout.width, bs, dim)
+                torch.index_select(k, 1, keys, out=k_keys)
+                k_keys = k_keys.view(pairs * count, width, dim).transpose(1, 2)
                 direct = pairs == 1 or count == group.count  # probs[:, rows] is one contiguous stretch
-                target = _flat(probs[:, rows]) if direct else None
+                target = _flat(probs[:, rows]) if direct else _slab(work.term, pairs * count, bs, width)
                 if group.uniform and layout.bias is not None:  # scores = bias + scale q k^T in one product
                     bias = layout.bias[group.span][rows][:, None, :]  # (r, 1, d*bs): broadcast over the queries
                     bias = bias if pairs == 1 else bias.repeat(pairs, 1, 1)
-                    scores = torch.baddbmm(bias, q_rows, k_keys, alpha=scale, out=target)
+                    torch.baddbmm(bias, q_rows, k_keys, alpha=scale, out=target)
                 else:
-                    scores = torch.baddbmm(q_rows.new_empty(()), q_rows, k_keys, beta=0, alpha=scale, out=target)
-                _softmax_(scores.view(pairs, count, bs, width), None if mask is None else mask[:, rows])
+                    torch.baddbmm(q_rows.new_empty(()), q_rows, k_keys, beta=0, alpha=scale, out=target)
+                _softmax_(target.view(pairs, count, bs, width), None if mask is None else mask[:, rows])
                 if not direct:
-                    probs[:, rows] = scores.view(pairs, count, bs, width)
-            self.narrow.append(probs)
+                    probs[:, rows] = target.view(pairs, count, bs, width)
         self.wide = None
         if layout.wide:
             q_rows = q[:, layout.wide_rows].flatten(1, 2)  # (G, w*bs, D)
-            scores = torch.baddbmm(q_rows.new_empty(()), q_rows, k.flatten(1, 2).transpose(1, 2), beta=0, alpha=scale)
-            self.wide = _softmax_(scores, layout.wide_allowed(real))
+            self.wide = work.wide[:pairs]
+            torch.baddbmm(q_rows.new_empty(()), q_rows, k.flatten(1, 2).transpose(1, 2), beta=0, alpha=scale,
+                          out=self.wide)  # fmt: skip
+            _softmax_(self.wide, layout.wide_allowed(real))
 
     @staticmethod
     def _dropped(probs: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
@@ -323,44 +382,49 @@ class _Attention:
         probs = _flat(self.narrow[index][:, rows])
         return probs if keeps is None else self._dropped(probs, _flat(keeps[0][index][:, rows]), p)
 
-    def apply(self, z: torch.Tensor, v: torch.Tensor, a: float, keeps=None, p: float = 0.0) -> torch.Tensor:
-        """``lerp(A z, v, a)`` on blocks ``(G, nb, bs, D)`` (every block row is narrow or wide); ``keeps``: the
-        edge keep-masks ``(narrow per group, wide)``."""
-        layout = self.layout
+    def apply(self, z: torch.Tensor, v: torch.Tensor, a: float, out: torch.Tensor, keeps=None, p: float = 0.0):
+        """``out = lerp(A z, v, a)`` on blocks ``(G, nb, bs, D)`` (every block row is narrow or wide); ``keeps``:
+        the edge keep-masks ``(narrow per group, wide)``."""
+        layout, work = self.layout, self.work
         pairs, _, bs, dim = z.shape
-        out = torch.empty_like(z)
         for index, group in enumerate(layout.groups):
-            for rows in _row_slices(group.count, layout.row_chunk(pairs, layout.width * bs * dim)):
+            for rows in _row_slices(group.count, work.rows):
                 count, ids = rows.stop - rows.start, _sub_ids(group.ids, rows)
                 keys = group.keys[rows.start * layout.width : rows.stop * layout.width]
-                z_keys = z.index_select(1, keys).view(pairs * count, -1, dim)
+                z_keys = _slab(work.gather, pairs, count * layout.width, bs, dim)
+                torch.index_select(z, 1, keys, out=z_keys)
+                z_keys = z_keys.view(pairs * count, -1, dim)
                 v_rows = _flat(_take(v, ids))
                 probs = self.narrow_rows(index, rows, keeps, p)
                 target = _rows_out(out, ids)
                 if target is not None:  # straight into the output rows
                     torch.baddbmm(v_rows, probs, z_keys, beta=a, alpha=1 - a, out=target)
                 else:
-                    term = torch.baddbmm(v_rows, probs, z_keys, beta=a, alpha=1 - a)
+                    term = _slab(work.term, pairs * count, bs, dim)
+                    torch.baddbmm(v_rows, probs, z_keys, beta=a, alpha=1 - a, out=term)
                     _put(out, ids, term.view(pairs, count, bs, dim))
         if self.wide is not None:
             probs = self._dropped(self.wide, None if keeps is None else keeps[1], p)
             v_rows = v[:, layout.wide_rows].flatten(1, 2)
-            term = torch.baddbmm(v_rows, probs, z.flatten(1, 2), beta=a, alpha=1 - a)
+            term = _slab(work.wide_term, pairs, layout.wide * bs, dim)
+            torch.baddbmm(v_rows, probs, z.flatten(1, 2), beta=a, alpha=1 - a, out=term)
             out.index_copy_(1, layout.wide_rows, term.view(pairs, layout.wide, bs, dim))
         return out
 
     def apply_transposed(self, w: torch.Tensor, out: torch.Tensor, keeps=None, p: float = 0.0) -> torch.Tensor:
-        """``out += A^T w`` on blocks."""
-        layout = self.layout
+        """``out += A^T w`` on blocks (``out`` contiguous)."""
+        layout, work = self.layout, self.work
         pairs, _, bs, dim = w.shape
         if self.wide is not None:  # the wide rows reach every key: one product over all of them
             probs = self._dropped(self.wide, None if keeps is None else keeps[1], p)
             out.view(pairs, -1, dim).baddbmm_(probs.transpose(1, 2), w[:, layout.wide_rows].flatten(1, 2))
         for index, group in enumerate(layout.groups):
             w_rows = _take(w, group.ids)
-            for rows in _row_slices(group.count, layout.row_chunk(pairs, layout.width * bs * dim)):
+            for rows in _row_slices(group.count, work.rows):
+                count = rows.stop - rows.start
                 probs = self.narrow_rows(index, rows, keeps, p)
-                term = torch.bmm(probs.transpose(1, 2), _flat(w_rows[:, rows]))  # (G * r, d * bs, D)
+                term = _slab(work.term, pairs * count, layout.width * bs, dim)
+                torch.bmm(probs.transpose(1, 2), _flat(w_rows[:, rows]), out=term)  # (G * r, d * bs, D)
                 keys = group.keys[rows.start * layout.width : rows.stop * layout.width]
                 out.index_add_(1, keys, term.view(pairs, -1, bs, dim))
         return out
@@ -407,26 +471,25 @@ def _chunk_masks(layout: _Layout, masks, h: slice, run: _Steps):
     return edge, hops
 
 
-def _hop_dropout(z: torch.Tensor, keep: torch.Tensor | None, run: _Steps) -> torch.Tensor:
-    return z if keep is None else z * keep / (1 - run.hop_p)
+def _hop_dropout_(z: torch.Tensor, keep: torch.Tensor | None, run: _Steps) -> torch.Tensor:
+    return z if keep is None else z.mul_(keep).div_(1 - run.hop_p)
 
 
-def _forward_chunk(layout: _Layout, q, k, v, real, masks, run: _Steps, states: torch.Tensor | None = None):
+def _forward_chunk(layout: _Layout, work: _Workspace, q, k, v, real, masks, run: _Steps, out: torch.Tensor):
     """The steps ``z_t = drop(lerp(A z_{t-1}, v, a_t))`` from ``z_0 = v`` for one chunk of pairs (``a_t = 1``
-    resets the state to ``v`` without attending). Returns the attention and ``z_T``; with ``states``
-    ``(G, nb, bs, T, D)`` it also records ``z_0 .. z_{T-1}`` there (backward: no need for ``z_T``)."""
+    resets the state to ``v`` without attending), ``z_T`` into ``out``."""
     keeps, hop_keeps = masks
-    attention = _Attention(layout, q, k, real, run.scale)
-    steps = len(run.weights)
+    attention = _Attention(layout, work, q, k, real, run.scale)
+    pairs, steps = q.shape[0], len(run.weights)
+    buffers = [z[:pairs] for z in work.z]
     z = v
     for t, a in enumerate(run.weights):
-        if states is not None:
-            states[..., t, :] = z
-            if t == steps - 1:
-                return attention, None
-        z = v if a >= 1.0 else attention.apply(z, v, a, keeps[t], run.edge_p)
-        z = _hop_dropout(z, hop_keeps[t], run)
-    return attention, z
+        target = out if t == steps - 1 else buffers[t % 2]
+        if a >= 1.0:
+            target.copy_(v)
+        else:
+            attention.apply(z, v, a, target, keeps[t], run.edge_p)
+        z = _hop_dropout_(target, hop_keeps[t], run)
 
 
 def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -434,7 +497,7 @@ def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.einsum("gnbd,gnbd->gnb", x, y)
 
 
-def _backward_chunk(layout: _Layout, q, k, v, grad, final, real, masks, run: _Steps, grads) -> None:
+def _backward_chunk(layout: _Layout, work: _Workspace, q, k, v, grad, final, real, masks, run: _Steps, grads):
     """Write the gradients of one chunk of pairs' q, k, v blocks into ``grads`` (views of the full ones).
 
     Adjoint sweep: ``u = dL/dz_{t+1}`` (``z_{t+1}`` the output of step ``t``), ``u'`` = u through the hop dropout,
@@ -446,12 +509,22 @@ def _backward_chunk(layout: _Layout, q, k, v, grad, final, real, masks, run: _St
     keeps, hop_keeps = masks
     grad_q, grad_k, grad_v = grads
     steps = len(run.weights)
-    pairs, nb, bs, dim = v.shape
-    # z_0 .. z_{T-1} side by side: a gather of key blocks brings every step's state at once
-    states = v.new_empty(pairs, nb, bs, steps, dim)
-    attention, _ = _forward_chunk(layout, q, k, v, real, masks, run, states)
+    pairs = v.shape[0]
 
-    w_all = v.new_zeros(pairs, nb, bs, steps, dim)  # w_t side by side (zero for skipped a == 1 steps)
+    # Rebuild A and the states z_0 .. z_{T-1} (side by side: a gather of key blocks brings every step's at once)
+    attention = _Attention(layout, work, q, k, real, run.scale)
+    states, w_all, u_buffer = work.states[:pairs], work.w[:pairs], work.z[0][:pairs]
+    states[..., 0, :] = v
+    for t in range(steps - 1):
+        a, z_next = run.weights[t], states[..., t + 1, :]
+        if a >= 1.0:
+            z_next.copy_(v)
+        else:
+            z_next.copy_(attention.apply(states[..., t, :], v, a, u_buffer, keeps[t], run.edge_p))
+        if hop_keeps[t] is not None:
+            z_next.mul_(hop_keeps[t]).div_(1 - run.hop_p)
+
+    w_all.zero_()  # zero for skipped (a == 1) steps
     r = None
     grad_v.zero_()
     resets = None  # gradient of states that a step of weight 1 reset to v
@@ -462,7 +535,7 @@ def _backward_chunk(layout: _Layout, q, k, v, grad, final, real, masks, run: _St
         a = run.weights[t]
         if a >= 1.0:
             resets = u.clone() if resets is None else resets.add_(u)
-            u = torch.zeros_like(u)
+            u = u_buffer.zero_()
             continue
         if a > 0:
             grad_v.add_(u, alpha=a)
@@ -470,8 +543,8 @@ def _backward_chunk(layout: _Layout, q, k, v, grad, final, real, masks, run: _St
         dot = _rowdot(u, z_next)
         r = dot.mul_(1 - run.hop_p) if r is None else r.add_(dot, alpha=1 - run.hop_p)
         w = torch.mul(u, 1 - a, out=w_all[..., t, :])
-        if t > 0:
-            u = attention.apply_transposed(w, torch.zeros_like(u), keeps[t], run.edge_p)
+        if t > 0:  # (u is spent: its buffer takes A^T w)
+            u = attention.apply_transposed(w, u_buffer.zero_(), keeps[t], run.edge_p)
     if r is not None:
         r.sub_(_rowdot(grad_v, v))  # the v terms: grad_v holds sum_t a_t u'_t so far
         attention.apply_transposed(w_all[..., 0, :], grad_v, keeps[0], run.edge_p)  # dv += A^T w_0
@@ -482,67 +555,76 @@ def _backward_chunk(layout: _Layout, q, k, v, grad, final, real, masks, run: _St
         grad_k.zero_()
         return
     del u, resets
-    _score_gradient(layout, attention, q, k, states, w_all, r, keeps, run, grad_q, grad_k)
+    _score_gradient(layout, work, attention, q, k, states, w_all, r, keeps, run, grad_q, grad_k)
 
 
-def _score_gradient(layout: _Layout, attention: _Attention, q, k, states, w_all, r, keeps, run, grad_q, grad_k):
+def _score_gradient(layout: _Layout, work: _Workspace, attention: _Attention, q, k, states, w_all, r, keeps, run,
+                    grad_q, grad_k):  # fmt: skip
     """``dS = P * (dP - r)``, ``dP = sum_t w_t z_t^T`` on the edges, then ``dq = scale dS k`` and
     ``dk += scale dS^T q``, a few narrow rows at a time; the wide rows in one product."""
     pairs, nb, bs, steps, dim = states.shape
     dim_qk = q.shape[-1]
+    width = layout.width * bs
     used = [t for t in range(steps) if run.weights[t] < 1.0]
     per_step = run.edge_p > 0 and run.per_hop
 
-    def dp(w_rows, z_keys, keep_of):
-        """``sum_t w_t z_t^T`` ``(rows, queries, keys)`` from ``w_rows`` ``(rows, queries, T, D)`` and ``z_keys``
-        ``(rows, keys, T, D)``; each step's term scaled by its edge mask where masks are drawn per step."""
+    def dp(w_rows, z_keys, keep_of, out):
+        """``sum_t w_t z_t^T`` ``(rows, queries, keys)`` into ``out`` from ``w_rows`` ``(rows, queries, T, D)``
+        and ``z_keys`` ``(rows, keys, T, D)``; each step's term scaled by its edge mask where masks are drawn per
+        step."""
         if not per_step:
-            out = torch.bmm(w_rows.flatten(-2), z_keys.flatten(-2).transpose(1, 2))
+            torch.bmm(w_rows.flatten(-2), z_keys.flatten(-2).transpose(1, 2), out=out)
             keep = keep_of(used[0]) if run.edge_p > 0 else None
             return out if keep is None else out.mul_(keep).div_(1 - run.edge_p)
-        out = None
+        out.zero_()
         for t in used:
             term = torch.bmm(w_rows[..., t, :], z_keys[..., t, :].transpose(1, 2))
-            term.mul_(keep_of(t)).div_(1 - run.edge_p)
-            out = term if out is None else out.add_(term)
+            out.add_(term.mul_(keep_of(t)), alpha=1 / (1 - run.edge_p))
         return out
 
     if attention.wide is not None:
-        rows = layout.wide_rows
-        w_rows = w_all[:, rows].flatten(1, 2)  # (G, w*bs, T, D)
-        z_keys = states.flatten(1, 2)  # (G, L, T, D)
+        for blocks in _row_slices(layout.wide, work.wide_blocks):
+            rows = layout.wide_rows[blocks]
+            count = rows.numel() * bs
+            w_rows = w_all[:, rows].flatten(1, 2)  # (G, c*bs, T, D)
+            probs = attention.wide[:, blocks.start * bs : blocks.stop * bs]
 
-        def wide_keep(t):
-            return keeps[t][1].view(attention.wide.shape)
+            def wide_keep(t, blocks=blocks):
+                return keeps[t][1][:, blocks.start * bs : blocks.stop * bs]
 
-        grad_scores = dp(w_rows, z_keys, wide_keep)
-        grad_scores.sub_(r[:, rows].flatten(1)[..., None]).mul_(attention.wide)
-        dq_rows = torch.bmm(grad_scores, k.flatten(1, 2)).mul_(run.scale)
-        grad_q.index_copy_(1, rows, dq_rows.view(pairs, layout.wide, bs, dim_qk))
-        grad_k.view(pairs, -1, dim_qk).baddbmm_(grad_scores.transpose(1, 2), q[:, rows].flatten(1, 2), alpha=run.scale)
-        attention.wide = None
+            grad_scores = dp(
+                w_rows, states.flatten(1, 2), wide_keep, _slab(work.wide_score, pairs, count, layout.length)
+            )
+            grad_scores.sub_(r[:, rows].flatten(1)[..., None]).mul_(probs)
+            dq_rows = _slab(work.wide_dq, pairs, count, dim_qk)
+            torch.bmm(grad_scores, k.flatten(1, 2), out=dq_rows)
+            grad_q.index_copy_(1, rows, dq_rows.mul_(run.scale).view(pairs, -1, bs, dim_qk))
+            grad_k.view(pairs, -1, dim_qk).baddbmm_(
+                grad_scores.transpose(1, 2), q[:, rows].flatten(1, 2), alpha=run.scale
+            )
     for index, group in enumerate(layout.groups):
-        probs = attention.narrow[index].view(pairs, group.count, bs, -1)
+        probs = attention.narrow[index]
         w_rows_all, q_rows_all, r_rows = _take(w_all, group.ids), _take(q, group.ids), _take(r, group.ids)
-        step = layout.row_chunk(pairs, layout.width * bs * (steps + 1) * dim + bs * layout.width * bs)
-        for start in range(0, group.count, step):
-            rows = slice(start, min(start + step, group.count))
+        for rows in _row_slices(group.count, work.score_rows):
             count = rows.stop - rows.start
             keys = group.keys[rows.start * layout.width : rows.stop * layout.width]
-            z_keys = states.index_select(1, keys).view(pairs * count, -1, steps, dim)  # (G*r, d*bs, T, D)
+            z_keys = _slab(work.score_keys, pairs, count * layout.width, bs, steps, dim)
+            torch.index_select(states, 1, keys, out=z_keys)
 
             def narrow_keep(t, index=index, rows=rows):
-                return _flat(keeps[t][0][index][:, rows]).view(-1, bs, layout.width * bs)
+                return _flat(keeps[t][0][index][:, rows]).view(-1, bs, width)
 
-            grad_scores = dp(_flat(w_rows_all[:, rows]), z_keys, narrow_keep)
-            del z_keys
+            grad_scores = _slab(work.score, pairs * count, bs, width)
+            dp(_flat(w_rows_all[:, rows]), z_keys.view(pairs * count, width, steps, dim), narrow_keep, grad_scores)
             grad_scores.sub_(_flat(r_rows[:, rows])[..., None]).mul_(_flat(probs[:, rows]))
-            k_keys = k.index_select(1, keys).view(pairs * count, -1, dim_qk)
-            dq_rows = torch.bmm(grad_scores, k_keys).mul_(run.scale).view(pairs, count, bs, dim_qk)
-            _put(grad_q, _sub_ids(group.ids, rows), dq_rows)
-            term = torch.bmm(grad_scores.transpose(1, 2), _flat(q_rows_all[:, rows]))  # (G*r, d*bs, D)
+            k_keys = _slab(work.keys, pairs, count * layout.width, bs, dim_qk)
+            torch.index_select(k, 1, keys, out=k_keys)
+            dq_rows = _slab(work.score_term, pairs * count, bs, dim_qk)
+            torch.bmm(grad_scores, k_keys.view(pairs * count, width, dim_qk), out=dq_rows)
+            _put(grad_q, _sub_ids(group.ids, rows), dq_rows.mul_(run.scale).view(pairs, count, bs, dim_qk))
+            term = _slab(work.score_term, pairs * count, width, dim_qk)
+            torch.bmm(grad_scores.transpose(1, 2), _flat(q_rows_all[:, rows]), out=term)  # (G*r, d*bs, D)
             grad_k.index_add_(1, keys, term.view(pairs, -1, bs, dim_qk), alpha=run.scale)
-        attention.narrow[index] = None  # done with this group's probabilities: memory falls as the pass goes
 
 
 # ------------------------------------------------------------------------------------------- op
@@ -563,12 +645,12 @@ def _forward(q, k, v, plan, real, steps, scale, statics, edge_p, per_hop, hop_p)
     run = _Steps(tuple(steps), scale, edge_p, per_hop, hop_p)
     masks = _draw_masks(layout, pairs, v_blocks, run)
     out = torch.empty_like(v_blocks)
-    for h in _pair_chunks(layout, pairs):
+    chunks = _pair_chunks(layout, pairs)
+    work = _Workspace(layout, chunks[0].stop, v, q.shape[-1], v.shape[-1], len(steps), backward=False)
+    for h in chunks:
         chunk_real = None if real_pairs is None else real_pairs[h]
         chunk_masks = _chunk_masks(layout, masks, h, run)
-        attention, final = _forward_chunk(layout, q_blocks[h], k_blocks[h], v_blocks[h], chunk_real, chunk_masks, run)
-        out[h] = final
-        del attention, final  # free before the next chunk's
+        _forward_chunk(layout, work, q_blocks[h], k_blocks[h], v_blocks[h], chunk_real, chunk_masks, run, out[h])
     return out.view(batch, heads, length, -1), *masks
 
 
@@ -581,11 +663,13 @@ def _backward(grad, q, k, v, out, plan, real, keeps, steps, scale, statics, edge
     run = _Steps(tuple(steps), scale, edge_p, per_hop, hop_p)
     # dq: every row is written once (narrow or wide); dk adds up over the rows that read a key block.
     grads = torch.empty_like(blocks[0]), torch.zeros_like(blocks[1]), torch.empty_like(blocks[2])
-    for h in _pair_chunks(layout, batch * heads):
+    chunks = _pair_chunks(layout, batch * heads)
+    work = _Workspace(layout, chunks[0].stop, v, q.shape[-1], v.shape[-1], len(steps), backward=True)
+    for h in chunks:
         chunk_real = None if real_pairs is None else real_pairs[h]
         q_h, k_h, v_h, out_h, grad_h = (x[h] for x in blocks)
         chunk_masks = _chunk_masks(layout, keeps, h, run)
-        _backward_chunk(layout, q_h, k_h, v_h, grad_h, out_h, chunk_real, chunk_masks, run, [g[h] for g in grads])
+        _backward_chunk(layout, work, q_h, k_h, v_h, grad_h, out_h, chunk_real, chunk_masks, run, [g[h] for g in grads])
     return tuple(g.view(batch, heads, length, -1) for g in grads)
 
 
