@@ -54,8 +54,18 @@ def check_int(
     return value
 
 
+def _symbolic(value: Any) -> bool:
+    """A number torch.compile traces symbolically (a float setting that differs between two compiled models): its
+    value is unknown while tracing, and it was checked where it was set."""
+    import torch  # (torch is imported by then whenever a value can be symbolic)
+
+    return isinstance(value, (torch.SymFloat, torch.SymInt))
+
+
 def check_probability(name: str, value: Any) -> float:
     """A dropout rate: a finite number in ``[0, 1)``; raises ValueError naming ``name``."""
+    if _symbolic(value):
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
@@ -63,6 +73,8 @@ def check_probability(name: str, value: Any) -> float:
 
 def check_finite(name: str, value: Any, *, positive: bool = False) -> float:
     """A finite real number (``positive``: > 0); raises ValueError naming ``name``. NaN and inf are refused."""
+    if _symbolic(value):
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if positive and value <= 0:

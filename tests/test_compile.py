@@ -119,6 +119,59 @@ def test_compiled_causal_lm_matches_eager(name):
     _compiled_matches_eager(_encoder(name, causal=True))
 
 
+@pytest.mark.skipif(not triton_backend.available(), reason="needs triton")
+def test_compiled_model_on_the_triton_backend_matches_eager():
+    """The Triton kernels' op inside a compiled model (on CPU through Triton's interpreter)."""
+    if not (torch.cuda.is_available() or triton_backend.interpreting()):
+        pytest.skip("needs CUDA or Triton's interpreter")
+    options = {"block_size": 16, "hops": 2, "backend": "triton"}
+    torch.manual_seed(0)
+    config = EncoderConfig(vocab_size=50, dim=32, depth=1, heads=2, mlp_dim=48, max_len=SEQ + 1, dropout=0.0,
+                           attention="diffuser", attention_options=options)  # fmt: skip
+    model = TransformerEncoder(config).double()
+    _compiled_matches_eager(model, steps=1)
+
+
+def test_flex_backend_traces_into_a_compiled_function(monkeypatch):
+    """FlexAttention's calls and block masks (graph plans as constants, the padding's built in the trace) inside a
+    compiled function. On CPU FlexAttention runs forward only, so the backend is let onto the CPU here."""
+    from hopformer.ops import flex
+    from hopformer.ops.backend import Support
+
+    monkeypatch.setattr(flex.FLEX, "support", Support(ops=flex.FLEX.support.ops, devices=("cuda", "cpu")))
+    graph = bigbird(256, block_size=64, window=3, num_global=1, num_random=1)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    padding = torch.ones(1, 256, dtype=torch.bool)
+    padding[0, 200:] = False
+
+    def both(q, k, v, padding, backend="flex"):
+        return diffuse(q, k, v, graph, 3, backend=backend) + diffuse(q, k, v, graph, 2, key_padding_mask=padding,
+                                                                  backend=backend)  # fmt: skip
+
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        got = torch.compile(both, fullgraph=True, backend=counter)(q, k, v, padding)
+        torch.testing.assert_close(got, both(q, k, v, padding, "dense"), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+
+
+def test_two_models_with_different_settings_compile_in_one_process():
+    """Dynamo's caches are shared by every model of a process: a second model with other settings recompiles,
+    and floats that differ between the two (diffusion weights, rates) must not break the trace."""
+    ids, mask = _inputs()
+    for hops, alpha, dropout in ((3, 0.1, 0.0), (2, 0.3, 0.1), (4, 0.2, 0.2)):
+        torch.manual_seed(0)
+        options = {"block_size": 16, "hops": hops, "alpha": alpha, "backend": "gather"}
+        config = EncoderConfig(vocab_size=50, dim=32, depth=1, heads=2, mlp_dim=48, max_len=SEQ + 1, dropout=dropout,
+                               attention="diffuser", attention_options=options)  # fmt: skip
+        model = TransformerEncoder(config).double()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        compiled(ids, mask).sum().backward()  # training: dropout rates differ too
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, mask), model(ids, mask))
+
+
 def test_eval_mode_compiles_and_matches():
     model = _encoder("diffuser_gather").eval()
     run = torch.compile(model, fullgraph=True, backend="aot_eager")

@@ -213,7 +213,9 @@ class DiffuserAttention(GraphAttention):
             start = diffusion_coefficients(hops, alpha, kernel=kernel, heat_time=heat_time, remainder=remainder)
         else:
             start = check_coefficients(coefficients, hops)
-        self.fixed_coefficients = start  # the weights, or with learned_coefficients where they start
+        # the weights, or with learned_coefficients where they start; a tuple of floats, which torch.compile keeps
+        # constant (a bare float attribute that differs between two compiled models becomes a symbolic value)
+        self.fixed_coefficients = tuple(start)
         if learned_coefficients is True:
             learned_coefficients = "softmax"
         if learned_coefficients not in (False, "softmax", "free"):

@@ -81,9 +81,10 @@ def _tile_codes(graph: BlockGraph, device: torch.device) -> tuple[torch.Tensor, 
     """Per (query tile, key tile): 0 none, 1 partial, 2 full; and the block adjacency that the
     mask_mod looks up (FlexAttention's contract: mask_mod describes the whole mask; compiled kernels
     evaluate it only on partial tiles). Cached on the graph."""
-    key = ("flex_tiles", str(device))
-    if key in graph.cache:
-        return graph.cache[key]
+    return graph.view(_build_tile_codes, str(device))
+
+
+def _build_tile_codes(graph: BlockGraph, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     bs, nb = graph.block_size, graph.num_blocks
     tiles = -(-graph.seq_len // TILE)
     adjacency = graph.block_adjacency(device)
@@ -105,7 +106,6 @@ def _tile_codes(graph: BlockGraph, device: torch.device) -> tuple[torch.Tensor, 
     blocks_needed = -(-tiles * TILE // bs)
     lookup = torch.zeros(blocks_needed, blocks_needed, dtype=torch.bool, device=device)
     lookup[:nb, :nb] = adjacency
-    graph.cache[key] = (codes, lookup)
     return codes, lookup
 
 
@@ -142,9 +142,16 @@ class FlexPlan:
 
 def block_mask(graph: BlockGraph, key_padding_mask: torch.Tensor | None, device: torch.device) -> FlexPlan:
     """The FlexAttention plan of ``graph`` (and key padding): a BlockMask over ``ceil(seq/128)*128`` tokens."""
-    cache_key = ("flex_plan", str(device))
-    if key_padding_mask is None and cache_key in graph.cache:
-        return graph.cache[cache_key]
+    if key_padding_mask is None:  # the whole plan depends on the graph alone: cached on it
+        return graph.view(_graph_plan, str(device))
+    return _plan(graph, key_padding_mask, device)
+
+
+def _graph_plan(graph: BlockGraph, device: str) -> FlexPlan:
+    return _plan(graph, None, torch.device(device))
+
+
+def _plan(graph: BlockGraph, key_padding_mask: torch.Tensor | None, device: torch.device) -> FlexPlan:
     codes, lookup = _tile_codes(graph, device)
     seq, bs, causal = graph.seq_len, graph.block_size, graph.is_causal
     padded = codes.shape[0] * TILE
@@ -165,10 +172,7 @@ def block_mask(graph: BlockGraph, key_padding_mask: torch.Tensor | None, device:
             allowed = allowed & real[b, kv_idx] & real[b, q_idx]
         return allowed
 
-    plan = FlexPlan(block_mask_from_codes(codes, mask_mod, padded, padded), seq, padded)
-    if key_padding_mask is None:
-        graph.cache[cache_key] = plan
-    return plan
+    return FlexPlan(block_mask_from_codes(codes, mask_mod, padded, padded), seq, padded)
 
 
 def _flex_call(return_lse: bool):
@@ -201,6 +205,8 @@ def run_flex(q, k, v, mask, scale: float, kernel_options: dict | None = None, *,
     ``kernel_options``, :func:`default_kernel_options`."""
     if kernel_options is None:
         kernel_options = default_kernel_options(q)
+    if torch.compiler.is_dynamo_compiling():  # inside a compiled model: the model's compile fuses the kernel
+        return _flex_call(return_lse)(q, k, v, mask, scale, kernel_options)
     try:
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return _compiled_flex(return_lse)(q, k, v, mask, scale, kernel_options)

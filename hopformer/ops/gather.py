@@ -251,6 +251,8 @@ class _Layout:
 
     def row_chunk(self, pairs: int, per_row: int, budget: int) -> int:
         """Rows per chunk so that ``per_row`` elements a row for ``pairs`` pairs stay near ``budget``."""
+        if torch.compiler.is_exporting():  # an exported program takes any batch size: sizes must not depend on it
+            return max(self.n, 1)
         return max(1, min(self.n, budget // max(pairs * per_row, 1)))
 
 
@@ -316,6 +318,8 @@ class _Workspace:
             per_row = width * (steps * dim_v + bs + dim_qk + max(dim_qk, bs))
             self.score_rows = layout.row_chunk(pairs, per_row, SCORE_CHUNK_ELEMENTS)
             self.wide_blocks = max(1, min(layout.wide, SCORE_CHUNK_ELEMENTS // max(pairs * bs * length, 1)))
+            if torch.compiler.is_exporting():
+                self.wide_blocks = max(layout.wide, 1)
             score = {
                 "score_keys": pairs * self.score_rows * width * steps * dim_v,
                 "score": pairs * self.score_rows * bs * width,

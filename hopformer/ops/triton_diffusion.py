@@ -105,6 +105,21 @@ class TilePlan:
     cols: Segments  # output = key tiles (adjoint passes, dq/dk)
     all_tiles: torch.Tensor  # 0 .. num_tiles - 1
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The index tensors in a fixed order (the custom ops take tensors, not plans)."""
+        fields = Segments.__dataclass_fields__
+        return (
+            [getattr(self.rows, name) for name in fields]
+            + [getattr(self.cols, name) for name in fields]
+            + [self.all_tiles]
+        )
+
+    @classmethod
+    def from_tensors(cls, tile: int, padded_len: int, tensors: Sequence[torch.Tensor]) -> TilePlan:
+        """The plan whose :meth:`tensors` are ``tensors``."""
+        count = len(Segments.__dataclass_fields__)
+        return cls(tile, padded_len, Segments(*tensors[:count]), Segments(*tensors[count : 2 * count]), tensors[-1])
+
 
 def tile_plan(graph: BlockGraph, device: torch.device, tile: int | None = None, split: int | None = None) -> TilePlan:
     """The tile pairs of ``graph`` (cached on it per device, tile and split)."""
@@ -116,9 +131,10 @@ def tile_plan(graph: BlockGraph, device: torch.device, tile: int | None = None, 
         )
     if split < 1:
         raise ValueError(f"split must be >= 1, got {split}")
-    key = ("triton_plan", str(device), tile, split)
-    if key in graph.cache:
-        return graph.cache[key]
+    return graph.view(_build_tile_plan, str(device), tile, split)
+
+
+def _build_tile_plan(graph: BlockGraph, device: str, tile: int, split: int) -> TilePlan:
     per_block = graph.block_size // tile
     num_tiles = -(-graph.seq_len // tile)
     block_rows = torch.repeat_interleave(torch.arange(graph.num_blocks), graph.degrees)
@@ -130,15 +146,13 @@ def tile_plan(graph: BlockGraph, device: torch.device, tile: int | None = None, 
     if graph.is_causal:
         keep &= cols <= rows  # tiles above the diagonal hold only future keys
     rows, cols = rows[keep], cols[keep]
-    plan = TilePlan(
+    return TilePlan(
         tile,
         num_tiles * tile,
         _segments(rows, cols, num_tiles, split).to(device),
         _segments(cols, rows, num_tiles, split).to(device),
         torch.arange(num_tiles, dtype=torch.int32, device=device),
     )
-    graph.cache[key] = plan
-    return plan
 
 
 def _default_tile(block_size: int) -> int:
@@ -176,11 +190,11 @@ def _segments(out_tiles: torch.Tensor, loop_tiles: torch.Tensor, num_tiles: int,
 class _Passes:
     """The kernels on one (graph, inputs) layout: ``(batch * heads, padded_len, dim)`` tensors."""
 
-    def __init__(self, plan: TilePlan, graph: BlockGraph, heads: int, real: torch.Tensor | None, dtype):
+    def __init__(self, plan: TilePlan, seq: int, causal: bool, heads: int, real: torch.Tensor | None, dtype):
         from hopformer.ops import _triton_kernels as kernels
 
         self.kernels = kernels
-        self.plan, self.seq, self.causal, self.heads, self.real = plan, graph.seq_len, graph.is_causal, heads, real
+        self.plan, self.seq, self.causal, self.heads, self.real = plan, seq, causal, heads, real
         self.device = plan.all_tiles.device
         # float64 on CUDA multiplies in registers (see _triton_kernels._dot); the interpreter has no such limit
         fp64 = "fma" if self.device.type == "cuda" else "ieee"
@@ -286,58 +300,189 @@ class _Passes:
         return dq, dk
 
 
-class _Diffusion(torch.autograd.Function):
-    """``Z_0 = z0; Z_{t+1} = drop((1 - a_t) P Z_t + a_t v)``; returns ``Z_hops``. Inputs are laid out
-    ``(batch * heads, padded_len, dim)``; ``steps`` are the mixing weights ``a_t`` (< 1); ``z0`` is
-    ``v`` itself, or ``v`` after dropout where a step of weight 1 reset the state."""
+def _diffusion_forward(passes: _Passes, q, k, v, z0, steps: Sequence[float], scale: float, hop_dropout_p: float):
+    """``Z_0 = z0; Z_{t+1} = drop((1 - a_t) P Z_t + a_t v)`` on ``(batch * heads, padded_len, dim)`` inputs:
+    ``(Z_hops, lse, states Z_1 .. Z_{hops-1}, hop keep-masks)``; ``steps`` are the mixing weights ``a_t`` (< 1)."""
+    hops = len(steps)
+    # Z_1 .. Z_{hops-1}; one hop keeps none, but the kernels take a pointer: a zero placeholder (an output,
+    # so never left uninitialised)
+    states = (torch.empty if hops > 1 else torch.zeros)((max(hops - 1, 1), *v.shape), device=v.device, dtype=v.dtype)
+    keep_scale = 1 / (1 - hop_dropout_p)
+    keeps = torch.empty((hops if hop_dropout_p > 0 else 0, *v.shape), device=v.device, dtype=torch.uint8)
+    z, lse = z0, None
+    out = torch.empty_like(v)
+    for t, a in enumerate(steps):
+        keep = None
+        if hop_dropout_p > 0:
+            keeps[t] = (torch.rand(v.shape, device=v.device) >= hop_dropout_p).view(torch.uint8)
+            keep = keeps[t]
+        target = states[t] if t < hops - 1 else out
+        hop = dict(a=a, keep_scale=keep_scale, v=v, keep=keep, out=target)
+        if lse is None:  # the first hop also finds each query's log-sum-exp
+            lse = passes.first_hop(q, k, z, scale, **hop)
+        else:
+            passes.run_pass(q, k, z, lse, scale, transposed=False, **hop)
+        z = target
+    return out, lse, states, keeps
 
-    @staticmethod
-    def forward(ctx, q, k, v, z0, passes: _Passes, steps: tuple[float, ...], scale: float, hop_dropout_p: float):
-        hops = len(steps)
-        states = torch.empty((max(hops - 1, 1), *v.shape), device=v.device, dtype=v.dtype)  # Z_1 .. Z_{hops-1}
-        keep_scale = 1 / (1 - hop_dropout_p)
-        keeps = []
-        z, lse = z0, None
-        for t, a in enumerate(steps):
-            keep = None
-            if hop_dropout_p > 0:
-                keep = (torch.rand(v.shape, device=v.device) >= hop_dropout_p).view(torch.uint8)
-                keeps.append(keep)
-            out = states[t] if t < hops - 1 else torch.empty_like(v)
-            hop = dict(a=a, keep_scale=keep_scale, v=v, keep=keep, out=out)
-            if lse is None:  # the first hop also finds each query's log-sum-exp
-                lse = passes.first_hop(q, k, z, scale, **hop)
-            else:
-                passes.run_pass(q, k, z, lse, scale, transposed=False, **hop)
-            z = out
-        ctx.passes, ctx.steps, ctx.scale, ctx.keep_scale = passes, steps, scale, keep_scale
-        ctx.z0_is_v = z0 is v
-        ctx.save_for_backward(q, k, v, z0, lse, z, states, *keeps)
-        return z
 
-    @staticmethod
-    def backward(ctx, grad):
-        passes, steps, scale, keep_scale = ctx.passes, ctx.steps, ctx.scale, ctx.keep_scale
-        q, k, v, z0, lse, out, states, *keeps = ctx.saved_tensors
-        hops = len(steps)
-        hgrads = torch.empty((hops, *v.shape), device=v.device, dtype=v.dtype)  # h_t: gradient reaching P Z_t
-        delta = torch.zeros(q.shape[:2], device=q.device, dtype=passes.acc_dtype)
-        dv = torch.zeros(v.shape, device=v.device, dtype=passes.acc_dtype)
-        dz0 = dv if ctx.z0_is_v else torch.zeros_like(dv)
+def _diffusion_backward(passes: _Passes, grad, q, k, v, z0, out, lse, states, keeps, steps, scale, hop_dropout_p):
+    """``(dq, dk, dv, dz0)`` of :func:`_diffusion_forward` (``dz0`` None when ``z0`` is ``v``)."""
+    hops = len(steps)
+    keep_scale = 1 / (1 - hop_dropout_p)
+    hgrads = torch.empty((hops, *v.shape), device=v.device, dtype=v.dtype)  # h_t: gradient reaching P Z_t
+    delta = torch.zeros(q.shape[:2], device=q.device, dtype=passes.acc_dtype)
+    dv = torch.zeros(v.shape, device=v.device, dtype=passes.acc_dtype)
+    dz0 = dv if z0 is None else torch.zeros_like(dv)
+    z0 = v if z0 is None else z0
 
-        def keep(t):
-            return keeps[t] if keeps else None
+    def keep(t):
+        return keeps[t] if keeps.shape[0] else None
 
-        # the last hop: its output gradient is given; then back through P^T, hop by hop
-        common = dict(v=v, dv=dv, delta=delta, keep_scale=keep_scale)
-        passes.run_pass(q, k, grad, lse, scale, transposed=True, a=steps[-1], keep=keep(hops - 1), state=out,
-                        h=hgrads[hops - 1], from_grad=grad.contiguous(), **common)  # fmt: skip
-        for t in reversed(range(1, hops)):
-            passes.run_pass(q, k, hgrads[t], lse, scale, transposed=True, a=steps[t - 1], keep=keep(t - 1),
-                            state=states[t - 1], h=hgrads[t - 1], **common)  # fmt: skip
-        dq, dk = passes.dqdk(q, k, z0, states, hgrads, lse, delta, dz0, scale)  # and dZ_0 = P^T h_0
-        del hgrads
-        return dq, dk, dv.to(v.dtype), None if ctx.z0_is_v else dz0.to(v.dtype), None, None, None, None
+    # the last hop: its output gradient is given; then back through P^T, hop by hop
+    common = dict(v=v, dv=dv, delta=delta, keep_scale=keep_scale)
+    passes.run_pass(q, k, grad, lse, scale, transposed=True, a=steps[-1], keep=keep(hops - 1), state=out,
+                    h=hgrads[hops - 1], from_grad=grad.contiguous(), **common)  # fmt: skip
+    for t in reversed(range(1, hops)):
+        passes.run_pass(q, k, hgrads[t], lse, scale, transposed=True, a=steps[t - 1], keep=keep(t - 1),
+                        state=states[t - 1], h=hgrads[t - 1], **common)  # fmt: skip
+    dq, dk = passes.dqdk(q, k, z0, states, hgrads, lse, delta, dz0, scale)  # and dZ_0 = P^T h_0
+    del hgrads
+    return dq, dk, dv.to(v.dtype), None if dz0 is dv else dz0.to(v.dtype)
+
+
+def _passes_of(tensors, tile, padded_len, seq, causal, heads, real, dtype) -> _Passes:
+    return _Passes(TilePlan.from_tensors(tile, padded_len, tensors), seq, causal, heads, real, dtype)
+
+
+@torch.library.custom_op("hopformer::triton_diffusion", mutates_args=())
+def _triton_diffusion_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    z0: torch.Tensor | None,
+    real: torch.Tensor | None,
+    plan: list[torch.Tensor],
+    steps: Sequence[float],
+    scale: float,
+    hop_dropout_p: float,
+    tile: int,
+    padded_len: int,
+    seq: int,
+    causal: bool,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Z_hops, lse, states, hop keep-masks)`` of ``(batch * heads, padded_len, dim)`` inputs on the tiles of
+    ``plan`` (:meth:`TilePlan.tensors`); ``z0`` None: the diffusion starts from ``v``."""
+    passes = _passes_of(plan, tile, padded_len, seq, causal, heads, real, q.dtype)
+    with torch.no_grad():
+        return _diffusion_forward(passes, q, k, v, v if z0 is None else z0, steps, scale, hop_dropout_p)
+
+
+@_triton_diffusion_op.register_fake
+def _(q, k, v, z0, real, plan, steps, scale, hop_dropout_p, tile, padded_len, seq, causal, heads):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    hops = len(steps)
+    return (
+        v.new_empty(v.shape),
+        q.new_empty(q.shape[:2], dtype=acc),
+        v.new_empty((max(hops - 1, 1), *v.shape)),
+        v.new_empty((hops if hop_dropout_p > 0 else 0, *v.shape), dtype=torch.uint8),
+    )
+
+
+@torch.library.custom_op("hopformer::triton_diffusion_backward", mutates_args=())
+def _triton_diffusion_backward_op(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    z0: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    states: torch.Tensor,
+    keeps: torch.Tensor,
+    real: torch.Tensor | None,
+    plan: list[torch.Tensor],
+    steps: Sequence[float],
+    scale: float,
+    hop_dropout_p: float,
+    tile: int,
+    padded_len: int,
+    seq: int,
+    causal: bool,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dz0)`` of ``hopformer::triton_diffusion`` (``dz0`` empty when ``z0`` is None)."""
+    passes = _passes_of(plan, tile, padded_len, seq, causal, heads, real, q.dtype)
+    with torch.no_grad():
+        dq, dk, dv, dz0 = _diffusion_backward(passes, grad, q, k, v, z0, out, lse, states, keeps, steps, scale,
+                                              hop_dropout_p)  # fmt: skip
+    return dq, dk, dv, v.new_empty(0) if dz0 is None else dz0
+
+
+@_triton_diffusion_backward_op.register_fake
+def _(grad, q, k, v, z0, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), v.new_empty(0 if z0 is None else v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, z0, real, plan, *settings = inputs
+    out, lse, states, keeps = output
+    ctx.has_z0, ctx.has_real, ctx.plan_size = z0 is not None, real is not None, len(plan)
+    empty = q.new_empty(0)
+    ctx.save_for_backward(q, k, v, z0 if z0 is not None else empty, out, lse, states, keeps,
+                          real if real is not None else empty, *plan)  # fmt: skip
+    ctx.settings = (list(settings[0]), *settings[1:])  # steps, scale, hop dropout, the layout's facts
+
+
+def _backward_formula(ctx, grad, *_):
+    q, k, v, z0, out, lse, states, keeps, real, *plan = ctx.saved_tensors
+    dq, dk, dv, dz0 = torch.ops.hopformer.triton_diffusion_backward(
+        grad.contiguous(), q, k, v, z0 if ctx.has_z0 else None, out, lse, states, keeps,
+        real if ctx.has_real else None, plan, *ctx.settings,
+    )  # fmt: skip
+    plan_grads = [None] * ctx.plan_size  # (a list input gets a list of gradients)
+    return dq, dk, dv, dz0 if ctx.has_z0 else None, None, plan_grads, *([None] * 8)
+
+
+_triton_diffusion_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+def op_arguments(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    graph: BlockGraph,
+    key_padding_mask: torch.Tensor | None,
+    steps: list[float],
+    scale: float,
+    hop_dropout_p: float = 0.0,
+    *,
+    tile: int | None = None,
+    split: int | None = None,
+) -> tuple:
+    """The arguments of ``hopformer::triton_diffusion`` for ``(batch, heads, seq, dim)`` inputs (steps after the
+    last reset; see :func:`triton_diffusion`)."""
+    if q.dtype == torch.float64 and q.is_cuda:
+        tile = MIN_TILE  # float64 on CUDA multiplies in registers (see _triton_kernels._dot): small tiles
+    plan = tile_plan(graph, q.device, tile, split)
+    batch, heads, seq, dim = q.shape
+    vdim = v.shape[-1]
+    check_index_range(plan.padded_len, _pow2(max(dim, vdim)))
+
+    def layout(x: torch.Tensor, width: int) -> torch.Tensor:
+        if width > x.shape[-1] or plan.padded_len > seq:
+            x = F.pad(x, (0, width - x.shape[-1], 0, plan.padded_len - seq))
+        return x.reshape(batch * heads, plan.padded_len, width).contiguous()
+
+    width, vwidth = _pow2(dim), _pow2(vdim)
+    real = None
+    if key_padding_mask is not None:
+        real = F.pad(key_padding_mask, (0, plan.padded_len - seq)).to(torch.int8).contiguous()
+    q, k, v = layout(q, width), layout(k, width), layout(v, vwidth)
+    return (q, k, v, None, real, plan.tensors(), [float(a) for a in steps], float(scale), float(hop_dropout_p),
+            plan.tile, plan.padded_len, graph.seq_len, graph.is_causal, heads)  # fmt: skip
 
 
 def triton_diffusion(
@@ -356,31 +501,20 @@ def triton_diffusion(
     """Diffusion (``steps``: mixing weights, :func:`~hopformer.ops.coefficients.mixing_weights`) or
     sparse attention (``steps=[0.0]``) of ``(batch, heads, seq, dim)`` inputs on the ``triton`` backend.
     Steps equal to 1 reset the state to ``v``; only the hops after the last of them are computed."""
-    last_reset = max((i for i, a in enumerate(steps) if a >= 1.0), default=-1)
+    last_reset = -1  # (a loop, not max() over a generator: Dynamo traces this)
+    for index, a in enumerate(steps):
+        if a >= 1.0:
+            last_reset = index
     steps = steps[last_reset + 1 :]
     if not steps:
         return v
-    if q.dtype == torch.float64 and q.is_cuda:
-        tile = MIN_TILE  # float64 on CUDA multiplies in registers (see _triton_kernels._dot): small tiles
-    plan = tile_plan(graph, q.device, tile, split)
-    batch, heads, seq, dim = q.shape
-    vdim = v.shape[-1]
-    check_index_range(plan.padded_len, _pow2(max(dim, vdim)))
-
-    def layout(x: torch.Tensor, width: int) -> torch.Tensor:
-        if width > x.shape[-1] or plan.padded_len > seq:
-            x = F.pad(x, (0, width - x.shape[-1], 0, plan.padded_len - seq))
-        return x.reshape(batch * heads, plan.padded_len, width).contiguous()
-
-    width, vwidth = _pow2(dim), _pow2(vdim)
-    real = None
-    if key_padding_mask is not None:
-        real = F.pad(key_padding_mask, (0, plan.padded_len - seq)).to(torch.int8).contiguous()
-    passes = _Passes(plan, graph, heads, real, q.dtype)
-    v = layout(v, vwidth)
-    z0 = F.dropout(v, hop_dropout_p) if last_reset >= 0 and hop_dropout_p > 0 else v  # the reset state
-    z = _Diffusion.apply(layout(q, width), layout(k, width), v, z0, passes, tuple(steps), scale, hop_dropout_p)
-    return z.view(batch, heads, plan.padded_len, vwidth)[:, :, :seq, :vdim]
+    batch, heads, seq, _ = q.shape
+    args = op_arguments(q, k, v, graph, key_padding_mask, steps, scale, hop_dropout_p, tile=tile, split=split)
+    if last_reset >= 0 and hop_dropout_p > 0:  # the reset state: v after dropout
+        args = (*args[:3], F.dropout(args[2], hop_dropout_p), *args[4:])
+    z = torch.ops.hopformer.triton_diffusion(*args)[0]
+    padded_len = args[10]
+    return z.view(batch, heads, padded_len, -1)[:, :, :seq, : v.shape[-1]]
 
 
 @functools.lru_cache(maxsize=1024)
