@@ -43,10 +43,11 @@ CASES = {
 }
 CAUSAL = ["full", "local", "bigbird", "diffuser_gather", "routing", "combiner", "combiner_logsparse"]
 SLOW = {"diffuser_dense", "routing_shared", "combiner_axial_horizontal", "combiner_mixture", "hypercube"}
+SLOW_CAUSAL = {"combiner_logsparse", "local"}
 
 
-def _param(name: str):
-    return pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+def _param(name: str, slow: set[str] = SLOW):
+    return pytest.param(name, marks=pytest.mark.slow) if name in slow else name
 
 
 def test_every_attention_has_a_case():
@@ -114,11 +115,12 @@ def test_compiled_encoder_matches_eager_with_every_attention(name):
     _compiled_matches_eager(_encoder(name))
 
 
-@pytest.mark.parametrize("name", [_param(name) for name in CAUSAL])
+@pytest.mark.parametrize("name", [_param(name, SLOW_CAUSAL) for name in CAUSAL])
 def test_compiled_causal_lm_matches_eager(name):
     _compiled_matches_eager(_encoder(name, causal=True))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not triton_backend.available(), reason="needs triton")
 def test_compiled_model_on_the_triton_backend_matches_eager():
     """The Triton kernels' op inside a compiled model (on CPU through Triton's interpreter)."""
@@ -198,6 +200,7 @@ def _qkv(seq: int = 40, dim: int = 8, batch: int = 2, heads: int = 2, dtype=torc
     return [torch.randn(batch, heads, seq, dim, generator=generator, dtype=dtype, requires_grad=True) for _ in "qkv"]
 
 
+@pytest.mark.filterwarnings("ignore:.*script_method is deprecated:DeprecationWarning")  # (inside opcheck)
 def test_opcheck_gather_diffusion():
     from hopformer.ops.gather import gather_plan
 
@@ -212,6 +215,7 @@ def test_opcheck_gather_diffusion():
         torch.library.opcheck(torch.ops.hopformer.gather_diffusion.default, args)
 
 
+@pytest.mark.filterwarnings("ignore:.*script_method is deprecated:DeprecationWarning")
 def test_opcheck_routing_kmeans():
     from hopformer.attention import build
 
@@ -222,6 +226,7 @@ def test_opcheck_routing_kmeans():
         torch.library.opcheck(torch.ops.hopformer.routing_kmeans.default, args)
 
 
+@pytest.mark.filterwarnings("ignore:.*script_method is deprecated:DeprecationWarning")
 @pytest.mark.skipif(not triton_backend.available(), reason="needs triton")
 def test_opcheck_triton_diffusion():
     if not (torch.cuda.is_available() or triton_backend.interpreting()):

@@ -304,7 +304,9 @@ class _Workspace:
         self.wide = empty(pairs, layout.wide * bs, length) if layout.wide else None
         self.z = [empty(pairs, nb, bs, dim_v) for _ in range(1 if backward else 2)]
         # the hops and the adjoint: gathered keys or states of a few rows, and a product of their size
-        self.rows = layout.row_chunk(pairs, width * dim, ROW_CHUNK_ELEMENTS)
+        # Several pairs in a chunk: a short sequence, whose temporaries are small anyway; whole groups then write
+        # their products straight into place (a row chunk of several pairs is not one contiguous stretch).
+        self.rows = layout.row_chunk(pairs, width * dim, ROW_CHUNK_ELEMENTS) if pairs == 1 else max(layout.n, 1)
         hops = {
             "gather": pairs * self.rows * width * dim,
             "term": pairs * self.rows * width * max(dim, bs),
