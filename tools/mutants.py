@@ -84,9 +84,7 @@ MUTANTS = [
     m(
         "per-hop-edge-dropout-reuses-one-mask", "ops", "hopformer/ops/gather.py",
         "gather's edge_dropout='per_hop' silently reuses the first hop's mask at every hop",
-        [("    keeps = [attention.dropout_masks(run.edge_p) if per_hop else shared for _ in run.weights]",
-          "    shared = attention.dropout_masks(run.edge_p) if per_hop else shared\n"
-          "    keeps = [shared for _ in run.weights]")],
+        [("            draw = t if run.per_hop else 0", "            draw = 0")],
         "tests/test_ops.py",
     ),
     m(
@@ -100,14 +98,14 @@ MUTANTS = [
     m(
         "gather-backward-hop-dropout-residual", "ops", "hopformer/ops/gather.py",
         "gather's backward forgets the (1 - hop_p) factor of the softmax residual under hop dropout",
-        [("r = r + (u * z_t).sum(-1).mul_(1 - run.hop_p) - a * (u * v_blocks).sum(-1)",
-          "r = r + (u * z_t).sum(-1) - a * (u * v_blocks).sum(-1)")],
+        [("r = dot.mul_(1 - run.hop_p) if r is None else r.add_(dot, alpha=1 - run.hop_p)",
+          "r = dot if r is None else r.add_(dot)")],
         "tests/test_ops.py",
     ),
     m(
         "gather-backward-per-hop-first-mask", "ops", "hopformer/ops/gather.py",
         "gather's score gradient applies the first hop's edge mask to every hop under per_hop dropout",
-        [("group_keeps = [keeps[g.start] for g in groups]", "group_keeps = [keeps[0] for g in groups]")],
+        [("term.mul_(keep_of(t))", "term.mul_(keep_of(used[0]))")],
         "tests/test_ops.py",
     ),
     m(
