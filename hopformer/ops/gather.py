@@ -499,8 +499,8 @@ def _forward_chunk(layout: _Layout, work: _Workspace, q, k, v, real, masks, run:
 
 
 def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``(x * y).sum(-1)`` without the full-size product."""
-    return torch.linalg.vecdot(x, y)
+    """``(x * y).sum(-1)`` without the full-size product (a batched product: no temporary of ``x``'s size)."""
+    return torch.einsum("gnbd,gnbd->gnb", x, y)
 
 
 def _backward_chunk(layout: _Layout, work: _Workspace, q, k, v, grad, final, real, masks, run: _Steps, grads):
