@@ -142,6 +142,7 @@ def _settings_argv(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> dict:
     graph, steps, calls = make_ops(args)
     names = list(steps)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = [round(x, 2) for x in os.getloadavg()]
     for name in names:  # warm-up (plans, allocator) and a check that the implementations agree
         for _ in range(args.warmup):
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
             "command": command_line(sys.argv[1:]),
             "load_average_before": load_before,
             "load_average_after": load_after,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "started": started,
         },
         "graph": repr(graph),
         "rows": rows,
