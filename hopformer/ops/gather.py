@@ -287,10 +287,12 @@ def _slab(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
 
 
 class _Workspace:
-    """The buffers of one call, sized for one chunk of ``pairs`` (batch, head) pairs and reused by every chunk:
-    the attention, the hop states and one scratch area for the row-chunk temporaries (the hops' and the adjoint's
-    gathers and products; in backward's last phase, the score gradient's). Each is allocated once, so the memory
-    a call touches is its live peak, not the sum of many short-lived tensors of varying sizes."""
+    """The buffers of one call, sized for one chunk of ``pairs`` (batch, head) pairs and reused by every chunk: the
+    attention, the hop states and one scratch area for the row-chunk temporaries. The hops, the adjoint and the
+    score gradient of the wide rows take their temporaries (and the adjoint's state) from the front of the
+    scratch area; the score gradient of the narrow rows, which comes last, from the wide rows' attention once
+    they are done, where it is large enough. Each buffer is allocated once, so the memory a call touches is its
+    live peak, not the sum of many short-lived tensors of varying sizes."""
 
     def __init__(self, layout: _Layout, pairs: int, like: torch.Tensor, dim_qk: int, dim_v: int, steps: int,
                  backward: bool) -> None:  # fmt: skip
@@ -302,40 +304,46 @@ class _Workspace:
 
         self.probs = [empty(pairs, group.count, bs, width) for group in layout.groups]
         self.wide = empty(pairs, layout.wide * bs, length) if layout.wide else None
-        self.z = [empty(pairs, nb, bs, dim_v) for _ in range(1 if backward else 2)]
-        # the hops and the adjoint: gathered keys or states of a few rows, and a product of their size
-        # Several pairs in a chunk: a short sequence, whose temporaries are small anyway; whole groups then write
-        # their products straight into place (a row chunk of several pairs is not one contiguous stretch).
+        # gathered keys or states of a few rows (or their transposed product, in the adjoint), and the rows'
+        # outputs where they cannot go straight into place. Several pairs in a chunk: a short sequence, whose
+        # temporaries are small anyway; whole groups then write their products straight into place (a row chunk of
+        # several pairs is not contiguous).
         self.rows = layout.row_chunk(pairs, width * dim, ROW_CHUNK_ELEMENTS) if pairs == 1 else max(layout.n, 1)
-        hops = {
-            "gather": pairs * self.rows * width * dim,
-            "term": pairs * self.rows * width * max(dim, bs),
-            "wide_term": pairs * layout.wide * bs * dim,
-        }
-        score = {}
+        gather = pairs * self.rows * width * max(dim, bs)
+        term = pairs * self.rows * bs * (dim if pairs == 1 else max(dim, width))  # one pair: scores go in place
+        hops = {"gather": gather, "term": term, "wide_term": pairs * layout.wide * bs * dim}
+        if not backward:
+            hops["z0"] = hops["z1"] = pairs * nb * bs * dim_v  # the forward's states, in turn
+        elif dim_qk != dim_v:  # the adjoint's state (else it lives in dq's room until dq is written)
+            hops["u"] = pairs * nb * bs * dim_v
+        narrow, wide = {}, {}
         if backward:
-            self.states = empty(pairs, nb, bs, steps, dim_v)  # z_0 .. z_{T-1} side by side
+            self.states = empty(pairs, nb, bs, max(steps - 1, 1), dim_v)  # z_1 .. z_{T-1} side by side (z_0 = v)
             self.w = empty(pairs, nb, bs, steps, dim_v)  # w_0 .. w_{T-1} side by side
             # the score gradient of a few rows: every step's states of their key blocks, dP, their keys, products
             per_row = width * (steps * dim_v + bs + dim_qk + max(dim_qk, bs))
             self.score_rows = layout.row_chunk(pairs, per_row, SCORE_CHUNK_ELEMENTS)
-            self.wide_blocks = max(1, min(layout.wide, SCORE_CHUNK_ELEMENTS // max(pairs * bs * length, 1)))
-            if torch.compiler.is_exporting():
-                self.wide_blocks = max(layout.wide, 1)
-            score = {
-                "score_keys": pairs * self.score_rows * width * steps * dim_v,
+            narrow = {
+                "score_keys": pairs * self.score_rows * width * max(steps - 1, 1) * dim_v,
+                "keys": pairs * self.score_rows * width * dim,
                 "score": pairs * self.score_rows * bs * width,
-                "keys": pairs * self.score_rows * width * dim_qk,
                 "score_term": pairs * self.score_rows * width * max(dim_qk, bs),
-                "wide_score": pairs * self.wide_blocks * bs * length,
-                "wide_dq": pairs * self.wide_blocks * bs * dim_qk,
             }
-        scratch = empty(max(sum(hops.values()), sum(score.values())))
-        for phase in (hops, score):  # each phase's views side by side from the start of the scratch area
-            start = 0
-            for name, size in phase.items():
-                setattr(self, name, scratch[start : start + size])
-                start += size
+            self.wide_queries = max(1, min(layout.wide * bs, ROW_CHUNK_ELEMENTS // max(2 * pairs * length, 1)))
+            if torch.compiler.is_exporting():
+                self.wide_queries = max(layout.wide * bs, 1)
+            wide = {"wide_score": pairs * self.wide_queries * length, "wide_dq": pairs * self.wide_queries * dim_qk}
+        in_wide = self.wide is not None and sum(narrow.values()) <= self.wide.numel()
+        scratch = empty(max(sum(hops.values()) + sum(wide.values()), 0 if in_wide else sum(narrow.values())))
+        self._views(scratch, hops)
+        self._views(scratch[sum(hops.values()) :], wide)
+        self._views(self.wide.view(-1) if in_wide else scratch, narrow)
+
+    def _views(self, buffer: torch.Tensor, sizes: dict[str, int]) -> None:
+        start = 0
+        for name, size in sizes.items():
+            setattr(self, name, buffer[start : start + size])
+            start += size
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -429,7 +437,7 @@ class _Attention:
             for rows in _row_slices(group.count, work.rows):
                 count = rows.stop - rows.start
                 probs = self.narrow_rows(index, rows, keeps, p)
-                term = _slab(work.term, pairs * count, layout.width * bs, dim)
+                term = _slab(work.gather, pairs * count, layout.width * bs, dim)
                 torch.bmm(probs.transpose(1, 2), _flat(w_rows[:, rows]), out=term)  # (G * r, d * bs, D)
                 keys = group.keys[rows.start * layout.width : rows.stop * layout.width]
                 out.index_add_(1, keys, term.view(pairs, -1, bs, dim))
@@ -486,8 +494,9 @@ def _forward_chunk(layout: _Layout, work: _Workspace, q, k, v, real, masks, run:
     resets the state to ``v`` without attending), ``z_T`` into ``out``."""
     keeps, hop_keeps = masks
     attention = _Attention(layout, work, q, k, real, run.scale)
-    pairs, steps = q.shape[0], len(run.weights)
-    buffers = [z[:pairs] for z in work.z]
+    pairs, nb, bs, dim = v.shape
+    steps = len(run.weights)
+    buffers = [_slab(work.z0, pairs, nb, bs, dim), _slab(work.z1, pairs, nb, bs, dim)]
     z = v
     for t, a in enumerate(run.weights):
         target = out if t == steps - 1 else buffers[t % 2]
@@ -511,24 +520,34 @@ def _backward_chunk(layout: _Layout, work: _Workspace, q, k, v, grad, final, rea
     softmax needs ``r_i = sum_t w_t,i . (A z_t)_i``; solving the mix for ``A z_t`` gives
     ``r_i = sum_t u'_t,i . ((1 - hop_p) z_{t+1} - a_t v)_i`` (u' is zero where hop dropout zeroed ``z_{t+1}``),
     so ``A z_t`` is never needed; the v terms add up to ``(sum_t a_t u'_t) . v``. Then per row chunk the score
-    gradient ``dS = scale * P * (dP - r)`` with ``dP = sum_t w_t z_t^T`` as one product over all steps."""
+    gradient ``dS = scale * P * (dP - r)`` with ``dP = sum_t w_t z_t^T`` as one product over the steps after the
+    first (their states side by side) and one for ``z_0 = v``."""
     keeps, hop_keeps = masks
     grad_q, grad_k, grad_v = grads
     steps = len(run.weights)
-    pairs = v.shape[0]
+    pairs, nb, bs, dim = v.shape
 
-    # Rebuild A and the states z_0 .. z_{T-1} (side by side: a gather of key blocks brings every step's at once)
+    # Rebuild A and the states z_1 .. z_{T-1} (side by side: a gather of key blocks brings every step's at once)
     attention = _Attention(layout, work, q, k, real, run.scale)
-    states, w_all, u_buffer = work.states[:pairs], work.w[:pairs], work.z[0][:pairs]
-    states[..., 0, :] = v
+    states, w_all = work.states[:pairs], work.w[:pairs]
+    # the adjoint's state: in the room of this chunk's dq, which the score gradient writes only at the end
+    u_buffer = grad_q if grad_q.shape == v.shape else _slab(work.u, pairs, nb, bs, dim)
+
+    def state(t: int) -> torch.Tensor:  # z_t, for t < T
+        return v if t == 0 else states[..., t - 1, :]
+
+    # Each hop reads the last state from a contiguous buffer (a strided slot would be copied by every gather) and
+    # writes into the other; w's room, idle until the adjoint, is the second buffer.
+    buffers, z = [u_buffer, _slab(w_all.view(-1), pairs, nb, bs, dim)], v
     for t in range(steps - 1):
-        a, z_next = run.weights[t], states[..., t + 1, :]
+        a, target = run.weights[t], buffers[t % 2]
         if a >= 1.0:
-            z_next.copy_(v)
+            target.copy_(v)
         else:
-            z_next.copy_(attention.apply(states[..., t, :], v, a, u_buffer, keeps[t], run.edge_p))
+            attention.apply(z, v, a, target, keeps[t], run.edge_p)
         if hop_keeps[t] is not None:
-            z_next.mul_(hop_keeps[t]).div_(1 - run.hop_p)
+            target.mul_(hop_keeps[t]).div_(1 - run.hop_p)
+        states[..., t, :] = z = target
 
     w_all.zero_()  # zero for skipped (a == 1) steps
     r = None
@@ -545,7 +564,7 @@ def _backward_chunk(layout: _Layout, work: _Workspace, q, k, v, grad, final, rea
             continue
         if a > 0:
             grad_v.add_(u, alpha=a)
-        z_next = states[..., t + 1, :] if t + 1 < steps else final
+        z_next = state(t + 1) if t + 1 < steps else final
         dot = _rowdot(u, z_next)
         r = dot.mul_(1 - run.hop_p) if r is None else r.add_(dot, alpha=1 - run.hop_p)
         w = torch.mul(u, 1 - a, out=w_all[..., t, :])
@@ -561,67 +580,77 @@ def _backward_chunk(layout: _Layout, work: _Workspace, q, k, v, grad, final, rea
         grad_k.zero_()
         return
     del u, resets
-    _score_gradient(layout, work, attention, q, k, states, w_all, r, keeps, run, grad_q, grad_k)
+    _score_gradient(layout, work, attention, q, k, v, states, w_all, r, keeps, run, grad_q, grad_k)
 
 
-def _score_gradient(layout: _Layout, work: _Workspace, attention: _Attention, q, k, states, w_all, r, keeps, run,
+def _score_gradient(layout: _Layout, work: _Workspace, attention: _Attention, q, k, v, states, w_all, r, keeps, run,
                     grad_q, grad_k):  # fmt: skip
     """``dS = P * (dP - r)``, ``dP = sum_t w_t z_t^T`` on the edges, then ``dq = scale dS k`` and
-    ``dk += scale dS^T q``, a few narrow rows at a time; the wide rows in one product."""
-    pairs, nb, bs, steps, dim = states.shape
+    ``dk += scale dS^T q``: the wide rows a few queries at a time, then the narrow rows a few rows at a time (their
+    temporaries in the wide rows' attention, which is then spent)."""
+    pairs, nb, bs, steps, dim = w_all.shape
     dim_qk = q.shape[-1]
     width = layout.width * bs
     used = [t for t in range(steps) if run.weights[t] < 1.0]
     per_step = run.edge_p > 0 and run.per_hop
 
-    def dp(w_rows, z_keys, keep_of, out):
-        """``sum_t w_t z_t^T`` ``(rows, queries, keys)`` into ``out`` from ``w_rows`` ``(rows, queries, T, D)``
-        and ``z_keys`` ``(rows, keys, T, D)``; each step's term scaled by its edge mask where masks are drawn per
-        step."""
+    def dp(w_rows, v_keys, z_keys, keep_of, out):
+        """``sum_t w_t z_t^T`` ``(rows, queries, keys)`` into ``out`` from ``w_rows`` ``(rows, queries, T, D)``,
+        ``v_keys`` ``(rows, keys, D)`` (z_0) and ``z_keys`` ``(rows, keys, T - 1, D)``; each step's term scaled by
+        its edge mask where masks are drawn per step."""
         if not per_step:
-            torch.bmm(w_rows.flatten(-2), z_keys.flatten(-2).transpose(1, 2), out=out)
+            torch.bmm(w_rows[..., 0, :], v_keys.transpose(1, 2), out=out)
+            if steps > 1:
+                out.baddbmm_(w_rows[..., 1:, :].flatten(-2), z_keys.flatten(-2).transpose(1, 2))
             keep = keep_of(used[0]) if run.edge_p > 0 else None
             return out if keep is None else out.mul_(keep).div_(1 - run.edge_p)
         out.zero_()
         for t in used:
-            term = torch.bmm(w_rows[..., t, :], z_keys[..., t, :].transpose(1, 2))
+            keys = v_keys if t == 0 else z_keys[..., t - 1, :]
+            term = torch.bmm(w_rows[..., t, :], keys.transpose(1, 2))
             out.add_(term.mul_(keep_of(t)), alpha=1 / (1 - run.edge_p))
         return out
 
     if attention.wide is not None:
-        for blocks in _row_slices(layout.wide, work.wide_blocks):
-            rows = layout.wide_rows[blocks]
-            count = rows.numel() * bs
-            w_rows = w_all[:, rows].flatten(1, 2)  # (G, c*bs, T, D)
-            probs = attention.wide[:, blocks.start * bs : blocks.stop * bs]
+        w_rows_all = w_all[:, layout.wide_rows].flatten(1, 2)  # (G, w*bs, T, D)
+        q_rows_all, r_rows = q[:, layout.wide_rows].flatten(1, 2), r[:, layout.wide_rows].flatten(1)
+        dq_all = torch.empty_like(q_rows_all)
+        for queries in _row_slices(layout.wide * bs, work.wide_queries):
+            count = queries.stop - queries.start
 
-            def wide_keep(t, blocks=blocks):
-                return keeps[t][1][:, blocks.start * bs : blocks.stop * bs]
+            def wide_keep(t, queries=queries):
+                return keeps[t][1][:, queries]
 
-            grad_scores = dp(
-                w_rows, states.flatten(1, 2), wide_keep, _slab(work.wide_score, pairs, count, layout.length)
-            )
-            grad_scores.sub_(r[:, rows].flatten(1)[..., None]).mul_(probs)
-            dq_rows = _slab(work.wide_dq, pairs, count, dim_qk)
-            torch.bmm(grad_scores, k.flatten(1, 2), out=dq_rows)
-            grad_q.index_copy_(1, rows, dq_rows.mul_(run.scale).view(pairs, -1, bs, dim_qk))
+            grad_scores = _slab(work.wide_score, pairs, count, layout.length)
+            dp(w_rows_all[:, queries], v.flatten(1, 2), states.flatten(1, 2), wide_keep, grad_scores)
+            grad_scores.sub_(r_rows[:, queries, None]).mul_(attention.wide[:, queries])
+            torch.bmm(grad_scores, k.flatten(1, 2), out=_slab(work.wide_dq, pairs, count, dim_qk))
+            dq_all[:, queries] = _slab(work.wide_dq, pairs, count, dim_qk)
             grad_k.view(pairs, -1, dim_qk).baddbmm_(
-                grad_scores.transpose(1, 2), q[:, rows].flatten(1, 2), alpha=run.scale
+                grad_scores.transpose(1, 2), q_rows_all[:, queries], alpha=run.scale
             )
+        dq_all.mul_(run.scale)
+        grad_q.index_copy_(1, layout.wide_rows, dq_all.view(pairs, layout.wide, bs, dim_qk))
+        attention.wide = None  # spent: the narrow rows' temporaries may take its room
     for index, group in enumerate(layout.groups):
         probs = attention.narrow[index]
         w_rows_all, q_rows_all, r_rows = _take(w_all, group.ids), _take(q, group.ids), _take(r, group.ids)
         for rows in _row_slices(group.count, work.score_rows):
             count = rows.stop - rows.start
             keys = group.keys[rows.start * layout.width : rows.stop * layout.width]
-            z_keys = _slab(work.score_keys, pairs, count * layout.width, bs, steps, dim)
-            torch.index_select(states, 1, keys, out=z_keys)
+            z_keys = _slab(work.score_keys, pairs, count * layout.width, bs, max(steps - 1, 1), dim)
+            if steps > 1:
+                torch.index_select(states, 1, keys, out=z_keys)
+            v_keys = _slab(work.keys, pairs, count * layout.width, bs, dim)
+            torch.index_select(v, 1, keys, out=v_keys)
 
             def narrow_keep(t, index=index, rows=rows):
                 return _flat(keeps[t][0][index][:, rows]).view(-1, bs, width)
 
             grad_scores = _slab(work.score, pairs * count, bs, width)
-            dp(_flat(w_rows_all[:, rows]), z_keys.view(pairs * count, width, steps, dim), narrow_keep, grad_scores)
+            w_rows = _flat(w_rows_all[:, rows])
+            dp(w_rows, v_keys.view(pairs * count, width, dim), z_keys.view(pairs * count, width, -1, dim),
+               narrow_keep, grad_scores)  # fmt: skip
             grad_scores.sub_(_flat(r_rows[:, rows])[..., None]).mul_(_flat(probs[:, rows]))
             k_keys = _slab(work.keys, pairs, count * layout.width, bs, dim_qk)
             torch.index_select(k, 1, keys, out=k_keys)
