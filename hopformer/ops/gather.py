@@ -11,7 +11,9 @@ The attention ``A`` is computed once and applied ``hops`` times (one application
 ``torch.library`` custom op: one opaque node under ``torch.compile``), with a written-out backward
 (``hopformer::gather_diffusion_backward``): it recomputes a chunk's ``A`` and hop states, runs the adjoint recurrence
 ``u <- A^T w`` and forms the score gradient of all hops at once, so nothing of the size of ``A`` and no state per hop
-is kept between forward and backward (edge-dropout masks, one byte per edge, are).
+is kept between forward and backward (edge-dropout masks, one byte per edge, are). Each call works in one set of
+buffers (:class:`_Workspace`): backward's peak is the gradients plus one chunk's ``A``, hop states and adjoint terms,
+and a little scratch.
 
 Rows whose mask is the same for every query (no causal diagonal; "uniform" rows) take their few missing keys (slots
 past a row's degree, keys past the sequence) as an additive bias inside the score product, so they need no mask
@@ -34,9 +36,9 @@ _GATHER_OVERHEAD = 1.5
 # Attention probabilities kept alive at once (elements): (batch, head) pairs are processed in chunks of about this
 # size, and each chunk's attention and hop states are recomputed in backward, not stored.
 CHUNK_ELEMENTS = 1 << 22
-# Elements of the temporaries of one row chunk (gathered keys or states and a product of their size; in the score
-# gradient every step's states of the key blocks and dP): rows are visited a few at a time so that these stay small
-# beside the attention.
+# Elements of the temporaries of one row chunk (gathered keys or states and a product of their size): rows are
+# visited a few at a time so that these stay small beside the attention; in the score gradient (every step's states
+# of the key blocks, and dP) a few more.
 ROW_CHUNK_ELEMENTS = 1 << 18
 SCORE_CHUNK_ELEMENTS = 1 << 19
 
