@@ -255,13 +255,14 @@ def plot(summary: dict, path: Path) -> None:
             positions = [i + (j - (len(ops) - 1) / 2) * width for i in range(len(runs))]
             ax.bar(positions, values, width, label=op)
             for x, value in zip(positions, values):
-                ax.text(x, value + 0.01, f"{value:.2f}", ha="center", va="bottom", fontsize=8)
+                ax.text(x, value + 0.01, f"{value:.3f}", ha="center", va="bottom", fontsize=7)
         ax.axhline(TARGET, color="black", linestyle="--", linewidth=1, label=f"target {TARGET}x")
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         ax.set_xticks(range(len(runs)), labels, fontsize=8)
         ax.set_title(title, fontsize=10)
     axes[0].set_ylabel("ratio to dense masked SDPA (fwd+bwd)")
-    axes[0].legend(fontsize=8, loc="upper left")
+    axes[0].set_ylim(0, 1.2)
+    axes[0].legend(fontsize=8, loc="upper left", ncol=3)
     settings = summary["settings"]
     figure.suptitle(
         f"CPU, {settings['threads']} threads, {settings['seq_len']} tokens, {settings['heads']} heads x "
@@ -274,6 +275,10 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--plot-only"]:  # redraw the plot of an existing summary
+        path = Path(sys.argv[2])
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=8)
