@@ -19,6 +19,9 @@ from hopformer.ops import diffuse, sparse_attention
 from hopformer.ops import triton_diffusion as triton_backend
 from hopformer.ops.coefficients import diffusion_coefficients, mixing_weights
 
+# PyTorch's own compile and opcheck machinery touches torch.jit.script_method, which PyTorch deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:.*script_method. is deprecated:DeprecationWarning")
+
 SEQ = 96
 
 # name -> (attention, options): every registered attention, and the backends and variants behind them
@@ -200,7 +203,6 @@ def _qkv(seq: int = 40, dim: int = 8, batch: int = 2, heads: int = 2, dtype=torc
     return [torch.randn(batch, heads, seq, dim, generator=generator, dtype=dtype, requires_grad=True) for _ in "qkv"]
 
 
-@pytest.mark.filterwarnings("ignore:.*script_method is deprecated:DeprecationWarning")  # (inside opcheck)
 def test_opcheck_gather_diffusion():
     from hopformer.ops.gather import gather_plan
 
@@ -215,7 +217,6 @@ def test_opcheck_gather_diffusion():
         torch.library.opcheck(torch.ops.hopformer.gather_diffusion.default, args)
 
 
-@pytest.mark.filterwarnings("ignore:.*script_method is deprecated:DeprecationWarning")
 def test_opcheck_routing_kmeans():
     from hopformer.attention import build
 
@@ -226,7 +227,6 @@ def test_opcheck_routing_kmeans():
         torch.library.opcheck(torch.ops.hopformer.routing_kmeans.default, args)
 
 
-@pytest.mark.filterwarnings("ignore:.*script_method is deprecated:DeprecationWarning")
 @pytest.mark.skipif(not triton_backend.available(), reason="needs triton")
 def test_opcheck_triton_diffusion():
     if not (torch.cuda.is_available() or triton_backend.interpreting()):
