@@ -264,7 +264,10 @@ def _softmax_(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is not None:
         masked = ~mask
         scores.masked_fill_(masked, torch.finfo(scores.dtype).min)
-    torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+    if scores.device.type == "cpu":  # the CPU kernel reads each row before writing it: in place is safe
+        torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+    else:
+        scores.copy_(torch.softmax(scores, -1))
     if mask is not None:
         scores.masked_fill_(masked, 0.0)
     return scores
