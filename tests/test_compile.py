@@ -215,6 +215,11 @@ def test_opcheck_gather_diffusion():
     for real, graph_steps in ((None, [0.0]), (padding, steps)):
         args = (q, k, v, *plan.tensors(), real, graph_steps, 0.35, *plan.statics(), 0.0, False, 0.0)
         torch.library.opcheck(torch.ops.hopformer.gather_diffusion.default, args)
+        out, *keeps = torch.ops.hopformer.gather_diffusion(*args)
+        grad = torch.randn_like(out)
+        backward = (grad, q.detach(), k.detach(), v.detach(), out.detach(), *plan.tensors(), real, *keeps, graph_steps,
+                    0.35, *plan.statics(), 0.0, False, 0.0)  # fmt: skip
+        torch.library.opcheck(torch.ops.hopformer.gather_diffusion_backward.default, backward)
 
 
 def test_opcheck_routing_kmeans():
@@ -237,6 +242,11 @@ def test_opcheck_triton_diffusion():
     for steps in ([0.0], [0.1, 0.1]):
         args = triton_backend.op_arguments(q, k, v, graph, None, steps, 0.25)
         torch.library.opcheck(torch.ops.hopformer.triton_diffusion.default, args)
+        q_, k_, v_, z0, real, plan, *settings = args
+        saved = [x.detach() for x in torch.ops.hopformer.triton_diffusion(*args)]  # out, lse, states, keep-masks
+        backward = (torch.randn_like(saved[0]), q_.detach(), k_.detach(), v_.detach(), z0, *saved, real, plan,
+                    *settings)  # fmt: skip
+        torch.library.opcheck(torch.ops.hopformer.triton_diffusion_backward.default, backward)
 
 
 def test_ops_compile_on_their_own():

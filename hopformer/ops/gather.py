@@ -461,19 +461,30 @@ def _pair_chunks(layout: _Layout, pairs: int) -> list[slice]:
 def _draw_masks(layout: _Layout, pairs: int, v_blocks: torch.Tensor, run: _Steps):
     """The dropout keep-masks of the whole call, drawn once in forward (backward meets the same ones): edge
     masks ``(E, pairs, n, bs, d*bs)`` and ``(E, pairs, w*bs, padded_len)`` with ``E`` = 1, or the number of steps
-    when drawn per step (0 without edge dropout), and hop masks ``(T or 0, *v_blocks)``."""
-    bs, length = layout.block, layout.length
-    draws = (len(run.weights) if run.per_hop else 1) if run.edge_p > 0 else 0
-    device = v_blocks.device
-    narrow = torch.empty(draws, pairs, layout.n, bs, layout.width * bs, dtype=torch.bool, device=device)
-    wide = torch.empty(draws, pairs, layout.wide * bs, length, dtype=torch.bool, device=device)
-    for e in range(draws):
-        narrow[e] = torch.rand(narrow.shape[1:], device=device) >= run.edge_p
-        wide[e] = torch.rand(wide.shape[1:], device=device) >= run.edge_p
-    hop = torch.empty(len(run.weights) if run.hop_p > 0 else 0, *v_blocks.shape, dtype=torch.bool, device=device)
-    for t in range(hop.shape[0]):
-        hop[t] = torch.rand(v_blocks.shape, device=device) >= run.hop_p
-    return narrow, wide, hop
+    when drawn per step, and hop masks ``(T, *v_blocks)``; a kind not drawn is an empty ``(0,)`` tensor."""
+    return _mask_shapes(layout.n, layout.width, layout.wide, layout.block, layout.length, pairs, v_blocks.shape[-1],
+                        run.weights, run.edge_p, run.per_hop, run.hop_p, v_blocks.device, draw=True)  # fmt: skip
+
+
+def _mask_shapes(n, width, wide, block, length, pairs, dim, steps, edge_p, per_hop, hop_p, device, draw: bool):
+    """The op's dropout keep-mask outputs (see :func:`_draw_masks`): drawn, or left uninitialised (the fake op's)."""
+    draws = (len(steps) if per_hop else 1) if edge_p > 0 else 0
+    hops = len(steps) if hop_p > 0 else 0
+
+    def masks(count: int, p: float, *shape: int) -> torch.Tensor:
+        if not count:
+            return torch.empty(0, dtype=torch.bool, device=device)
+        out = torch.empty(count, *shape, dtype=torch.bool, device=device)
+        if draw:
+            for index in range(count):
+                out[index] = torch.rand(shape, device=device) >= p
+        return out
+
+    return (
+        masks(draws, edge_p, pairs, n, block, width * block),
+        masks(draws, edge_p, pairs, wide * block, length),
+        masks(hops, hop_p, pairs, length // block, block, dim),
+    )
 
 
 def _chunk_masks(layout: _Layout, masks, h: slice, run: _Steps):
@@ -749,15 +760,9 @@ def _(q, k, v, narrow_rows, narrow_keys, key_ok, token_mask, wide_rows, wide_mas
       num_uniform, uniform_first, masked_first, uniform_bias, wide_full, edge_p, per_hop, hop_p):  # fmt: skip
     batch, heads, length, _ = q.shape
     n, width = narrow_keys.shape
-    block = wide_mask.shape[1]
-    draws = (len(steps) if per_hop else 1) if edge_p > 0 else 0
-    hops = len(steps) if hop_p > 0 else 0
-    return (
-        v.new_empty(v.shape),
-        q.new_empty((draws, batch * heads, n, block, width * block), dtype=torch.bool),
-        q.new_empty((draws, batch * heads, wide_rows.shape[0] * block, length), dtype=torch.bool),
-        q.new_empty((hops, batch * heads, length // block, block, v.shape[3]), dtype=torch.bool),
-    )
+    masks = _mask_shapes(n, width, wide_rows.shape[0], wide_mask.shape[1], length, batch * heads, v.shape[3], steps,
+                         edge_p, per_hop, hop_p, q.device, draw=False)  # fmt: skip
+    return v.new_empty(v.shape), *masks
 
 
 @torch.library.custom_op("hopformer::gather_diffusion_backward", mutates_args=())
