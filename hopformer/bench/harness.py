@@ -449,6 +449,7 @@ def floors(rows: list[dict], settings: dict) -> list[dict]:
     SDPA's time at that length; where SDPA was not run at a length, its time is scaled from the longest length
     it ran at by ``(L / L_ref)**2`` (its FLOPs)."""
     dense = {(r["seq_len"], r["mode"]): r["ms"] for r in rows if r["op"] == "sdpa" and "ms" in r}
+    densities: dict[int, float] = {}  # one graph per length, whatever the rows' ops, modes and backends
     out = []
     for row in rows:
         if row["op"] not in ("sparse", "diffuse") or "ms" not in row:
@@ -459,7 +460,9 @@ def floors(rows: list[dict], settings: dict) -> list[dict]:
             continue
         reference = seq_len if (seq_len, mode) in dense else max(references)
         sdpa_ms = dense[(reference, mode)] * (seq_len / reference) ** 2
-        density = build_graph(settings["pattern"], seq_len, **settings["graph_options"]).density
+        if seq_len not in densities:
+            densities[seq_len] = build_graph(settings["pattern"], seq_len, **settings["graph_options"]).density
+        density = densities[seq_len]
         passes = 1 if row["op"] == "sparse" else settings["hops"] + 1
         floor_ms = passes * density * sdpa_ms
         out.append(
