@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
-import pytest
-import torch
+# Inductor's on-disk cache is shared by every process of the machine (/tmp/torchinductor_<user>) and its keys
+# do not cover a custom op's fake implementation (pytorch/pytorch#160472): a cache filled by an older checkout
+# of hopformer's ops hands a newer one stale output strides. The suite compiles into a cache of its own.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="hopformer-inductor-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without CUDA, the Triton kernels' tests run under Triton's CPU interpreter. It must be chosen before triton is
 # first imported (transformers and torch.export import it), or triton's own helper functions stay compiled-only.

@@ -1,5 +1,5 @@
-"""Configs: every file shipped in ``configs/`` loads and passes the trainer's checks; the packaged default,
-``base:`` inheritance, and the keys that moved since 0.1."""
+"""Configs: every file shipped in ``configs/`` (and the device-only ones in ``experiments/configs/``) loads and
+passes the trainer's checks; the packaged default, ``base:`` inheritance, and the keys that moved since 0.1."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ from hopformer.models import EncoderConfig
 from hopformer.train.build import check_config
 from hopformer.train.config import Config, HeadConfig, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted([*(ROOT / "configs").rglob("*.yaml"), *(ROOT / "experiments" / "configs").rglob("*.yaml")])
 
 
 def test_configs_are_found():
     assert len(CONFIGS) >= 13, [c.name for c in CONFIGS]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_shipped_config_loads_and_checks(path):
     config = load_config(path)
     check_config(config)
@@ -29,7 +30,7 @@ def test_shipped_config_loads_and_checks(path):
     assert config.train.eval_every <= config.train.steps
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_shipped_config_attention_options_build(path):
     """A misspelt or misplaced attention option fails here, not hours into a run."""
     model = load_config(path).model
@@ -42,7 +43,7 @@ def test_shipped_config_attention_options_build(path):
 def test_the_packaged_default_is_configs_listops_small():
     """``hopformer train`` without ``--config`` reads the package's own default, never the repository; the
     repository's ``configs/listops_small.yaml`` must say the same."""
-    repository = load_config(Path(__file__).resolve().parents[1] / "configs" / "listops_small.yaml")
+    repository = load_config(ROOT / "configs" / "listops_small.yaml")
     assert load_config() == repository
     assert load_config().train.steps == 6000 and load_config().data.max_length == 128  # not the dataclass defaults
 
