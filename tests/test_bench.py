@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from hopformer.bench.harness import Case, command_line, dense_skip_reason, floors, label, positive_int
+from hopformer.bench.harness import Case, command_line, dense_skip_reason, floors, inference, label, positive_int
 from hopformer.cli import main
 from hopformer.graphs import build_graph
 
@@ -44,6 +44,11 @@ def test_routing_and_combiner_rows_beside_bigbird(tmp_path, capsys):
     assert len(rows) == 6 * 2 * 2  # ops x lengths x modes
     for row in rows:
         _measured(row)
+        assert (row["fwd_ms"] > 0) if row["mode"] == "fwd+bwd" else ("fwd_ms" not in row)
+    checked = {(e["op"], e["seq_len"]) for e in result["inference"]}
+    assert checked == {(label(r), r["seq_len"]) for r in rows if r["mode"] == "fwd" and r["op"] != "sdpa"} | {
+        ("sdpa [sdpa]", n) for n in (128, 256)
+    }
     for row in rows:
         seq = row["seq_len"]
         if row["op"] == "routing":  # the module's defaults: sqrt(L) clusters of L // clusters, half local heads
@@ -247,3 +252,20 @@ def test_floor_is_the_graphs_share_of_dense_time_per_pass():
     assert sparse["over_floor"] == pytest.approx(4.0 / (density[1024] * 10.0))
     assert diffused["passes"] == 4 and diffused["sdpa_reference_len"] == 1024
     assert diffused["floor_ms"] == pytest.approx(4 * density[2048] * 10.0 * 4)
+
+
+def test_inference_is_the_forward_row_over_the_training_forward_of_the_same_op_and_length():
+    rows = [
+        {"op": "diffuse", "backend": "gather", "seq_len": 512, "mode": "fwd", "ms": 2.2},
+        {"op": "diffuse", "backend": "gather", "seq_len": 512, "mode": "fwd+bwd", "ms": 9.0, "fwd_ms": 2.0},
+        {"op": "diffuse", "backend": "triton", "seq_len": 512, "mode": "fwd", "ms": 1.0},  # no training row
+        {"op": "sparse", "backend": "gather", "seq_len": 512, "mode": "fwd", "ms": 0.5},
+        {"op": "sparse", "backend": "gather", "seq_len": 1024, "mode": "fwd+bwd", "ms": 3.0, "fwd_ms": 1.0},
+        {"op": "sparse", "backend": "gather", "seq_len": 512, "mode": "fwd+bwd", "ms": 3.0, "fwd_ms": 0.25},
+    ]
+    entries = {(e["op"], e["seq_len"]): e for e in inference(rows)}
+    assert set(entries) == {("diffuse [gather]", 512), ("sparse [gather]", 512)}
+    assert entries[("diffuse [gather]", 512)]["ratio"] == pytest.approx(1.1)
+    assert entries[("diffuse [gather]", 512)]["within_1_1x"]
+    assert entries[("sparse [gather]", 512)]["ratio"] == pytest.approx(2.0)
+    assert not entries[("sparse [gather]", 512)]["within_1_1x"]

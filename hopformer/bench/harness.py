@@ -2,7 +2,8 @@
 
 Every case runs in this process: CUDA memory is ``max_memory_allocated`` above the inputs; CPU memory
 is the peak resident set size above the inputs during one extra step, sampled by a background thread
-with glibc returning freed blocks to the OS (see ``_malloc_mode``). Times are medians.
+with glibc returning freed blocks to the OS (see ``_malloc_mode``). Times are medians. A forward+backward row
+also times its forward alone with autograd recording (``fwd_ms``), the reference of the inference check.
 
 Every op gets the same ``(batch, heads, seq, head_dim)`` q, k, v (same seed) and the same output
 gradient; what each op's step runs is in :data:`MEASURED` (written into every result JSON).
@@ -198,6 +199,18 @@ def cuda_times_ms(step: Callable[[], object], repeats: int, device: torch.device
     return times
 
 
+def _times_ms(step: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls of ``step``: CUDA events on a GPU, the wall clock on a CPU."""
+    if device.type == "cuda":
+        return cuda_times_ms(step, repeats, device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def run_case(case: Case, settings: dict, device: torch.device, repeats: int, warmup: int) -> dict:
     """Measure one case; returns its row (``ms``, ``peak_mib``, or ``error``)."""
     dtype = getattr(torch, settings["dtype"])
@@ -233,16 +246,16 @@ def run_case(case: Case, settings: dict, device: torch.device, repeats: int, war
                 peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
             else:
                 _malloc_mode(measure_memory=False)
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    step()
-                    times.append((time.perf_counter() - t0) * 1e3)
+                times = _times_ms(step, repeats, device)
                 _malloc_mode(measure_memory=True)
                 with _PeakRSS() as rss:  # one more step, for memory only
                     step()
                 peak = rss.peak - rss.base
         row.update(ms=statistics.median(times), ms_min=min(times), peak_mib=peak)
+        if backward:  # the forward alone as training runs it (autograd recording), for the inference check
+            with torch.enable_grad():
+                forward_times = _times_ms(lambda: call(), repeats, device)
+            row["fwd_ms"] = statistics.median(forward_times)
     except (torch.OutOfMemoryError, RuntimeError, ValueError) as error:
         row.update(error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
     return row
@@ -478,6 +491,37 @@ def floors(rows: list[dict], settings: dict) -> list[dict]:
             }
         )
     return out
+
+
+def inference(rows: list[dict]) -> list[dict]:
+    """Each op's forward without autograd (its ``fwd`` row) over its forward as training runs it (``fwd_ms`` of
+    its ``fwd+bwd`` row), same length, from the same run: the inference path stores nothing for a backward, so
+    it should take no longer (``within_1_1x``: at most 1.1x)."""
+    training = {(label(r), r["seq_len"]): r["fwd_ms"] for r in rows if "fwd_ms" in r}
+    out = []
+    for row in rows:
+        key = (label(row), row["seq_len"])
+        if row["mode"] != "fwd" or "ms" not in row or key not in training:
+            continue
+        ratio = row["ms"] / training[key]
+        out.append(
+            {
+                "seq_len": row["seq_len"],
+                "op": label(row),
+                "inference_ms": row["ms"],
+                "training_forward_ms": training[key],
+                "ratio": ratio,
+                "within_1_1x": ratio <= 1.1,
+            }
+        )
+    return out
+
+
+def inference_line(entry: dict) -> str:
+    return (
+        f"L={entry['seq_len']}: {entry['op']} inference {entry['inference_ms']:.2f} ms = {entry['ratio']:.2f}x its "
+        f"training forward ({entry['training_forward_ms']:.2f} ms)"
+    )
 
 
 def floor_line(entry: dict) -> str:

@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         environment,
         floor_line,
         floors,
+        inference,
+        inference_line,
         label,
         plot,
         ratio_line,
@@ -190,11 +192,14 @@ def run(args: argparse.Namespace) -> int:
         "rows": rows,
         "ratios": ratios(rows),
         "floors": floors(rows, settings),
+        "inference": inference(rows),
     }
     for entry in result["ratios"]:
         print(ratio_line(entry))
     for entry in result["floors"]:
         print(floor_line(entry))
+    for entry in result["inference"]:
+        print(inference_line(entry))
     for mode in args.modes.split(","):
         print(table(result, mode))
     write_json(args.out, result)  # makes the folder the PNG below goes into
