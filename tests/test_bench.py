@@ -170,7 +170,8 @@ def test_routing_and_combiner_rows_on_cuda(tmp_path):
         "routing [eager]",
         "combiner:fixed [eager]",
         "combiner:axial [eager]",
-        "combiner:fixed [flex]",  # on CUDA the bench also runs Combiner-Fixed on FlexAttention
+        "combiner:fixed [flex]",  # on CUDA the bench also runs Combiner on FlexAttention
+        "combiner:axial [flex]",
     }
 
 

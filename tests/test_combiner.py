@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import hopformer.ops.combiner_flex as combiner_flex
 from hopformer.attention import build
 from hopformer.ops.combiner_attention import _region_summaries, combiner
-from hopformer.ops.combiner_flex import SUMMARY_GROUP, _fixed_tile_codes
+from hopformer.ops.combiner_flex import AXIAL_FORMS, SUMMARY_GROUP, _fixed_tile_codes, _group_tile_codes
 from hopformer.ops.reference import combiner_partition, combiner_reference
 
 CAUSAL = [False, True]
@@ -350,6 +350,116 @@ def test_fixed_summary_function_ties_keep_the_total_gradient(monkeypatch):
         torch.testing.assert_close(b[:, :, 4:8].sum(2), a[:, :, 4:8].sum(2))
         torch.testing.assert_close(b[:, :, :4], a[:, :, :4])
         torch.testing.assert_close(b[:, :, 8:], a[:, :, 8:])
+
+
+# (seq, row width): rows off the 128-token tile, a length off the row, rows longer than a tile, one row
+AXIAL_FLEX_CASES = [(300, 17), (517, 23), (400, 160), (90, 90)]
+
+
+def _axial_dense_flex(monkeypatch) -> None:
+    """Route ``backend="flex"`` for the axial forms through ``_axial_flex`` with dense masked attentions in place
+    of FlexAttention (CPU, float64): its layouts, masks, summaries and log-sum-exp merge, without the kernel."""
+    on_cpu = dataclasses.replace(combiner_flex.FlexCombiner.support, devices=("cpu", "cuda"), min_head_dim=1)
+    monkeypatch.setattr(combiner_flex.FlexCombiner, "support", on_cpu)
+    monkeypatch.setattr(combiner_flex, "_axial_flex", functools.partial(combiner_flex._axial_flex, dense=True))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("seq,width", [(61, 8), (40, 40)])
+@pytest.mark.parametrize("variant", ["axial", "axial_horizontal", "mixture"])
+def test_axial_flex_path_matches_dense_reference(variant, seq, width, causal, padded, monkeypatch):
+    """The row and column calls merged by log-sum-exp give the one softmax of the dense reference ``P``:
+    outputs and gradients in float64, with padding (a padded row is an empty region) and a fully padded
+    sequence."""
+    _axial_dense_flex(monkeypatch)
+    q, k, v = _inputs(seq, dim=4, grad=True, seed=seq + width)
+    mask = _padding(3, seq, width) if padded else None
+    out = combiner(q, k, v, variant, width, causal, mask, backend="flex")
+    ref, _ = combiner_reference(q, k, v, variant, width, causal, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), upstream), torch.autograd.grad(ref, (q, k, v), upstream)):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    if padded:
+        assert out[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("seq,width", AXIAL_FLEX_CASES)
+@pytest.mark.parametrize("variant", ["axial", "axial_horizontal", "mixture"])
+def test_axial_flex_path_matches_eager_at_tile_scale(variant, seq, width, causal, padded, monkeypatch):
+    """The same against the eager backend (itself checked against the reference) at lengths past the 128-token
+    tile, rows off the tile, longer than it and a single row."""
+    _axial_dense_flex(monkeypatch)
+    q, k, v = _inputs(seq, dim=4, grad=True, seed=seq + width)
+    mask = _padding(3, seq, width) if padded else None
+    upstream = torch.randn(q.shape, dtype=torch.float64)
+    results = []
+    for backend in ("eager", "flex"):
+        out = combiner(q, k, v, variant, width, causal, mask, backend=backend)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), upstream)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("seq,group", [(300, 17), (1024, 256), (640, 5), (384, 128), (500, 500)])
+def test_group_tile_codes_cover_every_pair_of_a_group(seq, group, causal):
+    """No allowed (query, key) pair of the axial calls lies in a skipped tile, and no tile is skipped that
+    holds one (each skipped tile is work saved, each kept one is needed)."""
+    tiles = -(-seq // 128)
+    codes = _group_tile_codes(tiles, group, seq, causal)
+    i = torch.arange(tiles * 128)
+    allowed = (i[:, None] // group == i[None, :] // group) & (i[:, None] < seq) & (i[None, :] < seq)
+    if causal:
+        allowed = allowed & (i[None, :] <= i[:, None])
+    needed = allowed.view(tiles, 128, tiles, 128).any(-1).any(1)
+    assert torch.equal(codes > 0, needed)
+
+
+def test_auto_keeps_the_axial_forms_on_eager_and_flex_names_them():
+    """``auto`` takes FlexAttention for Combiner-Fixed only; the axial forms run it when asked by name."""
+    from hopformer.ops import dispatch
+    from hopformer.ops.backend import Request
+
+    q = torch.empty(1, 2, 32768, 64, device="meta")
+    for variant in AXIAL_FORMS:
+        request = dataclasses.replace(Request.of("combiner", q, q, variant=variant), device="cuda")
+        assert dispatch.auto_ranking(request) == [("eager", "every variant, any device")]
+        assert dispatch.can_run("flex", request)
+    fixed = dataclasses.replace(Request.of("combiner", q, q, variant="fixed"), device="cuda")
+    assert dispatch.auto_ranking(fixed)[0][0] == "flex"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention path)")
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("seq,width", AXIAL_FLEX_CASES)
+@pytest.mark.parametrize("variant", ["axial", "axial_horizontal", "mixture"])
+def test_axial_flex_on_cuda_matches_cpu_float64(variant, seq, width, causal, padded):
+    """On CUDA the axial forms run as FlexAttention row and column calls, gradients through their
+    log-sum-exps included."""
+    g = torch.Generator().manual_seed(seq + width)
+    q, k, v = (torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = None
+    if padded:
+        mask = torch.ones(2, seq, dtype=torch.bool)
+        mask[0, -37:] = False
+        mask[1, width : 2 * width] = False  # an empty row
+    upstream = torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64)
+    results = []
+    for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
+        inputs = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
+        backend = "flex" if device == "cuda" else "eager"
+        out = combiner(*inputs, variant, width, causal, None if mask is None else mask.to(device), backend=backend)
+        grads = torch.autograd.grad(out, inputs, upstream.to(device, dtype))
+        results.append([t.detach().double().cpu() for t in (out, *grads)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.cuda

@@ -124,8 +124,8 @@ def test_modules_ask_the_dispatch():
 
     with pytest.raises(ValueError, match="backend='flex' cannot run .*no attention dropout"):
         build("bigbird", 64, 2, backend="flex", dropout=0.1)
-    with pytest.raises(ValueError, match="backend='flex' cannot run combiner.*variant 'fixed' only"):
-        build("combiner", 64, 2, variant="axial", backend="flex")
+    with pytest.raises(ValueError, match="backend='flex' cannot run combiner.*only, not 'logsparse'"):
+        build("combiner", 64, 2, variant="logsparse", backend="flex")
     module = build("diffuser", 64, 2, hops=3, hop_dropout=0.1)
     verdict = module.explain(4096, device="cpu")
     assert verdict.chosen == "gather" and verdict.request.hops == 3 and verdict.request.hop_dropout

@@ -49,14 +49,15 @@ MEASURED = {
     "first training batch would. Forward rows run the same training-mode forward without autograd.",
     "combiner": "hopformer.ops.combiner (the module's core, no projections), variant as named, block size "
     "(row length) ceil(sqrt(L)) unless set (logsparse: 2), bidirectional, no padding; backend eager "
-    "(batched SDPA / einsums) or flex (Combiner-Fixed as one FlexAttention call over [tokens; summaries]).",
+    "(batched SDPA / einsums) or flex (CUDA: Combiner-Fixed as one FlexAttention call over [tokens; summaries], "
+    "the axial forms and mixture as row and column FlexAttention calls merged by log-sum-exp).",
 }
 
 
 @dataclass
 class Case:
     op: str  # one of OPS; "sdpa" is dense attention (masked with the graph on CPU)
-    backend: str  # "sdpa", "gather", "flex", "dense"; routing: "eager"; combiner: "eager" or "flex" (fixed, CUDA)
+    backend: str  # "sdpa", "gather", "flex", "dense"; routing: "eager"; combiner: "eager" or "flex" (CUDA)
     seq_len: int
     mode: str  # "fwd" or "fwd+bwd"
     variant: str | None = None  # combiner variant

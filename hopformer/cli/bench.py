@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         table,
         write_json,
     )
+    from hopformer.ops.combiner_flex import FLEX as FLEX_COMBINER
 
     device = torch.device(
         "cuda"
@@ -162,8 +163,9 @@ def run(args: argparse.Namespace) -> int:
                     cases.append(Case("routing", "eager", seq_len, mode))
                 else:
                     cases.extend(Case("combiner", "eager", seq_len, mode, variant) for variant in variants)
-                    if "fixed" in variants and device.type == "cuda":  # Combiner-Fixed's FlexAttention path
-                        cases.append(Case("combiner", "flex", seq_len, mode, "fixed"))
+                    if device.type == "cuda":  # the FlexAttention paths (every variant but logsparse)
+                        flex_variants = [v for v in variants if v in FLEX_COMBINER.support.variants]
+                        cases.extend(Case("combiner", "flex", seq_len, mode, variant) for variant in flex_variants)
 
     def show(row: dict) -> None:
         if "ms" in row:

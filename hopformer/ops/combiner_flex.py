@@ -1,10 +1,23 @@
-"""Combiner-Fixed as one FlexAttention call (the ``flex`` backend of :func:`hopformer.ops.combiner`, CUDA).
+"""Combiner as FlexAttention calls (the ``flex`` backend of :func:`hopformer.ops.combiner`, CUDA).
 
-The keys are ``[tokens ; one summary per block]``: a query attends to the tokens of its own block (causal: up
-to itself) and to the summaries of the other (causal: earlier) blocks, under one softmax: exactly the eager
-``fixed`` variant, without its per-block copies of the summaries, its mask tensor or any score tensor. The
-summaries and their gradients are :class:`_FixedSummaryAttention`'s, whose hand-written backward adds them
+**Fixed.** The keys are ``[tokens ; one summary per block]``: a query attends to the tokens of its own block
+(causal: up to itself) and to the summaries of the other (causal: earlier) blocks, under one softmax: exactly
+the eager ``fixed`` variant, without its per-block copies of the summaries, its mask tensor or any score tensor.
+The summaries and their gradients are :class:`_FixedSummaryAttention`'s, whose hand-written backward adds them
 in place: less memory than eager at up to twice the time, which is what long sequences run out of.
+
+**Axial** (vertical, horizontal) **and mixture.** A query ``(r, c)`` of the grid reads its row, its column and
+one summary per region. Its row and column are far apart in one token order, so no one tile layout makes both
+sparse: the keys go into two calls, each over contiguous groups, and the two are merged by their
+log-sum-exps into the one softmax of the eager variant:
+
+- the *row call*, queries in row-major order: the row's tokens (causal: up to ``c``), and for the vertical form
+  the row's column summaries ``(r, e)``, ``e != c``;
+- the *column call*, queries in column-major order: the column's tokens above the query (bidirectional: the
+  other rows), and for the horizontal form the column's row summaries ``(t, c)`` of the same rows.
+
+Each call touches a few tiles per query tile, so the cost is ``O(L sqrt(L))`` with no score tensor. The summaries
+are the eager variant's (cumulative max-pools and one batched SDPA per column or row).
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from hopformer.ops import flex
 from hopformer.ops.backend import Support
-from hopformer.ops.combiner_attention import _masked_max, grouped_attention
+from hopformer.ops.combiner_attention import _column_summaries, _masked_max, _row_summaries, grouped_attention
 from hopformer.ops.common import masked_softmax, pad_seq
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, keys, values) -> out
@@ -27,11 +40,21 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (
 SUMMARY_GROUP = 16
 
 
+# The forms of each axial variant (mixture: the average of the two, each normalised on its own).
+AXIAL_FORMS = {
+    "axial": ("vertical",),
+    "axial_vertical": ("vertical",),
+    "axial_horizontal": ("horizontal",),
+    "mixture": ("vertical", "horizontal"),
+}
+
+
 class FlexCombiner:
-    """``flex``: Combiner-Fixed as one FlexAttention call over ``[tokens ; block summaries]`` (CUDA)."""
+    """``flex``: Combiner-Fixed as one FlexAttention call over ``[tokens ; block summaries]``, the axial forms
+    and mixture as row and column calls merged by log-sum-exp (CUDA)."""
 
     name = "flex"
-    summary = "Combiner-Fixed as one FlexAttention call over [tokens; block summaries]: less memory"
+    summary = "FlexAttention calls over tokens and summaries, no score tensor: less memory"
     support = Support(
         ops=("combiner",),
         devices=("cuda",),
@@ -39,11 +62,13 @@ class FlexCombiner:
         attention_dropout=False,
         min_head_dim=flex.MIN_HEAD_DIM,
         same_value_dim=True,
-        variants=("fixed",),
+        variants=("fixed", *AXIAL_FORMS),
     )
 
     def combine(self, q, k, v, variant, block_size, causal, real, scale, dropout_p):
-        return _fixed_flex(q, k, v, block_size, causal, real, scale)
+        if variant == "fixed":
+            return _fixed_flex(q, k, v, block_size, causal, real, scale)
+        return _axial_flex(q, k, v, block_size, causal, real, scale, AXIAL_FORMS[variant])
 
 
 FLEX = FlexCombiner()
@@ -259,3 +284,120 @@ def _fixed_tile_codes(
     summary_copy = torch.arange(copies * summary_tiles) // summary_tiles
     summary_codes = (own_copy[:, None] == summary_copy[None, :]).to(torch.int8)
     return torch.cat([codes, summary_codes], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------- axial
+# Which keys of its own group a query reads, by the two positions inside the group.
+RULES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "all": lambda query, key: query >= 0,
+    "up_to": lambda query, key: key <= query,
+    "before": lambda query, key: key < query,
+    "others": lambda query, key: key != query,
+}
+
+
+def _axial_flex(q, k, v, width, causal, real, scale, forms, *, dense: bool = False):
+    """The axial forms (``forms``: ``("vertical",)``, ``("horizontal",)`` or both, averaged) on a grid of rows of
+    ``width`` tokens; ``seq`` is a multiple of ``width``. ``dense``: each call as a dense masked attention
+    instead of FlexAttention (eager, any device; tests)."""
+    batch, heads, seq, dim = q.shape
+    rows = seq // width
+    if real is None:
+        real = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
+    grid = real.view(batch, rows, width)
+    qg, kg, vg = (x.view(batch, heads, rows, width, x.shape[-1]) for x in (q, k, v))
+
+    def by_column(x: torch.Tensor) -> torch.Tensor:  # (B, H, rows, width, d) -> column-major (B, H, seq, d)
+        return x.transpose(2, 3).reshape(batch, heads, seq, x.shape[-1])
+
+    def by_row(x: torch.Tensor) -> torch.Tensor:  # column-major (B, H, seq, ...) -> row-major
+        return x.unflatten(2, (width, rows)).transpose(2, 3).reshape(x.shape)
+
+    q_col, k_col, v_col = by_column(qg), by_column(kg), by_column(vg)
+    real_col = grid.transpose(1, 2).reshape(batch, seq)
+    attend = functools.partial(_group_attention, scale=scale, dense=dense)
+    column_rule = "before" if causal else "others"
+    out = 0.0
+    for form in forms:
+        if form == "vertical":  # summaries (r, e): column e over the rows above r, read by row r's queries
+            key_s, value_s, nonempty = _column_summaries(qg, kg, vg, grid, scale, causal)
+            summaries = (key_s.flatten(2, 3), value_s.flatten(2, 3), nonempty.flatten(1), "others")
+            row = attend(q, k, v, real, width, "up_to" if causal else "all", summaries)
+            column = attend(q_col, k_col, v_col, real_col, rows, column_rule)
+        else:  # summaries (t, c): row t without column c, read by column c's queries
+            key_s, value_s, nonempty = _row_summaries(qg, kg, vg, grid, scale)
+            summaries = (by_column(key_s), by_column(value_s), nonempty.transpose(1, 2).flatten(1), column_rule)
+            row = attend(q, k, v, real, width, "up_to" if causal else "all")
+            column = attend(q_col, k_col, v_col, real_col, rows, column_rule, summaries)
+        out = out + _merge(*row, by_row(column[0]), by_row(column[1][..., None])[..., 0])
+    return out / len(forms)
+
+
+def _group_attention(q, k, v, real, group, rule, summaries=None, *, scale, dense):
+    """``(out, lse)`` of every query on the keys of its own group of ``group`` consecutive positions that
+    ``RULES[rule]`` allows, and on the summaries of its group (laid out as the tokens) that their rule allows.
+
+    ``summaries``: ``(keys, values, nonempty (B, seq), rule)`` or None. Keys that are padding or empty summaries
+    are never read; a query with no key gets zeros and ``lse = -inf``."""
+    batch, _, seq, _ = q.shape
+    tokens = -(-seq // flex.TILE) * flex.TILE
+    keys, values, key_ok = pad_seq(k, tokens), pad_seq(v, tokens), F.pad(real, (0, tokens - seq))
+    summary_rule = rule
+    if summaries is not None:
+        key_s, value_s, nonempty, summary_rule = summaries
+        keys, values = torch.cat([keys, pad_seq(key_s, tokens)], 2), torch.cat([values, pad_seq(value_s, tokens)], 2)
+        key_ok = torch.cat([key_ok, F.pad(nonempty, (0, tokens - seq))], 1)
+    token_rule, other_rule = RULES[rule], RULES[summary_rule]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        is_token = kv_idx < tokens
+        position = torch.where(is_token, kv_idx, kv_idx - tokens)
+        inside = torch.where(is_token, token_rule(q_idx % group, position % group), other_rule(q_idx % group,
+                             position % group))  # fmt: skip
+        return key_ok[b, kv_idx] & (position // group == q_idx // group) & inside
+
+    queries = pad_seq(q, tokens)
+    if dense:
+        out, lse = _dense_attention_lse(queries, keys, values, mask_mod, scale)
+    else:
+        codes = _group_tile_codes(tokens // flex.TILE, group, seq, rule in ("up_to", "before"))
+        if summaries is not None:
+            codes = torch.cat([codes, _group_tile_codes(tokens // flex.TILE, group, seq, False)], 1)
+        mask = flex.block_mask_from_codes(codes.to(q.device)[None].expand(batch, -1, -1), mask_mod, tokens,
+                                          keys.shape[2])  # fmt: skip
+        out, lse = flex.run_flex(queries, keys, values, mask, scale, return_lse=True)
+    return out[:, :, :seq], lse[:, :, :seq]
+
+
+def _group_tile_codes(tiles: int, group: int, seq: int, causal: bool) -> torch.Tensor:
+    """Tile codes ``(tiles, tiles)`` (0 skip, 1 partial) of attention inside groups of ``group`` consecutive
+    positions: a query tile reads the key tiles that share a group with it (causal: none after its own)."""
+    start = torch.arange(tiles) * flex.TILE
+    last = torch.clamp(start + flex.TILE - 1, max=seq - 1)
+    first, last = start // group, last // group
+    codes = ((first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])).to(torch.int8)
+    return flex.causal_tiles(codes) if causal else codes
+
+
+def _dense_attention_lse(q, keys, values, mask_mod, scale):
+    """Eager stand-in for a FlexAttention call with ``return_lse``: ``(out, lse)`` under the dense mask of
+    ``mask_mod``; a row with no key gives zeros and ``-inf``."""
+    batch, queries, kv = q.shape[0], q.shape[2], keys.shape[2]
+    b, q_idx, kv_idx = (torch.arange(n, device=q.device) for n in (batch, queries, kv))
+    allowed = mask_mod(b[:, None, None], None, q_idx[:, None], kv_idx)[:, None]  # (B, 1, Q, K)
+    scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~allowed, -torch.inf)
+    lse = scores.logsumexp(-1)
+    probs = torch.exp(scores - torch.where(lse.isfinite(), lse, 0.0)[..., None])
+    return probs @ values, lse
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """One softmax over the keys of two attentions from their normalised outputs and log-sum-exps. The shift is
+    detached (the result does not depend on it), and rows where both are empty give zeros, with finite
+    gradients."""
+    shift = torch.maximum(lse_a, lse_b).detach()
+    shift = torch.where(shift.isfinite(), shift, 0.0)
+    weight_a, weight_b = torch.exp(lse_a - shift), torch.exp(lse_b - shift)
+    total = weight_a + weight_b
+    total = torch.where(total > 0, total, 1.0)
+    return out_a * (weight_a / total)[..., None].to(out_a.dtype) + out_b * (weight_b / total)[..., None].to(out_b.dtype)

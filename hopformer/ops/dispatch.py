@@ -85,7 +85,7 @@ def auto_ranking(request: Request) -> list[tuple[str, str]]:
     cuda = request.device == "cuda" and not request.exporting  # an exported program: the portable ranking
     if request.op == "combiner":
         long = request.seq_len is not None and request.seq_len >= COMBINER_FLEX_MIN_LEN
-        if cuda and long:
+        if cuda and long and request.variant == "fixed":  # the axial forms' flex path is asked for by name
             return [("flex", f"Combiner-Fixed from {COMBINER_FLEX_MIN_LEN:,} tokens on CUDA: a third of eager's "
                      "memory"), ("eager", "every variant, any device")]  # fmt: skip
         return [("eager", "every variant, any device")]
