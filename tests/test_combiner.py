@@ -434,6 +434,27 @@ def test_auto_keeps_the_axial_forms_on_eager_and_flex_names_them():
     assert dispatch.auto_ranking(fixed)[0][0] == "flex"
 
 
+def _flex_on_cuda_against_eager_float64(variant: str, seq: int, block: int, causal: bool, padded: bool) -> None:
+    """``backend="flex"`` on CUDA in float32 against ``eager`` on the CPU in float64: output and gradients."""
+    g = torch.Generator().manual_seed(seq + block)
+    q, k, v = (torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = None
+    if padded:
+        mask = torch.ones(2, seq, dtype=torch.bool)
+        mask[0, -37:] = False
+        mask[1, block : 2 * block] = False  # an empty region (axial: an empty row)
+    upstream = torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64)
+    results = []
+    for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
+        inputs = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
+        backend = "flex" if device == "cuda" else "eager"
+        out = combiner(*inputs, variant, block, causal, None if mask is None else mask.to(device), backend=backend)
+        grads = torch.autograd.grad(out, inputs, upstream.to(device, dtype))
+        results.append([t.detach().double().cpu() for t in (out, *grads)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention path)")
 @pytest.mark.parametrize("padded", [False, True])
@@ -443,23 +464,7 @@ def test_auto_keeps_the_axial_forms_on_eager_and_flex_names_them():
 def test_axial_flex_on_cuda_matches_cpu_float64(variant, seq, width, causal, padded):
     """On CUDA the axial forms run as FlexAttention row and column calls, gradients through their
     log-sum-exps included."""
-    g = torch.Generator().manual_seed(seq + width)
-    q, k, v = (torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64) for _ in range(3))
-    mask = None
-    if padded:
-        mask = torch.ones(2, seq, dtype=torch.bool)
-        mask[0, -37:] = False
-        mask[1, width : 2 * width] = False  # an empty row
-    upstream = torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64)
-    results = []
-    for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
-        inputs = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
-        backend = "flex" if device == "cuda" else "eager"
-        out = combiner(*inputs, variant, width, causal, None if mask is None else mask.to(device), backend=backend)
-        grads = torch.autograd.grad(out, inputs, upstream.to(device, dtype))
-        results.append([t.detach().double().cpu() for t in (out, *grads)])
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    _flex_on_cuda_against_eager_float64(variant, seq, width, causal, padded)
 
 
 @pytest.mark.cuda
@@ -472,23 +477,7 @@ def test_fixed_on_cuda_matches_cpu_float64(seq, block, causal, padded, group, mo
     """On CUDA, Combiner-Fixed runs as one FlexAttention call over [tokens; copies of the block
     summaries]; ``group`` 2 makes several copies at these lengths."""
     monkeypatch.setattr(combiner_flex, "SUMMARY_GROUP", group)
-    g = torch.Generator().manual_seed(seq + block)
-    q, k, v = (torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64) for _ in range(3))
-    mask = None
-    if padded:
-        mask = torch.ones(2, seq, dtype=torch.bool)
-        mask[0, -37:] = False
-        mask[1, block : 2 * block] = False  # an empty region
-    upstream = torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64)
-    results = []
-    for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
-        inputs = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
-        backend = "flex" if device == "cuda" else "eager"
-        out = combiner(*inputs, "fixed", block, causal, None if mask is None else mask.to(device), backend=backend)
-        grads = torch.autograd.grad(out, inputs, upstream.to(device, dtype))
-        results.append([t.detach().double().cpu() for t in (out, *grads)])
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    _flex_on_cuda_against_eager_float64("fixed", seq, block, causal, padded)
 
 
 def test_backend_is_checked():
