@@ -209,6 +209,36 @@ def test_module_shapes_and_padding_invariance(variant, causal):
     torch.testing.assert_close(y_long[1, :7], y[1, :7])
 
 
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("seq,block", [(16, 2), (24, 3), (10, 2)])
+def test_logsparse_without_mask_matches_all_real_mask_and_reference(seq, block, causal):
+    """Logsparse masks nothing when every token is real (no mask, a power-of-two block count); a mask of
+    all True, and a length whose block count is no power of two (10 = 5 blocks of 2), take the masked path."""
+    q, k, v = _inputs(seq, grad=True, seed=seq)
+    ones = torch.ones(3, seq, dtype=torch.bool)
+    plain = combiner(q, k, v, "logsparse", block, causal)
+    masked = combiner(q, k, v, "logsparse", block, causal, ones)
+    ref, _ = combiner_reference(q, k, v, "logsparse", block, causal)
+    torch.testing.assert_close(plain, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(masked, ref, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn_like(ref)
+    slow = torch.autograd.grad(ref, (q, k, v), upstream)
+    for out in (plain, masked):
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), upstream), slow):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_logsparse_gradcheck_padded_non_power_of_two_blocks(causal):
+    """11 tokens in blocks of 2: 6 blocks (a tree of 8), an odd length, a padded token and a padded block."""
+    q, k, v = _inputs(11, batch=2, heads=1, dim=3, seed=2, grad=True)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, 4] = False
+    mask[1, 6:8] = False
+    fn = lambda q, k, v: combiner(q, k, v, "logsparse", 2, causal, mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Combiner-Fixed on FlexAttention (CUDA)
 

@@ -40,8 +40,11 @@ tokens); on CUDA it can instead run as one FlexAttention call whose keys are ``[
 summaries]`` (``backend="flex"``; ``auto`` from ``FLEX_MIN_LEN`` tokens): no per-block copies of the
 summaries and no mask tensor, and a hand-written backward for the summaries that adds their gradients
 in place (:class:`_FixedSummaryAttention`): less memory at up to twice the time (see ``FLEX_MIN_LEN``).
-``logsparse`` builds the ``log L`` summary levels with reshapes and swaps neighbouring spans so
-each query meets its sibling summary in place, then one softmax over ``[own block || levels]``.
+``logsparse`` max-pools the ``log L`` summary levels bottom up (each level from the one below) and
+swaps neighbouring spans so each query meets its sibling summary in place; per level, batched matmuls
+over views of ``q, k, v`` give the within-region softmax, the summary value and the query's sibling
+logit, then one softmax over ``[own block || levels]`` and one fused multiply-add per level for the
+output (no ``(L, d)`` tensor per level is built or saved for the backward).
 The axial forms compute row, column and summary logits with einsums (direct keys differ per row
 *and* per column, so no single SDPA call covers them) and one softmax over their concatenation;
 summaries use exclusive ``cummax`` along rows / columns and per-column / per-row SDPA.
@@ -65,8 +68,8 @@ from hopformer.ops.masked_sdpa import masked_sdpa
 
 VARIANTS = ("fixed", "logsparse", "axial", "axial_vertical", "axial_horizontal", "mixture")
 
-# Up to this many keys per group, broadcast-multiply-and-sum replaces a batched matmul of tiny
-# matrices (logsparse's blocks of 2 and its short low-level spans).
+# Up to this many keys per region, ``_region_summaries`` uses broadcast-multiply-and-sum instead of a
+# batched matmul of tiny matrices (fixed's small blocks, cached decoding).
 SMALL = 16
 
 
@@ -131,12 +134,12 @@ class EagerCombiner:
     support = Support(ops=("combiner",), devices=("cpu", "cuda"))
 
     def combine(self, q, k, v, variant, block_size, causal, real, scale, dropout_p):
+        if variant == "logsparse":  # takes real=None (every token real) itself: then it masks nothing
+            return _logsparse(q, k, v, block_size, causal, real, scale, dropout_p)
         if real is None:
             real = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
         if variant == "fixed":
             return _fixed(q, k, v, block_size, causal, real, scale, dropout_p)
-        if variant == "logsparse":
-            return _logsparse(q, k, v, block_size, causal, real, scale, dropout_p)
         forms = {"axial": ("vertical",), "axial_vertical": ("vertical",)}.get(variant)
         forms = forms or {"axial_horizontal": ("horizontal",), "mixture": ("vertical", "horizontal")}[variant]
         return _axial(q, k, v, block_size, causal, real, scale, dropout_p, forms)
@@ -244,70 +247,87 @@ def _masked_max(
 
 
 def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
-    batch, heads, seq, _ = q.shape
-    blocks = seq // block
-    levels = (blocks - 1).bit_length()  # binary tree over next_pow2(blocks) leaf blocks
+    """Combiner-Logsparse on tensors padded to whole blocks; ``real=None``: every token is real.
+
+    Per level of the tree a handful of batched matmuls over views of ``q, k, v``: nothing of size
+    ``(L, d)`` per level is built or saved for the backward, only ``O(L)`` logits and the ``O(L / span)``
+    region summaries.
+    """
+    batch, heads, seq, dim = q.shape
+    dv = v.shape[-1]
+    levels = (seq // block - 1).bit_length()  # binary tree over next_pow2(blocks) leaf blocks
     tree = block << levels
-    # The tree needs a power-of-two number of blocks: the extra blocks are padding (empty regions).
-    qp, kp, vp = (F.pad(x, (0, 0, 0, tree - seq)) for x in (q, k, v))
-    rp = F.pad(real, (0, tree - seq), value=False)
+    if tree != seq:  # the tree needs a power-of-two number of blocks: the extra ones are empty regions
+        if real is None:
+            real = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
+        q, k, v = (F.pad(x, (0, 0, 0, tree - seq)) for x in (q, k, v))
+        real = F.pad(real, (0, tree - seq), value=False)
+    leaves = tree // block
+    lowest = torch.finfo(q.dtype).min
 
-    # At level b the tree has spans of 2**b blocks; a query in span u uses the summary of the
-    # sibling span u ^ 1 (causal: only when the sibling is on the left, i.e. u is odd). The siblings
-    # over all levels tile everything outside the query's own block. Swapping neighbouring spans
-    # lines every query up with its sibling's summary: O(L) per level, no gather.
-    level_logits, level_masks, level_values = [], [], []
-    for level in range(levels):  # O(log L) levels
-        span, count = block << level, (tree // block) >> level
-        key, value, nonempty = _region_summaries(
-            *(x.view(batch, heads, count, span, x.shape[-1]) for x in (qp, kp, vp)),
-            rp.view(batch, 1, count, span),
-            scale,
-        )
-        key, value = (x.view(batch, heads, count // 2, 2, x.shape[-1]).flip(3).flatten(2, 3) for x in (key, value))
-        use = nonempty[:, 0].view(batch, count // 2, 2).flip(2).flatten(1)  # (B, count)
-        if causal:
-            use = use & (torch.arange(count, device=q.device) % 2 == 1)
-        queries = qp.view(batch, heads, count, span, -1)
-        if span <= SMALL:
-            logits = (queries * key[:, :, :, None, :]).sum(-1) * scale
-        else:
-            logits = torch.einsum("bhusd,bhud->bhus", queries, key) * scale
-        level_logits.append(logits.reshape(batch, heads, tree)[:, :, :seq])
-        level_masks.append(use.repeat_interleave(span, dim=1)[:, :seq])
-        level_values.append(value)
-
-    qb, kb, vb = (x.view(batch, heads, blocks, block, x.shape[-1]) for x in (q, k, v))
-    rb = real.view(batch, blocks, block)
-    direct_mask = rb[:, None, :, None, :]
-    if causal:
-        direct_mask = direct_mask & torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
-    direct_mask = direct_mask.expand(batch, 1, blocks, block, block)
-    # One softmax per query over [own block || one summary per level].
-    if block <= SMALL:
-        logits = (qb[:, :, :, :, None, :] * kb[:, :, :, None, :, :]).sum(-1) * scale
+    # At level b the tree has spans of 2**b blocks; a query in span u uses the summary of the sibling
+    # span u ^ 1 (causal: only when the sibling is on the left, i.e. u is odd). The siblings over all
+    # levels tile everything outside the query's own block. Swapping neighbouring spans lines every query
+    # up with its sibling's summary, so each level is a few batched matmuls over views of q, k, v.
+    if real is not None:  # padded tokens never win a max-pool; a region of padding only stays -inf
+        pad = ~real[:, None, :, None]
+        pooled = torch.stack([x.masked_fill(pad, -math.inf).unflatten(2, (leaves, block)).amax(3) for x in (q, k)])
+        nonempty = real.view(batch, leaves, block).any(2)
     else:
-        logits = torch.einsum("bhtqd,bhtkd->bhtqk", qb, kb) * scale
-    mask = direct_mask
+        pooled = torch.stack([x.unflatten(2, (leaves, block)).amax(3) for x in (q, k)])
+    level_logits, level_values = [], []
+    for level in range(levels):  # O(log L) levels
+        span, count = block << level, leaves >> level
+        if level:  # a level's max-pool is the max of its two children's (exact, O(L / span) work)
+            pooled = pooled.unflatten(3, (count, 2)).amax(4)
+            nonempty = nonempty.unflatten(1, (count, 2)).any(2) if real is not None else None
+        # Region query and key (scaled); an empty region's -inf becomes 0 (it is masked out below).
+        region_q, region_k = (pooled.nan_to_num(neginf=0.0) if real is not None else pooled).mul(scale).unbind(0)
+
+        # Within-region distribution p(j|R) and the summary value, one matmul each.
+        logits = torch.matmul(k.view(batch, heads, count, span, dim), region_q[..., None]).squeeze(-1)
+        if real is None:
+            weights = logits.softmax(-1)
+        else:
+            weights = masked_softmax(logits, real.view(batch, 1, count, span), empty_rows="any")
+        value = torch.matmul(weights[..., None, :], v.view(batch, heads, count, span, dv))
+        level_values.append(value.unflatten(2, (-1, 2)).flip(3).flatten(2, 3))  # (B, H, count, 1, dv): siblings'
+
+        # Every query's logit for its sibling's summary.
+        sibling_k = region_k.unflatten(2, (-1, 2)).flip(3).flatten(2, 3)
+        logits = torch.matmul(q.view(batch, heads, count, span, dim), sibling_k[..., None])
+        use = None if real is None else nonempty.unflatten(1, (-1, 2)).flip(2).flatten(1)  # (B, count)
+        if causal:
+            odd = (torch.arange(count, device=q.device) % 2 == 1)[None]
+            use = odd if use is None else use & odd
+        if use is not None:
+            logits = logits.masked_fill(~use[:, None, :, None, None], lowest)
+        level_logits.append(logits.view(batch, heads, tree, 1))
+
+    # One softmax per query over [own block || one summary per level].
+    qb, kb, vb = (x.view(batch, heads, leaves, block, x.shape[-1]) for x in (q, k, v))
+    logits = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+    direct = None if real is None else real.view(batch, 1, leaves, 1, block)
+    if causal:
+        tril = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+        direct = tril if direct is None else direct & tril
+    if direct is not None:
+        logits = logits.masked_fill(~direct, lowest)
     if levels:
-        summary = torch.stack(level_logits, -1).view(batch, heads, blocks, block, levels)
+        summary = torch.cat(level_logits, -1).view(batch, heads, leaves, block, levels)
         logits = torch.cat([logits, summary], dim=-1)
-        summary_mask = torch.stack(level_masks, -1).view(batch, 1, blocks, block, levels)
-        mask = torch.cat([direct_mask, summary_mask], dim=-1)
-    probs = masked_softmax(logits, mask, empty_rows="any")  # padded queries: zeroed by the caller
+    probs = logits.softmax(-1)  # masked entries are exactly 0; padded queries are zeroed by the caller
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    if block <= SMALL:
-        out = (probs[..., :block, None] * vb[:, :, :, None, :, :]).sum(-2)
-    else:
-        out = torch.einsum("bhtqk,bhtkd->bhtqd", probs[..., :block], vb)
-    out = out.reshape(batch, heads, seq, -1)
-    for level, value in enumerate(level_values):
-        span, count = block << level, value.shape[2]
-        weight = F.pad(probs[..., block + level].reshape(batch, heads, seq), (0, tree - seq))
-        spread = weight.view(batch, heads, count, span, 1) * value[:, :, :, None, :]
-        out = out + spread.reshape(batch, heads, tree, -1)[:, :, :seq]
-    return out
+
+    # Output: own block, then each level's sibling summary added in one fused batched multiply-add.
+    out = torch.matmul(probs[..., :block], vb)
+    # unbind, not one index per level: its backward stacks the levels' gradients in one op.
+    for level, (value, weight) in enumerate(zip(level_values, probs[..., block:].unbind(-1))):
+        span, count = block << level, leaves >> level
+        groups = batch * heads * count
+        out = torch.baddbmm(out.view(groups, span, dv), weight.reshape(groups, span, 1), value.view(groups, 1, dv))
+    return out.view(batch, heads, tree, dv)[:, :, :seq]
 
 
 def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
