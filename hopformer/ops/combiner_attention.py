@@ -37,9 +37,10 @@ positions that neither send nor receive.
 Implementation (no ``O(L^2)`` tensor, no loop over tokens or regions): ``fixed`` appends the block
 summaries to every block's keys and runs one batched SDPA with a boolean mask (summaries as extra KV
 tokens); on CUDA it can instead run as one FlexAttention call whose keys are ``[tokens ; block
-summaries]`` (``backend="flex"``; ``auto`` from ``FLEX_MIN_LEN`` tokens): no per-block copies of the
+summaries]`` (``backend="flex"``; ``auto`` from ``COMBINER_FLEX_MIN_LEN`` tokens): no per-block copies of the
 summaries and no mask tensor, and a hand-written backward for the summaries that adds their gradients
-in place (:class:`_FixedSummaryAttention`): less memory at up to twice the time (see ``FLEX_MIN_LEN``).
+in place (``_FixedSummaryAttention``): less memory at up to twice the time. The axial forms and mixture
+have a ``flex`` path too (row and column calls merged by log-sum-exp; asked for by name).
 ``logsparse`` max-pools the ``log L`` summary levels bottom up (each level from the one below) and
 swaps neighbouring spans so each query meets its sibling summary in place; per level, batched matmuls
 over views of ``q, k, v`` give the within-region softmax, the summary value and the query's sibling
@@ -97,9 +98,9 @@ def combiner(
         key_padding_mask: bool ``(batch, seq)``, True = real token.
         scale: score scale, default ``head_dim ** -0.5``.
         dropout_p: dropout on the attention probabilities (pass 0 in eval).
-        backend: ``"eager"`` (batched SDPA and einsums, any device), ``"flex"`` (``fixed`` only, CUDA,
-            no dropout, head_dim >= 16: one FlexAttention call, less memory) or ``"auto"``
-            (:func:`hopformer.ops.explain` says which and why).
+        backend: ``"eager"`` (batched SDPA and einsums, any device), ``"flex"`` (CUDA, every variant but
+            ``logsparse``, no dropout, head_dim >= 16: FlexAttention calls, no score tensor; see
+            :mod:`hopformer.ops.combiner_flex`) or ``"auto"`` (:func:`hopformer.ops.explain` says which and why).
 
     Returns:
         ``(batch, heads, seq, v.shape[-1])``; zeros at padded query positions.
