@@ -2,7 +2,8 @@
 # Issue 42's tables on one GPU: sparse_attention and 5-hop diffuse (triton, flex) beside PyTorch's own
 # flex_attention (Inductor's kernel and the FLASH backend) and dense SDPA, whose rate gives each row's FLOP floor
 # (hopformer bench's "floors"), at 4K, 16K, 131K and 1M tokens, forward and forward+backward; then Routing and
-# every Combiner variant at 64K beside bigbird sparse attention; and, on a GPU with over 100 GB, diffuse at 4M.
+# every Combiner variant at 64K (eager, and flex where it runs) beside bigbird sparse attention; and, on a GPU
+# with over 100 GB, diffuse at 4M.
 # bf16, batch 1, 12 heads x 64, the README's bigbird graph (block 128, window 3, 2 global, 3 random).
 # Writes the bench JSONs and PNGs under $OUT.
 set -uo pipefail
@@ -10,11 +11,13 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/perf_floor}; mkdir -p "$OUT"
 G=(--heads 12 --head-dim 64 --block-size 128 --window 3 --num-global 2 --num-random 3 --batch 1 --dtype bfloat16)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# Combiner's FlexAttention paths against eager float64 first (the axial forms' flex path is new to the GPU).
+python3 -m pytest -q -m cuda tests/test_combiner.py -k flex -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/combiner_flex_tests.txt"
 python3 -m hopformer bench "${G[@]}" --seq-lens 4096,16384,131072,1048576 --sdpa-max-len 131072 \
   --ops sdpa,sparse,diffuse --backends triton,flex,flexattention,flexattention-flash --modes fwd,fwd+bwd \
   --repeats 5 --warmup 2 --time-limit-s "${FLOOR_LIMIT:-200}" --out "$OUT/bench_floor.json" | grep -v "^|"
 python3 -m hopformer bench "${G[@]}" --seq-lens 65536 --ops sparse,routing,combiner --backends triton \
-  --combiner-variants all --modes fwd+bwd --repeats 3 --warmup 1 --time-limit-s 90 --out "$OUT/bench_64k.json" \
+  --combiner-variants all --modes fwd+bwd --repeats 3 --warmup 1 --time-limit-s 150 --out "$OUT/bench_64k.json" \
   | grep -v "^|"
 memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 if [ "${memory:-0}" -gt 100000 ]; then

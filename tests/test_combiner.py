@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import hopformer.ops.combiner_flex as combiner_flex
 from hopformer.attention import build
-from hopformer.ops.combiner_attention import _region_summaries, combiner
+from hopformer.ops.combiner_attention import _exclusive_max, _region_summaries, combiner
 from hopformer.ops.combiner_flex import AXIAL_FORMS, SUMMARY_GROUP, _fixed_tile_codes, _group_tile_codes
 from hopformer.ops.reference import combiner_partition, combiner_reference
 
@@ -520,3 +520,28 @@ def test_backend_is_checked():
         build("combiner", 16, 2, backend="triton")
     eager = combiner(q, k, v, "fixed", 4, backend="eager")
     torch.testing.assert_close(combiner(q, k, v, "fixed", 4), eager)  # auto on CPU is eager
+
+
+@pytest.mark.parametrize("both_sides", [False, True])
+@pytest.mark.parametrize("size", [1, 2, 7])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_exclusive_max_and_its_compact_backward_match_autograd_cummax(dim, size, both_sides):
+    """The max strictly before (or around) each position, and its gradient through the one winning position it
+    keeps, against autograd through ``cummax``; ``-inf`` entries (padding) included."""
+    g = torch.Generator().manual_seed(size)
+    shape = [2, 3, 4, 4, 3]
+    shape[dim] = size
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x[0, 0].select(dim - 2, 0).fill_(-torch.inf)  # a padded entry at the start of each run
+    x.requires_grad_()
+    fill = torch.full_like(x.narrow(dim, 0, 1), -torch.inf)
+    expected = torch.cat([fill, x.cummax(dim).values.narrow(dim, 0, size - 1)], dim)
+    if both_sides:
+        after = x.flip(dim).cummax(dim).values.flip(dim)
+        expected = torch.maximum(expected, torch.cat([after.narrow(dim, 1, size - 1), fill], dim))
+    got = _exclusive_max(x, dim, both_sides)
+    assert torch.equal(got, expected)
+    upstream = torch.where(expected.isfinite(), torch.randn(expected.shape, generator=g, dtype=torch.float64), 0.0)
+    (want,) = torch.autograd.grad(expected, x, upstream)
+    (have,) = torch.autograd.grad(got, x, upstream)
+    torch.testing.assert_close(have, want, rtol=0, atol=1e-15)

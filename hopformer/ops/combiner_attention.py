@@ -57,9 +57,11 @@ summaries use exclusive ``cummax`` along rows / columns and per-column / per-row
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from hopformer.checks import InputTypeError, check_finite, check_int, check_probability
 from hopformer.ops import dispatch
@@ -200,14 +202,43 @@ def _exclusive_max(x: torch.Tensor, dim: int, both_sides: bool) -> torch.Tensor:
 
     Empty sets give ``-inf``. Uses ``cummax`` (never a cumulative sum, spec pitfall).
     """
-    size = x.shape[dim]
-    fill = torch.full_like(x.narrow(dim, 0, 1), -math.inf)
-    before = torch.cat([fill, x.cummax(dim).values.narrow(dim, 0, size - 1)], dim)
-    if not both_sides:
-        return before
-    after = x.flip(dim).cummax(dim).values.flip(dim)
-    after = torch.cat([after.narrow(dim, 1, size - 1), fill], dim)
-    return torch.maximum(before, after)
+    return _ExclusiveMax.apply(x, dim, both_sides)
+
+
+class _ExclusiveMax(torch.autograd.Function):
+    """:func:`_exclusive_max` keeping only the winning position, as int16 (int32 past 32,767 entries), for the
+    backward: autograd's ``cummax`` keeps int64 indices the size of its input (two, with ``torch.maximum``'s
+    inputs, for both sides), which at long lengths outweigh everything else the axial forms keep."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, both_sides: bool) -> torch.Tensor:
+        size = x.shape[dim]
+
+        def shift(values: torch.Tensor, index: torch.Tensor, forward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            """The running max (and its position) one step later along ``dim``, with ``(-inf, -1)`` let in."""
+            cut = (0, size - 1) if forward else (1, size - 1)
+            values, index = values.narrow(dim, *cut), index.narrow(dim, *cut)
+            first = x.narrow(dim, 0, 1)
+            fill = torch.full_like(first, -math.inf), torch.full_like(first, -1, dtype=torch.long)
+            return tuple(torch.cat([f, t] if forward else [t, f], dim) for f, t in zip(fill, (values, index)))
+
+        best, where = shift(*x.cummax(dim), forward=True)
+        if both_sides:
+            values, index = x.flip(dim).cummax(dim)
+            after, after_where = shift(values.flip(dim), (size - 1 - index).flip(dim), forward=False)
+            later = after > best
+            best, where = torch.where(later, after, best), torch.where(later, after_where, where)
+        ctx.dim = dim
+        ctx.save_for_backward(where.to(torch.int16 if size <= 2**15 else torch.int32))
+        return best
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (where,) = ctx.saved_tensors
+        where = where.long()
+        found = where >= 0  # an empty set (-inf) sends nothing back
+        return torch.zeros_like(grad).scatter_add_(ctx.dim, where.clamp(min=0), grad * found), None, None
 
 
 # ----------------------------------------------------------------------------------------------

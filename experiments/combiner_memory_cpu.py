@@ -1,9 +1,17 @@
-"""Combiner-Logsparse's eager path on CPU: time, peak allocator bytes and aten op count of one forward+backward.
+"""Combiner's eager path on CPU: time, peak allocator bytes and aten op count of one forward+backward.
 
-Runs the working tree's ``_logsparse`` and a git revision's (``--before``, default ``main``) side by side in one
-process: float32, batch 1, 4 heads x 64, block 2, bidirectional and causal, no padding.
+Runs the working tree's eager Combiner and a git revision's (``--before``, default ``main``) side by side in one
+process: float32, batch 1, 4 heads x 64, bidirectional and causal, no padding; logsparse in blocks of 2, the other
+variants with their default block (row) of ``ceil(sqrt(L))``.
 
-    PYTHONPATH=$PWD python experiments/logsparse_memory_cpu.py [--lengths 4096 16384] [--before main]
+    PYTHONPATH=$PWD python experiments/combiner_memory_cpu.py [--variant logsparse] [--lengths 4096 16384]
+    PYTHONPATH=$PWD python experiments/combiner_memory_cpu.py --flex-stub [--lengths 16384]
+
+``--flex-stub`` measures instead what the ``flex`` path of the axial forms and mixture holds around its kernels:
+FlexAttention is replaced by a stub that computes nothing and keeps what a flash kernel keeps for its backward
+(q, k, v, out, lse), so the peak is everything else: summaries, layouts, merges and gradients. It is printed in
+units of one ``(L, d)`` tensor of the inputs (a flash attention's own forward+backward holds about 4: its output and
+the three input gradients).
 
 - time: median of ``--repeats`` forward+backward passes after one warm-up, ``torch.set_num_threads(2)``;
 - peak: the largest running sum of the CPU allocator's allocation and free events (``torch.profiler`` with
@@ -62,9 +70,13 @@ def inputs(seq: int, heads: int, dim: int) -> list[torch.Tensor]:
     return [torch.randn(1, heads, seq, dim, generator=g).requires_grad_() for _ in range(3)]
 
 
+VARIANT = "logsparse"  # set from --variant
+
+
 def step(module, q, k, v, causal: bool) -> None:
-    """One forward+backward of logsparse (block 2, every token real) through the eager runner."""
-    out = module.EAGER.combine(q, k, v, "logsparse", 2, causal, None, q.shape[-1] ** -0.5, 0.0)
+    """One forward+backward of the variant (every token real) through the eager runner."""
+    block = 2 if VARIANT == "logsparse" else module.resolve_block_size(VARIANT, None, q.shape[2])
+    out = module.EAGER.combine(q, k, v, VARIANT, block, causal, None, q.shape[-1] ** -0.5, 0.0)
     out.backward(torch.ones_like(out))
     for x in (q, k, v):
         x.grad = None
@@ -98,17 +110,63 @@ def median_ms(module, q, k, v, causal: bool, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+class _FlashStub(torch.autograd.Function):
+    """Stands in for a FlexAttention call with ``return_lse``: keeps q, k, v, out, lse; computes nothing."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = q.new_zeros(*q.shape[:-1], v.shape[-1]), q.new_zeros(q.shape[:-1])
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+
+def flex_stub_peaks(lengths: list[int], heads: int, dim: int) -> None:
+    import hopformer.ops.combiner_flex as combiner_flex
+    from hopformer.ops import flex
+
+    flex.run_flex = lambda q, k, v, mask, scale, kernel_options=None, *, return_lse=False: _FlashStub.apply(q, k, v)
+    flex.block_mask_from_codes = lambda *args, **kwargs: None
+    print(f"torch {torch.__version__}, flex path with a stub kernel, float32, batch 1, {heads} heads x {dim}, fwd+bwd")
+    print("| L | variant | mode | peak MiB | in (L, d) tensors |\n|---|---|---|---|---|")
+    for seq in lengths:
+        q, k, v = inputs(seq, heads, dim)
+        width = after_module.resolve_block_size("axial", None, seq)
+        for variant, forms in combiner_flex.AXIAL_FORMS.items():
+            for causal in (False, True):
+
+                def run(q, k, v, causal=causal, forms=forms, width=width):
+                    return combiner_flex._axial_flex(q, k, v, width, causal, None, dim**-0.5, forms)
+
+                class Module:  # the shape peak_bytes expects
+                    EAGER = type("Runner", (), {"combine": staticmethod(lambda q, k, v, *rest: run(q, k, v))})
+
+                peak = peak_bytes(Module, q, k, v, causal)
+                mode = "causal" if causal else "bidirectional"
+                print(f"| {seq} | {variant} | {mode} | {peak / 2**20:.0f} | {peak / q.numel() / 4:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="logsparse", choices=after_module.VARIANTS)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--before", default="main", help="git revision of the 'before' implementation")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--flex-stub", action="store_true", help="the flex path's memory around a stub kernel")
     args = parser.parse_args()
+    if args.flex_stub:
+        return flex_stub_peaks(args.lengths, args.heads, args.dim)
+    global VARIANT
+    VARIANT = args.variant
     torch.set_num_threads(2)
     versions = {"before": load_revision(args.before), "after": after_module}
-    print(f"torch {torch.__version__}, float32, batch 1, {args.heads} heads x {args.dim}, block 2, fwd+bwd")
+    print(f"torch {torch.__version__}, {VARIANT}, float32, batch 1, {args.heads} heads x {args.dim}, fwd+bwd")
     print("| L | mode | version | time ms | peak MiB | aten ops | non-view ops |\n|---|---|---|---|---|---|---|")
     for seq in args.lengths:
         q, k, v = inputs(seq, args.heads, args.dim)
