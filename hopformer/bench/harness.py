@@ -50,7 +50,7 @@ MEASURED = {
     "combiner": "hopformer.ops.combiner (the module's core, no projections), variant as named, block size "
     "(row length) ceil(sqrt(L)) unless set (logsparse: 2), bidirectional, no padding; backend eager "
     "(batched SDPA / einsums) or flex (CUDA: Combiner-Fixed as one FlexAttention call over [tokens; summaries], "
-    "the axial forms and mixture as row and column FlexAttention calls merged by log-sum-exp).",
+    "the axial forms and mixture as row, column and summary FlexAttention calls merged by log-sum-exp).",
 }
 
 

@@ -40,7 +40,7 @@ tokens); on CUDA it can instead run as one FlexAttention call whose keys are ``[
 summaries]`` (``backend="flex"``; ``auto`` from ``COMBINER_FLEX_MIN_LEN`` tokens): no per-block copies of the
 summaries and no mask tensor, and a hand-written backward for the summaries that adds their gradients
 in place (``_FixedSummaryAttention``): less memory at up to twice the time. The axial forms and mixture
-have a ``flex`` path too (row and column calls merged by log-sum-exp; asked for by name).
+have a ``flex`` path too (row, column and summary calls merged by log-sum-exp; asked for by name).
 ``logsparse`` max-pools the ``log L`` summary levels bottom up (each level from the one below) and
 swaps neighbouring spans so each query meets its sibling summary in place; per level, batched matmuls
 over views of ``q, k, v`` give the within-region softmax, the summary value and the query's sibling
@@ -208,37 +208,60 @@ def _exclusive_max(x: torch.Tensor, dim: int, both_sides: bool) -> torch.Tensor:
 class _ExclusiveMax(torch.autograd.Function):
     """:func:`_exclusive_max` keeping only the winning position, as int16 (int32 past 32,767 entries), for the
     backward: autograd's ``cummax`` keeps int64 indices the size of its input (two, with ``torch.maximum``'s
-    inputs, for both sides), which at long lengths outweigh everything else the axial forms keep."""
+    inputs, for both sides), which at long lengths outweigh everything else the axial forms keep. Forward and
+    backward run a quarter of dim 1 (the heads) at a time, so their int64 temporaries stay small too."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dim: int, both_sides: bool) -> torch.Tensor:
-        size = x.shape[dim]
-
-        def shift(values: torch.Tensor, index: torch.Tensor, forward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            """The running max (and its position) one step later along ``dim``, with ``(-inf, -1)`` let in."""
-            cut = (0, size - 1) if forward else (1, size - 1)
-            values, index = values.narrow(dim, *cut), index.narrow(dim, *cut)
-            first = x.narrow(dim, 0, 1)
-            fill = torch.full_like(first, -math.inf), torch.full_like(first, -1, dtype=torch.long)
-            return tuple(torch.cat([f, t] if forward else [t, f], dim) for f, t in zip(fill, (values, index)))
-
-        best, where = shift(*x.cummax(dim), forward=True)
-        if both_sides:
-            values, index = x.flip(dim).cummax(dim)
-            after, after_where = shift(values.flip(dim), (size - 1 - index).flip(dim), forward=False)
-            later = after > best
-            best, where = torch.where(later, after, best), torch.where(later, after_where, where)
+        if dim < 2:
+            raise ValueError(f"_exclusive_max runs along dim >= 2 (dim 1 is sliced), got dim={dim}")
+        small = torch.int16 if x.shape[dim] <= 2**15 else torch.int32
+        best, where = torch.empty_like(x), torch.empty(x.shape, dtype=small, device=x.device)
+        for heads in _quarters(x.shape[1]):
+            best[:, heads], where[:, heads] = _exclusive_max_with_index(x[:, heads], dim, both_sides)
         ctx.dim = dim
-        ctx.save_for_backward(where.to(torch.int16 if size <= 2**15 else torch.int32))
+        ctx.save_for_backward(where)
         return best
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (where,) = ctx.saved_tensors
-        where = where.long()
-        found = where >= 0  # an empty set (-inf) sends nothing back
-        return torch.zeros_like(grad).scatter_add_(ctx.dim, where.clamp(min=0), grad * found), None, None
+        grad_x = torch.zeros_like(grad)
+        for heads in _quarters(grad.shape[1]):  # a few heads' int64 positions at a time
+            index = where[:, heads].long()
+            found = index >= 0  # an empty set (-inf) sends nothing back
+            grad_x[:, heads].scatter_add_(ctx.dim, index.clamp_(min=0), grad[:, heads] * found)
+        return grad_x, None, None
+
+
+def _quarters(count: int) -> list[slice]:
+    """``range(count)`` in about four slices: the temporaries of one slice are a quarter of the whole's, for
+    about four times the (few) kernel launches."""
+    step = max(1, count // 4)
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def _exclusive_max_with_index(x: torch.Tensor, dim: int, both_sides: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The max strictly before each position along ``dim`` (``both_sides``: of all others) and where it is
+    (``-inf`` and ``-1`` for an empty set)."""
+    size = x.shape[dim]
+    first = x.narrow(dim, 0, 1)
+    fill = torch.full_like(first, -math.inf), torch.full_like(first, -1, dtype=torch.long)
+
+    def shift(values: torch.Tensor, index: torch.Tensor, later: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running max one step later along ``dim`` (earlier, for the max after each position)."""
+        cut = (0, size - 1) if later else (1, size - 1)
+        pairs = zip(fill, (values.narrow(dim, *cut), index.narrow(dim, *cut)))
+        return tuple(torch.cat([f, t] if later else [t, f], dim) for f, t in pairs)
+
+    best, where = shift(*x.cummax(dim), later=True)
+    if both_sides:
+        values, index = x.flip(dim).cummax(dim)
+        after, after_where = shift(values.flip(dim), (size - 1 - index).flip(dim), later=False)
+        later = after > best
+        best, where = torch.where(later, after, best), torch.where(later, after_where, where)
+    return best, where
 
 
 # ----------------------------------------------------------------------------------------------

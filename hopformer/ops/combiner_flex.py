@@ -7,22 +7,26 @@ The summaries and their gradients are :class:`_FixedSummaryAttention`'s, whose h
 in place: less memory than eager at up to twice the time, which is what long sequences run out of.
 
 **Axial** (vertical, horizontal) **and mixture.** A query ``(r, c)`` of the grid reads its row, its column and
-one summary per region. Its row and column are far apart in one token order, so no one tile layout makes both
-sparse: the keys go into two calls, each over contiguous groups, and the two are merged by their
-log-sum-exps into the one softmax of the eager variant:
+one summary per region. Its row and column are far apart in any one token order, so no one tile layout makes both
+sparse. Each key set gets its own call over contiguous groups, and the calls are merged by their log-sum-exps into
+the eager variant's one softmax:
 
-- the *row call*, queries in row-major order: the row's tokens (causal: up to ``c``), and for the vertical form
-  the row's column summaries ``(r, e)``, ``e != c``;
-- the *column call*, queries in column-major order: the column's tokens above the query (bidirectional: the
-  other rows), and for the horizontal form the column's row summaries ``(t, c)`` of the same rows.
+- the *row call* (row-major queries): the row's tokens, causal: up to ``c``;
+- the *column call* (column-major copies of q, k, v): the column's tokens above the query (bidirectional: the
+  other rows);
+- the *summary call*: the vertical form's column summaries ``(r, e)``, ``e != c``, read by row (row-major), or the
+  horizontal form's row summaries ``(t, c)`` of the same rows as the column call, read by column (column-major).
 
-Each call touches a few tiles per query tile, so the cost is ``O(L sqrt(L))`` with no score tensor. The summaries
-are the eager variant's (cumulative max-pools and one batched SDPA per column or row).
+Each call reads its keys where they lie (no concatenated copies) and touches a few tiles per query tile, so the cost
+is ``O(L sqrt(L))`` with no score tensor; mixture shares the row and column calls between its two forms. The
+summaries' keys and queries are the eager variant's exclusive max-pools; their values are one more call each (a
+column call for the vertical form, a row call for the horizontal one).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from hopformer.ops import flex
 from hopformer.ops.backend import Support
-from hopformer.ops.combiner_attention import _column_summaries, _masked_max, _row_summaries, grouped_attention
+from hopformer.ops.combiner_attention import _exclusive_max, _masked_max, grouped_attention
 from hopformer.ops.common import masked_softmax, pad_seq
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, keys, values) -> out
@@ -51,7 +55,7 @@ AXIAL_FORMS = {
 
 class FlexCombiner:
     """``flex``: Combiner-Fixed as one FlexAttention call over ``[tokens ; block summaries]``, the axial forms
-    and mixture as row and column calls merged by log-sum-exp (CUDA)."""
+    and mixture as row, column and summary calls merged by log-sum-exp (CUDA)."""
 
     name = "flex"
     summary = "FlexAttention calls over tokens and summaries, no score tensor: less memory"
@@ -299,72 +303,88 @@ RULES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 def _axial_flex(q, k, v, width, causal, real, scale, forms, *, dense: bool = False):
     """The axial forms (``forms``: ``("vertical",)``, ``("horizontal",)`` or both, averaged) on a grid of rows of
     ``width`` tokens; ``seq`` is a multiple of ``width``. ``dense``: each call as a dense masked attention
-    instead of FlexAttention (eager, any device; tests)."""
+    instead of FlexAttention (eager, any device; tests).
+
+    Every call reads its keys where they lie (no concatenated copies): the row's tokens, the column's tokens
+    (column-major copies of q, k, v) and each form's summaries are three calls, merged by log-sum-exp. The
+    row and column calls are the same for both forms, so mixture runs them once."""
     batch, heads, seq, dim = q.shape
     rows = seq // width
     if real is None:
         real = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
     grid = real.view(batch, rows, width)
-    qg, kg, vg = (x.view(batch, heads, rows, width, x.shape[-1]) for x in (q, k, v))
+    qg, kg = (x.view(batch, heads, rows, width, dim) for x in (q, k))
 
-    def by_column(x: torch.Tensor) -> torch.Tensor:  # (B, H, rows, width, d) -> column-major (B, H, seq, d)
-        return x.transpose(2, 3).reshape(batch, heads, seq, x.shape[-1])
+    def by_column(x: torch.Tensor) -> torch.Tensor:  # (B, H, rows, width, ...) -> column-major (B, H, seq, ...)
+        return x.transpose(2, 3).reshape(batch, heads, seq, *x.shape[4:])
 
-    def by_row(x: torch.Tensor) -> torch.Tensor:  # column-major (B, H, seq, ...) -> row-major
-        return x.unflatten(2, (width, rows)).transpose(2, 3).reshape(x.shape)
+    def from_rows(x: torch.Tensor) -> torch.Tensor:  # row-major (B, H, seq, ...) -> grid view (B, H, rows, width, ...)
+        return x.unflatten(2, (rows, width))
 
-    q_col, k_col, v_col = by_column(qg), by_column(kg), by_column(vg)
+    def from_columns(x: torch.Tensor) -> torch.Tensor:  # column-major (B, H, seq, ...) -> grid view
+        return x.unflatten(2, (width, rows)).transpose(2, 3)
+
+    q_col, k_col, v_col = (by_column(x.view(batch, heads, rows, width, x.shape[-1])) for x in (q, k, v))
     real_col = grid.transpose(1, 2).reshape(batch, seq)
     attend = functools.partial(_group_attention, scale=scale, dense=dense)
     column_rule = "before" if causal else "others"
+    row_out, row_lse = attend(q, k, v, real, width, "up_to" if causal else "all")
+    column_out, column_lse = attend(q_col, k_col, v_col, real_col, rows, column_rule)
+    parts = [(from_rows(row_out), from_rows(row_lse)), (from_columns(column_out), from_columns(column_lse))]
     out = 0.0
     for form in forms:
-        if form == "vertical":  # summaries (r, e): column e over the rows above r, read by row r's queries
-            key_s, value_s, nonempty = _column_summaries(qg, kg, vg, grid, scale, causal)
-            summaries = (key_s.flatten(2, 3), value_s.flatten(2, 3), nonempty.flatten(1), "others")
-            row = attend(q, k, v, real, width, "up_to" if causal else "all", summaries)
-            column = attend(q_col, k_col, v_col, real_col, rows, column_rule)
-        else:  # summaries (t, c): row t without column c, read by column c's queries
-            key_s, value_s, nonempty = _row_summaries(qg, kg, vg, grid, scale)
-            summaries = (by_column(key_s), by_column(value_s), nonempty.transpose(1, 2).flatten(1), column_rule)
-            row = attend(q, k, v, real, width, "up_to" if causal else "all")
-            column = attend(q_col, k_col, v_col, real_col, rows, column_rule, summaries)
-        out = out + _merge(*row, by_row(column[0]), by_row(column[1][..., None])[..., 0])
-    return out / len(forms)
+        if form == "vertical":  # summaries (r, e): column e over the rows above r (bidirectional: the others)
+            key_s, query_s, nonempty = _pooled(qg, kg, grid, along=2, both_sides=not causal)
+            # p(j | region) of each summary: its query on its column's keys in the region, a column call.
+            value_s, _ = attend(by_column(query_s), k_col, v_col, real_col, rows, column_rule)
+            value_s = from_columns(value_s).reshape(batch, heads, seq, -1)
+            # read by row r's queries, one summary per other column
+            summary_out, summary_lse = attend(q, key_s.flatten(2, 3), value_s, nonempty.flatten(1), width, "others")
+            summary = from_rows(summary_out), from_rows(summary_lse)
+        else:  # summaries (t, c): row t without column c
+            key_s, query_s, nonempty = _pooled(qg, kg, grid, along=3, both_sides=True)
+            value_s, _ = attend(query_s.flatten(2, 3), k, v, real, width, "others")  # a row call
+            # read by column c's queries, one summary per row above (bidirectional: per other row)
+            value_s = by_column(from_rows(value_s))
+            ok = nonempty.transpose(1, 2).reshape(batch, seq)
+            summary_out, summary_lse = attend(q_col, by_column(key_s), value_s, ok, rows, column_rule)
+            summary = from_columns(summary_out), from_columns(summary_lse)
+        out = out + _merge([*parts, summary])
+    return (out / len(forms)).reshape(batch, heads, seq, -1)
 
 
-def _group_attention(q, k, v, real, group, rule, summaries=None, *, scale, dense):
-    """``(out, lse)`` of every query on the keys of its own group of ``group`` consecutive positions that
-    ``RULES[rule]`` allows, and on the summaries of its group (laid out as the tokens) that their rule allows.
+def _pooled(qg, kg, grid, along: int, both_sides: bool):
+    """Region keys and queries of the axial forms: exclusive max-pools of ``k`` and ``q`` along the grid's rows
+    (``along=2``: each column over the rows before, or all other rows) or columns (``along=3``: each row without
+    one column), padding left out; a region without real tokens gets zeros and ``nonempty = False``."""
+    pad = ~grid[:, None, :, :, None]
+    key, query = (_exclusive_max(x.masked_fill(pad, -math.inf), along, both_sides) for x in (kg, qg))
+    counts = grid.long()
+    total = counts.sum(along - 1, keepdim=True)
+    before = counts.cumsum(along - 1) - counts
+    nonempty = ((total - counts) if both_sides else before) > 0
+    keep = nonempty[:, None, ..., None]
+    return torch.where(keep, key, 0.0), torch.where(keep, query, 0.0), nonempty
 
-    ``summaries``: ``(keys, values, nonempty (B, seq), rule)`` or None. Keys that are padding or empty summaries
-    are never read; a query with no key gets zeros and ``lse = -inf``."""
+
+def _group_attention(q, k, v, key_ok, group, rule, *, scale, dense):
+    """``(out, lse)`` of every query on the keys of its own group of ``group`` consecutive positions (keys laid out
+    as the queries) that ``RULES[rule]`` allows and ``key_ok (B, seq)`` marks real. A query with no key gets zeros
+    and ``lse = -inf``."""
     batch, _, seq, _ = q.shape
     tokens = -(-seq // flex.TILE) * flex.TILE
-    keys, values, key_ok = pad_seq(k, tokens), pad_seq(v, tokens), F.pad(real, (0, tokens - seq))
-    summary_rule = rule
-    if summaries is not None:
-        key_s, value_s, nonempty, summary_rule = summaries
-        keys, values = torch.cat([keys, pad_seq(key_s, tokens)], 2), torch.cat([values, pad_seq(value_s, tokens)], 2)
-        key_ok = torch.cat([key_ok, F.pad(nonempty, (0, tokens - seq))], 1)
-    token_rule, other_rule = RULES[rule], RULES[summary_rule]
+    queries, keys, values = (pad_seq(x, tokens) for x in (q, k, v))
+    key_ok = F.pad(key_ok, (0, tokens - seq))
+    allowed = RULES[rule]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        is_token = kv_idx < tokens
-        position = torch.where(is_token, kv_idx, kv_idx - tokens)
-        inside = torch.where(is_token, token_rule(q_idx % group, position % group), other_rule(q_idx % group,
-                             position % group))  # fmt: skip
-        return key_ok[b, kv_idx] & (position // group == q_idx // group) & inside
+        return key_ok[b, kv_idx] & (kv_idx // group == q_idx // group) & allowed(q_idx % group, kv_idx % group)
 
-    queries = pad_seq(q, tokens)
     if dense:
         out, lse = _dense_attention_lse(queries, keys, values, mask_mod, scale)
     else:
-        codes = _group_tile_codes(tokens // flex.TILE, group, seq, rule in ("up_to", "before"))
-        if summaries is not None:
-            codes = torch.cat([codes, _group_tile_codes(tokens // flex.TILE, group, seq, False)], 1)
-        mask = flex.block_mask_from_codes(codes.to(q.device)[None].expand(batch, -1, -1), mask_mod, tokens,
-                                          keys.shape[2])  # fmt: skip
+        codes = _group_tile_codes(tokens // flex.TILE, group, seq, rule in ("up_to", "before")).to(q.device)
+        mask = flex.block_mask_from_codes(codes[None].expand(batch, -1, -1), mask_mod, tokens, tokens)
         out, lse = flex.run_flex(queries, keys, values, mask, scale, return_lse=True)
     return out[:, :, :seq], lse[:, :, :seq]
 
@@ -391,13 +411,16 @@ def _dense_attention_lse(q, keys, values, mask_mod, scale):
     return probs @ values, lse
 
 
-def _merge(out_a, lse_a, out_b, lse_b):
-    """One softmax over the keys of two attentions from their normalised outputs and log-sum-exps. The shift is
-    detached (the result does not depend on it), and rows where both are empty give zeros, with finite
-    gradients."""
-    shift = torch.maximum(lse_a, lse_b).detach()
-    shift = torch.where(shift.isfinite(), shift, 0.0)
-    weight_a, weight_b = torch.exp(lse_a - shift), torch.exp(lse_b - shift)
-    total = weight_a + weight_b
-    total = torch.where(total > 0, total, 1.0)
-    return out_a * (weight_a / total)[..., None].to(out_a.dtype) + out_b * (weight_b / total)[..., None].to(out_b.dtype)
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One softmax over the keys of several attentions, from their normalised outputs and log-sum-exps (any
+    layout, as long as the shapes agree). The shift is detached (the result does not depend on it), and rows
+    where every part is empty give zeros, with finite gradients."""
+    lses = torch.stack([lse for _, lse in parts])
+    shift = lses.amax(0).detach()
+    weights = torch.exp(lses - torch.where(shift.isfinite(), shift, 0.0))
+    total = weights.sum(0)
+    weights = (weights / torch.where(total > 0, total, 1.0))[..., None]
+    out = parts[0][0] * weights[0].to(parts[0][0].dtype)
+    for (part, _), weight in zip(parts[1:], weights[1:]):
+        out = out.addcmul_(part, weight.to(part.dtype))  # in place: mul and addcmul keep their inputs, not outputs
+    return out
