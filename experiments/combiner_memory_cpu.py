@@ -23,6 +23,7 @@ the three input gradients).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import statistics
 import subprocess
@@ -76,15 +77,21 @@ VARIANT = "logsparse"  # set from --variant
 def step(module, q, k, v, causal: bool) -> None:
     """One forward+backward of the variant (every token real) through the eager runner."""
     block = 2 if VARIANT == "logsparse" else module.resolve_block_size(VARIANT, None, q.shape[2])
-    out = module.EAGER.combine(q, k, v, VARIANT, block, causal, None, q.shape[-1] ** -0.5, 0.0)
+    scale = q.shape[-1] ** -0.5
+    forward_backward(lambda *qkv: module.EAGER.combine(*qkv, VARIANT, block, causal, None, scale, 0.0), q, k, v)
+
+
+def forward_backward(forward, *inputs: torch.Tensor) -> None:
+    out = forward(*inputs)
     out.backward(torch.ones_like(out))
-    for x in (q, k, v):
+    for x in inputs:
         x.grad = None
 
 
-def peak_bytes(module, q, k, v, causal: bool) -> int:
+def peak_bytes(forward_backward) -> int:
+    """The allocator's peak above its level at the start, during one call of ``forward_backward()``."""
     with profile(profile_memory=True, activities=[ProfilerActivity.CPU]) as prof:
-        step(module, q, k, v, causal)
+        forward_backward()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     running = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
@@ -138,14 +145,10 @@ def flex_stub_peaks(lengths: list[int], heads: int, dim: int) -> None:
         width = after_module.resolve_block_size("axial", None, seq)
         for variant, forms in combiner_flex.AXIAL_FORMS.items():
             for causal in (False, True):
-
-                def run(q, k, v, causal=causal, forms=forms, width=width):
-                    return combiner_flex._axial_flex(q, k, v, width, causal, None, dim**-0.5, forms)
-
-                class Module:  # the shape peak_bytes expects
-                    EAGER = type("Runner", (), {"combine": staticmethod(lambda q, k, v, *rest: run(q, k, v))})
-
-                peak = peak_bytes(Module, q, k, v, causal)
+                axial = functools.partial(
+                    combiner_flex._axial_flex, width=width, causal=causal, real=None, scale=dim**-0.5, forms=forms
+                )
+                peak = peak_bytes(functools.partial(forward_backward, axial, q, k, v))
                 mode = "causal" if causal else "bidirectional"
                 print(f"| {seq} | {variant} | {mode} | {peak / 2**20:.0f} | {peak / q.numel() / 4:.1f} |", flush=True)
 
@@ -173,7 +176,7 @@ def main() -> None:
         for causal in (False, True):
             for name, module in versions.items():
                 ms = median_ms(module, q, k, v, causal, args.repeats)
-                peak = peak_bytes(module, q, k, v, causal) / 2**20
+                peak = peak_bytes(functools.partial(step, module, q, k, v, causal)) / 2**20
                 ops, compute = op_counts(module, q, k, v, causal)
                 mode = "causal" if causal else "bidirectional"
                 print(f"| {seq} | {mode} | {name} | {ms:.1f} | {peak:.1f} | {ops} | {compute} |", flush=True)

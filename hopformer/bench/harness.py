@@ -243,7 +243,7 @@ def run_case(case: Case, settings: dict, device: torch.device, repeats: int, war
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-                times = cuda_times_ms(step, repeats, device)
+                times = _times_ms(step, repeats, device)
                 peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
             else:
                 _malloc_mode(measure_memory=False)

@@ -434,21 +434,30 @@ def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
     return out.reshape(batch, heads, seq, -1)
 
 
+def axial_region_pools(qg, kg, rg, along: int, both_sides: bool):
+    """Region keys and queries of the axial forms on the grid ``qg, kg (B, H, rows, width, d)``, ``rg (B, rows,
+    width)``: exclusive max-pools along the rows (``along=2``: each column over the rows before, or all other
+    rows) or the columns (``along=3``: each row without one column), padding left out. A region without real
+    tokens gets zeros and ``nonempty (B, rows, width) = False``."""
+    pad = ~rg[:, None, :, :, None]
+    key, query = (_exclusive_max(x.masked_fill(pad, -math.inf), along, both_sides) for x in (kg, qg))
+    counts = rg.long()
+    if both_sides:
+        others = counts.sum(along - 1, keepdim=True) - counts
+    else:
+        others = counts.cumsum(along - 1) - counts  # real tokens strictly before
+    nonempty = others > 0
+    keep = nonempty[:, None, ..., None]
+    return torch.where(keep, key, 0.0), torch.where(keep, query, 0.0), nonempty
+
+
 def _column_summaries(qg, kg, vg, rg, scale, causal):
     """Vertical regions: column ``e`` over the rows above ``r`` (bidirectional: all rows but ``r``).
 
     Returns key and value summaries indexed ``[..., r, e, :]`` and ``nonempty (B, r, e)``.
     """
     rows = qg.shape[2]
-    pad = ~rg[:, None, :, :, None]
-    key = _exclusive_max(kg.masked_fill(pad, -math.inf), dim=2, both_sides=not causal)
-    query = _exclusive_max(qg.masked_fill(pad, -math.inf), dim=2, both_sides=not causal)
-    counts = rg.long().cumsum(1) - rg.long()  # real tokens strictly above
-    if not causal:
-        counts = rg.long().sum(1, keepdim=True) - rg.long()
-    nonempty = counts > 0
-    key = torch.where(nonempty[:, None, ..., None], key, 0.0)
-    query = torch.where(nonempty[:, None, ..., None], query, 0.0)
+    key, query, nonempty = axial_region_pools(qg, kg, rg, along=2, both_sides=not causal)
     # Within-region distribution: per column, region query (r, e) attends to keys (t, e), t in R(r).
     r_idx = torch.arange(rows, device=qg.device)
     inside = r_idx[None, :] < r_idx[:, None] if causal else r_idx[None, :] != r_idx[:, None]
@@ -465,12 +474,7 @@ def _row_summaries(qg, kg, vg, rg, scale):
     Returns key and value summaries indexed ``[..., t, c, :]`` and ``nonempty (B, t, c)``.
     """
     width = qg.shape[3]
-    pad = ~rg[:, None, :, :, None]
-    key = _exclusive_max(kg.masked_fill(pad, -math.inf), dim=3, both_sides=True)
-    query = _exclusive_max(qg.masked_fill(pad, -math.inf), dim=3, both_sides=True)
-    nonempty = (rg.long().sum(2, keepdim=True) - rg.long()) > 0
-    key = torch.where(nonempty[:, None, ..., None], key, 0.0)
-    query = torch.where(nonempty[:, None, ..., None], query, 0.0)
+    key, query, nonempty = axial_region_pools(qg, kg, rg, along=3, both_sides=True)
     c_idx = torch.arange(width, device=qg.device)
     mask = rg[:, :, None, :] & (c_idx[None, :] != c_idx[:, None])  # (B, t, c, c')
     value = grouped_attention(query, kg, vg, mask, scale, 0.0)

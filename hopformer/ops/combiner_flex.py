@@ -26,7 +26,6 @@ column call for the vertical form, a row call for the horizontal one).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from hopformer.ops import flex
 from hopformer.ops.backend import Support
-from hopformer.ops.combiner_attention import _exclusive_max, _masked_max, grouped_attention
+from hopformer.ops.combiner_attention import _masked_max, axial_region_pools
 from hopformer.ops.common import masked_softmax, pad_seq
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, keys, values) -> out
@@ -116,7 +115,10 @@ def _fixed_flex(q, k, v, block, causal, real, scale, *, dense: bool = False):
         return key_real[b, kv_idx] & (direct | summary)
 
     if dense:
-        attend = functools.partial(_dense_attention, mask_mod=mask_mod, scale=scale)
+
+        def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            return _dense_attention_lse(queries, keys, values, mask_mod, scale)[0]
+
     else:
         full = real is None and tokens == seq
         codes = _fixed_tile_codes(token_tiles, summaries // tile, copies, block, causal, full).to(q.device)
@@ -128,16 +130,6 @@ def _fixed_flex(q, k, v, block, causal, real, scale, *, dense: bool = False):
     return out[:, :, :seq]
 
 
-def _dense_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask_mod: Callable[..., torch.Tensor], scale: float
-) -> torch.Tensor:
-    """Eager stand-in for ``_fixed_flex``'s FlexAttention call: the dense bool mask from ``mask_mod``."""
-    batch, queries, kv = q.shape[0], q.shape[2], keys.shape[2]
-    b, q_idx, kv_idx = (torch.arange(n, device=q.device) for n in (batch, queries, kv))
-    mask = mask_mod(b[:, None, None], None, q_idx[:, None], kv_idx)  # (B, Q, K)
-    return grouped_attention(q[:, :, None], keys[:, :, None], values[:, :, None], mask[:, None], scale, 0.0)[:, :, 0]
-
-
 class _FixedSummaryAttention(torch.autograd.Function):
     """Combiner-Fixed's block summaries and the attention over ``[tokens ; summary copies]``, with the
     summaries' backward written by hand to save memory.
@@ -145,7 +137,7 @@ class _FixedSummaryAttention(torch.autograd.Function):
     Under plain autograd the max-pools of q and k (AmaxBackward) and the summary einsums (BmmBackward)
     each allocate full-size gradients of q, k or v, which autograd then sums with the attention's: at
     64K tokens they were most of the peak memory. Here the summaries are computed without a graph, the
-    attention (``attend(q, keys, values)``: compiled FlexAttention on CUDA, :func:`_dense_attention`
+    attention (``attend(q, keys, values)``: compiled FlexAttention on CUDA, :func:`_dense_attention_lse`
     in tests) keeps its own graph on detached inputs, and the backward adds the summaries' small
     gradients in place into the attention's token gradients: no full-size temporaries.
 
@@ -334,7 +326,7 @@ def _axial_flex(q, k, v, width, causal, real, scale, forms, *, dense: bool = Fal
     out = 0.0
     for form in forms:
         if form == "vertical":  # summaries (r, e): column e over the rows above r (bidirectional: the others)
-            key_s, query_s, nonempty = _pooled(qg, kg, grid, along=2, both_sides=not causal)
+            key_s, query_s, nonempty = axial_region_pools(qg, kg, grid, along=2, both_sides=not causal)
             # p(j | region) of each summary: its query on its column's keys in the region, a column call.
             value_s, _ = attend(by_column(query_s), k_col, v_col, real_col, rows, column_rule)
             value_s = from_columns(value_s).reshape(batch, heads, seq, -1)
@@ -342,7 +334,7 @@ def _axial_flex(q, k, v, width, causal, real, scale, forms, *, dense: bool = Fal
             summary_out, summary_lse = attend(q, key_s.flatten(2, 3), value_s, nonempty.flatten(1), width, "others")
             summary = from_rows(summary_out), from_rows(summary_lse)
         else:  # summaries (t, c): row t without column c
-            key_s, query_s, nonempty = _pooled(qg, kg, grid, along=3, both_sides=True)
+            key_s, query_s, nonempty = axial_region_pools(qg, kg, grid, along=3, both_sides=True)
             value_s, _ = attend(query_s.flatten(2, 3), k, v, real, width, "others")  # a row call
             # read by column c's queries, one summary per row above (bidirectional: per other row)
             value_s = by_column(from_rows(value_s))
@@ -351,20 +343,6 @@ def _axial_flex(q, k, v, width, causal, real, scale, forms, *, dense: bool = Fal
             summary = from_columns(summary_out), from_columns(summary_lse)
         out = out + _merge([*parts, summary])
     return (out / len(forms)).reshape(batch, heads, seq, -1)
-
-
-def _pooled(qg, kg, grid, along: int, both_sides: bool):
-    """Region keys and queries of the axial forms: exclusive max-pools of ``k`` and ``q`` along the grid's rows
-    (``along=2``: each column over the rows before, or all other rows) or columns (``along=3``: each row without
-    one column), padding left out; a region without real tokens gets zeros and ``nonempty = False``."""
-    pad = ~grid[:, None, :, :, None]
-    key, query = (_exclusive_max(x.masked_fill(pad, -math.inf), along, both_sides) for x in (kg, qg))
-    counts = grid.long()
-    total = counts.sum(along - 1, keepdim=True)
-    before = counts.cumsum(along - 1) - counts
-    nonempty = ((total - counts) if both_sides else before) > 0
-    keep = nonempty[:, None, ..., None]
-    return torch.where(keep, key, 0.0), torch.where(keep, query, 0.0), nonempty
 
 
 def _group_attention(q, k, v, key_ok, group, rule, *, scale, dense):
