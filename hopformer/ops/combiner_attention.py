@@ -434,7 +434,9 @@ def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
     return out.reshape(batch, heads, seq, -1)
 
 
-def axial_region_pools(qg, kg, rg, along: int, both_sides: bool):
+def axial_region_pools(
+    qg: torch.Tensor, kg: torch.Tensor, rg: torch.Tensor, along: int, both_sides: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Region keys and queries of the axial forms on the grid ``qg, kg (B, H, rows, width, d)``, ``rg (B, rows,
     width)``: exclusive max-pools along the rows (``along=2``: each column over the rows before, or all other
     rows) or the columns (``along=3``: each row without one column), padding left out. A region without real
