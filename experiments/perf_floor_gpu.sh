@@ -5,22 +5,40 @@
 # every Combiner variant at 64K (eager, and flex where it runs) beside bigbird sparse attention; and, on a GPU
 # with over 100 GB, diffuse at 4M.
 # bf16, batch 1, 12 heads x 64, the README's bigbird graph (block 128, window 3, 2 global, 3 random).
-# Writes the bench JSONs and PNGs under $OUT.
+# Writes the bench JSONs and PNGs under $OUT. Arguments pick the parts (default: all, in this order):
+#   tests  Combiner's FlexAttention paths on CUDA against eager float64
+#   4m     diffuse [triton] at 4,194,304 tokens (only on a GPU with over 100 GB)
+#   64k    Routing and every Combiner variant at 65,536 tokens beside bigbird sparse attention
+#   floor  the floor tables at 4K, 16K, 131K and 1M
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/perf_floor}; mkdir -p "$OUT"
 G=(--heads 12 --head-dim 64 --block-size 128 --window 3 --num-global 2 --num-random 3 --batch 1 --dtype bfloat16)
+PARTS=("$@"); [ ${#PARTS[@]} -eq 0 ] && PARTS=(tests 4m 64k floor)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# Combiner's FlexAttention paths against eager float64 first (the axial forms' flex path is new to the GPU).
-python3 -m pytest -q -m cuda tests/test_combiner.py -k flex -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/combiner_flex_tests.txt"
-python3 -m hopformer bench "${G[@]}" --seq-lens 4096,16384,131072,1048576 --sdpa-max-len 131072 \
-  --ops sdpa,sparse,diffuse --backends triton,flex,flexattention,flexattention-flash --modes fwd,fwd+bwd \
-  --repeats 5 --warmup 2 --time-limit-s "${FLOOR_LIMIT:-200}" --out "$OUT/bench_floor.json" | grep -v "^|"
-python3 -m hopformer bench "${G[@]}" --seq-lens 65536 --ops sparse,routing,combiner --backends triton \
-  --combiner-variants all --modes fwd+bwd --repeats 3 --warmup 1 --time-limit-s 150 --out "$OUT/bench_64k.json" \
-  | grep -v "^|"
-memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-if [ "${memory:-0}" -gt 100000 ]; then
-  python3 -m hopformer bench "${G[@]}" --seq-lens 4194304 --ops diffuse --backends triton --modes fwd+bwd \
-    --repeats 2 --warmup 1 --out "$OUT/bench_4m.json" | grep -v "^|"
-fi
+for part in "${PARTS[@]}"; do
+  echo "== $part $(date +%T)"
+  case $part in
+  tests)
+    workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+    python3 -m pytest -q -m cuda tests/test_combiner.py -k flex -p no:cacheprovider "${workers[@]}" 2>&1 | tail -5 \
+      | tee "$OUT/combiner_flex_tests.txt" ;;
+  4m)
+    memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+    if [ "${memory:-0}" -gt 100000 ]; then
+      python3 -m hopformer bench "${G[@]}" --seq-lens 4194304 --ops sparse,diffuse --backends triton \
+        --modes fwd+bwd --repeats 2 --warmup 1 --out "$OUT/bench_4m.json" | grep -v "^|"
+    else
+      echo "4m: skipped, ${memory} MiB of GPU memory (needs over 100 GB)"
+    fi ;;
+  64k)
+    python3 -m hopformer bench "${G[@]}" --seq-lens 65536 --ops sparse,routing,combiner --backends triton \
+      --combiner-variants all --modes fwd+bwd --repeats 3 --warmup 1 --time-limit-s 150 \
+      --out "$OUT/bench_64k.json" | grep -v "^|" ;;
+  floor)
+    python3 -m hopformer bench "${G[@]}" --seq-lens 4096,16384,131072,1048576 --sdpa-max-len 131072 \
+      --ops sdpa,sparse,diffuse --backends triton,flex,flexattention,flexattention-flash --modes fwd,fwd+bwd \
+      --repeats 5 --warmup 2 --time-limit-s "${FLOOR_LIMIT:-200}" --out "$OUT/bench_floor.json" | grep -v "^|" ;;
+  *) echo "unknown part: $part (tests, 4m, 64k, floor)"; exit 2 ;;
+  esac
+done

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hopformer.attention import available
 from hopformer.graphs import bigbird, local
@@ -247,6 +248,58 @@ def test_opcheck_triton_diffusion():
         backward = (torch.randn_like(saved[0]), q_.detach(), k_.detach(), v_.detach(), z0, *saved, real, plan,
                     *settings)  # fmt: skip
         torch.library.opcheck(torch.ops.hopformer.triton_diffusion_backward.default, backward)
+
+
+class _ZerosMade(TorchDispatchMode):
+    """Records the shape of every tensor of zeros created outside hopformer's ops (autograd's materialised
+    gradients for outputs that have none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.zeros.default:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def _zeros_made_in_backward(out: torch.Tensor) -> list[tuple[int, ...]]:
+    with _ZerosMade() as mode:
+        out.backward(torch.ones_like(out))
+    return mode.shapes
+
+
+def test_gather_op_side_outputs_get_no_gradients():
+    """The keep-masks are outputs of the op for its backward only: autograd must not make zero gradients for
+    them (a mask-sized block of zeros each, per backward)."""
+    from hopformer.ops.gather import gather_plan
+
+    q, k, v = _qkv()
+    graph = bigbird(40, block_size=8, window=3, num_global=1, num_random=1)
+    plan = gather_plan(graph, q.device)
+    args = (q, k, v, *plan.tensors(), None, [0.0, 0.1], 0.35, *plan.statics(), 0.2, True, 0.2)  # dropout: masks
+    out, *keeps = torch.ops.hopformer.gather_diffusion(*args)
+    assert any(keep.numel() for keep in keeps)
+    assert out.requires_grad and not any(keep.requires_grad for keep in keeps)
+    assert _zeros_made_in_backward(out) == []
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in (q, k, v))
+
+
+@pytest.mark.skipif(not triton_backend.available(), reason="needs triton")
+def test_triton_op_side_outputs_get_no_gradients():
+    """lse, the hop states and the keep-masks are saved for the backward only: autograd must not make zero
+    gradients for them (the states alone are (hops - 1) x the output's size)."""
+    if not (torch.cuda.is_available() or triton_backend.interpreting()):
+        pytest.skip("needs CUDA or Triton's interpreter")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (x.detach().to(device).requires_grad_() for x in _qkv(seq=32, dim=16, batch=1, dtype=torch.float32))
+    args = triton_backend.op_arguments(q, k, v, local(32, block_size=16, window=3), None, [0.1, 0.1, 0.1], 0.25)
+    out, lse, states, keeps = torch.ops.hopformer.triton_diffusion(*args)
+    assert out.requires_grad and not any(x.requires_grad for x in (lse, states, keeps))
+    assert _zeros_made_in_backward(out) == []
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in (q, k, v))
 
 
 def test_ops_compile_on_their_own():

@@ -813,6 +813,8 @@ def _setup_context(ctx, inputs, output) -> None:
     q, k, v, *plan = inputs[: 3 + _PLAN_INPUTS]
     real, *settings = inputs[3 + _PLAN_INPUTS :]
     out, narrow_keep, wide_keep, hop_keep = output
+    ctx.mark_non_differentiable(narrow_keep, wide_keep, hop_keep)  # no zero gradients made for the masks
+    ctx.set_materialize_grads(False)
     ctx.has_real = real is not None
     real = real if real is not None else q.new_empty(0, dtype=torch.bool)
     ctx.save_for_backward(q, k, v, out, *plan, real, narrow_keep, wide_keep, hop_keep)
@@ -820,6 +822,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward_formula(ctx, grad, *_):
+    if grad is None:  # the output was not used
+        return (None,) * len(ctx.needs_input_grad)
     q, k, v, out, *rest = ctx.saved_tensors
     plan, (real, *keeps) = rest[:_PLAN_INPUTS], rest[_PLAN_INPUTS:]
     dq, dk, dv = torch.ops.hopformer.gather_diffusion_backward(

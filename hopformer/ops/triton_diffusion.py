@@ -429,6 +429,10 @@ def _(grad, q, k, v, z0, *rest):
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, z0, real, plan, *settings = inputs
     out, lse, states, keeps = output
+    # Only Z_hops carries a gradient. Left differentiable, autograd would hand the backward a zero tensor for
+    # each of the others: a (hops - 1, batch * heads, seq, dim) block of zeros for the states alone.
+    ctx.mark_non_differentiable(lse, states, keeps)
+    ctx.set_materialize_grads(False)
     ctx.has_z0, ctx.has_real, ctx.plan_size = z0 is not None, real is not None, len(plan)
     empty = q.new_empty(0)
     ctx.save_for_backward(q, k, v, z0 if z0 is not None else empty, out, lse, states, keeps,
@@ -437,12 +441,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward_formula(ctx, grad, *_):
+    plan_grads = [None] * ctx.plan_size  # (a list input gets a list of gradients)
+    if grad is None:  # the output was not used
+        return None, None, None, None, None, plan_grads, *([None] * 8)
     q, k, v, z0, out, lse, states, keeps, real, *plan = ctx.saved_tensors
     dq, dk, dv, dz0 = torch.ops.hopformer.triton_diffusion_backward(
         grad.contiguous(), q, k, v, z0 if ctx.has_z0 else None, out, lse, states, keeps,
         real if ctx.has_real else None, plan, *ctx.settings,
     )  # fmt: skip
-    plan_grads = [None] * ctx.plan_size  # (a list input gets a list of gradients)
     return dq, dk, dv, dz0 if ctx.has_z0 else None, None, plan_grads, *([None] * 8)
 
 
