@@ -36,7 +36,7 @@ def main() -> None:
         both = do_bench(step, warmup=5, rep=40, return_mode="median")
         print(f"{name:64s} fwd {fwd:7.3f} ms   fwd+bwd {both:7.3f} ms", flush=True)
 
-    codes = combiner_flex._group_tile_codes(SEQ // 128, WIDTH, SEQ, False).cuda()
+    codes = combiner_flex._group_tile_codes(SEQ // 128, WIDTH, SEQ, "all", False, "cuda")
     key_ok = real
     key_ok_int = real.to(torch.int32)
     masks = {
@@ -55,14 +55,21 @@ def main() -> None:
     plain = create_block_mask(masks["group only"], 1, 1, SEQ, SEQ, device="cuda", BLOCK_SIZE=128)
     timed("create_block_mask block-diagonal, lse", lambda: flex.run_flex(q, k, v, plain, scale, return_lse=True))
     for rule in ("all", "others"):
-        timed(
-            f"_group_attention rule={rule}",
-            lambda rule=rule: combiner_flex._group_attention(q, k, v, real, WIDTH, rule, scale=scale, dense=False),
-        )
+        for name, ok in (("key mask, partial tiles", real), ("no key mask, full tiles", None)):
+            timed(
+                f"_group_attention rule={rule}, {name}",
+                lambda rule=rule, ok=ok: combiner_flex._group_attention(
+                    q, k, v, ok, WIDTH, rule, scale=scale, dense=False
+                ),
+            )
 
-    for variant in ("axial", "fixed"):
-        call = lambda variant=variant: combiner_flex.FLEX.combine(q, k, v, variant, WIDTH, False, None, scale, 0.0)  # noqa: E731
-        timed(f"combiner {variant} flex", call)
+    for variant in ("axial", "mixture", "fixed"):
+        for name, ok in (("all-real key mask (partial tiles)", real), ("no mask (full tiles)", None)):
+
+            def call(variant=variant, ok=ok):
+                return combiner_flex.FLEX.combine(q, k, v, variant, WIDTH, False, ok, scale, 0.0)
+
+            timed(f"combiner {variant} flex, {name}", call)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             call().backward(grad)
             torch.cuda.synchronize()

@@ -435,19 +435,21 @@ def test_axial_flex_path_matches_eager_at_tile_scale(variant, seq, width, causal
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("causal", CAUSAL)
-@pytest.mark.parametrize("seq,group", [(300, 17), (1024, 256), (640, 5), (384, 128), (500, 500)])
-def test_group_tile_codes_cover_every_pair_of_a_group(seq, group, causal):
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("rule", list(combiner_flex.RULES))
+@pytest.mark.parametrize("seq,group", [(300, 17), (1024, 256), (640, 5), (384, 128), (500, 500), (700, 256)])
+def test_group_tile_codes_cover_every_pair_of_a_group(seq, group, rule, full):
     """No allowed (query, key) pair of the axial calls lies in a skipped tile, and no tile is skipped that
-    holds one (each skipped tile is work saved, each kept one is needed)."""
+    holds one (each skipped tile is work saved, each kept one is needed). With ``full`` (no key padding),
+    exactly the tiles whose every pair is allowed are full: the kernel skips the mask_mod there."""
     tiles = -(-seq // 128)
-    codes = _group_tile_codes(tiles, group, seq, causal)
+    codes = _group_tile_codes(tiles, group, seq, rule, full)
     i = torch.arange(tiles * 128)
     allowed = (i[:, None] // group == i[None, :] // group) & (i[:, None] < seq) & (i[None, :] < seq)
-    if causal:
-        allowed = allowed & (i[None, :] <= i[:, None])
-    needed = allowed.view(tiles, 128, tiles, 128).any(-1).any(1)
-    assert torch.equal(codes > 0, needed)
+    allowed = allowed & combiner_flex.RULES[rule](i[:, None] % group, i[None, :] % group)
+    per_tile = allowed.view(tiles, 128, tiles, 128)
+    assert torch.equal(codes > 0, per_tile.any(-1).any(1))
+    assert torch.equal(codes == 2, per_tile.all(-1).all(1) if full else torch.zeros_like(codes, dtype=torch.bool))
 
 
 def test_auto_keeps_the_axial_forms_on_eager_and_flex_names_them():

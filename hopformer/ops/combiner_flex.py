@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from hopformer.graphs.tracing import trace_constant
 from hopformer.ops import flex
 from hopformer.ops.backend import Support
 from hopformer.ops.combiner_attention import _masked_max, axial_region_pools
@@ -121,7 +122,9 @@ def _fixed_flex(q, k, v, block, causal, real, scale, *, dense: bool = False):
 
     else:
         full = real is None and tokens == seq
-        codes = _fixed_tile_codes(token_tiles, summaries // tile, copies, block, causal, full).to(q.device)
+        codes = trace_constant(
+            _fixed_tile_codes, token_tiles, summaries // tile, copies, block, causal, full, str(q.device)
+        )
         kv_len = tokens + copies * summaries
         mask = flex.block_mask_from_codes(codes[None].expand(batch, -1, -1), mask_mod, tokens, kv_len)
         attend = functools.partial(flex.run_flex, mask=mask, scale=scale)
@@ -262,12 +265,14 @@ def _token_grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like).copy_(rows)
 
 
+@functools.lru_cache(maxsize=64)
 def _fixed_tile_codes(
-    token_tiles: int, summary_tiles: int, copies: int, block: int, causal: bool, full: bool
+    token_tiles: int, summary_tiles: int, copies: int, block: int, causal: bool, full: bool, device: str = "cpu"
 ) -> torch.Tensor:
     """Tile codes of ``_fixed_flex``'s mask (0 skip, 1 partial, 2 full), ``(token_tiles, token_tiles +
     copies * summary_tiles)``: token tiles that share a block, then the summary tiles of the query
-    tile's own copy (partial: the mask_mod drops the own block's summary and, causal, later ones)."""
+    tile's own copy (partial: the mask_mod drops the own block's summary and, causal, later ones).
+    Cached on ``device``: a copy from the host each call would wait for the GPU's queue."""
     start = torch.arange(token_tiles) * 128
     first, last = start // block, (start + 127) // block  # the blocks each tile touches
     shared = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
@@ -279,7 +284,7 @@ def _fixed_tile_codes(
     own_copy = torch.arange(token_tiles) // SUMMARY_GROUP
     summary_copy = torch.arange(copies * summary_tiles) // summary_tiles
     summary_codes = (own_copy[:, None] == summary_copy[None, :]).to(torch.int8)
-    return torch.cat([codes, summary_codes], dim=1)
+    return torch.cat([codes, summary_codes], dim=1).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------- axial
@@ -302,6 +307,8 @@ def _axial_flex(q, k, v, width, causal, real, scale, forms, *, dense: bool = Fal
     row and column calls are the same for both forms, so mixture runs them once."""
     batch, heads, seq, dim = q.shape
     rows = seq // width
+    # Without padding the row and column calls take no key mask, so their whole tiles skip the mask_mod.
+    token_ok = real
     if real is None:
         real = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
     grid = real.view(batch, rows, width)
@@ -317,10 +324,10 @@ def _axial_flex(q, k, v, width, causal, real, scale, forms, *, dense: bool = Fal
         return x.unflatten(2, (width, rows)).transpose(2, 3)
 
     q_col, k_col, v_col = (by_column(x.view(batch, heads, rows, width, x.shape[-1])) for x in (q, k, v))
-    real_col = grid.transpose(1, 2).reshape(batch, seq)
+    real_col = None if token_ok is None else grid.transpose(1, 2).reshape(batch, seq)
     attend = functools.partial(_group_attention, scale=scale, dense=dense)
     column_rule = "before" if causal else "others"
-    row_out, row_lse = attend(q, k, v, real, width, "up_to" if causal else "all")
+    row_out, row_lse = attend(q, k, v, token_ok, width, "up_to" if causal else "all")
     column_out, column_lse = attend(q_col, k_col, v_col, real_col, rows, column_rule)
     parts = [(from_rows(row_out), from_rows(row_lse)), (from_columns(column_out), from_columns(column_lse))]
     out = 0.0
@@ -335,7 +342,7 @@ def _axial_flex(q, k, v, width, causal, real, scale, forms, *, dense: bool = Fal
             summary = from_rows(summary_out), from_rows(summary_lse)
         else:  # summaries (t, c): row t without column c
             key_s, query_s, nonempty = axial_region_pools(qg, kg, grid, along=3, both_sides=True)
-            value_s, _ = attend(query_s.flatten(2, 3), k, v, real, width, "others")  # a row call
+            value_s, _ = attend(query_s.flatten(2, 3), k, v, token_ok, width, "others")  # a row call
             # read by column c's queries, one summary per row above (bidirectional: per other row)
             value_s = by_column(from_rows(value_s))
             ok = nonempty.transpose(1, 2).reshape(batch, seq)
@@ -347,34 +354,56 @@ def _axial_flex(q, k, v, width, causal, real, scale, forms, *, dense: bool = Fal
 
 def _group_attention(q, k, v, key_ok, group, rule, *, scale, dense):
     """``(out, lse)`` of every query on the keys of its own group of ``group`` consecutive positions (keys laid out
-    as the queries) that ``RULES[rule]`` allows and ``key_ok (B, seq)`` marks real. A query with no key gets zeros
+    as the queries) that ``RULES[rule]`` allows and ``key_ok (B, seq)`` marks real (None: every key is real, and
+    tiles whose every pair is allowed are full: the kernel skips their mask_mod). A query with no key gets zeros
     and ``lse = -inf``."""
     batch, _, seq, _ = q.shape
     tokens = -(-seq // flex.TILE) * flex.TILE
     queries, keys, values = (pad_seq(x, tokens) for x in (q, k, v))
-    key_ok = F.pad(key_ok, (0, tokens - seq))
     allowed = RULES[rule]
+    if key_ok is None:
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return key_ok[b, kv_idx] & (kv_idx // group == q_idx // group) & allowed(q_idx % group, kv_idx % group)
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx < seq) & (kv_idx // group == q_idx // group) & allowed(q_idx % group, kv_idx % group)
+
+    else:
+        key_ok = F.pad(key_ok, (0, tokens - seq))
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return key_ok[b, kv_idx] & (kv_idx // group == q_idx // group) & allowed(q_idx % group, kv_idx % group)
 
     if dense:
         out, lse = _dense_attention_lse(queries, keys, values, mask_mod, scale)
     else:
-        codes = _group_tile_codes(tokens // flex.TILE, group, seq, rule in ("up_to", "before")).to(q.device)
+        tiles = tokens // flex.TILE
+        codes = trace_constant(_group_tile_codes, tiles, group, seq, rule, key_ok is None, str(q.device))
         mask = flex.block_mask_from_codes(codes[None].expand(batch, -1, -1), mask_mod, tokens, tokens)
         out, lse = flex.run_flex(queries, keys, values, mask, scale, return_lse=True)
     return out[:, :, :seq], lse[:, :, :seq]
 
 
-def _group_tile_codes(tiles: int, group: int, seq: int, causal: bool) -> torch.Tensor:
-    """Tile codes ``(tiles, tiles)`` (0 skip, 1 partial) of attention inside groups of ``group`` consecutive
-    positions: a query tile reads the key tiles that share a group with it (causal: none after its own)."""
+@functools.lru_cache(maxsize=64)
+def _group_tile_codes(tiles: int, group: int, seq: int, rule: str, full: bool, device: str = "cpu") -> torch.Tensor:
+    """Tile codes ``(tiles, tiles)`` (0 skip, 1 partial, 2 full) of attention inside groups of ``group`` consecutive
+    positions under ``RULES[rule]``: a query tile reads the key tiles that share a group with it (causal rules:
+    none after its own). With ``full`` (no key padding), a pair of tiles inside one group, past which the
+    sequence does not end, whose every pair ``RULES[rule]`` allows, is full. Cached on ``device``: a copy from
+    the host each call would wait for the GPU's queue."""
     start = torch.arange(tiles) * flex.TILE
     last = torch.clamp(start + flex.TILE - 1, max=seq - 1)
     first, last = start // group, last // group
     codes = ((first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])).to(torch.int8)
-    return flex.causal_tiles(codes) if causal else codes
+    if full:
+        whole = (first == last) & (start + flex.TILE <= seq)  # the tile lies in one group, before the end
+        inside = whole[:, None] & whole[None, :] & (first[:, None] == first[None, :])
+        tile = torch.arange(tiles)
+        every_pair = {"all": inside, "others": inside & (tile[:, None] != tile[None, :])}.get(
+            rule, inside & (tile[None, :] < tile[:, None])
+        )  # up_to, before: key tiles wholly before the query tile
+        codes = codes + every_pair.to(torch.int8)
+    if rule in ("up_to", "before"):
+        codes = flex.causal_tiles(codes)
+    return codes.to(device)
 
 
 def _dense_attention_lse(q, keys, values, mask_mod, scale):
@@ -382,7 +411,7 @@ def _dense_attention_lse(q, keys, values, mask_mod, scale):
     ``mask_mod``; a row with no key gives zeros and ``-inf``."""
     batch, queries, kv = q.shape[0], q.shape[2], keys.shape[2]
     b, q_idx, kv_idx = (torch.arange(n, device=q.device) for n in (batch, queries, kv))
-    allowed = mask_mod(b[:, None, None], None, q_idx[:, None], kv_idx)[:, None]  # (B, 1, Q, K)
+    allowed = mask_mod(b[:, None, None], None, q_idx[:, None], kv_idx).expand(batch, queries, kv)[:, None]
     scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~allowed, -torch.inf)
     lse = scores.logsumexp(-1)
     probs = torch.exp(scores - torch.where(lse.isfinite(), lse, 0.0)[..., None])
