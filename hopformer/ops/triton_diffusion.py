@@ -304,9 +304,7 @@ def _diffusion_forward(passes: _Passes, q, k, v, z0, steps: Sequence[float], sca
     """``Z_0 = z0; Z_{t+1} = drop((1 - a_t) P Z_t + a_t v)`` on ``(batch * heads, padded_len, dim)`` inputs:
     ``(Z_hops, lse, states Z_1 .. Z_{hops-1}, hop keep-masks)``; ``steps`` are the mixing weights ``a_t`` (< 1)."""
     hops = len(steps)
-    # Z_1 .. Z_{hops-1}; one hop keeps none, but the kernels take a pointer: a zero placeholder (an output,
-    # so never left uninitialised)
-    states = (torch.empty if hops > 1 else torch.zeros)((max(hops - 1, 1), *v.shape), device=v.device, dtype=v.dtype)
+    states = _new_states(v, hops)
     keep_scale = 1 / (1 - hop_dropout_p)
     keeps = torch.empty((hops if hop_dropout_p > 0 else 0, *v.shape), device=v.device, dtype=torch.uint8)
     z, lse = z0, None
@@ -324,6 +322,12 @@ def _diffusion_forward(passes: _Passes, q, k, v, z0, steps: Sequence[float], sca
             passes.run_pass(q, k, z, lse, scale, transposed=False, **hop)
         z = target
     return out, lse, states, keeps
+
+
+def _new_states(v: torch.Tensor, hops: int) -> torch.Tensor:
+    """The stack for Z_1 .. Z_{hops-1}. One hop keeps none: one zero stands in, since the kernels take a
+    pointer (that they never read then); a (1, *v.shape) placeholder cost a whole output's size."""
+    return v.new_empty((hops - 1, *v.shape)) if hops > 1 else v.new_zeros(1)
 
 
 def _diffusion_backward(passes: _Passes, grad, q, k, v, z0, out, lse, states, keeps, steps, scale, hop_dropout_p):
@@ -386,7 +390,7 @@ def _(q, k, v, z0, real, plan, steps, scale, hop_dropout_p, tile, padded_len, se
     return (
         v.new_empty(v.shape),
         q.new_empty(q.shape[:2], dtype=acc),
-        v.new_empty((max(hops - 1, 1), *v.shape)),
+        _new_states(v, hops),
         v.new_empty((hops if hop_dropout_p > 0 else 0, *v.shape), dtype=torch.uint8),
     )
 
