@@ -265,7 +265,7 @@ def _token_grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like).copy_(rows)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # (tiles, tiles) codes: 64 MiB at 1M tokens
 def _fixed_tile_codes(
     token_tiles: int, summary_tiles: int, copies: int, block: int, causal: bool, full: bool, device: str = "cpu"
 ) -> torch.Tensor:
@@ -382,7 +382,7 @@ def _group_attention(q, k, v, key_ok, group, rule, *, scale, dense):
     return out[:, :, :seq], lse[:, :, :seq]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # (tiles, tiles) codes: 64 MiB at 1M tokens
 def _group_tile_codes(tiles: int, group: int, seq: int, rule: str, full: bool, device: str = "cpu") -> torch.Tensor:
     """Tile codes ``(tiles, tiles)`` (0 skip, 1 partial, 2 full) of attention inside groups of ``group`` consecutive
     positions under ``RULES[rule]``: a query tile reads the key tiles that share a group with it (causal rules:
