@@ -7,6 +7,8 @@
 # bf16, batch 1, 12 heads x 64, the README's bigbird graph (block 128, window 3, 2 global, 3 random).
 # Writes the bench JSONs and PNGs under $OUT. Arguments pick the parts (default: all, in this order):
 #   tests  Combiner's FlexAttention paths on CUDA against eager float64
+#   cuda   the CUDA tests of the Triton backend, the custom ops and Combiner (after a change to them)
+#   long   sparse_attention and diffuse (triton, flex) fwd+bwd at 131K and 1M: time and peak memory
 #   4m     diffuse [triton] at 4,194,304 tokens (only on a GPU with over 100 GB)
 #   64k    Routing and every Combiner variant at 65,536 tokens beside bigbird sparse attention
 #   floor  the floor tables at 4K, 16K, 131K and 1M
@@ -23,6 +25,15 @@ for part in "${PARTS[@]}"; do
     workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
     python3 -m pytest -q -m cuda tests/test_combiner.py -k flex -p no:cacheprovider "${workers[@]}" 2>&1 | tail -5 \
       | tee "$OUT/combiner_flex_tests.txt" ;;
+  cuda)
+    workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+    { python3 -m pytest -q -m cuda tests/test_triton_backend.py tests/test_combiner.py -p no:cacheprovider \
+        "${workers[@]}" 2>&1 | tail -3
+      python3 -m pytest -q tests/test_compile.py -k "triton or side_outputs or gather" -p no:cacheprovider 2>&1 \
+        | tail -3; } | tee "$OUT/cuda_tests.txt" ;;
+  long)
+    python3 -m hopformer bench "${G[@]}" --seq-lens 131072,1048576 --ops sparse,diffuse --backends triton,flex \
+      --modes fwd+bwd --repeats 3 --warmup 1 --out "$OUT/bench_long.json" | grep -v "^|" ;;
   4m)
     memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     if [ "${memory:-0}" -gt 100000 ]; then
@@ -39,6 +50,6 @@ for part in "${PARTS[@]}"; do
     python3 -m hopformer bench "${G[@]}" --seq-lens 4096,16384,131072,1048576 --sdpa-max-len 131072 \
       --ops sdpa,sparse,diffuse --backends triton,flex,flexattention,flexattention-flash --modes fwd,fwd+bwd \
       --repeats 5 --warmup 2 --time-limit-s "${FLOOR_LIMIT:-200}" --out "$OUT/bench_floor.json" | grep -v "^|" ;;
-  *) echo "unknown part: $part (tests, 4m, 64k, floor)"; exit 2 ;;
+  *) echo "unknown part: $part (tests, cuda, long, 4m, 64k, floor)"; exit 2 ;;
   esac
 done
