@@ -397,9 +397,12 @@ def _group_tile_codes(tiles: int, group: int, seq: int, rule: str, full: bool, d
         whole = (first == last) & (start + flex.TILE <= seq)  # the tile lies in one group, before the end
         inside = whole[:, None] & whole[None, :] & (first[:, None] == first[None, :])
         tile = torch.arange(tiles)
-        every_pair = {"all": inside, "others": inside & (tile[:, None] != tile[None, :])}.get(
-            rule, inside & (tile[None, :] < tile[:, None])
-        )  # up_to, before: key tiles wholly before the query tile
+        if rule == "all":
+            every_pair = inside
+        elif rule == "others":  # a tile beside itself holds the excluded diagonal
+            every_pair = inside & (tile[:, None] != tile[None, :])
+        else:  # up_to, before: key tiles wholly before the query tile
+            every_pair = inside & (tile[None, :] < tile[:, None])
         codes = codes + every_pair.to(torch.int8)
     if rule in ("up_to", "before"):
         codes = flex.causal_tiles(codes)
