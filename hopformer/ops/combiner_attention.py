@@ -70,6 +70,13 @@ from hopformer.ops.common import check_key_padding_mask, check_qkv, masked_softm
 from hopformer.ops.masked_sdpa import masked_sdpa
 
 VARIANTS = ("fixed", "logsparse", "axial", "axial_vertical", "axial_horizontal", "mixture")
+# The forms of each axial variant (mixture: the average of the two, each normalised on its own).
+AXIAL_FORMS = {
+    "axial": ("vertical",),
+    "axial_vertical": ("vertical",),
+    "axial_horizontal": ("horizontal",),
+    "mixture": ("vertical", "horizontal"),
+}
 
 # Up to this many keys per region, ``_region_summaries`` uses broadcast-multiply-and-sum instead of a
 # batched matmul of tiny matrices (fixed's small blocks, cached decoding).
@@ -143,9 +150,7 @@ class EagerCombiner:
             real = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
         if variant == "fixed":
             return _fixed(q, k, v, block_size, causal, real, scale, dropout_p)
-        forms = {"axial": ("vertical",), "axial_vertical": ("vertical",)}.get(variant)
-        forms = forms or {"axial_horizontal": ("horizontal",), "mixture": ("vertical", "horizontal")}[variant]
-        return _axial(q, k, v, block_size, causal, real, scale, dropout_p, forms)
+        return _axial(q, k, v, block_size, causal, real, scale, dropout_p, AXIAL_FORMS[variant])
 
 
 EAGER = EagerCombiner()

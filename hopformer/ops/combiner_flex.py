@@ -36,21 +36,12 @@ from torch.autograd.function import once_differentiable
 from hopformer.graphs.tracing import trace_constant
 from hopformer.ops import flex
 from hopformer.ops.backend import Support
-from hopformer.ops.combiner_attention import _masked_max, axial_region_pools
+from hopformer.ops.combiner_attention import AXIAL_FORMS, _masked_max, axial_region_pools
 from hopformer.ops.common import masked_softmax, pad_seq
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, keys, values) -> out
 # Query tiles (of 128 tokens) per copy of the block summaries.
 SUMMARY_GROUP = 16
-
-
-# The forms of each axial variant (mixture: the average of the two, each normalised on its own).
-AXIAL_FORMS = {
-    "axial": ("vertical",),
-    "axial_vertical": ("vertical",),
-    "axial_horizontal": ("horizontal",),
-    "mixture": ("vertical", "horizontal"),
-}
 
 
 class FlexCombiner:
