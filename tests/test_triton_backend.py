@@ -99,7 +99,11 @@ def test_split_rows_and_columns_add_up(tile, split, monkeypatch):
     def call(q, k, v, backend):
         return diffuse(q, k, v, graph, hops=2, alpha=0.3, key_padding_mask=mask, backend=backend)
 
+    def sparse(q, k, v, backend):
+        return sparse_attention(q, k, v, graph, mask, backend)
+
     _assert_matches_dense(call, tensors, f"tile {tile} split {split}")
+    _assert_matches_dense(sparse, tensors, f"sparse, tile {tile} split {split}")
 
 
 @pytest.mark.cuda

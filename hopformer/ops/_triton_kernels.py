@@ -54,10 +54,13 @@ def _real(real_ptr, batch_offset, idx, HAS_PAD: tl.constexpr):
 
 @triton.jit
 def _hop_epilogue(acc, rows, bh, padded_len, v_ptr, keep_ptr, out_ptr, a, keep_scale, DV: tl.constexpr,
-                  DROPOUT: tl.constexpr):  # fmt: skip
-    """Forward hop: ``out = drop((1 - a) acc + a v)`` at ``rows`` (``acc = P z`` there)."""
+                  DROPOUT: tl.constexpr, MIX: tl.constexpr):  # fmt: skip
+    """Forward hop: ``out = drop((1 - a) acc + a v)`` at ``rows`` (``acc = P z`` there); ``MIX=False``
+    when ``a = 0`` (plain attention), which skips reading ``v``."""
     offsets = bh * padded_len * DV + rows[:, None] * DV + tl.arange(0, DV)[None, :]
-    mixed = (1 - a) * acc + a * tl.load(v_ptr + offsets).to(acc.dtype)
+    mixed = acc
+    if MIX:
+        mixed = (1 - a) * acc + a * tl.load(v_ptr + offsets).to(acc.dtype)
     if DROPOUT:
         mixed = tl.where(tl.load(keep_ptr + offsets) != 0, mixed * keep_scale, 0.0)
     tl.store(out_ptr + offsets, mixed.to(out_ptr.dtype.element_ty))
@@ -91,7 +94,7 @@ def pass_kernel(
     seq, heads, padded_len, num_slots, scalars_ptr,
     D: tl.constexpr, DV: tl.constexpr, T: tl.constexpr,
     TRANSPOSED: tl.constexpr, FINISH: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr, WRITE_H: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_H: tl.constexpr, MIX: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One hop of the forward (``TRANSPOSED=False``: ``acc = P x`` over query rows, a = q, b = k, then
     :func:`_hop_epilogue`) or of the adjoint (``TRANSPOSED=True``: ``acc = P^T x`` over key rows,
@@ -149,7 +152,7 @@ def pass_kernel(
         _adjoint_epilogue(acc, rows, bh, padded_len, v_ptr, keep_ptr, state_ptr, h_ptr, dv_ptr, delta_ptr,
                           a_mix, keep_scale, DV, DROPOUT, WRITE_H)  # fmt: skip
     else:
-        _hop_epilogue(acc, rows, bh, padded_len, v_ptr, keep_ptr, out_ptr, a_mix, keep_scale, DV, DROPOUT)
+        _hop_epilogue(acc, rows, bh, padded_len, v_ptr, keep_ptr, out_ptr, a_mix, keep_scale, DV, DROPOUT, MIX)
 
 
 @triton.jit
@@ -158,7 +161,7 @@ def first_hop_kernel(
     seg_tile_ptr, seg_begin_ptr, seg_end_ptr, seg_split_ptr, loop_tiles_ptr, row_segments_ptr, slot_tile_ptr,
     seq, heads, padded_len, num_split, scalars_ptr,
     D: tl.constexpr, DV: tl.constexpr, T: tl.constexpr,
-    FINISH: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    FINISH: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, MIX: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The first forward hop with an online softmax: ``out = drop((1 - a) softmax(s) x + a v)`` and
@@ -222,16 +225,17 @@ def first_hop_kernel(
     else:
         tl.store(lse_ptr + bh * padded_len + rows, m + tl.log2(l))
         attended = acc / tl.where(l > 0, l, 1.0)[:, None]  # a row without edges attends to nothing: 0
-        _hop_epilogue(attended, rows, bh, padded_len, v_ptr, keep_ptr, out_ptr, a_mix, keep_scale, DV, DROPOUT)
+        _hop_epilogue(attended, rows, bh, padded_len, v_ptr, keep_ptr, out_ptr, a_mix, keep_scale, DV, DROPOUT,
+                      MIX)  # fmt: skip
 
 
 @triton.jit
 def dqdk_kernel(
     q_ptr, k_ptr, z0_ptr, states_ptr, hgrads_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dz0_ptr, real_ptr, scratch_ptr,
-    seg_tile_ptr, seg_begin_ptr, seg_end_ptr, seg_slot_ptr, loop_tiles_ptr,
+    dz0_scratch_ptr, seg_tile_ptr, seg_begin_ptr, seg_end_ptr, seg_slot_ptr, loop_tiles_ptr,
     seq, heads, padded_len, num_hops, num_bh, num_slots, bh_start, scalars_ptr,
     D: tl.constexpr, DV: tl.constexpr, T: tl.constexpr,
-    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ADD_DZ0: tl.constexpr,
 ):  # fmt: skip
     """The score gradients of every hop at once, and the gradient of the first state. Per key tile
     and the query tiles of its segment:
@@ -240,7 +244,8 @@ def dqdk_kernel(
       ``h_t`` the gradient reaching ``P z_t``), ``dS = P * (dP - delta)``;
     - ``dq += scale dS k`` (atomic, float32; ``dq`` holds heads ``bh_start ..`` only);
     - ``dk = scale dS^T q`` (stored; a split key tile adds into ``scratch[slot]``, unscaled);
-    - ``dz0 += P^T h_0`` (float32; atomic where the key tile is split).
+    - ``dz0 += P^T h_0``: with ``ADD_DZ0`` into a float32 ``dz0`` that holds other terms (atomic where the
+      key tile is split); else stored in ``dz0``'s dtype (a split key tile adds into ``dz0_scratch[slot]``).
 
     ``scalars = [scale * log2(e), scale]``."""
     seg = tl.program_id(0)
@@ -289,8 +294,27 @@ def dqdk_kernel(
     if slot >= 0:
         scratch = scratch_ptr + ((bh * num_slots + slot) * T + tl.arange(0, T)[:, None]) * D
         tl.atomic_add(scratch + dims[None, :], dk, sem="relaxed")
-        tl.atomic_add(dz0_out, dz0, sem="relaxed")
+        if ADD_DZ0:
+            tl.atomic_add(dz0_out, dz0, sem="relaxed")
+        else:
+            dz0_scratch = dz0_scratch_ptr + ((bh * num_slots + slot) * T + tl.arange(0, T)[:, None]) * DV
+            tl.atomic_add(dz0_scratch + vdims[None, :], dz0, sem="relaxed")
     else:
         out = dk_ptr + bh * padded_len * D + keys[:, None] * D + dims[None, :]
         tl.store(out, (dk * scale).to(dk_ptr.dtype.element_ty))
-        tl.store(dz0_out, tl.load(dz0_out) + dz0)
+        if ADD_DZ0:
+            tl.store(dz0_out, tl.load(dz0_out) + dz0)
+        else:
+            tl.store(dz0_out, dz0.to(dz0_ptr.dtype.element_ty))
+
+
+@triton.jit
+def delta_kernel(grad_ptr, out_ptr, delta_ptr, padded_len, DV: tl.constexpr, T: tl.constexpr):
+    """``delta = rowsum(grad * out)`` per query: the adjoint epilogue's ``delta`` for plain attention
+    (one hop, ``a = 0``, no dropout), where the hop's input gradient is ``grad`` itself."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * T + tl.arange(0, T)
+    offsets = bh * padded_len * DV + rows[:, None] * DV + tl.arange(0, DV)[None, :]
+    acc_dtype = delta_ptr.dtype.element_ty
+    product = tl.load(grad_ptr + offsets).to(acc_dtype) * tl.load(out_ptr + offsets).to(acc_dtype)
+    tl.store(delta_ptr + bh * padded_len + rows, tl.sum(product, 1))

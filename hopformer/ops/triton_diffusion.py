@@ -229,7 +229,8 @@ class _Passes:
                 q, k, x, lse, real, part_m, part_l, part_acc, v, keep if keep is not None else q, out,
                 segs.tile, segs.begin, segs.end, segs.split, segs.loop_tiles, segs.row_segments, segs.slot_tiles,
                 self.seq, self.heads, length, num_split, self.scalars(scale * LOG2E, a, keep_scale),
-                D=dim, DV=vdim, FINISH=finish, DROPOUT=keep is not None, **self._flags(), **self.launch("first"),
+                D=dim, DV=vdim, FINISH=finish, DROPOUT=keep is not None, MIX=a != 0, **self._flags(),
+                **self.launch("first"),
             )  # fmt: skip
 
         launch((segs.count, bh), False)
@@ -253,7 +254,7 @@ class _Passes:
         ]  # fmt: skip
         real = self.real if self.real is not None else dummy
         scalars = self.scalars(scale * LOG2E, a, keep_scale)
-        flags = dict(D=dim, DV=vdim, TRANSPOSED=transposed, DROPOUT=keep is not None, WRITE_H=h is not None)
+        flags = dict(D=dim, DV=vdim, TRANSPOSED=transposed, DROPOUT=keep is not None, WRITE_H=h is not None, MIX=a != 0)
         flags |= self._flags()
 
         def launch(grid, scratch, slot_tiles, num_slots, finish):
@@ -272,32 +273,51 @@ class _Passes:
         if segs.num_slots:
             launch((segs.num_slots, bh), scratch, segs.slot_tiles, segs.num_slots, True)
 
-    def dqdk(self, q, k, z0, states, hgrads, lse, delta, dz0, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``dq, dk`` of every hop at once, and ``dz0 += P^T h_0`` (see
-        :func:`hopformer.ops._triton_kernels.dqdk_kernel`). ``dq`` is added up in float32 a few heads
-        at a time (:data:`DQ_HEAD_CHUNKS`), which keeps the float32 buffer small."""
+    def delta(self, grad, out) -> torch.Tensor:
+        """``rowsum(grad * out)`` in the accumulation dtype (plain attention's ``delta``)."""
+        bh, length, vdim = out.shape
+        delta = torch.empty(bh, length, device=out.device, dtype=self.acc_dtype)
+        self.kernels.delta_kernel[(length // self.plan.tile, bh)](grad, out, delta, length, DV=vdim, T=self.plan.tile)
+        return delta
+
+    def dqdk(self, q, k, z0, states, hgrads, lse, delta, scale: float, dz0=None):
+        """``(dq, dk, dz0)``: the score gradients of every hop at once and ``dz0 (+)= P^T h_0`` (see
+        :func:`hopformer.ops._triton_kernels.dqdk_kernel`). ``dz0``: a float32 buffer holding the other
+        terms of ``z0``'s gradient, or None (``dz0`` is then a new tensor in ``z0``'s dtype). ``dq`` is
+        added up in float32 a few heads at a time (:data:`DQ_HEAD_CHUNKS`), which keeps that buffer small."""
         segs = self.plan.cols
         bh, length, dim = q.shape
+        vdim = z0.shape[-1]
         dq = torch.empty(bh, length, dim, device=q.device, dtype=q.dtype)
         dk = torch.empty(bh, length, dim, device=q.device, dtype=k.dtype)
-        scratch = torch.zeros(bh, max(segs.num_slots, 1), self.plan.tile, dim, device=q.device, dtype=self.acc_dtype)
+        add_dz0 = dz0 is not None
+        if not add_dz0:
+            dz0 = torch.empty(z0.shape, device=z0.device, dtype=z0.dtype)
+        slots = max(segs.num_slots, 1)
+        scratch = torch.zeros(bh, slots, self.plan.tile, dim, device=q.device, dtype=self.acc_dtype)
+        dz0_scratch = scratch if add_dz0 else torch.zeros(bh, slots, self.plan.tile, vdim, device=q.device,
+                                                         dtype=self.acc_dtype)  # fmt: skip
         real = self.real if self.real is not None else q
         chunk = -(-bh // DQ_HEAD_CHUNKS)
         for start in range(0, bh, chunk):
             stop = min(start + chunk, bh)
             dq_part = torch.zeros(stop - start, length, dim, device=q.device, dtype=self.acc_dtype)
             self.kernels.dqdk_kernel[(segs.count, stop - start)](
-                q, k, z0, states, hgrads, lse, delta, dq_part, dk, dz0, real, scratch,
+                q, k, z0, states, hgrads, lse, delta, dq_part, dk, dz0, real, scratch, dz0_scratch,
                 segs.tile, segs.begin, segs.end, segs.slot, segs.loop_tiles,
                 self.seq, self.heads, length, hgrads.shape[0], bh, segs.num_slots, start,
-                self.scalars(scale * LOG2E, scale), D=dim, DV=z0.shape[-1], **self._flags(), **self.launch("dqdk"),
+                self.scalars(scale * LOG2E, scale), D=dim, DV=vdim, ADD_DZ0=add_dz0, **self._flags(),
+                **self.launch("dqdk"),
             )  # fmt: skip
             dq[start:stop] = dq_part
             del dq_part
-        if segs.num_slots:  # split key tiles: their parts were added up unscaled
+        if segs.num_slots:  # split key tiles: their parts were added up unscaled (dz0's in float32)
             tiles = segs.slot_tiles.long()
-            dk.view(bh, -1, self.plan.tile, dim)[:, tiles] = (scratch[:, : segs.num_slots] * scale).to(dk.dtype)
-        return dq, dk
+            tile_view = (bh, -1, self.plan.tile)
+            dk.view(*tile_view, dim)[:, tiles] = (scratch[:, : segs.num_slots] * scale).to(dk.dtype)
+            if not add_dz0:
+                dz0.view(*tile_view, vdim)[:, tiles] = dz0_scratch[:, : segs.num_slots].to(dz0.dtype)
+        return dq, dk, dz0
 
 
 def _diffusion_forward(passes: _Passes, q, k, v, z0, steps: Sequence[float], scale: float, hop_dropout_p: float):
@@ -333,12 +353,14 @@ def _new_states(v: torch.Tensor, hops: int) -> torch.Tensor:
 def _diffusion_backward(passes: _Passes, grad, q, k, v, z0, out, lse, states, keeps, steps, scale, hop_dropout_p):
     """``(dq, dk, dv, dz0)`` of :func:`_diffusion_forward` (``dz0`` None when ``z0`` is ``v``)."""
     hops = len(steps)
+    if hops == 1 and steps[0] == 0 and hop_dropout_p == 0 and z0 is None:
+        # plain attention: grad is h_0 and dv is P^T grad, so the adjoint pass reduces to delta
+        dq, dk, dv = passes.dqdk(q, k, v, states, grad[None], lse, passes.delta(grad, out), scale)
+        return dq, dk, dv, None
     keep_scale = 1 / (1 - hop_dropout_p)
     hgrads = torch.empty((hops, *v.shape), device=v.device, dtype=v.dtype)  # h_t: gradient reaching P Z_t
     delta = torch.zeros(q.shape[:2], device=q.device, dtype=passes.acc_dtype)
     dv = torch.zeros(v.shape, device=v.device, dtype=passes.acc_dtype)
-    dz0 = dv if z0 is None else torch.zeros_like(dv)
-    z0 = v if z0 is None else z0
 
     def keep(t):
         return keeps[t] if keeps.shape[0] else None
@@ -350,9 +372,11 @@ def _diffusion_backward(passes: _Passes, grad, q, k, v, z0, out, lse, states, ke
     for t in reversed(range(1, hops)):
         passes.run_pass(q, k, hgrads[t], lse, scale, transposed=True, a=steps[t - 1], keep=keep(t - 1),
                         state=states[t - 1], h=hgrads[t - 1], **common)  # fmt: skip
-    dq, dk = passes.dqdk(q, k, z0, states, hgrads, lse, delta, dz0, scale)  # and dZ_0 = P^T h_0
-    del hgrads
-    return dq, dk, dv.to(v.dtype), None if dz0 is dv else dz0.to(v.dtype)
+    if z0 is None:  # dZ_0 = P^T h_0 adds into dv
+        dq, dk, _ = passes.dqdk(q, k, v, states, hgrads, lse, delta, scale, dz0=dv)
+        return dq, dk, dv.to(v.dtype), None
+    dq, dk, dz0 = passes.dqdk(q, k, z0, states, hgrads, lse, delta, scale)
+    return dq, dk, dv.to(v.dtype), dz0
 
 
 def _passes_of(tensors, tile, padded_len, seq, causal, heads, real, dtype) -> _Passes:
