@@ -78,9 +78,18 @@ AXIAL_FORMS = {
     "mixture": ("vertical", "horizontal"),
 }
 
-# Up to this many keys per region, ``_region_summaries`` uses broadcast-multiply-and-sum instead of a
-# batched matmul of tiny matrices (fixed's small blocks, cached decoding).
+# Up to this many keys per region, the summaries use broadcast-multiply-and-sum instead of a batched matmul of
+# tiny matrices (fixed's small blocks, cached decoding, logsparse's lower levels).
 SMALL = 16
+# Blocks up to this size take logsparse's own-block products by broadcast too (their temporaries are
+# ``block x`` the inputs' size).
+TINY_BLOCK = 4
+
+
+def _tiny_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as a broadcast multiply-and-sum: for many tiny matrices, where batched GEMM kernels take far
+    longer than the arithmetic needs. Its temporary holds ``M x K x N`` elements per matrix pair."""
+    return (a[..., :, :, None] * b[..., None, :, :]).sum(-2)
 
 
 def combiner(
@@ -171,10 +180,10 @@ def _region_summaries(
     """
     nonempty = None if real is None else real.any(-1)
     key, query = _masked_max(k, real, nonempty)[0], _masked_max(q, real, nonempty)[0]
-    small = k.shape[-2] <= SMALL
-    logits = ((k * query[..., None, :]).sum(-1) if small else torch.einsum("...nd,...d->...n", k, query)) * scale
+    matmul = _tiny_matmul if k.shape[-2] <= SMALL else torch.matmul
+    logits = matmul(k, query[..., None]).squeeze(-1) * scale
     weights = logits.softmax(-1) if real is None else masked_softmax(logits, real, empty_rows="any")
-    value = (weights[..., None] * v).sum(-2) if small else torch.einsum("...n,...nd->...d", weights, v)
+    value = matmul(weights[..., None, :], v).squeeze(-2)
     return key, value, nonempty
 
 
@@ -345,17 +354,18 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
         region_q, region_k = (pooled.nan_to_num(neginf=0.0) if real is not None else pooled).mul(scale).unbind(0)
 
         # Within-region distribution p(j|R) and the summary value, one matmul each.
-        logits = torch.matmul(k.view(batch, heads, count, span, dim), region_q[..., None]).squeeze(-1)
+        matmul = _tiny_matmul if span <= SMALL else torch.matmul
+        logits = matmul(k.view(batch, heads, count, span, dim), region_q[..., None]).squeeze(-1)
         if real is None:
             weights = logits.softmax(-1)
         else:
             weights = masked_softmax(logits, real.view(batch, 1, count, span), empty_rows="any")
-        value = torch.matmul(weights[..., None, :], v.view(batch, heads, count, span, dv))
+        value = matmul(weights[..., None, :], v.view(batch, heads, count, span, dv))
         level_values.append(value.unflatten(2, (-1, 2)).flip(3).flatten(2, 3))  # (B, H, count, 1, dv): siblings'
 
         # Every query's logit for its sibling's summary.
         sibling_k = region_k.unflatten(2, (-1, 2)).flip(3).flatten(2, 3)
-        logits = torch.matmul(q.view(batch, heads, count, span, dim), sibling_k[..., None])
+        logits = matmul(q.view(batch, heads, count, span, dim), sibling_k[..., None])
         use = None if real is None else nonempty.unflatten(1, (-1, 2)).flip(2).flatten(1)  # (B, count)
         if causal:
             odd = (torch.arange(count, device=q.device) % 2 == 1)[None]
@@ -366,7 +376,8 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
 
     # One softmax per query over [own block || one summary per level].
     qb, kb, vb = (x.view(batch, heads, leaves, block, x.shape[-1]) for x in (q, k, v))
-    logits = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+    matmul = _tiny_matmul if block <= TINY_BLOCK else torch.matmul
+    logits = matmul(qb, kb.transpose(-1, -2)) * scale
     direct = None if real is None else real.view(batch, 1, leaves, 1, block)
     if causal:
         tril = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
@@ -381,12 +392,13 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
         probs = F.dropout(probs, dropout_p)
 
     # Output: own block, then each level's sibling summary added in one fused batched multiply-add.
-    out = torch.matmul(probs[..., :block], vb)
+    out = matmul(probs[..., :block], vb)
     # unbind, not one index per level: its backward stacks the levels' gradients in one op.
     for level, (value, weight) in enumerate(zip(level_values, probs[..., block:].unbind(-1))):
         span, count = block << level, leaves >> level
-        groups = batch * heads * count
-        out = torch.baddbmm(out.view(groups, span, dv), weight.reshape(groups, span, 1), value.view(groups, 1, dv))
+        # an outer product per span: a broadcast multiply-add (a batched matmul of inner size 1 is far slower)
+        out = torch.addcmul(out.view(batch, heads, count, span, dv), weight.reshape(batch, heads, count, span, 1),
+                            value)  # fmt: skip
     return out.view(batch, heads, tree, dv)[:, :, :seq]
 
 
