@@ -10,7 +10,8 @@ full attention (online softmax) per hop and for a full attention backward per ho
 - **Backward (adjoint).** The hops' state gradients run backwards through ``P^T`` (one transposed
   pass per hop, same ``lse``). The score gradient of all hops together is
   ``dS = P * (sum_t h_t z_t^T - delta)``, so *one* pass computes ``dq`` and ``dk`` for every hop,
-  instead of one attention backward per hop.
+  instead of one attention backward per hop. Plain attention (one hop, ``a = 0``) has no adjoint pass:
+  its ``h_0`` is the output gradient and ``delta = rowsum(grad * out)``, as in FlashAttention.
 - **Balance.** Work is cut into segments of at most ``split`` tile pairs, so the few global rows and
   columns that pair with every tile are spread over many programs (their parts add atomically).
 
