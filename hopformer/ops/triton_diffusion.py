@@ -375,8 +375,10 @@ def _diffusion_backward(passes: _Passes, grad, q, k, v, z0, out, lse, states, ke
                         state=states[t - 1], h=hgrads[t - 1], **common)  # fmt: skip
     if z0 is None:  # dZ_0 = P^T h_0 adds into dv
         dq, dk, _ = passes.dqdk(q, k, v, states, hgrads, lse, delta, scale, dz0=dv)
-        return dq, dk, dv.to(v.dtype), None
-    dq, dk, dz0 = passes.dqdk(q, k, z0, states, hgrads, lse, delta, scale)
+        dz0 = None
+    else:
+        dq, dk, dz0 = passes.dqdk(q, k, z0, states, hgrads, lse, delta, scale)
+    del hgrads  # before dv's copy in v's dtype, which would otherwise raise the peak by half an output
     return dq, dk, dv.to(v.dtype), dz0
 
 
