@@ -12,9 +12,13 @@
 #   4m     diffuse [triton] at 4,194,304 tokens (only on a GPU with over 100 GB)
 #   64k    Routing and every Combiner variant at 65,536 tokens beside bigbird sparse attention
 #   floor  the floor tables at 4K, 16K, 131K and 1M
+#   ab     before/after: sparse_attention and diffuse [triton] at 131K and 1M, and Combiner-Logsparse at 64K, run
+#          from $BEFORE (a copy of the code to compare with) and from this tree, one after the other; and the
+#          Triton backend's 2^31-element test in both. Make $BEFORE here and carry it (it is git-ignored):
+#            git archive be6b7fe hopformer tests pyproject.toml | tar -x -C experiments/_before
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-runs/perf_floor}; mkdir -p "$OUT"
+OUT=${OUT:-runs/perf_floor}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 G=(--heads 12 --head-dim 64 --block-size 128 --window 3 --num-global 2 --num-random 3 --batch 1 --dtype bfloat16)
 PARTS=("$@"); [ ${#PARTS[@]} -eq 0 ] && PARTS=(tests 4m 64k floor)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -50,6 +54,21 @@ for part in "${PARTS[@]}"; do
     python3 -m hopformer bench "${G[@]}" --seq-lens 4096,16384,131072,1048576 --sdpa-max-len 131072 \
       --ops sdpa,sparse,diffuse --backends triton,flex,flexattention,flexattention-flash --modes fwd,fwd+bwd \
       --repeats 5 --warmup 2 --time-limit-s "${FLOOR_LIMIT:-200}" --out "$OUT/bench_floor.json" | grep -v "^|" ;;
-  *) echo "unknown part: $part (tests, cuda, long, 4m, 64k, floor)"; exit 2 ;;
+  ab)
+    here=$PWD
+    for side in before after; do
+      code=$here; [ $side = before ] && code=$here/${BEFORE:-experiments/_before}
+      echo "-- $side: $code"
+      # python -m puts the working directory first on sys.path: run from the copy, or it tests this tree twice
+      ( cd "$code" && export PYTHONPATH=$code
+        timeout 150 python3 -m pytest -q tests/test_triton_backend.py -k offsets -p no:cacheprovider 2>&1 \
+          | grep -E "Mismatch|Greatest|passed|failed" | head -8
+        python3 -m hopformer bench "${G[@]}" --seq-lens 131072,1048576 --sdpa-max-len 131072 --ops sdpa,sparse,diffuse \
+          --backends triton --modes fwd+bwd --repeats 5 --warmup 2 --out "$OUT/bench_ab_$side.json" | grep -E "floor|MiB"
+        python3 -m hopformer bench "${G[@]}" --seq-lens 65536 --ops sparse,combiner --backends triton \
+          --combiner-variants logsparse --modes fwd+bwd --repeats 3 --warmup 1 --out "$OUT/bench_ab64_$side.json" \
+          | grep MiB )
+    done ;;
+  *) echo "unknown part: $part (tests, cuda, long, 4m, 64k, floor, ab)"; exit 2 ;;
   esac
 done

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hopformer.ops.combiner_attention as combiner_attention
 import hopformer.ops.combiner_flex as combiner_flex
 from hopformer.attention import build
 from hopformer.ops.combiner_attention import _exclusive_max, _region_summaries, combiner
@@ -226,6 +227,23 @@ def test_logsparse_without_mask_matches_all_real_mask_and_reference(seq, block, 
     for out in (plain, masked):
         for a, b in zip(torch.autograd.grad(out, (q, k, v), upstream), slow):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("seq,block", [(37, 2), (40, 4), (21, 3)])
+def test_logsparse_broadcast_products_match_reference(seq, block, causal, padded, monkeypatch):
+    """The broadcast products logsparse takes on CUDA, forced on here: the same outputs and gradients as the
+    dense reference (spans of 2-16 and blocks of 2 and 4 by broadcast; block 3 and spans past 16 by matmul)."""
+    monkeypatch.setattr(combiner_attention, "_broadcast_products", lambda x: True)
+    q, k, v = _inputs(seq, grad=True, seed=seq + block)
+    mask = _padding(3, seq, block) if padded else None
+    out = combiner(q, k, v, "logsparse", block, causal, mask)
+    ref, _ = combiner_reference(q, k, v, "logsparse", block, causal, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), upstream), torch.autograd.grad(ref, (q, k, v), upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("causal", CAUSAL)

@@ -81,9 +81,15 @@ AXIAL_FORMS = {
 # Up to this many keys per region, the summaries use broadcast-multiply-and-sum instead of a batched matmul of
 # tiny matrices (fixed's small blocks, cached decoding, logsparse's lower levels).
 SMALL = 16
-# Blocks up to this size take logsparse's own-block products by broadcast too (their temporaries are
-# ``block x`` the inputs' size).
+# On CUDA, logsparse takes its levels' products up to ``SMALL`` keys per span, and its own-block products up to
+# this block size (their temporaries are ``block x`` the inputs' size), by broadcast too: batched GEMMs of
+# 2 x 64 matrices dominated its GPU profile. On CPU its batched matmuls are faster than the broadcasts.
 TINY_BLOCK = 4
+
+
+def _broadcast_products(x: torch.Tensor) -> bool:
+    """Whether logsparse takes its tiny products by broadcast (see ``TINY_BLOCK``): on CUDA."""
+    return x.is_cuda
 
 
 def _tiny_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -333,6 +339,7 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
         real = F.pad(real, (0, tree - seq), value=False)
     leaves = tree // block
     lowest = torch.finfo(q.dtype).min
+    broadcast = _broadcast_products(q)
 
     # At level b the tree has spans of 2**b blocks; a query in span u uses the summary of the sibling
     # span u ^ 1 (causal: only when the sibling is on the left, i.e. u is odd). The siblings over all
@@ -354,7 +361,7 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
         region_q, region_k = (pooled.nan_to_num(neginf=0.0) if real is not None else pooled).mul(scale).unbind(0)
 
         # Within-region distribution p(j|R) and the summary value, one matmul each.
-        matmul = _tiny_matmul if span <= SMALL else torch.matmul
+        matmul = _tiny_matmul if broadcast and span <= SMALL else torch.matmul
         logits = matmul(k.view(batch, heads, count, span, dim), region_q[..., None]).squeeze(-1)
         if real is None:
             weights = logits.softmax(-1)
@@ -376,7 +383,7 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
 
     # One softmax per query over [own block || one summary per level].
     qb, kb, vb = (x.view(batch, heads, leaves, block, x.shape[-1]) for x in (q, k, v))
-    matmul = _tiny_matmul if block <= TINY_BLOCK else torch.matmul
+    matmul = _tiny_matmul if broadcast and block <= TINY_BLOCK else torch.matmul
     logits = matmul(qb, kb.transpose(-1, -2)) * scale
     direct = None if real is None else real.view(batch, 1, leaves, 1, block)
     if causal:
