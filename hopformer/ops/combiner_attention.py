@@ -403,7 +403,7 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
     # unbind, not one index per level: its backward stacks the levels' gradients in one op.
     for level, (value, weight) in enumerate(zip(level_values, probs[..., block:].unbind(-1))):
         span, count = block << level, leaves >> level
-        # an outer product per span: a broadcast multiply-add (a batched matmul of inner size 1 is far slower)
+        # an outer product per span, as a broadcast multiply-add rather than a batched GEMM of inner size 1
         out = torch.addcmul(out.view(batch, heads, count, span, dv), weight.reshape(batch, heads, count, span, 1),
                             value)  # fmt: skip
     return out.view(batch, heads, tree, dv)[:, :, :seq]

@@ -281,7 +281,7 @@ class _Passes:
         self.kernels.delta_kernel[(length // self.plan.tile, bh)](grad, out, delta, length, DV=vdim, T=self.plan.tile)
         return delta
 
-    def dqdk(self, q, k, z0, states, hgrads, lse, delta, scale: float, dz0=None):
+    def dqdk(self, q, k, z0, states, hgrads, lse, delta, scale: float, dz0=None) -> tuple[torch.Tensor, ...]:
         """``(dq, dk, dz0)``: the score gradients of every hop at once and ``dz0 (+)= P^T h_0`` (see
         :func:`hopformer.ops._triton_kernels.dqdk_kernel`). ``dz0``: a float32 buffer holding the other
         terms of ``z0``'s gradient, or None (``dz0`` is then a new tensor in ``z0``'s dtype). ``dq`` is
