@@ -62,7 +62,7 @@ for part in "${PARTS[@]}"; do
       # python -m puts the working directory first on sys.path: run from the copy, or it tests this tree twice
       ( cd "$code" && export PYTHONPATH=$code
         timeout 150 python3 -m pytest -q tests/test_triton_backend.py -k offsets -p no:cacheprovider 2>&1 \
-          | grep -E "Mismatch|Greatest|passed|failed" | head -8
+          | grep -E "Mismatch|Greatest|Error|passed|failed" | head -8
         python3 -m hopformer bench "${G[@]}" --seq-lens 131072,1048576 --sdpa-max-len 131072 --ops sdpa,sparse,diffuse \
           --backends triton --modes fwd+bwd --repeats 5 --warmup 2 --out "$OUT/bench_ab_$side.json" | grep -E "floor|MiB"
         python3 -m hopformer bench "${G[@]}" --seq-lens 65536 --ops sparse,combiner --backends triton \
