@@ -15,7 +15,7 @@
 #   ab     before/after: sparse_attention and diffuse [triton] at 131K and 1M, and Combiner-Logsparse at 64K, run
 #          from $BEFORE (a copy of the code to compare with) and from this tree, one after the other; and the
 #          Triton backend's 2^31-element test in both. Make $BEFORE here and carry it (it is git-ignored):
-#            git archive be6b7fe hopformer tests pyproject.toml | tar -x -C experiments/_before
+#            mkdir -p experiments/_before && git archive be6b7fe hopformer tests pyproject.toml | tar -x -C experiments/_before
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/perf_floor}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
