@@ -21,16 +21,15 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/perf_floor}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 G=(--heads 12 --head-dim 64 --block-size 128 --window 3 --num-global 2 --num-random 3 --batch 1 --dtype bfloat16)
 PARTS=("$@"); [ ${#PARTS[@]} -eq 0 ] && PARTS=(tests 4m 64k floor)
+workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)  # pytest-xdist, where the image has it
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for part in "${PARTS[@]}"; do
   echo "== $part $(date +%T)"
   case $part in
   tests)
-    workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
     python3 -m pytest -q -m cuda tests/test_combiner.py -k flex -p no:cacheprovider "${workers[@]}" 2>&1 | tail -5 \
       | tee "$OUT/combiner_flex_tests.txt" ;;
   cuda)
-    workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
     { python3 -m pytest -q -m cuda tests/test_triton_backend.py tests/test_combiner.py -p no:cacheprovider \
         "${workers[@]}" 2>&1 | tail -3
       python3 -m pytest -q tests/test_compile.py -k "triton or side_outputs or gather" -p no:cacheprovider 2>&1 \
@@ -57,7 +56,8 @@ for part in "${PARTS[@]}"; do
   ab)
     here=$PWD
     for side in before after; do
-      code=$here; [ $side = before ] && code=$here/${BEFORE:-experiments/_before}
+      code=$here
+      if [ $side = before ]; then code=${BEFORE:-experiments/_before}; [[ $code = /* ]] || code=$here/$code; fi
       echo "-- $side: $code"
       # python -m puts the working directory first on sys.path: run from the copy, or it tests this tree twice
       ( cd "$code" && export PYTHONPATH=$code
