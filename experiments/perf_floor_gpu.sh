@@ -12,7 +12,7 @@
 #   4m     diffuse [triton] at 4,194,304 tokens (only on a GPU with over 100 GB)
 #   64k    Routing and every Combiner variant at 65,536 tokens beside bigbird sparse attention
 #   floor  the floor tables at 4K, 16K, 131K and 1M
-#   ab     before/after: sparse_attention and diffuse [triton] at 131K and 1M, and Combiner-Logsparse at 64K, run
+#   ab     before/after: sparse_attention and diffuse [triton] at 131K and 1M, Routing and Combiner-Logsparse at 64K, run
 #          from $BEFORE (a copy of the code to compare with) and from this tree, one after the other; and the
 #          Triton backend's 2^31-element test in both. Make $BEFORE here and carry it (it is git-ignored):
 #            mkdir -p experiments/_before && git archive be6b7fe hopformer tests pyproject.toml | tar -x -C experiments/_before
@@ -65,7 +65,7 @@ for part in "${PARTS[@]}"; do
           | grep -E "Mismatch|Greatest|Error|passed|failed" | head -8
         python3 -m hopformer bench "${G[@]}" --seq-lens 131072,1048576 --sdpa-max-len 131072 --ops sdpa,sparse,diffuse \
           --backends triton --modes fwd+bwd --repeats 5 --warmup 2 --out "$OUT/bench_ab_$side.json" | grep -E "floor|MiB"
-        python3 -m hopformer bench "${G[@]}" --seq-lens 65536 --ops sparse,combiner --backends triton \
+        python3 -m hopformer bench "${G[@]}" --seq-lens 65536 --ops sparse,routing,combiner --backends triton \
           --combiner-variants logsparse --modes fwd+bwd --repeats 3 --warmup 1 --out "$OUT/bench_ab64_$side.json" \
           | grep MiB )
     done ;;

@@ -16,6 +16,7 @@ from hopformer.ops.routing_attention import (
     clustered_attention,
     commitment_loss,
     memberships,
+    nearest_with_error,
     normalise,
     rank,
     routing,
@@ -285,26 +286,32 @@ def test_local_attention_on_cuda_matches_cpu(block, causal):
 # Commitment loss
 
 
+@pytest.mark.parametrize("given_error", [False, True])
 @pytest.mark.parametrize("chunk", [None, 1])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("qk_norm", ["layernorm", "l2"])
-def test_commitment_loss_matches_formula_with_gradient(padded, qk_norm, chunk, monkeypatch):
-    """``chunk=1``: rank and the loss work one head at a time (the path long sequences take)."""
+def test_commitment_loss_matches_formula_with_gradient(padded, qk_norm, chunk, given_error, monkeypatch):
+    """``chunk=1``: rank and the loss work one head at a time (the path long sequences take). ``given_error``: the
+    forward sums the ranking's errors (||x||^2 - 2 x.mu + ||mu||^2) instead of normalising again."""
     if chunk is not None:
         monkeypatch.setattr(routing_ops, "CHUNK_ELEMENTS", chunk)
     q, _, _, centroids = _inputs(seq=17, clusters=4, seed=11, grad=True)
+    centroids = centroids * 1.3  # off the sphere: the error's ||mu||^2 term must be the centroid's own
     mask = _padding(2, 17) if padded else None
     with torch.no_grad():
-        _, assign = rank(normalise(q, qk_norm), centroids, 5, mask)
-    loss = commitment_loss(q, centroids, assign, mask, qk_norm)
+        _, assign, ranked_error = rank(normalise(q, qk_norm), centroids, 5, mask)
+    loss = commitment_loss(q, centroids, assign, mask, qk_norm, ranked_error if given_error else None)
     x = normalise(q, qk_norm)
     target = centroids[torch.arange(3)[:, None], assign]  # (B, H, L, d)
     error = (x - target).pow(2).mean(-1)
+    torch.testing.assert_close(ranked_error, error.detach(), rtol=1e-10, atol=1e-12)
     real = torch.ones(2, 17, dtype=torch.float64) if mask is None else mask.double()
     expected = (error * real[:, None]).sum() / (real.sum() * 3)
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(loss, q)[0], torch.autograd.grad(expected, q)[0])
     assert torch.equal(assign, similarity(x.detach(), centroids).argmax(2))
+    assert torch.equal(nearest_with_error(x.detach(), centroids)[0], assign)
+    torch.testing.assert_close(nearest_with_error(x.detach(), centroids)[1], error.detach(), rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,6 +419,36 @@ def test_commitment_loss_reaches_the_q_and_k_projections(share_qk):
     grad = module.qkv.weight.grad
     assert grad[:16].abs().sum() > 0, "commitment gradient reaches the query projection"
     assert (grad[16:32].abs().sum() > 0) != share_qk, "and the key projection unless keys are the queries"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("share_qk", [False, True])
+def test_module_commitment_loss_matches_formula_on_first_and_later_batches(causal, share_qk, monkeypatch):
+    """The loss's forward takes the ranking's errors; they must measure against the centroids the loss sees (the
+    first causal batch moves them after routing) and match the formula on every batch."""
+    from hopformer.attention import routing as routing_module
+
+    module = _module(causal=causal, share_qk=share_qk, local_heads=2, commitment=0.5).double().train()
+    seen = []
+
+    def recording(x, centroids, assignment, padding, qk_norm, error):
+        seen.append((x.detach(), centroids.clone(), assignment, padding))
+        return routing_ops.commitment_loss(x, centroids, assignment, padding, qk_norm, error)
+
+    monkeypatch.setattr(routing_module, "commitment_loss", recording)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    for _ in range(3):  # the first batch initialises the centroids, the next ones take EMA steps
+        seen.clear()
+        module(torch.randn(2, 12, 16, dtype=torch.float64), mask)
+        assert len(seen) == (1 if share_qk else 2)
+        expected = 0.0
+        for x, centroids, assign, padding in seen:
+            target = centroids[torch.arange(2)[:, None], assign]
+            error = (normalise(x) - target).pow(2).mean(-1)
+            real = padding.double()
+            expected = expected + (error * real[:, None]).sum() / (real.sum() * 2)
+        torch.testing.assert_close(module.aux_loss, 0.5 * expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

@@ -70,15 +70,15 @@ MUTANTS = [
     m(
         "routing-keys-ranked-raw-under-l2", "ops", "hopformer/ops/routing_attention.py",
         "with qk_norm='l2' routing ranks the raw keys (no normalisation) to pick cluster members",
-        [("key_idx, _ = rank(normalise(k.to(dtype), qk_norm), centroids",
-          "key_idx, _ = rank(k.to(dtype) if qk_norm == 'l2' else normalise(k.to(dtype), qk_norm), centroids")],
+        [("key_idx = rank(normalise(k.to(dtype), qk_norm), centroids",
+          "key_idx = rank(k.to(dtype) if qk_norm == 'l2' else normalise(k.to(dtype), qk_norm), centroids")],
         "tests/test_routing.py",
     ),
     m(
         "routing-queries-ranked-raw", "ops", "hopformer/ops/routing_attention.py",
         "routing ranks the raw queries (no normalisation) to pick cluster members",
-        [("query_idx, _ = rank(normalise(q.to(dtype), qk_norm), centroids",
-          "query_idx, _ = rank(q.to(dtype), centroids")],
+        [("query_idx = rank(normalise(q.to(dtype), qk_norm), centroids",
+          "query_idx = rank(q.to(dtype), centroids")],
         "tests/test_routing.py",
     ),
     m(

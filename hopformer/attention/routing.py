@@ -57,6 +57,7 @@ from hopformer.ops.routing_attention import (
     clustered_attention,
     commitment_loss,
     nearest_centroid,
+    nearest_with_error,
     normalise,
     rank,
 )
@@ -188,11 +189,12 @@ class RoutingAttention(AttentionModule):
 
     def _route(self, q, k, v, window, padding, dropout):
         sources = [q] if self.share_qk else [q, k]
-        members, assignments = self._assign(sources, window, padding)
+        members, assignments, errors = self._assign(sources, window, padding)
         # The loss before the attention: autograd runs its backward after the attention's, once the
         # attention's temporaries are freed (at 64K tokens that keeps its 96 MiB off Routing's peak).
         loss = sum(
-            commitment_loss(x, self.centroids, assign, padding, self.qk_norm) for x, assign in zip(sources, assignments)
+            commitment_loss(x, self.centroids, assign, padding, self.qk_norm, error)
+            for x, assign, error in zip(sources, assignments, errors)
         )
         self.aux_loss = self.commitment * loss
         if self.causal:
@@ -203,10 +205,11 @@ class RoutingAttention(AttentionModule):
             q, k, v, members[0], members[-1], self.causal, padding, shared_qk=self.share_qk, dropout_p=dropout
         )
 
-    def _assign(self, sources, window, padding) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Members and nearest-centroid assignments of the query (and key) tokens, with this forward's k-means
-        bookkeeping (initialisation, EMA step, statistics) on the module's state. Under ``torch.compile`` one
-        custom op that declares the state it updates (:func:`_kmeans_op`), so the compiled program keeps it."""
+    def _assign(self, sources, window, padding) -> tuple[list[torch.Tensor], ...]:
+        """Members, nearest-centroid assignments and commitment errors of the query (and key) tokens, with this
+        forward's k-means bookkeeping (initialisation, EMA step, statistics) on the module's state. Under
+        ``torch.compile`` one custom op that declares the state it updates (:func:`_kmeans_op`), so the compiled
+        program keeps it; the errors are None there (the compiled loss recomputes them, fused)."""
         state = self._state()
         settings = dict(window=window, causal=self.causal, qk_norm=self.qk_norm, recording=self.training,
                         update_auto=self.update == "auto", decay=self.decay, radius=self.radius,
@@ -217,15 +220,15 @@ class RoutingAttention(AttentionModule):
                 sources[0].detach(), None if key is None else key.detach(), padding, *state, **settings
             )
             if key is None:
-                return [members_q], [assign_q]
-            return [members_q, members_k], [assign_q, assign_k]
+                return [members_q], [assign_q], [None]
+            return [members_q, members_k], [assign_q, assign_k], [None, None]
         known = self._initialised_seen
-        members, assignments = kmeans_step(
+        members, assignments, errors = kmeans_step(
             [x.detach() for x in sources], padding, state, known_initialised=known, **settings
         )
         if self.training:
             self._is_initialised()  # reads the flag (a device sync) only until it is set
-        return members, assignments
+        return members, assignments, errors
 
     def _state(self) -> KMeansState:
         return KMeansState(
@@ -372,11 +375,11 @@ def kmeans_step(
     radius: float,
     kmeans_iters: int,
     known_initialised: bool = False,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Members and assignments of the tokens ``sources`` (queries, and keys unless shared) and, in a recording
-    (training) forward that is not an activation recomputation, the k-means bookkeeping on ``state`` (see the
-    module docstring). Normalised vectors in at least float32 rank the tokens and feed the statistics; they are
-    made here and dropped."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
+    """Members, assignments and commitment errors of the tokens ``sources`` (queries, and keys unless shared) and,
+    in a recording (training) forward that is not an activation recomputation, the k-means bookkeeping on
+    ``state`` (see the module docstring). Normalised vectors in at least float32 rank the tokens and feed the
+    statistics; they are made here and dropped. An error is None where the centroids moved after the ranking."""
     recording = recording and not _recomputing()
     dtype = torch.promote_types(sources[0].dtype, torch.float32)
     normalised = [normalise(x.to(dtype), qk_norm) for x in sources]
@@ -385,20 +388,22 @@ def kmeans_step(
         _initialise(state, normalised[0], normalised[-1], len(sources) == 1, padding, kmeans_iters, radius)
     elif recording and not first and update_auto:
         update_centroids(state, decay, radius)
-    members, assignments = [], []
+    members, assignments, errors = [], [], []
     for x_norm in normalised:
         if causal:  # each token's nearest centroid: its own vector decides, nothing later does
-            assign = nearest_centroid(x_norm, state.centroids)
+            assign, error = nearest_with_error(x_norm, state.centroids)
             members.append(assign)
         else:
-            index, assign = rank(x_norm, state.centroids, window, padding)
+            index, assign, error = rank(x_norm, state.centroids, window, padding)
             members.append(index)
         assignments.append(assign)
+        errors.append(error)
     if first and causal:  # after routing: this batch's own k-means must not reach its past
         _initialise(state, normalised[0], normalised[-1], len(sources) == 1, padding, kmeans_iters, radius)
+        errors = [None] * len(errors)  # measured against the old centroids: the loss takes the new ones
     if recording:
         record_statistics(state, list(zip(normalised, assignments)), padding)
-    return members, assignments
+    return members, assignments, errors
 
 
 def update_centroids(state: KMeansState, decay: float, radius: float) -> None:
@@ -513,7 +518,7 @@ def _kmeans_op(
     assignments)``; the key outputs are empty with shared QK. The state arguments are updated in place."""
     state = KMeansState(centroids, ema_counts, ema_sums, initialised, pending, pending_batches)
     sources = [q] if k is None else [q, k]
-    members, assignments = kmeans_step(
+    members, assignments, _ = kmeans_step(
         sources, padding, state, window=window, causal=causal, qk_norm=qk_norm, recording=recording,
         update_auto=update_auto, decay=decay, radius=radius, kmeans_iters=kmeans_iters,
     )  # fmt: skip

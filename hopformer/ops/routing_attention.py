@@ -31,6 +31,8 @@ masked as keys and produce nothing as queries.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -131,30 +133,70 @@ def memberships(
     """
     dtype = torch.promote_types(q.dtype, torch.float32)  # rank in at least float32 (see similarity)
     with torch.no_grad():  # membership is discrete: no gradient through the ranking
-        query_idx, _ = rank(normalise(q.to(dtype), qk_norm), centroids, window, key_padding_mask)
+        query_idx = rank(normalise(q.to(dtype), qk_norm), centroids, window, key_padding_mask).members
         if shared_qk:
             return query_idx, query_idx
-        key_idx, _ = rank(normalise(k.to(dtype), qk_norm), centroids, window, key_padding_mask)
+        key_idx = rank(normalise(k.to(dtype), qk_norm), centroids, window, key_padding_mask).members
     return query_idx, key_idx
 
 
-def rank(
-    x_norm: torch.Tensor, centroids: torch.Tensor, window: int, key_padding_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Members ``(batch, heads, clusters, window)`` (top-w per centroid) and the argmax assignment
-    ``(batch, heads, seq)`` of normalised tokens ``x_norm (batch, heads, seq, d)``.
+class Ranking(NamedTuple):
+    """What ranking normalised tokens against the centroids gives (:func:`rank`)."""
+
+    members: torch.Tensor  # (batch, heads, clusters, window): top-w tokens per centroid, sorted by position
+    assignment: torch.Tensor  # (batch, heads, seq): each token's nearest centroid
+    error: torch.Tensor  # (batch, heads, seq): mean squared distance to it, over features (the commitment error)
+
+
+def rank(x_norm: torch.Tensor, centroids: torch.Tensor, window: int, key_padding_mask: torch.Tensor | None) -> Ranking:
+    """Members (top-w per centroid), nearest centroid and commitment error of normalised tokens
+    ``x_norm (batch, heads, seq, d)``.
 
     A few heads at a time: the float32 similarity table of a chunk holds at most ``CHUNK_ELEMENTS``,
     or one head's (at 64K tokens and 256 clusters one head, 64 MiB, instead of that times the heads).
     """
-    members, assignment = [], []
+    members, assignment, error = [], [], []
     batch, heads, seq, _ = x_norm.shape
     for chunk in _head_chunks(heads, batch * centroids.shape[1] * seq):
         table = similarity(x_norm[:, chunk], centroids[chunk])
         members.append(top_window(table, window, key_padding_mask))
-        assignment.append(table.argmax(2))
+        nearest, distance = _nearest(table, x_norm[:, chunk], centroids[chunk])
+        assignment.append(nearest)
+        error.append(distance)
         del table
-    return torch.cat(members, 1), torch.cat(assignment, 1)
+    return Ranking(torch.cat(members, 1), torch.cat(assignment, 1), torch.cat(error, 1))
+
+
+def nearest_centroid(x_norm: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The nearest centroid of each normalised token, ``(batch, heads, seq)``, a few heads at a time."""
+    batch, heads, seq, _ = x_norm.shape
+    return torch.cat(
+        [
+            similarity(x_norm[:, chunk], centroids[chunk]).argmax(2)
+            for chunk in _head_chunks(heads, batch * centroids.shape[1] * seq)
+        ],
+        dim=1,
+    )
+
+
+def nearest_with_error(x_norm: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest_centroid` and each token's commitment error (as :class:`Ranking`'s)."""
+    batch, heads, seq, _ = x_norm.shape
+    parts = [
+        _nearest(similarity(x_norm[:, chunk], centroids[chunk]), x_norm[:, chunk], centroids[chunk])
+        for chunk in _head_chunks(heads, batch * centroids.shape[1] * seq)
+    ]
+    return torch.cat([nearest for nearest, _ in parts], 1), torch.cat([error for _, error in parts], 1)
+
+
+def _nearest(table: torch.Tensor, x_norm: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # ||x - mu||^2 = ||x||^2 - 2 x.mu + ||mu||^2, with x.mu the table's best entry: the commitment loss's forward
+    # reads this instead of normalising the tokens and gathering their centroids again.
+    best, nearest = table.max(2)
+    heads = torch.arange(table.shape[1], device=table.device)[None, :, None]
+    centroid_norms = centroids.to(table.dtype).pow(2).sum(-1)[heads, nearest]
+    error = x_norm.to(table.dtype).pow(2).sum(-1) - 2 * best + centroid_norms
+    return nearest, error.clamp_min(0) / x_norm.shape[-1]
 
 
 def _head_chunks(heads: int, elements_per_head: int) -> list[slice]:
@@ -177,15 +219,20 @@ def similarity(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 class _CommitmentLoss(torch.autograd.Function):
     """``sum_{b,h,l} weight[b,l] * mean_d (normalise(x) - centroid[assignment])^2``, recomputed a few
     heads at a time in the backward: only ``x`` (a view the attention keeps anyway) is saved, never
-    float32 copies of the normalised tokens (at 64K tokens, 100 MiB per tensor per layer)."""
+    float32 copies of the normalised tokens (at 64K tokens, 100 MiB per tensor per layer). The forward
+    sums the ranking's ``error`` (:class:`Ranking`) where it is given."""
 
     @staticmethod
-    def forward(ctx, x, centroids, assignment, weight, qk_norm):
+    def forward(ctx, x, centroids, assignment, weight, qk_norm, error):
         batch, heads, seq, dim = x.shape
         ctx.chunks = _head_chunks(heads, batch * seq * dim)
-        total = weight.new_zeros(())
-        for chunk in ctx.chunks:
-            total = total + _chunk_commitment(x[:, chunk], centroids[chunk], assignment[:, chunk], weight, qk_norm)
+        if error is not None:
+            total = (error * weight[:, None]).sum()
+        else:
+            total = weight.new_zeros(())
+            for chunk in ctx.chunks:
+                part = _chunk_commitment(x[:, chunk], centroids[chunk], assignment[:, chunk], weight, qk_norm)
+                total = total + part
         ctx.save_for_backward(x, centroids, assignment, weight)
         ctx.qk_norm = qk_norm
         return total
@@ -199,7 +246,7 @@ class _CommitmentLoss(torch.autograd.Function):
                 part = x[:, chunk].detach().requires_grad_()
                 loss = _chunk_commitment(part, centroids[chunk], assignment[:, chunk], weight, ctx.qk_norm)
                 (grad_x[:, chunk],) = torch.autograd.grad(loss, part, grad)
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 def _chunk_commitment(x, centroids, assignment, weight, qk_norm):
@@ -216,12 +263,15 @@ def commitment_loss(
     assignment: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
     qk_norm: str = "layernorm",
+    error: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared distance of the normalised tokens to their assigned centroids (no gradient to the
     centroids), over real tokens, heads and features: the k-means commitment loss of one tensor.
 
-    ``x (batch, heads, seq, d)``, ``centroids (heads, clusters, d)``, ``assignment (batch, heads, seq)``.
-    Memory-lean: the normalised tokens are recomputed in the backward (see ``_CommitmentLoss``).
+    ``x (batch, heads, seq, d)``, ``centroids (heads, clusters, d)``, ``assignment (batch, heads, seq)``;
+    ``error (batch, heads, seq)``: the distances the ranking found (:class:`Ranking`), which spare the forward
+    from normalising ``x`` again. Memory-lean: the normalised tokens are recomputed in the backward (see
+    ``_CommitmentLoss``).
     """
     batch, heads, seq, _ = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -232,7 +282,7 @@ def commitment_loss(
         weight = real / (real.sum() * heads).clamp_min(1.0)
     if torch.compiler.is_dynamo_compiling():  # (the recomputing backward calls autograd, which Dynamo cannot trace)
         return _chunk_commitment(x, centroids.detach().to(dtype), assignment, weight, qk_norm)
-    return _CommitmentLoss.apply(x, centroids.detach().to(dtype), assignment, weight, qk_norm)
+    return _CommitmentLoss.apply(x, centroids.detach().to(dtype), assignment, weight, qk_norm, error)
 
 
 def clustered_attention(
@@ -297,15 +347,6 @@ def nearest_clusters(
         query_cluster = nearest_centroid(normalise(q.to(dtype), qk_norm), centroids)
         key_cluster = query_cluster if shared_qk else nearest_centroid(normalise(k.to(dtype), qk_norm), centroids)
     return query_cluster, key_cluster
-
-
-def nearest_centroid(x_norm: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """The nearest centroid of each normalised token, ``(batch, heads, seq)``, a few heads at a time."""
-    batch, heads, seq, _ = x_norm.shape
-    return torch.cat(
-        [similarity(x_norm[:, chunk], centroids[chunk]).argmax(2) for chunk in _head_chunks(heads, batch * seq)],
-        dim=1,
-    )
 
 
 def causal_clustered_attention(
