@@ -229,13 +229,15 @@ def test_logsparse_without_mask_matches_all_real_mask_and_reference(seq, block, 
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("tile_blocks", [1, 2, 4])
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("seq,block", [(37, 2), (40, 4), (21, 3)])
-def test_logsparse_broadcast_products_match_reference(seq, block, causal, padded, monkeypatch):
-    """The broadcast products logsparse takes on CUDA, forced on here: the same outputs and gradients as the
-    dense reference (spans of 2-16 and blocks of 2 and 4 by broadcast; block 3 and spans past 16 by matmul)."""
-    monkeypatch.setattr(combiner_attention, "_broadcast_products", lambda x: True)
+def test_logsparse_tiles_match_reference(seq, block, causal, padded, tile_blocks, monkeypatch):
+    """Tiles of 1, 2 and 4 blocks: every level above the tile (summaries by matmul, the same for a whole tile),
+    then one and two levels inside it (summaries by masked attention on the tile's tokens), beside the dense
+    reference, outputs and gradients."""
+    monkeypatch.setattr(combiner_attention, "LOGSPARSE_TILE", tile_blocks * block)
     q, k, v = _inputs(seq, grad=True, seed=seq + block)
     mask = _padding(3, seq, block) if padded else None
     out = combiner(q, k, v, "logsparse", block, causal, mask)

@@ -41,11 +41,11 @@ summaries]`` (``backend="flex"``; ``auto`` from ``COMBINER_FLEX_MIN_LEN`` tokens
 summaries and no mask tensor, and a hand-written backward for the summaries that adds their gradients
 in place (``_FixedSummaryAttention``): less memory at up to twice the time. The axial forms and mixture
 have a ``flex`` path too (row, column and summary calls merged by log-sum-exp; asked for by name).
-``logsparse`` max-pools the ``log L`` summary levels bottom up (each level from the one below) and
-swaps neighbouring spans so each query meets its sibling summary in place; per level, batched matmuls
-over views of ``q, k, v`` give the within-region softmax, the summary value and the query's sibling
-logit, then one softmax over ``[own block || levels]`` and one fused multiply-add per level for the
-output (no ``(L, d)`` tensor per level is built or saved for the backward).
+``logsparse`` max-pools the ``log L`` summary levels bottom up (each level from the one below) and works in
+tiles of about ``LOGSPARSE_TILE`` tokens: the lower levels' regions lie inside a tile and get their summaries
+from one masked attention of their pooled queries on the tile; a higher level's region is the sibling of a
+whole tile (one matmul per level over views of ``k, v``); then one masked attention per tile on
+``[tile tokens || in-tile summaries || higher summaries]`` gives the output.
 The axial forms compute row, column and summary logits with einsums (direct keys differ per row
 *and* per column, so no single SDPA call covers them) and one softmax over their concatenation;
 summaries use exclusive ``cummax`` along rows / columns and per-column / per-row SDPA.
@@ -79,17 +79,12 @@ AXIAL_FORMS = {
 }
 
 # Up to this many keys per region, the summaries use broadcast-multiply-and-sum instead of a batched matmul of
-# tiny matrices (fixed's small blocks, cached decoding, logsparse's lower levels).
+# tiny matrices (fixed's small blocks, cached decoding).
 SMALL = 16
-# On CUDA, logsparse takes its levels' products up to ``SMALL`` keys per span, and its own-block products up to
-# this block size (their temporaries are ``block x`` the inputs' size), by broadcast too: batched GEMMs of
-# 2 x 64 matrices dominated its GPU profile. On CPU its batched matmuls are faster than the broadcasts.
-TINY_BLOCK = 4
-
-
-def _broadcast_products(x: torch.Tensor) -> bool:
-    """Whether logsparse takes its tiny products by broadcast (see ``TINY_BLOCK``): on CUDA."""
-    return x.is_cuda
+# Logsparse's tile, in tokens (rounded down to the block times a power of two): its lower levels' regions are
+# attended inside tiles by two masked attentions, where one small matmul per level and region size took most of
+# its time (batched GEMMs of 2 x 64 matrices).
+LOGSPARSE_TILE = 128
 
 
 def _tiny_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -324,9 +319,18 @@ def _masked_max(
 def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
     """Combiner-Logsparse on tensors padded to whole blocks; ``real=None``: every token is real.
 
-    Per level of the tree a handful of batched matmuls over views of ``q, k, v``: nothing of size
-    ``(L, d)`` per level is built or saved for the backward, only ``O(L)`` logits and the ``O(L / span)``
-    region summaries.
+    At level ``b`` of a binary tree over the blocks a query's region is its sibling span (``2**b`` blocks). The
+    sequence is cut into tiles of ``block << inner`` tokens (about ``LOGSPARSE_TILE``):
+
+    - the regions of the ``inner`` lowest levels lie inside one tile: one masked attention of their pooled queries
+      on the tile's tokens gives all their summaries;
+    - a region of a higher level is the sibling of a whole tile: its summary is the same for every query there,
+      one matmul per level over views of ``k`` and ``v``;
+    - one masked attention per tile on ``[tile tokens || in-tile summaries || higher summaries]`` gives the output
+      (the own block is the direct set; the masks pick each query's siblings).
+
+    A handful of kernels per higher level and a fixed number for the rest; no ``(L, L)`` tensor, and no
+    ``(L, d)`` tensor per level.
     """
     batch, heads, seq, dim = q.shape
     dv = v.shape[-1]
@@ -338,75 +342,94 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
         q, k, v = (F.pad(x, (0, 0, 0, tree - seq)) for x in (q, k, v))
         real = F.pad(real, (0, tree - seq), value=False)
     leaves = tree // block
-    lowest = torch.finfo(q.dtype).min
-    broadcast = _broadcast_products(q)
+    inner = min(levels, max(0, (LOGSPARSE_TILE // block).bit_length() - 1))  # levels inside a tile
+    tile = block << inner
+    tiles = tree // tile
+    device = q.device
 
-    # At level b the tree has spans of 2**b blocks; a query in span u uses the summary of the sibling
-    # span u ^ 1 (causal: only when the sibling is on the left, i.e. u is odd). The siblings over all
-    # levels tile everything outside the query's own block. Swapping neighbouring spans lines every query
-    # up with its sibling's summary, so each level is a few batched matmuls over views of q, k, v.
-    if real is not None:  # padded tokens never win a max-pool; a region of padding only stays -inf
+    # Max-pools of q and k per level, bottom up (a level's is the max of its two children's); padded tokens never
+    # win, and a region of padding only is -inf (its key and query become 0 below; masks keep it out).
+    if real is not None:
         pad = ~real[:, None, :, None]
         pooled = torch.stack([x.masked_fill(pad, -math.inf).unflatten(2, (leaves, block)).amax(3) for x in (q, k)])
         nonempty = real.view(batch, leaves, block).any(2)
     else:
         pooled = torch.stack([x.unflatten(2, (leaves, block)).amax(3) for x in (q, k)])
-    level_logits, level_values = [], []
-    for level in range(levels):  # O(log L) levels
-        span, count = block << level, leaves >> level
-        if level:  # a level's max-pool is the max of its two children's (exact, O(L / span) work)
-            pooled = pooled.unflatten(3, (count, 2)).amax(4)
-            nonempty = nonempty.unflatten(1, (count, 2)).any(2) if real is not None else None
-        # Region query and key (scaled); an empty region's -inf becomes 0 (it is masked out below).
-        region_q, region_k = (pooled.nan_to_num(neginf=0.0) if real is not None else pooled).mul(scale).unbind(0)
+        nonempty = None
+    pools, filled = [], []  # per level: (2, B, H, count, d) and (B, count) or None
+    for level in range(levels):
+        if level:
+            pooled = pooled.unflatten(3, (-1, 2)).amax(4)
+            nonempty = None if nonempty is None else nonempty.unflatten(1, (-1, 2)).any(2)
+        pools.append(pooled.nan_to_num(neginf=0.0) if real is not None else pooled)
+        filled.append(nonempty)
 
-        # Within-region distribution p(j|R) and the summary value, one matmul each.
-        matmul = _tiny_matmul if broadcast and span <= SMALL else torch.matmul
-        logits = matmul(k.view(batch, heads, count, span, dim), region_q[..., None]).squeeze(-1)
+    position = torch.arange(tile, device=device)
+    tiled = [x.view(batch, heads, tiles, tile, x.shape[-1]) for x in (q, k, v)]
+    real_tiles = None if real is None else real.view(batch, tiles, tile)
+    keys, values, masks = [tiled[1]], [tiled[2]], []
+
+    # The direct set: the own block (causal: up to the query).
+    direct = position[:, None] // block == position[None, :] // block
+    if causal:
+        direct = direct & (position[:, None] >= position[None, :])
+    masks.append(direct if real_tiles is None else direct & real_tiles[:, :, None, :])
+
+    if inner:  # the in-tile levels' regions, level 0 first, each as a (start, level) of the tile
+        level_of = torch.cat([torch.full((tile // (block << b),), b, device=device) for b in range(inner)])
+        region_q = torch.cat([pools[b][0].view(batch, heads, tiles, -1, dim) for b in range(inner)], 3)
+        region_k = torch.cat([pools[b][1].view(batch, heads, tiles, -1, dim) for b in range(inner)], 3)
+        index = torch.cat([torch.arange(tile // (block << b), device=device) for b in range(inner)])
+        span = block << level_of  # tokens per region
+        member = position[None, :] // span[:, None] == index[:, None]  # (R, T)
+        summary_mask = member if real_tiles is None else member & real_tiles[:, :, None, :]
+        keys.append(region_k)
+        values.append(grouped_attention(region_q, tiled[1], tiled[2], summary_mask, scale, 0.0))
+        own = position[:, None] // span[None, :]  # (T, R): the query's span at each region's level
+        sibling = index[None, :] == own ^ 1
+        if causal:
+            sibling = sibling & (own % 2 == 1)
+        if real_tiles is not None:
+            sibling = sibling & summary_mask.any(-1)[:, :, None, :]
+        masks.append(sibling)
+
+    # The higher levels: a tile's region at level b is the sibling of the span holding the tile.
+    tile_index = torch.arange(tiles, device=device)
+    higher_k, higher_v, higher_use = [], [], []
+    for level in range(inner, levels):
+        span, count = block << level, leaves >> level
+        region_q, region_k = pools[level].unbind(0)
+        logits = torch.matmul(k.view(batch, heads, count, span, dim), region_q[..., None] * scale).squeeze(-1)
         if real is None:
             weights = logits.softmax(-1)
         else:
             weights = masked_softmax(logits, real.view(batch, 1, count, span), empty_rows="any")
-        value = matmul(weights[..., None, :], v.view(batch, heads, count, span, dv))
-        level_values.append(value.unflatten(2, (-1, 2)).flip(3).flatten(2, 3))  # (B, H, count, 1, dv): siblings'
-
-        # Every query's logit for its sibling's summary.
-        sibling_k = region_k.unflatten(2, (-1, 2)).flip(3).flatten(2, 3)
-        logits = matmul(q.view(batch, heads, count, span, dim), sibling_k[..., None])
-        use = None if real is None else nonempty.unflatten(1, (-1, 2)).flip(2).flatten(1)  # (B, count)
+        value = torch.matmul(weights[..., None, :], v.view(batch, heads, count, span, dv)).squeeze(-2)
+        own = tile_index >> (level - inner)
+        higher_k.append(region_k[:, :, own ^ 1])
+        higher_v.append(value[:, :, own ^ 1])
+        use = torch.ones(1, tiles, dtype=torch.bool, device=device)
         if causal:
-            odd = (torch.arange(count, device=q.device) % 2 == 1)[None]
-            use = odd if use is None else use & odd
-        if use is not None:
-            logits = logits.masked_fill(~use[:, None, :, None, None], lowest)
-        level_logits.append(logits.view(batch, heads, tree, 1))
+            use = use & (own % 2 == 1)
+        if filled[level] is not None:
+            use = use & filled[level][:, own ^ 1]
+        higher_use.append(use)
+    if higher_k:
+        keys.append(torch.stack(higher_k, 3))
+        values.append(torch.stack(higher_v, 3))
+        masks.append(torch.stack(torch.broadcast_tensors(*higher_use), -1)[:, :, None, :].expand(-1, -1, tile, -1))
 
-    # One softmax per query over [own block || one summary per level].
-    qb, kb, vb = (x.view(batch, heads, leaves, block, x.shape[-1]) for x in (q, k, v))
-    matmul = _tiny_matmul if broadcast and block <= TINY_BLOCK else torch.matmul
-    logits = matmul(qb, kb.transpose(-1, -2)) * scale
-    direct = None if real is None else real.view(batch, 1, leaves, 1, block)
-    if causal:
-        tril = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
-        direct = tril if direct is None else direct & tril
-    if direct is not None:
-        logits = logits.masked_fill(~direct, lowest)
-    if levels:
-        summary = torch.cat(level_logits, -1).view(batch, heads, leaves, block, levels)
-        logits = torch.cat([logits, summary], dim=-1)
-    probs = logits.softmax(-1)  # masked entries are exactly 0; padded queries are zeroed by the caller
-    if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p)
-
-    # Output: own block, then each level's sibling summary added in one fused batched multiply-add.
-    out = matmul(probs[..., :block], vb)
-    # unbind, not one index per level: its backward stacks the levels' gradients in one op.
-    for level, (value, weight) in enumerate(zip(level_values, probs[..., block:].unbind(-1))):
-        span, count = block << level, leaves >> level
-        # an outer product per span, as a broadcast multiply-add rather than a batched GEMM of inner size 1
-        out = torch.addcmul(out.view(batch, heads, count, span, dv), weight.reshape(batch, heads, count, span, 1),
-                            value)  # fmt: skip
-    return out.view(batch, heads, tree, dv)[:, :, :seq]
+    # One softmax per query over [own block || one summary per level]; extra masked keys round the key count up
+    # to a multiple of 8 (the memory-efficient kernel's alignment).
+    extra = -sum(x.shape[3] for x in keys) % 8
+    if extra:
+        keys.append(keys[0].new_zeros(batch, heads, tiles, extra, dim))
+        values.append(values[0].new_zeros(batch, heads, tiles, extra, dv))
+        masks.append(torch.zeros(1, 1, tile, extra, dtype=torch.bool, device=device))
+    shape = (batch, tiles, tile)
+    mask = torch.cat([m.expand(*shape, m.shape[-1]) for m in masks], -1)
+    out = grouped_attention(tiled[0], torch.cat(keys, 3), torch.cat(values, 3), mask, scale, dropout_p)
+    return out.reshape(batch, heads, tree, dv)[:, :, :seq]
 
 
 def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
