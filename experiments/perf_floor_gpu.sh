@@ -16,6 +16,7 @@
 #          from $BEFORE (a copy of the code to compare with) and from this tree, one after the other; and the
 #          Triton backend's 2^31-element test in both. Make $BEFORE here and carry it (it is git-ignored):
 #            mkdir -p experiments/_before && git archive be6b7fe hopformer tests pyproject.toml | tar -x -C experiments/_before
+#          AB_QUICK=1 leaves the 2^31 test out; AB_LENS=131072 times the triton rows at 131K only.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/perf_floor}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -30,8 +31,10 @@ for part in "${PARTS[@]}"; do
     python3 -m pytest -q -m cuda tests/test_combiner.py -k flex -p no:cacheprovider "${workers[@]}" 2>&1 | tail -5 \
       | tee "$OUT/combiner_flex_tests.txt" ;;
   cuda)
-    { python3 -m pytest -q -m cuda tests/test_triton_backend.py tests/test_combiner.py -p no:cacheprovider \
-        "${workers[@]}" 2>&1 | tail -3
+    # the 2^31-element test holds about 30 GB: alone, not beside parallel workers
+    { python3 -m pytest -q -m cuda tests/test_triton_backend.py -k offsets -p no:cacheprovider 2>&1 | tail -3
+      python3 -m pytest -q -m cuda tests/test_triton_backend.py tests/test_combiner.py -k "not offsets" \
+        -p no:cacheprovider "${workers[@]}" 2>&1 | tail -3
       python3 -m pytest -q tests/test_compile.py -k "triton or side_outputs or gather" -p no:cacheprovider 2>&1 \
         | tail -3; } | tee "$OUT/cuda_tests.txt" ;;
   long)
@@ -61,9 +64,9 @@ for part in "${PARTS[@]}"; do
       echo "-- $side: $code"
       # python -m puts the working directory first on sys.path: run from the copy, or it tests this tree twice
       ( cd "$code" && export PYTHONPATH=$code
-        timeout 150 python3 -m pytest -q tests/test_triton_backend.py -k offsets -p no:cacheprovider 2>&1 \
-          | grep -E "Mismatch|Greatest|Error|passed|failed" | head -8
-        python3 -m hopformer bench "${G[@]}" --seq-lens 131072,1048576 --sdpa-max-len 131072 --ops sdpa,sparse,diffuse \
+        [ -z "${AB_QUICK:-}" ] && timeout 150 python3 -m pytest -q tests/test_triton_backend.py -k offsets \
+          -p no:cacheprovider 2>&1 | grep -E "Mismatch|Greatest|Error|passed|failed" | head -8
+        python3 -m hopformer bench "${G[@]}" --seq-lens "${AB_LENS:-131072,1048576}" --sdpa-max-len 131072 --ops sdpa,sparse,diffuse \
           --backends triton --modes fwd+bwd --repeats 5 --warmup 2 --out "$OUT/bench_ab_$side.json" | grep -E "floor|MiB"
         python3 -m hopformer bench "${G[@]}" --seq-lens 65536 --ops sparse,routing,combiner --backends triton \
           --combiner-variants logsparse --modes fwd+bwd --repeats 3 --warmup 1 --out "$OUT/bench_ab64_$side.json" \
