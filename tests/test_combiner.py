@@ -486,8 +486,11 @@ def test_auto_keeps_the_axial_forms_on_eager_and_flex_names_them():
     assert dispatch.auto_ranking(fixed)[0][0] == "flex"
 
 
-def _flex_on_cuda_against_eager_float64(variant: str, seq: int, block: int, causal: bool, padded: bool) -> None:
-    """``backend="flex"`` on CUDA in float32 against ``eager`` on the CPU in float64: output and gradients."""
+def _flex_on_cuda_against_eager_float64(
+    variant: str, seq: int, block: int, causal: bool, padded: bool, backend: str = "flex"
+) -> None:
+    """``backend`` (default ``"flex"``) on CUDA in float32 against ``eager`` on the CPU in float64: output and
+    gradients."""
     g = torch.Generator().manual_seed(seq + block)
     q, k, v = (torch.randn(2, 2, seq, 16, generator=g, dtype=torch.float64) for _ in range(3))
     mask = None
@@ -499,8 +502,8 @@ def _flex_on_cuda_against_eager_float64(variant: str, seq: int, block: int, caus
     results = []
     for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
         inputs = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
-        backend = "flex" if device == "cuda" else "eager"
-        out = combiner(*inputs, variant, block, causal, None if mask is None else mask.to(device), backend=backend)
+        chosen = backend if device == "cuda" else "eager"
+        out = combiner(*inputs, variant, block, causal, None if mask is None else mask.to(device), backend=chosen)
         grads = torch.autograd.grad(out, inputs, upstream.to(device, dtype))
         results.append([t.detach().double().cpu() for t in (out, *grads)])
     for a, b in zip(*results):
@@ -530,6 +533,16 @@ def test_fixed_on_cuda_matches_cpu_float64(seq, block, causal, padded, group, mo
     summaries]; ``group`` 2 makes several copies at these lengths."""
     monkeypatch.setattr(combiner_flex, "SUMMARY_GROUP", group)
     _flex_on_cuda_against_eager_float64("fixed", seq, block, causal, padded)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("seq,block", [(1000, 2), (777, 3)])
+def test_logsparse_on_cuda_matches_cpu_float64(seq, block, causal, padded):
+    """Logsparse's tiles on CUDA's SDPA kernels and matmuls: levels inside the tile and above it."""
+    _flex_on_cuda_against_eager_float64("logsparse", seq, block, causal, padded, backend="eager")
 
 
 def test_backend_is_checked():
