@@ -11,6 +11,7 @@
 #   long   sparse_attention and diffuse (triton, flex) fwd+bwd at 131K and 1M: time and peak memory
 #   4m     diffuse [triton] at 4,194,304 tokens (only on a GPU with over 100 GB)
 #   64k    Routing and every Combiner variant at 65,536 tokens beside bigbird sparse attention
+#   compiled  the same cores (but Fixed) eager and under torch.compile (hopformer bench --compile)
 #   floor  the floor tables at 4K, 16K, 131K and 1M
 #   ab     before/after: sparse_attention and diffuse [triton] at 131K and 1M, Routing and Combiner-Logsparse at 64K, run
 #          from $BEFORE (a copy of the code to compare with) and from this tree, one after the other; and the
@@ -52,6 +53,10 @@ for part in "${PARTS[@]}"; do
     python3 -m hopformer bench "${G[@]}" --seq-lens 65536 --ops sparse,routing,combiner --backends triton \
       --combiner-variants all --modes fwd+bwd --repeats 3 --warmup 1 --time-limit-s 150 \
       --out "$OUT/bench_64k.json" | grep -v "^|" ;;
+  compiled)
+    python3 -m hopformer bench "${G[@]}" --seq-lens 65536 --ops sparse,routing,combiner --backends triton \
+      --combiner-variants logsparse,axial,axial_horizontal,mixture --modes fwd+bwd --compile --repeats 3 --warmup 1 \
+      --time-limit-s 400 --out "$OUT/bench_64k_compiled.json" | grep -v "^|" ;;
   floor)
     python3 -m hopformer bench "${G[@]}" --seq-lens 4096,16384,131072,1048576 --sdpa-max-len 131072 \
       --ops sdpa,sparse,diffuse --backends triton,flex,flexattention,flexattention-flash --modes fwd,fwd+bwd \
@@ -72,6 +77,6 @@ for part in "${PARTS[@]}"; do
           --combiner-variants logsparse --modes fwd+bwd --repeats 3 --warmup 1 --out "$OUT/bench_ab64_$side.json" \
           | grep MiB )
     done ;;
-  *) echo "unknown part: $part (tests, cuda, long, 4m, 64k, floor, ab)"; exit 2 ;;
+  *) echo "unknown part: $part (tests, cuda, long, 4m, 64k, compiled, floor, ab)"; exit 2 ;;
   esac
 done

@@ -84,6 +84,20 @@ def test_routing_and_combiner_rows_beside_bigbird(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_compile_times_each_op_again_compiled(tmp_path):
+    """``--compile``: every op but dense SDPA twice, the second under torch.compile, with its compile time (what a
+    compiled op computes is tested in test_compile.py)."""
+    result = _bench(tmp_path, "--ops", "sdpa,combiner", "--combiner-variants", "logsparse", "--modes", "fwd+bwd",
+                    "--seq-lens", "64", "--compile")  # fmt: skip
+    names = [label(r) for r in result["rows"]]
+    assert names == ["sdpa [sdpa]", "combiner:logsparse [eager]", "combiner:logsparse [eager+compile]"]
+    compiled = result["rows"][-1]
+    _measured(compiled)
+    assert compiled["compiled"] and compiled["compile_s"] > 0 and result["settings"]["compile"]
+    assert "compile_s" not in result["rows"][1]
+    assert any(e["op"] == "combiner:logsparse [eager+compile]" for e in result["ratios"])
+
+
 def test_all_combiner_variants_and_dense_skips(tmp_path):
     result = _bench(
         tmp_path,

@@ -61,6 +61,7 @@ class Case:
     seq_len: int
     mode: str  # "fwd" or "fwd+bwd"
     variant: str | None = None  # combiner variant
+    compiled: bool = False  # the step's call under torch.compile(fullgraph=True), one shape
 
 
 # FlexAttention itself as the peer of `sparse`: its kernel options by backend name
@@ -68,9 +69,10 @@ FLEX_PEERS = {"flexattention": None, "flexattention-flash": {"BACKEND": "FLASH"}
 
 
 def label(row: dict) -> str:
-    """Display name of a case or row: ``sparse [gather]``, ``combiner:fixed [eager]``."""
+    """Display name of a case or row: ``sparse [gather]``, ``combiner:fixed [eager]``, ``routing [eager+compile]``."""
     variant = f":{row['variant']}" if row.get("variant") else ""
-    return f"{row['op']}{variant} [{row['backend']}]"
+    compiled = "+compile" if row.get("compiled") else ""
+    return f"{row['op']}{variant} [{row['backend']}{compiled}]"
 
 
 def _rss_mib() -> float:
@@ -226,6 +228,9 @@ def run_case(case: Case, settings: dict, device: torch.device, repeats: int, war
         call, config = _core(case, settings, device, q, k, v)
         if config:
             row["config"] = config
+        if case.compiled:
+            torch._dynamo.reset()  # each case compiles afresh: no recompile limit across cases
+            call = torch.compile(call, fullgraph=True, dynamic=False)
 
         def step() -> None:
             out, loss = call()
@@ -237,6 +242,11 @@ def run_case(case: Case, settings: dict, device: torch.device, repeats: int, war
                 q.grad = k.grad = v.grad = None
 
         with torch.set_grad_enabled(backward):
+            if case.compiled:  # the first step compiles: timed on its own
+                started = time.perf_counter()
+                step()
+                _sync(device)
+                row["compile_s"] = round(time.perf_counter() - started, 2)
             for _ in range(warmup):
                 step()
             _sync(device)

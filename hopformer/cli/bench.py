@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from hopformer.bench import COMBINER_VARIANTS, OPS  # no torch: --help stays fast; run() imports the harness
 
@@ -56,6 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--modes", default="fwd,fwd+bwd", help="comma-separated: fwd (forward only), fwd+bwd (with the backward)"
     )
     parser.add_argument("--sdpa-max-len", type=int, default=None, help="skip dense SDPA above this length")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time each op (not dense SDPA or the flexattention peers) under torch.compile(fullgraph=True), "
+        "one graph per shape: rows labelled [backend+compile], with the first step's compile time",
+    )
     parser.add_argument(
         "--case-budget-s",
         type=float,
@@ -147,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         "warmup": args.warmup,
         "case_budget_s": args.case_budget_s,
         "time_limit_s": args.time_limit_s,
+        "compile": args.compile,
     }
     cases, rows = [], []
     for seq_len in (int(x) for x in args.seq_lens.split(",")):
@@ -166,13 +173,22 @@ def run(args: argparse.Namespace) -> int:
                     if device.type == "cuda":  # the FlexAttention paths (every variant but logsparse)
                         flex_variants = [v for v in variants if v in FLEX_COMBINER.support.variants]
                         cases.extend(Case("combiner", "flex", seq_len, mode, variant) for variant in flex_variants)
+    if args.compile:  # each case again, compiled, right after it (dense SDPA and the flex peers are kernels already)
+        plain = [case.op == "sdpa" or case.backend in FLEX_PEERS for case in cases]
+        cases = [
+            twin
+            for case, kernel in zip(cases, plain)
+            for twin in [case, *([] if kernel else [replace(case, compiled=True)])]
+        ]
 
     def show(row: dict) -> None:
         if "ms" in row:
             result = f"{row['ms']:10.2f} ms (min {row['ms_min']:.2f})  {row['peak_mib']:9.1f} MiB"
+            if "compile_s" in row:
+                result += f"  (compiled in {row['compile_s']:.1f} s)"
         else:
             result = f"skipped ({row['skipped']})" if row.get("skipped") else row["error"]
-        print(f"{label(row):26s} {row['mode']:8s} L={row['seq_len']:<8d} {result}", flush=True)
+        print(f"{label(row):34s} {row['mode']:8s} L={row['seq_len']:<8d} {result}", flush=True)
 
     for row in rows:  # above --sdpa-max-len: recorded as skipped, not silently dropped
         show(row)
