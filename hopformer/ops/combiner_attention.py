@@ -375,7 +375,7 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
         direct = direct & (position[:, None] >= position[None, :])
     masks.append(direct if real_tiles is None else direct & real_tiles[:, :, None, :])
 
-    if inner:  # the in-tile levels' regions, level 0 first, each as a (start, level) of the tile
+    if inner:  # the in-tile levels' regions, level 0 first: each by its level and its index there in the tile
         level_of = torch.cat([torch.full((tile // (block << b),), b, device=device) for b in range(inner)])
         region_q = torch.cat([pools[b][0].view(batch, heads, tiles, -1, dim) for b in range(inner)], 3)
         region_k = torch.cat([pools[b][1].view(batch, heads, tiles, -1, dim) for b in range(inner)], 3)
@@ -405,14 +405,14 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
         else:
             weights = masked_softmax(logits, real.view(batch, 1, count, span), empty_rows="any")
         value = torch.matmul(weights[..., None, :], v.view(batch, heads, count, span, dv)).squeeze(-2)
-        own = tile_index >> (level - inner)
-        higher_k.append(region_k[:, :, own ^ 1])
-        higher_v.append(value[:, :, own ^ 1])
+        holder = tile_index >> (level - inner)  # the span of this level that holds each tile
+        higher_k.append(region_k[:, :, holder ^ 1])
+        higher_v.append(value[:, :, holder ^ 1])
         use = torch.ones(1, tiles, dtype=torch.bool, device=device)
         if causal:
-            use = use & (own % 2 == 1)
+            use = use & (holder % 2 == 1)
         if filled[level] is not None:
-            use = use & filled[level][:, own ^ 1]
+            use = use & filled[level][:, holder ^ 1]
         higher_use.append(use)
     if higher_k:
         keys.append(torch.stack(higher_k, 3))
