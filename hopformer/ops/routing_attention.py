@@ -133,10 +133,10 @@ def memberships(
     """
     dtype = torch.promote_types(q.dtype, torch.float32)  # rank in at least float32 (see similarity)
     with torch.no_grad():  # membership is discrete: no gradient through the ranking
-        query_idx = rank(normalise(q.to(dtype), qk_norm), centroids, window, key_padding_mask).members
+        query_idx = rank(normalise(q.to(dtype), qk_norm), centroids, window, key_padding_mask, with_error=False).members
         if shared_qk:
             return query_idx, query_idx
-        key_idx = rank(normalise(k.to(dtype), qk_norm), centroids, window, key_padding_mask).members
+        key_idx = rank(normalise(k.to(dtype), qk_norm), centroids, window, key_padding_mask, with_error=False).members
     return query_idx, key_idx
 
 
@@ -145,11 +145,18 @@ class Ranking(NamedTuple):
 
     members: torch.Tensor  # (batch, heads, clusters, window): top-w tokens per centroid, sorted by position
     assignment: torch.Tensor  # (batch, heads, seq): each token's nearest centroid
-    error: torch.Tensor  # (batch, heads, seq): mean squared distance to it, over features (the commitment error)
+    error: torch.Tensor | None  # (batch, heads, seq): mean squared distance to it, over features (commitment error)
 
 
-def rank(x_norm: torch.Tensor, centroids: torch.Tensor, window: int, key_padding_mask: torch.Tensor | None) -> Ranking:
-    """Members (top-w per centroid), nearest centroid and commitment error of normalised tokens
+def rank(
+    x_norm: torch.Tensor,
+    centroids: torch.Tensor,
+    window: int,
+    key_padding_mask: torch.Tensor | None,
+    *,
+    with_error: bool = True,
+) -> Ranking:
+    """Members (top-w per centroid), nearest centroid and (``with_error``) commitment error of normalised tokens
     ``x_norm (batch, heads, seq, d)``.
 
     A few heads at a time: the float32 similarity table of a chunk holds at most ``CHUNK_ELEMENTS``,
@@ -160,11 +167,14 @@ def rank(x_norm: torch.Tensor, centroids: torch.Tensor, window: int, key_padding
     for chunk in _head_chunks(heads, batch * centroids.shape[1] * seq):
         table = similarity(x_norm[:, chunk], centroids[chunk])
         members.append(top_window(table, window, key_padding_mask))
-        nearest, distance = _nearest(table, x_norm[:, chunk], centroids[chunk])
+        if with_error:
+            nearest, distance = _nearest(table, x_norm[:, chunk], centroids[chunk])
+            error.append(distance)
+        else:
+            nearest = table.argmax(2)
         assignment.append(nearest)
-        error.append(distance)
         del table
-    return Ranking(torch.cat(members, 1), torch.cat(assignment, 1), torch.cat(error, 1))
+    return Ranking(torch.cat(members, 1), torch.cat(assignment, 1), torch.cat(error, 1) if with_error else None)
 
 
 def nearest_centroid(x_norm: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
