@@ -486,7 +486,7 @@ def test_auto_keeps_the_axial_forms_on_eager_and_flex_names_them():
     assert dispatch.auto_ranking(fixed)[0][0] == "flex"
 
 
-def _flex_on_cuda_against_eager_float64(
+def _cuda_against_cpu_float64(
     variant: str, seq: int, block: int, causal: bool, padded: bool, backend: str = "flex"
 ) -> None:
     """``backend`` (default ``"flex"``) on CUDA in float32 against ``eager`` on the CPU in float64: output and
@@ -519,7 +519,7 @@ def _flex_on_cuda_against_eager_float64(
 def test_axial_flex_on_cuda_matches_cpu_float64(variant, seq, width, causal, padded):
     """On CUDA the axial forms run as FlexAttention row and column calls, gradients through their
     log-sum-exps included."""
-    _flex_on_cuda_against_eager_float64(variant, seq, width, causal, padded)
+    _cuda_against_cpu_float64(variant, seq, width, causal, padded)
 
 
 @pytest.mark.cuda
@@ -532,7 +532,7 @@ def test_fixed_on_cuda_matches_cpu_float64(seq, block, causal, padded, group, mo
     """On CUDA, Combiner-Fixed runs as one FlexAttention call over [tokens; copies of the block
     summaries]; ``group`` 2 makes several copies at these lengths."""
     monkeypatch.setattr(combiner_flex, "SUMMARY_GROUP", group)
-    _flex_on_cuda_against_eager_float64("fixed", seq, block, causal, padded)
+    _cuda_against_cpu_float64("fixed", seq, block, causal, padded)
 
 
 @pytest.mark.cuda
@@ -542,7 +542,7 @@ def test_fixed_on_cuda_matches_cpu_float64(seq, block, causal, padded, group, mo
 @pytest.mark.parametrize("seq,block", [(1000, 2), (777, 3)])
 def test_logsparse_on_cuda_matches_cpu_float64(seq, block, causal, padded):
     """Logsparse's tiles on CUDA's SDPA kernels and matmuls: levels inside the tile and above it."""
-    _flex_on_cuda_against_eager_float64("logsparse", seq, block, causal, padded, backend="eager")
+    _cuda_against_cpu_float64("logsparse", seq, block, causal, padded, backend="eager")
 
 
 def test_backend_is_checked():
