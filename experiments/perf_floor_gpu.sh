@@ -13,11 +13,13 @@
 #   64k    Routing and every Combiner variant at 65,536 tokens beside bigbird sparse attention
 #   compiled  the same cores (but Fixed) eager and under torch.compile (hopformer bench --compile)
 #   floor  the floor tables at 4K, 16K, 131K and 1M
-#   ab     before/after: sparse_attention and diffuse [triton] at 131K and 1M, Routing and Combiner-Logsparse at 64K, run
+#   ab     before/after: sparse_attention and diffuse [triton] at 131K and 1M, Routing, Combiner-Logsparse, the axial
+#          forms and mixture (eager and flex) at 64K, run
 #          from $BEFORE (a copy of the code to compare with) and from this tree, one after the other; and the
 #          Triton backend's 2^31-element test in both. Make $BEFORE here and carry it (it is git-ignored):
 #            mkdir -p experiments/_before && git archive be6b7fe hopformer tests pyproject.toml | tar -x -C experiments/_before
-#          AB_QUICK=1 leaves the 2^31 test out; AB_LENS=131072 times the triton rows at 131K only.
+#          AB_QUICK=1 leaves the 2^31 test out; AB_LENS=131072 times the triton rows at 131K only; AB_VARIANTS
+#          picks the Combiner variants at 64K.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/perf_floor}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -74,7 +76,8 @@ for part in "${PARTS[@]}"; do
         python3 -m hopformer bench "${G[@]}" --seq-lens "${AB_LENS:-131072,1048576}" --sdpa-max-len 131072 --ops sdpa,sparse,diffuse \
           --backends triton --modes fwd+bwd --repeats 5 --warmup 2 --out "$OUT/bench_ab_$side.json" | grep -E "floor|MiB"
         python3 -m hopformer bench "${G[@]}" --seq-lens 65536 --ops sparse,routing,combiner --backends triton \
-          --combiner-variants logsparse --modes fwd+bwd --repeats 3 --warmup 1 --out "$OUT/bench_ab64_$side.json" \
+          --combiner-variants "${AB_VARIANTS:-logsparse,axial,axial_horizontal,mixture}" --modes fwd+bwd --repeats 3 \
+          --warmup 1 --time-limit-s 200 --out "$OUT/bench_ab64_$side.json" \
           | grep MiB )
     done ;;
   *) echo "unknown part: $part (tests, cuda, long, 4m, 64k, compiled, floor, ab)"; exit 2 ;;

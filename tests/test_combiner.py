@@ -562,12 +562,14 @@ def test_backend_is_checked():
 @pytest.mark.parametrize("dim", [2, 3])
 def test_exclusive_max_and_its_compact_backward_match_autograd_cummax(dim, size, both_sides):
     """The max strictly before (or around) each position, and its gradient through the one winning position it
-    keeps, against autograd through ``cummax``; ``-inf`` entries (padding) included."""
+    keeps (around: the best and second best of each run), against autograd through ``cummax``; ``-inf`` entries
+    (padding) included. Around, the best entry's gradient is a sum less one term: rounding, not a tie-break."""
     g = torch.Generator().manual_seed(size)
     shape = [2, 3, 4, 4, 3]
     shape[dim] = size
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     x[0, 0].select(dim - 2, 0).fill_(-torch.inf)  # a padded entry at the start of each run
+    x[1, 1].narrow(dim - 2, 1, size - 1).fill_(-torch.inf)  # runs of one real entry, the rest padded
     x.requires_grad_()
     fill = torch.full_like(x.narrow(dim, 0, 1), -torch.inf)
     expected = torch.cat([fill, x.cummax(dim).values.narrow(dim, 0, size - 1)], dim)
@@ -579,4 +581,21 @@ def test_exclusive_max_and_its_compact_backward_match_autograd_cummax(dim, size,
     upstream = torch.where(expected.isfinite(), torch.randn(expected.shape, generator=g, dtype=torch.float64), 0.0)
     (want,) = torch.autograd.grad(expected, x, upstream)
     (have,) = torch.autograd.grad(got, x, upstream)
-    torch.testing.assert_close(have, want, rtol=0, atol=1e-15)
+    torch.testing.assert_close(have, want, rtol=1e-13 if both_sides else 0, atol=1e-14 if both_sides else 1e-15)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_max_of_others_in_bfloat16_matches_float64(dim):
+    """In bfloat16 the best entry's gradient is a whole run's sum less one term (here 256 terms, summed in
+    float32): within bfloat16's rounding of float64's, and the forward exact."""
+    g = torch.Generator().manual_seed(dim)
+    shape = [1, 2, 3, 3, 4]
+    shape[dim] = 256
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    upstream = torch.randn(shape, generator=g, dtype=torch.float64) + 1.0  # a mean, so the sum is large
+    low = x.bfloat16().requires_grad_()
+    high = low.detach().double().requires_grad_()
+    (have,) = torch.autograd.grad(_exclusive_max(low, dim, True), low, upstream.bfloat16())
+    (want,) = torch.autograd.grad(_exclusive_max(high, dim, True), high, upstream.bfloat16().double())
+    assert torch.equal(_exclusive_max(low, dim, True).double(), _exclusive_max(high, dim, True))
+    torch.testing.assert_close(have.double(), want, rtol=1e-2, atol=1e-2)

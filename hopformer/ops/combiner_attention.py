@@ -215,39 +215,71 @@ def grouped_attention(
 def _exclusive_max(x: torch.Tensor, dim: int, both_sides: bool) -> torch.Tensor:
     """Max over the entries strictly before each position along ``dim`` (``both_sides``: all others).
 
-    Empty sets give ``-inf``. Uses ``cummax`` (never a cumulative sum, spec pitfall).
+    Empty sets give ``-inf``. Uses ``cummax`` (never a cumulative sum, spec pitfall); the max of all others is
+    the best entry, or the second best at the best one's own position.
     """
-    return _ExclusiveMax.apply(x, dim, both_sides)
+    return _MaxOfOthers.apply(x, dim) if both_sides else _ExclusiveMax.apply(x, dim)
+
+
+class _MaxOfOthers(torch.autograd.Function):
+    """The max of all other entries along ``dim``, from the best two entries of each run: two reductions and a
+    few small tensors, where a ``cummax`` both ways writes full-size int64 indices four times and keeps one for
+    the backward. The backward sends each position's gradient to the best entry, or to the second best from the
+    best one's own position (nothing where the max is ``-inf``: an empty set or padding only)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int) -> torch.Tensor:
+        position = torch.arange(x.shape[dim], device=x.device).view(-1, *([1] * (x.dim() - 1 - dim)))
+        best, first = x.max(dim, keepdim=True)
+        second, runner_up = torch.where(position == first, -math.inf, x).max(dim, keepdim=True)
+        ctx.dim = dim
+        ctx.save_for_backward(first, runner_up, best.isfinite(), second.isfinite())
+        return torch.where(position == first, second, best)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        first, runner_up, best_finite, second_finite = ctx.saved_tensors
+        dim = ctx.dim
+        at_first = grad.gather(dim, first)
+        # the best entry wins every position but its own; summed in float32 at least, so the subtraction keeps
+        # its digits
+        wide = torch.promote_types(grad.dtype, torch.float32)
+        to_first = (grad.sum(dim, keepdim=True, dtype=wide) - at_first.to(wide)) * best_finite
+        grad_x = torch.zeros_like(grad)
+        grad_x.scatter_(dim, first, to_first.to(grad.dtype))
+        # added, not written: with no finite second best, its index may be the best's own
+        return grad_x.scatter_add_(dim, runner_up, at_first * second_finite), None
 
 
 class _ExclusiveMax(torch.autograd.Function):
-    """:func:`_exclusive_max` keeping only the winning position, as int16 (int32 past 32,767 entries), for the
-    backward: autograd's ``cummax`` keeps int64 indices the size of its input (two, with ``torch.maximum``'s
-    inputs, for both sides), which at long lengths outweigh everything else the axial forms keep. Forward and
-    backward run a quarter of dim 1 (the heads) at a time, so their int64 temporaries stay small too."""
+    """The max strictly before each position along ``dim``, keeping only the winning position, as int16 (int32
+    past 32,767 entries), for the backward: autograd's ``cummax`` keeps int64 indices the size of its input,
+    which at long lengths outweigh everything else the causal axial forms keep. Forward and backward run a
+    quarter of dim 1 (the heads) at a time, so their int64 temporaries stay small too."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, both_sides: bool) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, dim: int) -> torch.Tensor:
         if dim < 2:
             raise ValueError(f"_exclusive_max runs along dim >= 2 (dim 1 is sliced), got dim={dim}")
         small = torch.int16 if x.shape[dim] <= 2**15 else torch.int32
         best, where = torch.empty_like(x), torch.empty(x.shape, dtype=small, device=x.device)
         for heads in _quarters(x.shape[1]):
-            best[:, heads], where[:, heads] = _exclusive_max_with_index(x[:, heads], dim, both_sides)
+            best[:, heads], where[:, heads] = _max_before_with_index(x[:, heads], dim)
         ctx.dim = dim
         ctx.save_for_backward(where)
         return best
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (where,) = ctx.saved_tensors
         grad_x = torch.zeros_like(grad)
         for heads in _quarters(grad.shape[1]):  # a few heads' int64 positions at a time
             index = where[:, heads].long()
             found = index >= 0  # an empty set (-inf) sends nothing back
             grad_x[:, heads].scatter_add_(ctx.dim, index.clamp_(min=0), grad[:, heads] * found)
-        return grad_x, None, None
+        return grad_x, None
 
 
 def _quarters(count: int) -> list[slice]:
@@ -257,26 +289,13 @@ def _quarters(count: int) -> list[slice]:
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
-def _exclusive_max_with_index(x: torch.Tensor, dim: int, both_sides: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The max strictly before each position along ``dim`` (``both_sides``: of all others) and where it is
-    (``-inf`` and ``-1`` for an empty set)."""
-    size = x.shape[dim]
+def _max_before_with_index(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The max strictly before each position along ``dim`` and where it is (``-inf`` and ``-1`` at the first)."""
+    values, index = x.cummax(dim)
     first = x.narrow(dim, 0, 1)
+    shifted = (values.narrow(dim, 0, x.shape[dim] - 1), index.narrow(dim, 0, x.shape[dim] - 1))
     fill = torch.full_like(first, -math.inf), torch.full_like(first, -1, dtype=torch.long)
-
-    def shift(values: torch.Tensor, index: torch.Tensor, later: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The running max one step later along ``dim`` (earlier, for the max after each position)."""
-        cut = (0, size - 1) if later else (1, size - 1)
-        pairs = zip(fill, (values.narrow(dim, *cut), index.narrow(dim, *cut)))
-        return tuple(torch.cat([f, t] if later else [t, f], dim) for f, t in pairs)
-
-    best, where = shift(*x.cummax(dim), later=True)
-    if both_sides:
-        values, index = x.flip(dim).cummax(dim)
-        after, after_where = shift(values.flip(dim), (size - 1 - index).flip(dim), later=False)
-        later = after > best
-        best, where = torch.where(later, after, best), torch.where(later, after_where, where)
-    return best, where
+    return tuple(torch.cat([f, t], dim) for f, t in zip(fill, shifted))
 
 
 # ----------------------------------------------------------------------------------------------
