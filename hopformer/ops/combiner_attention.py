@@ -156,11 +156,12 @@ class EagerCombiner:
     def combine(self, q, k, v, variant, block_size, causal, real, scale, dropout_p):
         if variant == "logsparse":  # takes real=None (every token real) itself: then it masks nothing
             return _logsparse(q, k, v, block_size, causal, real, scale, dropout_p)
+        padded = real is not None
         if real is None:
             real = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
         if variant == "fixed":
             return _fixed(q, k, v, block_size, causal, real, scale, dropout_p)
-        return _axial(q, k, v, block_size, causal, real, scale, dropout_p, AXIAL_FORMS[variant])
+        return _axial(q, k, v, block_size, causal, real, scale, dropout_p, AXIAL_FORMS[variant], padded)
 
 
 EAGER = EagerCombiner()
@@ -451,8 +452,9 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
     return out.reshape(batch, heads, tree, dv)[:, :, :seq]
 
 
-def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
-    """Axial Combiner on a (rows x width) grid; ``forms`` is a subset of {vertical, horizontal}."""
+def _axial(q, k, v, width, causal, real, scale, dropout_p, forms, padded=True):
+    """Axial Combiner on a (rows x width) grid; ``forms`` is a subset of {vertical, horizontal}; ``padded=False``:
+    every token of ``real`` is real."""
     batch, heads, seq, dim = q.shape
     rows = seq // width
     qg, kg, vg = (x.view(batch, heads, rows, width, x.shape[-1]) for x in (q, k, v))
@@ -474,12 +476,12 @@ def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
     out = 0.0
     for form in forms:
         if form == "vertical":
-            key_s, value_s, nonempty = _column_summaries(qg, kg, vg, rg, scale, causal)
+            key_s, value_s, nonempty = _column_summaries(qg, kg, vg, rg, scale, causal, padded)
             sum_logits = torch.einsum("bhrcd,bhred->bhrce", qg, key_s) * scale  # summary (r, e)
             sum_mask = nonempty[:, None, :, None, :] & other_col
             sum_eq = "bhrce,bhred->bhrcd"
         else:
-            key_s, value_s, nonempty = _row_summaries(qg, kg, vg, rg, scale)
+            key_s, value_s, nonempty = _row_summaries(qg, kg, vg, rg, scale, padded)
             sum_logits = torch.einsum("bhrcd,bhtcd->bhrct", qg, key_s) * scale  # summary (t, c)
             sum_mask = nonempty.transpose(1, 2)[:, None, None, :, :] & other_row[None, None, :, None, :]
             sum_eq = "bhrct,bhtcd->bhrcd"
@@ -501,31 +503,36 @@ def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
 
 
 def axial_region_pools(
-    qg: torch.Tensor, kg: torch.Tensor, rg: torch.Tensor, along: int, both_sides: bool
+    qg: torch.Tensor, kg: torch.Tensor, rg: torch.Tensor, along: int, both_sides: bool, padded: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Region keys and queries of the axial forms on the grid ``qg, kg (B, H, rows, width, d)``, ``rg (B, rows,
     width)``: exclusive max-pools along the rows (``along=2``: each column over the rows before, or all other
     rows) or the columns (``along=3``: each row without one column), padding left out. A region without real
-    tokens gets zeros and ``nonempty (B, rows, width) = False``."""
-    pad = ~rg[:, None, :, :, None]
-    key, query = (_exclusive_max(x.masked_fill(pad, -math.inf), along, both_sides) for x in (kg, qg))
+    tokens gets zeros and ``nonempty (B, rows, width) = False``. ``padded=False`` promises that every token is
+    real: the pools then skip masking the tokens (and zeroing the regions, where none is empty)."""
     counts = rg.long()
     if both_sides:
         others = counts.sum(along - 1, keepdim=True) - counts
     else:
         others = counts.cumsum(along - 1) - counts  # real tokens strictly before
     nonempty = others > 0
-    keep = nonempty[:, None, ..., None]
-    return torch.where(keep, key, 0.0), torch.where(keep, query, 0.0), nonempty
+    if padded:
+        pad = ~rg[:, None, :, :, None]
+        kg, qg = (x.masked_fill(pad, -math.inf) for x in (kg, qg))
+    key, query = (_exclusive_max(x, along, both_sides) for x in (kg, qg))
+    if padded or not both_sides or qg.shape[along] == 1:  # some region is empty (-inf): zeros there
+        keep = nonempty[:, None, ..., None]
+        key, query = torch.where(keep, key, 0.0), torch.where(keep, query, 0.0)
+    return key, query, nonempty
 
 
-def _column_summaries(qg, kg, vg, rg, scale, causal):
+def _column_summaries(qg, kg, vg, rg, scale, causal, padded):
     """Vertical regions: column ``e`` over the rows above ``r`` (bidirectional: all rows but ``r``).
 
     Returns key and value summaries indexed ``[..., r, e, :]`` and ``nonempty (B, r, e)``.
     """
     rows = qg.shape[2]
-    key, query, nonempty = axial_region_pools(qg, kg, rg, along=2, both_sides=not causal)
+    key, query, nonempty = axial_region_pools(qg, kg, rg, along=2, both_sides=not causal, padded=padded)
     # Within-region distribution: per column, region query (r, e) attends to keys (t, e), t in R(r).
     r_idx = torch.arange(rows, device=qg.device)
     inside = r_idx[None, :] < r_idx[:, None] if causal else r_idx[None, :] != r_idx[:, None]
@@ -536,13 +543,13 @@ def _column_summaries(qg, kg, vg, rg, scale, causal):
     return key, value, nonempty
 
 
-def _row_summaries(qg, kg, vg, rg, scale):
+def _row_summaries(qg, kg, vg, rg, scale, padded):
     """Horizontal regions: row ``t`` without column ``c`` (rows are complete, causal or not).
 
     Returns key and value summaries indexed ``[..., t, c, :]`` and ``nonempty (B, t, c)``.
     """
     width = qg.shape[3]
-    key, query, nonempty = axial_region_pools(qg, kg, rg, along=3, both_sides=True)
+    key, query, nonempty = axial_region_pools(qg, kg, rg, along=3, both_sides=True, padded=padded)
     c_idx = torch.arange(width, device=qg.device)
     mask = rg[:, :, None, :] & (c_idx[None, :] != c_idx[:, None])  # (B, t, c, c')
     value = grouped_attention(query, kg, vg, mask, scale, 0.0)

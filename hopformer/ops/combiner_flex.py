@@ -324,7 +324,9 @@ def _axial_flex(q, k, v, width, causal, real, scale, forms, *, dense: bool = Fal
     out = 0.0
     for form in forms:
         if form == "vertical":  # summaries (r, e): column e over the rows above r (bidirectional: the others)
-            key_s, query_s, nonempty = axial_region_pools(qg, kg, grid, along=2, both_sides=not causal)
+            key_s, query_s, nonempty = axial_region_pools(
+                qg, kg, grid, along=2, both_sides=not causal, padded=token_ok is not None
+            )
             # p(j | region) of each summary: its query on its column's keys in the region, a column call.
             value_s, _ = attend(by_column(query_s), k_col, v_col, real_col, rows, column_rule)
             value_s = from_columns(value_s).reshape(batch, heads, seq, -1)
@@ -332,7 +334,9 @@ def _axial_flex(q, k, v, width, causal, real, scale, forms, *, dense: bool = Fal
             summary_out, summary_lse = attend(q, key_s.flatten(2, 3), value_s, nonempty.flatten(1), width, "others")
             summary = from_rows(summary_out), from_rows(summary_lse)
         else:  # summaries (t, c): row t without column c
-            key_s, query_s, nonempty = axial_region_pools(qg, kg, grid, along=3, both_sides=True)
+            key_s, query_s, nonempty = axial_region_pools(
+                qg, kg, grid, along=3, both_sides=True, padded=token_ok is not None
+            )
             value_s, _ = attend(query_s.flatten(2, 3), k, v, token_ok, width, "others")  # a row call
             # read by column c's queries, one summary per row above (bidirectional: per other row)
             value_s = by_column(from_rows(value_s))
