@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from unittest import mock
 
 import torch
@@ -25,10 +26,17 @@ from hopformer.attention import routing
 from hopformer.attention.routing import RoutingAttention, local_attention
 from hopformer.ops import routing_attention as ra
 
+DEVICE = "cuda"
+
 
 def timed(fn, repeats: int = 10, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
+    if DEVICE == "cpu":  # a smoke run of the probe itself
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats * 1e3
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -43,13 +51,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=65536)
     parser.add_argument("--out", default="routing_parts.json")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only to check that the probe runs")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     seq, heads, dim = args.seq_len, 12, 64
     torch.manual_seed(0)
-    module = RoutingAttention(heads * dim, heads, max_seq_len=seq).cuda().train()
+    module = RoutingAttention(heads * dim, heads, max_seq_len=seq).to(DEVICE).train()
     shape = (1, heads, seq, dim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
     window = seq // module.clusters
     rows: dict[str, float] = {}
 
@@ -90,7 +101,7 @@ def main() -> None:
     rows["topk_sort_one_head"] = timed(lambda: table.topk(window, dim=-1).indices.sort(dim=-1))
     rows["argmax_one_head"] = timed(lambda: table.argmax(2))
     rows["max_one_head"] = timed(lambda: table.max(2))
-    members, assignment = ra.rank(x_norm, centroids, window, None)
+    members, assignment, error = ra.rank(x_norm, centroids, window, None)
 
     x = q_route.clone().requires_grad_()
 
@@ -102,6 +113,9 @@ def main() -> None:
         x.grad = None
 
     rows["commitment_forward_one_tensor"] = timed(commitment_forward)
+    rows["commitment_forward_one_tensor_from_ranking_error"] = timed(
+        lambda: ra.commitment_loss(x, centroids, assignment, error=error)
+    )
     rows["commitment_fwd_bwd_one_tensor"] = timed(commitment_both)
     rows["record_statistics_two_tensors"] = timed(
         lambda: routing.record_statistics(module._state(), [(x_norm, assignment), (x_norm, assignment)], None)
@@ -124,7 +138,12 @@ def main() -> None:
     rows["local_attention_fwd_bwd"] = timed(local)
     for name, ms in rows.items():
         print(f"{ms:8.3f} ms  {name}")
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seq_len": seq, "ms": rows}
+    info = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "seq_len": seq,
+        "ms": rows,
+    }
     with open(args.out, "w") as f:
         json.dump(info, f, indent=1)
 
