@@ -48,7 +48,8 @@ whole tile (one matmul per level over views of ``k, v``); then one masked attent
 ``[tile tokens || in-tile summaries || higher summaries]`` gives the output.
 The axial forms compute row, column and summary logits with einsums (direct keys differ per row
 *and* per column, so no single SDPA call covers them) and one softmax over their concatenation;
-summaries use exclusive ``cummax`` along rows / columns and per-column / per-row SDPA.
+summaries use exclusive max-pools along rows / columns (``cummax`` for the rows above; the best two entries
+for all others) and per-column / per-row SDPA.
 
 :func:`combiner_partition` lists the partition of every query straight from these definitions and
 :func:`combiner_reference` builds the dense ``P`` from it (float64, small ``L``) for the tests.
