@@ -466,24 +466,26 @@ def _axial(q, k, v, width, causal, real, scale, dropout_p, forms, padded=True):
     other_row = r_idx[None, :] < r_idx[:, None] if causal else r_idx[None, :] != r_idx[:, None]
     other_col = c_idx[None, :] != c_idx[:, None]
 
-    # Direct logits, laid out per query (r, c): own row (keys (r, e)) and own column (keys (t, c)).
-    row_logits = torch.einsum("bhrcd,bhred->bhrce", qg, kg) * scale
+    # Direct logits, laid out per query (r, c): own row (keys (r, e)) and own column (keys (t, c)). The scale goes
+    # on the queries: one pass over (L, d) instead of one over each (L, sqrt(L)) logit block, forward and backward.
+    scaled = qg * scale
+    row_logits = torch.einsum("bhrcd,bhred->bhrce", scaled, kg)
     row_mask = rg[:, None, :, None, :]
     if causal:
         row_mask = row_mask & torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
-    col_logits = torch.einsum("bhrcd,bhtcd->bhrct", qg, kg) * scale
+    col_logits = torch.einsum("bhrcd,bhtcd->bhrct", scaled, kg)
     col_mask = rg.transpose(1, 2)[:, None, None, :, :] & other_row[None, None, :, None, :]
 
     out = 0.0
     for form in forms:
         if form == "vertical":
             key_s, value_s, nonempty = _column_summaries(qg, kg, vg, rg, scale, causal, padded)
-            sum_logits = torch.einsum("bhrcd,bhred->bhrce", qg, key_s) * scale  # summary (r, e)
+            sum_logits = torch.einsum("bhrcd,bhred->bhrce", scaled, key_s)  # summary (r, e)
             sum_mask = nonempty[:, None, :, None, :] & other_col
             sum_eq = "bhrce,bhred->bhrcd"
         else:
             key_s, value_s, nonempty = _row_summaries(qg, kg, vg, rg, scale, padded)
-            sum_logits = torch.einsum("bhrcd,bhtcd->bhrct", qg, key_s) * scale  # summary (t, c)
+            sum_logits = torch.einsum("bhrcd,bhtcd->bhrct", scaled, key_s)  # summary (t, c)
             sum_mask = nonempty.transpose(1, 2)[:, None, None, :, :] & other_row[None, None, :, None, :]
             sum_eq = "bhrct,bhtcd->bhrcd"
         # One softmax over [own row || own column || summaries]: one partition function per query.
