@@ -26,6 +26,12 @@ CASES = [
     ("axial", 13, 4),
     ("axial_horizontal", 11, 3),
     ("mixture", 13, 4),
+    # whole grids, more rows than columns and fewer (unpadded, bidirectional: no mask tensor), one row, one column
+    ("axial", 24, 4),
+    ("axial_horizontal", 20, 5),
+    ("mixture", 18, 3),
+    ("axial", 5, 5),
+    ("mixture", 6, 1),
 ]
 VARIANTS = ["fixed", "logsparse", "axial", "axial_horizontal", "mixture"]
 
