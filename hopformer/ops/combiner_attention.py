@@ -488,19 +488,20 @@ def _axial(q, k, v, width, causal, real, scale, dropout_p, forms, padded=True):
             sum_logits = torch.einsum("bhrcd,bhtcd->bhrct", scaled, key_s)  # summary (t, c)
             sum_mask = nonempty.transpose(1, 2)[:, None, None, :, :] & other_row[None, None, :, None, :]
             sum_eq = "bhrct,bhtcd->bhrcd"
-        # One softmax over [own row || own column || summaries]: one partition function per query.
+        # One softmax over [own row || own column || summaries]: one partition function per query. The masked
+        # logits are filled in place behind autograd's back (through a detached alias): a filled logit gets
+        # probability exactly 0 and so no gradient, and a recorded fill would cost a pass over the whole gradient
+        # (on a view: two copies). A query with no allowed key at all is padding, whose output the caller zeroes.
         logits = torch.cat([row_logits, col_logits, sum_logits], dim=-1)
+        lowest, filled = torch.finfo(logits.dtype).min, logits.detach()
+        row_part, col_part, sum_part = filled.split([width, rows, sum_logits.shape[-1]], dim=-1)
         if padded or causal or rows == 1 or width == 1:
-            mask = torch.cat([x.expand(batch, 1, rows, width, -1) for x in (row_mask, col_mask, sum_mask)], -1)
-            # In place on the fresh concatenation: one fewer (L, 2 sqrt(L) + ...) tensor alive.
-            probs = masked_softmax(logits, mask, inplace=True, empty_rows="any")
-        else:  # only the query's own position leaves its column and its summaries: fill those, no mask pass
-            # Behind autograd's back (through a detached alias): a filled logit gets probability exactly 0, so its
-            # gradient is 0 anyway, and a recorded in-place fill on a view would copy the whole gradient twice.
-            lowest, filled = torch.finfo(logits.dtype).min, logits.detach()
-            filled[..., width : width + rows].diagonal(0, 2, 4).fill_(lowest)  # key (t, c) with t = r
-            filled[..., width + rows :].diagonal(0, 3 if form == "vertical" else 2, 4).fill_(lowest)  # e = c, t = r
-            probs = logits.softmax(-1)
+            for part, allowed in ((row_part, row_mask), (col_part, col_mask), (sum_part, sum_mask)):
+                part.masked_fill_(~allowed, lowest)
+        else:  # only the query's own position leaves its column and its summaries: two diagonals, no mask
+            col_part.diagonal(0, 2, 4).fill_(lowest)  # key (t, c) with t = r
+            sum_part.diagonal(0, 3 if form == "vertical" else 2, 4).fill_(lowest)  # summary e = c, or t = r
+        probs = logits.softmax(-1)
         if dropout_p > 0:
             probs = F.dropout(probs, dropout_p)
         p_row, p_col, p_sum = probs.split([width, rows, sum_logits.shape[-1]], dim=-1)
