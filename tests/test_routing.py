@@ -314,6 +314,21 @@ def test_commitment_loss_matches_formula_with_gradient(padded, qk_norm, chunk, g
     torch.testing.assert_close(nearest_with_error(x.detach(), centroids)[1], error.detach(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("qk_norm", ["layernorm", "l2"])
+def test_commitment_loss_gradient_in_bfloat16_matches_float64(qk_norm):
+    """The closed-form backward works in float32 on bfloat16 inputs: within bfloat16's rounding of the float64
+    gradient of the same (rounded) inputs."""
+    q, _, _, centroids = _inputs(seq=33, clusters=4, seed=5)
+    low = q.bfloat16().requires_grad_()
+    high = low.detach().double().requires_grad_()
+    with torch.no_grad():
+        _, assign, _ = rank(normalise(high, qk_norm), centroids, 5, None)
+    (have,) = torch.autograd.grad(commitment_loss(low, centroids, assign, None, qk_norm), low)
+    (want,) = torch.autograd.grad(commitment_loss(high, centroids, assign, None, qk_norm), high)
+    assert have.dtype == torch.bfloat16
+    torch.testing.assert_close(have.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
 # --------------------------------------------------------------------------------------------
 # Module and k-means
 
