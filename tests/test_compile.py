@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hopformer.attention import available
 from hopformer.graphs import bigbird, local
+from hopformer.graphs.tracing import exporting
 from hopformer.models import CausalLM, CausalLMConfig, EncoderConfig, TransformerEncoder, aux_loss
 from hopformer.ops import diffuse, sparse_attention
 from hopformer.ops import triton_diffusion as triton_backend
@@ -68,17 +69,18 @@ def _encoder(name: str, causal: bool = False) -> torch.nn.Module:
     return TransformerEncoder(config).double()
 
 
-def _inputs(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(batch: int = 2, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 50, (batch, SEQ), generator=generator)
     mask = torch.ones(batch, SEQ, dtype=torch.long)
     mask[-1, SEQ // 2 + 3 :] = 0  # the last row is partly padding
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor):
     out = model(ids, mask)
-    loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum() + (aux_loss(model) or 0.0)
+    weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype, device=out.device)
+    loss = (out * weights).sum() + (aux_loss(model) or 0.0)
     loss.backward()
     module = getattr(model, "_orig_mod", model)  # a compiled module's parameters are its original's
     return out.detach(), {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
@@ -97,8 +99,9 @@ def _compiled_matches_eager(model: torch.nn.Module, steps: int = 2) -> None:
     eager, compiled = model, copy.deepcopy(model)
     counter = CompileCounterWithBackend("aot_eager")
     run = torch.compile(compiled, fullgraph=True, backend=counter)
+    device = next(model.parameters()).device.type
     for step in range(steps):  # the second step sees the state the first left (k-means statistics and EMA)
-        ids, mask = _inputs(seed=step)
+        ids, mask = _inputs(seed=step, device=device)
         torch.manual_seed(step)  # the same random draws (k-means initialisation) in both
         expected, expected_grads = _step(eager, ids, mask)
         torch.manual_seed(step)
@@ -127,14 +130,15 @@ def test_compiled_causal_lm_matches_eager(name):
 @pytest.mark.slow
 @pytest.mark.skipif(not triton_backend.available(), reason="needs triton")
 def test_compiled_model_on_the_triton_backend_matches_eager():
-    """The Triton kernels' op inside a compiled model (on CPU through Triton's interpreter)."""
+    """The Triton kernels' op inside a compiled model: on CUDA, or on the CPU through Triton's interpreter."""
     if not (torch.cuda.is_available() or triton_backend.interpreting()):
         pytest.skip("needs CUDA or Triton's interpreter")
+    device = "cpu" if triton_backend.interpreting() else "cuda"
     options = {"block_size": 16, "hops": 2, "backend": "triton"}
     torch.manual_seed(0)
     config = EncoderConfig(vocab_size=50, dim=32, depth=1, heads=2, mlp_dim=48, max_len=SEQ + 1, dropout=0.0,
                            attention="diffuser", attention_options=options)  # fmt: skip
-    model = TransformerEncoder(config).double()
+    model = TransformerEncoder(config).double().to(device)
     _compiled_matches_eager(model, steps=1)
 
 
@@ -196,6 +200,20 @@ def test_inductor_compiles_the_gather_op_into_a_model():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_exporting_is_true_under_export_only():
+    """Export-only paths (plain operators, one chunk, device-free backend choice) key on ``exporting()``, never on
+    ``torch.compiler.is_exporting()``, which Dynamo before PyTorch 2.13 folds to True in every compile."""
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            return x + 1 if exporting() else x - 1
+
+    x = torch.zeros(2)
+    assert torch.equal(Probe()(x), x - 1)
+    assert torch.equal(torch.compile(Probe(), fullgraph=True, backend="aot_eager")(x), x - 1)
+    assert torch.equal(torch.export.export(Probe(), (x,)).module()(x), x + 1)
 
 
 # ------------------------------------------------------------------------------------------- the custom ops

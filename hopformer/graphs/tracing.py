@@ -22,12 +22,20 @@ import torch
 T = TypeVar("T")
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` is tracing now. Not ``torch.compiler.is_exporting()`` itself: before PyTorch 2.13,
+    Dynamo folds that call to True in every ``torch.compile`` trace, which sent compiled models down the export
+    paths. The flag it stands for is what export sets and what Dynamo reads from 2.13 on."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 @contextlib.contextmanager
 def eager_constants() -> Iterator[None]:
     """Build what depends only on a graph and a length (the graph itself, its token mask, gather plans) eagerly,
     even while ``torch.export`` traces a model: they become constants of the exported program instead of traced
     computations on the graph's index tensors, whose values would be data-dependent guards. A no-op otherwise."""
-    if not torch.compiler.is_exporting():
+    if not exporting():
         yield
         return
     from torch.utils._python_dispatch import _disable_current_modes  # the tracer's fake and proxy modes

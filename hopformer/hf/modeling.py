@@ -34,6 +34,7 @@ from transformers.modeling_outputs import (
 )
 
 from hopformer.attention.decoding import reorder_caches
+from hopformer.graphs.tracing import exporting
 from hopformer.hf.configuration import HopformerConfig
 from hopformer.models import (
     CausalLM,
@@ -167,7 +168,7 @@ def _check_inputs(input_ids: torch.Tensor | None, inputs_embeds: Any, token_type
         raise ValueError("hopformer models place tokens by their index; position_ids is not supported")
     # Converted BERT/RoBERTa models carry the embedding of token type 0 inside their positions (conversion folds
     # it in); other token types have no embedding here. (Not checked while torch.export traces: a data guard.)
-    if token_type_ids is not None and not torch.compiler.is_exporting() and bool((token_type_ids != 0).any()):
+    if token_type_ids is not None and not exporting() and bool((token_type_ids != 0).any()):
         raise ValueError(
             "token_type_ids other than 0 are not supported: a converted model keeps the embedding of token type 0 "
             "only (folded into its position embeddings)"

@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from hopformer.graphs.tracing import exporting
 from hopformer.ops.common import FLOAT_DTYPES
 
 OPS = ("sparse_attention", "diffuse", "diffuse_weighted", "combiner")
@@ -54,7 +55,7 @@ class Request:
         """The request of a call on ``q`` (and ``v``, ``graph``): device, dtype, shape and block size from
         the tensors, the rest from ``facts``."""
         batch, heads, seq_len, head_dim = q.shape
-        if torch.compiler.is_exporting():  # the program runs anywhere, on any batch: choose without either
+        if exporting():  # the program runs anywhere, on any batch: choose without either
             known = dict(dtype=q.dtype, heads=heads, seq_len=seq_len, head_dim=head_dim, exporting=True,
                          value_dim=head_dim if v is None else v.shape[-1],
                          block_size=None if graph is None else graph.block_size)  # fmt: skip

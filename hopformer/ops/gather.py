@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.graphs import BlockGraph
+from hopformer.graphs.tracing import exporting
 from hopformer.ops.backend import NO_OPTIONS, HopOptions, Support
 
 # A narrow row costs about this much more per key than a wide (dense) row, for the gather copies.
@@ -253,7 +254,7 @@ class _Layout:
 
     def row_chunk(self, pairs: int, per_row: int, budget: int) -> int:
         """Rows per chunk so that ``per_row`` elements a row for ``pairs`` pairs stay near ``budget``."""
-        if torch.compiler.is_exporting():  # an exported program takes any batch size: sizes must not depend on it
+        if exporting():  # an exported program takes any batch size: sizes must not depend on it
             return max(self.n, 1)
         return max(1, min(self.n, budget // max(pairs * per_row, 1)))
 
@@ -335,7 +336,7 @@ class _Workspace:
                 "score_term": pairs * self.score_rows * width * max(dim_qk, bs),
             }
             self.wide_queries = max(1, min(layout.wide * bs, ROW_CHUNK_ELEMENTS // max(2 * pairs * length, 1)))
-            if torch.compiler.is_exporting():
+            if exporting():
                 self.wide_queries = max(layout.wide * bs, 1)
             wide = {"wide_score": pairs * self.wide_queries * length, "wide_dq": pairs * self.wide_queries * dim_qk}
         in_wide = self.wide is not None and sum(narrow.values()) <= self.wide.numel()
@@ -451,7 +452,7 @@ class _Attention:
 
 # ---------------------------------------------------------------------------------------- steps
 def _pair_chunks(layout: _Layout, pairs: int) -> list[slice]:
-    if torch.compiler.is_exporting():  # an exported program takes any batch size: one chunk
+    if exporting():  # an exported program takes any batch size: one chunk
         return [slice(0, pairs)]
     per_pair = layout.n * layout.block * layout.width * layout.block + layout.wide_mask.numel()
     size = max(1, min(pairs, CHUNK_ELEMENTS // max(per_pair, 1)))
@@ -859,7 +860,7 @@ def gather_diffusion(
     q, k, v = (F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous() for x in (q, k, v))
     real = None if key_padding_mask is None else F.pad(key_padding_mask, (0, pad))
     steps, scale = [float(a) for a in steps], float(scale)
-    if torch.compiler.is_exporting():  # plain operators in the program (inference: no dropout there)
+    if exporting():  # plain operators in the program (inference: no dropout there)
         out = _forward(q, k, v, plan.tensors(), real, steps, scale, plan.statics(), 0.0, False, 0.0)[0]
     else:
         out, *_ = torch.ops.hopformer.gather_diffusion(

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from hopformer.checks import InputTypeError, check_finite, check_int, check_probability
+from hopformer.graphs.tracing import exporting
 from hopformer.ops.common import check_key_padding_mask, check_qkv, describe_shape, masked_softmax
 from hopformer.ops.masked_sdpa import masked_sdpa
 
@@ -210,7 +211,7 @@ def _nearest(table: torch.Tensor, x_norm: torch.Tensor, centroids: torch.Tensor)
 
 
 def _head_chunks(heads: int, elements_per_head: int) -> list[slice]:
-    if torch.compiler.is_exporting():  # an exported program takes any batch size: no chunks that depend on it
+    if exporting():  # an exported program takes any batch size: no chunks that depend on it
         return [slice(0, heads)]
     step = max(1, CHUNK_ELEMENTS // max(1, elements_per_head))
     return [slice(start, min(start + step, heads)) for start in range(0, heads, step)]

@@ -54,9 +54,13 @@ LAUNCH = {
 DQ_HEAD_CHUNKS = 4  # dq's float32 buffer holds a quarter of the (batch * heads) at a time
 
 
+# Looked up once, at import: backend choice runs inside compiled models too, and Dynamo cannot trace find_spec.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def available() -> bool:
     """Whether Triton is installed (the backend also needs CUDA tensors, or ``TRITON_INTERPRET=1``)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:
