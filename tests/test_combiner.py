@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import hopformer.ops.combiner_attention as combiner_attention
 import hopformer.ops.combiner_flex as combiner_flex
 from hopformer.attention import build
-from hopformer.ops.combiner_attention import _exclusive_max, _region_summaries, combiner
+from hopformer.ops.combiner_attention import _exclusive_max, _region_summaries, combiner, grouped_attention
 from hopformer.ops.combiner_flex import AXIAL_FORMS, SUMMARY_GROUP, _fixed_tile_codes, _group_tile_codes
 from hopformer.ops.reference import combiner_partition, combiner_reference
 
@@ -561,6 +561,29 @@ def test_backend_is_checked():
         build("combiner", 16, 2, backend="triton")
     eager = combiner(q, k, v, "fixed", 4, backend="eager")
     torch.testing.assert_close(combiner(q, k, v, "fixed", 4), eager)  # auto on CPU is eager
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_grouped_attention_matches_dense_masked_attention(batch):
+    """Query groups on their own keys (the groups folded into SDPA's batch, the mask shared by the heads), forward
+    and gradients in float64 against masked softmax attention written out, rows with no allowed key included
+    (zeros)."""
+    g = torch.Generator().manual_seed(batch)
+    heads, groups, queries, keys, dim = 3, 4, 5, 7, 6
+    q = torch.randn(batch, heads, groups, queries, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(batch, heads, groups, keys, dim, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))  # fmt: skip
+    mask = torch.rand(batch, groups, queries, keys, generator=g) < 0.5
+    mask[0, 1, 2] = False  # a row with no key
+    out = grouped_attention(q, k, v, mask, 0.3, 0.0)
+    scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~mask[:, None], -torch.inf)
+    probs = torch.nan_to_num(scores.softmax(-1))  # the empty row: NaN -> 0
+    expected = probs @ v
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(out[0, :, 1, 2], torch.zeros(heads, dim, dtype=torch.float64))
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), upstream), torch.autograd.grad(expected, (q, k, v), upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("both_sides", [False, True])
