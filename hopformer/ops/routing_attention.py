@@ -114,8 +114,9 @@ def top_window(similarity: torch.Tensor, window: int, key_padding_mask: torch.Te
     """
     if key_padding_mask is not None:
         similarity = similarity.masked_fill(~key_padding_mask[:, None, None, :], -torch.inf)
-    # Sorting by position keeps gathers local and makes the causal mask of shared QK lower-triangular.
-    return similarity.topk(window, dim=-1).indices.sort(dim=-1).values
+    # Sorting by position keeps gathers local and makes the causal mask of shared QK lower-triangular; the top-w
+    # need no order of their own (topk's sorted=False skips sorting them by similarity first).
+    return similarity.topk(window, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
 def memberships(
