@@ -91,7 +91,7 @@ def main() -> None:
         )
     )
     for per_chunk in (1, 2, 3, 6):
-        with mock.patch.object(ra, "CHUNK_ELEMENTS", per_chunk * seq * module.clusters):
+        with mock.patch.object(ra, "TABLE_ELEMENTS", per_chunk * seq * module.clusters):
             rows[f"rank_one_tensor_{per_chunk}_heads_per_chunk"] = timed(
                 lambda: ra.rank(x_norm, centroids, window, None)
             )

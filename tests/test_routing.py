@@ -295,6 +295,7 @@ def test_commitment_loss_matches_formula_with_gradient(padded, qk_norm, chunk, g
     forward sums the ranking's errors (||x||^2 - 2 x.mu + ||mu||^2) instead of normalising again."""
     if chunk is not None:
         monkeypatch.setattr(routing_ops, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(routing_ops, "TABLE_ELEMENTS", chunk)
     q, _, _, centroids = _inputs(seq=17, clusters=4, seed=11, grad=True)
     centroids = centroids * 1.3  # off the sphere: the error's ||mu||^2 term must be the centroid's own
     mask = _padding(2, 17) if padded else None

@@ -43,10 +43,13 @@ from hopformer.ops.masked_sdpa import masked_sdpa
 
 QK_NORMS = ("layernorm", "layernorm_noaffine", "l2")
 SCATTER_EPS = 1e-5
-# float32 elements of one temporary table in rank / commitment_loss (16 MiB). The commitment loss's
-# backward holds a handful of such tables at once: at 64K tokens, 4 heads per chunk (64 MiB tables)
-# made it the peak of Routing's whole forward+backward.
+# float32 elements of one (batch, heads, seq, d) temporary of commitment_loss (16 MiB). Its backward holds a
+# handful of them at once: at 64K tokens, 4 heads per chunk (64 MiB each) made it the peak of Routing's whole
+# forward+backward.
 CHUNK_ELEMENTS = 1 << 22
+# float32 elements of one similarity table in rank / nearest_centroid (128 MiB): two heads at 64K tokens and 256
+# clusters, so top-k runs half as many, fuller launches; the table lives only inside the no-grad ranking.
+TABLE_ELEMENTS = 1 << 25
 
 
 def routing(
@@ -161,12 +164,12 @@ def rank(
     """Members (top-w per centroid), nearest centroid and (``with_error``) commitment error of normalised tokens
     ``x_norm (batch, heads, seq, d)``.
 
-    A few heads at a time: the float32 similarity table of a chunk holds at most ``CHUNK_ELEMENTS``,
-    or one head's (at 64K tokens and 256 clusters one head, 64 MiB, instead of that times the heads).
+    A few heads at a time: the float32 similarity table of a chunk holds at most ``TABLE_ELEMENTS``, or one
+    head's (at 64K tokens and 256 clusters two heads, 128 MiB, instead of 64 MiB times the heads).
     """
     members, assignment, error = [], [], []
     batch, heads, seq, _ = x_norm.shape
-    for chunk in _head_chunks(heads, batch * centroids.shape[1] * seq):
+    for chunk in _head_chunks(heads, batch * centroids.shape[1] * seq, TABLE_ELEMENTS):
         table = similarity(x_norm[:, chunk], centroids[chunk])
         members.append(top_window(table, window, key_padding_mask))
         if with_error:
@@ -185,7 +188,7 @@ def nearest_centroid(x_norm: torch.Tensor, centroids: torch.Tensor) -> torch.Ten
     return torch.cat(
         [
             similarity(x_norm[:, chunk], centroids[chunk]).argmax(2)
-            for chunk in _head_chunks(heads, batch * centroids.shape[1] * seq)
+            for chunk in _head_chunks(heads, batch * centroids.shape[1] * seq, TABLE_ELEMENTS)
         ],
         dim=1,
     )
@@ -196,7 +199,7 @@ def nearest_with_error(x_norm: torch.Tensor, centroids: torch.Tensor) -> tuple[t
     batch, heads, seq, _ = x_norm.shape
     parts = [
         _nearest(similarity(x_norm[:, chunk], centroids[chunk]), x_norm[:, chunk], centroids[chunk])
-        for chunk in _head_chunks(heads, batch * centroids.shape[1] * seq)
+        for chunk in _head_chunks(heads, batch * centroids.shape[1] * seq, TABLE_ELEMENTS)
     ]
     return torch.cat([nearest for nearest, _ in parts], 1), torch.cat([error for _, error in parts], 1)
 
@@ -211,10 +214,11 @@ def _nearest(table: torch.Tensor, x_norm: torch.Tensor, centroids: torch.Tensor)
     return nearest, error.clamp_min(0) / x_norm.shape[-1]
 
 
-def _head_chunks(heads: int, elements_per_head: int) -> list[slice]:
+def _head_chunks(heads: int, elements_per_head: int, budget: int | None = None) -> list[slice]:
+    """Slices of the heads whose temporaries hold at most ``budget`` elements (``CHUNK_ELEMENTS``), or one head."""
     if exporting():  # an exported program takes any batch size: no chunks that depend on it
         return [slice(0, heads)]
-    step = max(1, CHUNK_ELEMENTS // max(1, elements_per_head))
+    step = max(1, (CHUNK_ELEMENTS if budget is None else budget) // max(1, elements_per_head))
     return [slice(start, min(start + step, heads)) for start in range(0, heads, step)]
 
 
