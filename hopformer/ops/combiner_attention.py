@@ -155,14 +155,14 @@ class EagerCombiner:
     support = Support(ops=("combiner",), devices=("cpu", "cuda"))
 
     def combine(self, q, k, v, variant, block_size, causal, real, scale, dropout_p):
-        if variant == "logsparse":  # takes real=None (every token real) itself: then it masks nothing
+        # Logsparse and the axial forms take real=None (every token real) themselves: then they mask less.
+        if variant == "logsparse":
             return _logsparse(q, k, v, block_size, causal, real, scale, dropout_p)
-        padded = real is not None
+        if variant != "fixed":
+            return _axial(q, k, v, block_size, causal, real, scale, dropout_p, AXIAL_FORMS[variant])
         if real is None:
             real = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
-        if variant == "fixed":
-            return _fixed(q, k, v, block_size, causal, real, scale, dropout_p)
-        return _axial(q, k, v, block_size, causal, real, scale, dropout_p, AXIAL_FORMS[variant], padded)
+        return _fixed(q, k, v, block_size, causal, real, scale, dropout_p)
 
 
 EAGER = EagerCombiner()
@@ -233,10 +233,11 @@ class _MaxOfOthers(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, dim: int) -> torch.Tensor:
         position = torch.arange(x.shape[dim], device=x.device).view(-1, *([1] * (x.dim() - 1 - dim)))
         best, first = x.max(dim, keepdim=True)
-        second, runner_up = torch.where(position == first, -math.inf, x).max(dim, keepdim=True)
+        at_first = position == first
+        second, runner_up = torch.where(at_first, -math.inf, x).max(dim, keepdim=True)
         ctx.dim = dim
         ctx.save_for_backward(first, runner_up, best.isfinite(), second.isfinite())
-        return torch.where(position == first, second, best)
+        return torch.where(at_first, second, best)
 
     @staticmethod
     @once_differentiable
@@ -453,11 +454,14 @@ def _logsparse(q, k, v, block, causal, real, scale, dropout_p):
     return out.reshape(batch, heads, tree, dv)[:, :, :seq]
 
 
-def _axial(q, k, v, width, causal, real, scale, dropout_p, forms, padded=True):
-    """Axial Combiner on a (rows x width) grid; ``forms`` is a subset of {vertical, horizontal}; ``padded=False``:
-    every token of ``real`` is real."""
+def _axial(q, k, v, width, causal, real, scale, dropout_p, forms):
+    """Axial Combiner on a (rows x width) grid; ``forms`` is a subset of {vertical, horizontal}; ``real=None``:
+    every token is real (no masks where the structure alone decides)."""
     batch, heads, seq, dim = q.shape
     rows = seq // width
+    padded = real is not None
+    if real is None:
+        real = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
     qg, kg, vg = (x.view(batch, heads, rows, width, x.shape[-1]) for x in (q, k, v))
     rg = real.view(batch, rows, width)
     r_idx = torch.arange(rows, device=q.device)

@@ -208,8 +208,7 @@ def _nearest(table: torch.Tensor, x_norm: torch.Tensor, centroids: torch.Tensor)
     # ||x - mu||^2 = ||x||^2 - 2 x.mu + ||mu||^2, with x.mu the table's best entry: the commitment loss's forward
     # reads this instead of normalising the tokens and gathering their centroids again.
     best, nearest = table.max(2)
-    heads = torch.arange(table.shape[1], device=table.device)[None, :, None]
-    centroid_norms = centroids.to(table.dtype).pow(2).sum(-1)[heads, nearest]
+    centroid_norms = _assigned(centroids.to(table.dtype).pow(2).sum(-1), nearest)
     error = x_norm.to(table.dtype).pow(2).sum(-1) - 2 * best + centroid_norms
     return nearest, error.clamp_min(0) / x_norm.shape[-1]
 
@@ -268,8 +267,7 @@ def _normalised_grad(x, centroids, assignment, scale, qk_norm):
     """``d/dx`` of ``sum scale * (normalise(x) - centroid[assignment])^2 / 2`` through the normalisation (the
     chain rule of LayerNorm without affine, or of the unit L2 norm), in at least float32."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    heads = torch.arange(x.shape[1], device=x.device)[None, :, None]
-    target = centroids.to(xf.dtype)[heads, assignment]
+    target = _assigned(centroids.to(xf.dtype), assignment)
     if qk_norm == "l2":  # F.normalize: x / max(||x||, eps)
         norm = xf.norm(dim=-1, keepdim=True)
         divisor = norm.clamp_min(1e-12)
@@ -287,9 +285,14 @@ def _normalised_grad(x, centroids, assignment, scale, qk_norm):
 def _chunk_commitment(x, centroids, assignment, weight, qk_norm):
     # x (B, h, L, d) raw, centroids (h, C, d), assignment (B, h, L), weight (B, L)
     x_norm = normalise(x.to(torch.promote_types(x.dtype, torch.float32)), qk_norm)
-    heads = torch.arange(x.shape[1], device=x.device)[None, :, None]
-    error = (x_norm - centroids.to(x_norm.dtype)[heads, assignment]).pow(2).mean(-1)
+    error = (x_norm - _assigned(centroids.to(x_norm.dtype), assignment)).pow(2).mean(-1)
     return (error * weight[:, None]).sum()
+
+
+def _assigned(per_centroid: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """Each token's entry of ``per_centroid (heads, clusters, ...)`` by ``assignment (batch, heads, seq)``."""
+    heads = torch.arange(assignment.shape[1], device=assignment.device)[None, :, None]
+    return per_centroid[heads, assignment]
 
 
 def commitment_loss(
